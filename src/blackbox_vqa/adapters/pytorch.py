@@ -1,0 +1,289 @@
+"""TorchAdapter: a user's ``nn.Module`` behind the model protocol.
+
+The module's ``forward(image, tokens)`` takes a float tensor ``[B, 3, H, W]`` (resized and
+normalised as described by :class:`~blackbox_vqa.adapters.preprocess.Preprocessing`) and a
+long tensor ``[B, T]`` of token ids, right-padded with ``0``, and returns answer logits
+``[B, A]``. The adapter turns those into scores with a softmax, a sigmoid, or as they are
+(``output="probs"`` for a module that already returns probabilities).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
+from blackbox_vqa.adapters.gradients import (
+    InputGradients,
+    answer_index,
+    embedding_offsets,
+    find_embedding,
+    guided_relu,
+)
+from blackbox_vqa.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from blackbox_vqa.errors import (
+    BlackboxVQAError,
+    InputError,
+    ModelError,
+    ModelOutputError,
+    QuestionError,
+)
+from blackbox_vqa.images import ImageInput, to_rgb_array
+from blackbox_vqa.text import PAD_ID, validate_question
+
+__all__ = ["OUTPUT_KINDS", "TorchAdapter", "pad_tokens", "scores_from_logits"]
+
+OutputKind = Literal["softmax", "sigmoid", "probs"]
+OUTPUT_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "probs")
+Tokenizer = Callable[[str], Sequence[int]]
+
+_TOKEN_CACHE_SIZE = 4096
+
+
+def pad_tokens(token_lists: Sequence[Sequence[int]]) -> NDArray[np.int64]:
+    """Right-pad token id lists with ``0`` into an ``int64`` array ``[B, max(1, T)]``."""
+    length = max([1, *(len(t) for t in token_lists)])
+    out = np.full((len(token_lists), length), PAD_ID, dtype=np.int64)
+    for row, tokens in enumerate(token_lists):
+        out[row, : len(tokens)] = tokens
+    return out
+
+
+def scores_from_logits(logits: torch.Tensor, output: str) -> torch.Tensor:
+    """Turn module outputs into scores: softmax, sigmoid or identity (``"probs"``)."""
+    if output == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if output == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block, restoring its training flags after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for mod, training in flags:
+            mod.training = training
+
+
+class TorchAdapter(BaseAdapter):
+    """Wrap ``module`` (``forward(image [B,3,H,W], tokens [B,T]) -> logits [B,A]``).
+
+    Args:
+        module: the PyTorch model. It is moved to ``device``; its training flags are
+            restored after every call.
+        answers: answer vocabulary, index-aligned with the logits.
+        tokenizer: ``tokenizer(question) -> list[int]``; ``0`` is reserved for padding. If
+            it has an ``unknown_words(question)`` method, questions made only of unknown
+            words are refused.
+        image_size: ``(H, W)`` the module expects (or one int for square images).
+        mean, std: per-channel normalisation on the 0-1 scale.
+        output: ``"softmax"``, ``"sigmoid"`` or ``"probs"`` (logits already probabilities).
+        device: torch device; default CUDA when available, else CPU.
+        name: display name.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        answers: Sequence[str],
+        tokenizer: Tokenizer,
+        *,
+        image_size: int | Sequence[int],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        output: OutputKind = "softmax",
+        device: str | torch.device | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(answers, name=name)
+        if not isinstance(module, nn.Module):
+            raise InputError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not callable(tokenizer):
+            raise InputError(f"tokenizer must be callable, got {type(tokenizer).__name__}")
+        if output not in OUTPUT_KINDS:
+            raise InputError(f"output must be one of {', '.join(OUTPUT_KINDS)}; got {output!r}")
+        self.preprocessing = Preprocessing.create(image_size, mean, std)
+        self.output: OutputKind = output
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.module = module.to(self.device)
+        self._token_cache: dict[str, list[int]] = {}
+
+    def validate_question(self, question: str) -> str:
+        """Refuse empty questions and questions whose words are all unknown to the model."""
+        stripped = validate_question(question)
+        unknown_words = getattr(self.tokenizer, "unknown_words", None)
+        if callable(unknown_words):
+            unknown = list(unknown_words(stripped))
+            words = getattr(self.tokenizer, "words", None)
+            n_words = len(words(stripped)) if callable(words) else len(self.tokens(stripped))
+            if unknown and len(unknown) >= n_words:
+                raise QuestionError(
+                    f"none of the words of {stripped!r} are in the model's vocabulary"
+                )
+        if not self.tokens(stripped):
+            raise QuestionError(f"the model's tokenizer found no tokens in {stripped!r}")
+        return stripped
+
+    def tokens(self, question: str) -> list[int]:
+        """Token ids of ``question`` (cached)."""
+        cached = self._token_cache.get(question)
+        if cached is None:
+            cached = [int(t) for t in self.tokenizer(question)]
+            if any(t < 0 for t in cached):
+                raise ModelError(f"tokenizer returned negative ids for {question!r}")
+            if len(self._token_cache) >= _TOKEN_CACHE_SIZE:
+                self._token_cache.clear()
+            self._token_cache[question] = cached
+        return cached
+
+    def inputs(
+        self, images: Sequence[ImageArray], questions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's input tensors for RGB arrays and questions, on the adapter's device."""
+        image_tensor = self.preprocessing.tensor(images, self.device)
+        tokens = pad_tokens([self.tokens(q) for q in questions])
+        return image_tensor, torch.from_numpy(tokens).to(self.device)
+
+    def logits(self, image_tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the module and check its output has shape ``[B, A]``."""
+        try:
+            out = self.module(image_tensor, tokens)
+        except Exception as exc:
+            raise ModelError(f"{self.name}: forward pass failed: {type(exc).__name__}: {exc}") \
+                from exc
+        if not isinstance(out, torch.Tensor):
+            raise ModelOutputError(
+                f"{self.name}: forward returned {type(out).__name__}, expected a tensor [B, A]"
+            )
+        expected = (image_tensor.shape[0], len(self.answers))
+        if tuple(out.shape) != expected:
+            raise ModelOutputError(
+                f"{self.name}: forward returned shape {tuple(out.shape)}, expected {expected}"
+            )
+        return out
+
+    def _predict_batch(
+        self, images: list[ImageArray], questions: list[str]
+    ) -> NDArray[np.floating[Any]]:
+        image_tensor, tokens = self.inputs(images, questions)
+        with eval_mode(self.module), torch.inference_mode():
+            scores = scores_from_logits(self.logits(image_tensor, tokens), self.output)
+        return scores.double().cpu().numpy()
+
+    # -- gradient protocol -------------------------------------------------------------
+
+    def input_gradients(
+        self,
+        image: ImageInput,
+        question: str,
+        *,
+        answer: str | int | None = None,
+        guided: bool = False,
+    ) -> InputGradients:
+        """Gradients of the score of ``answer`` (default: the predicted one) for one input.
+
+        The score is the adapter's output (softmax probability, sigmoid, or the module's
+        output for ``"probs"``). Gradients are taken with respect to the preprocessed
+        image tensor ``[3, H, W]`` and each token's embedding vector (output of the
+        module's only ``nn.Embedding``); with ``guided=True`` every ReLU is guided. The
+        module's parameters, hooks, training flags and ``.grad`` fields are left as they
+        were, also when the forward or backward pass raises.
+        """
+        question = self.validate_question(question)
+        pixels = to_rgb_array(image)
+        image_tensor, tokens = self.inputs([pixels], [question])
+        return self.tensor_gradients(image_tensor, tokens, answer=answer, guided=guided)
+
+    def tensor_gradients(
+        self,
+        image_tensor: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        answer: str | int | None = None,
+        guided: bool = False,
+    ) -> InputGradients:
+        """:meth:`input_gradients` on ready module inputs ``[1, 3, H, W]`` and ``[1, T]``."""
+        if image_tensor.shape[0] != 1 or tokens.shape[0] != 1:
+            raise InputError(
+                "gradients are taken for one input at a time, got a batch of "
+                f"{image_tensor.shape[0]}"
+            )
+        leaf = image_tensor.detach().clone().requires_grad_(True)
+        offsets, note = self._word_offsets(tokens)
+        wrt = [leaf] if offsets is None else [leaf, offsets]
+        with eval_mode(self.module), torch.inference_mode(False), torch.enable_grad():
+            logits = self._logits_with_offsets(leaf, tokens, offsets)
+            scores = scores_from_logits(logits, self.output)[0]
+            values = scores.detach().double().cpu().numpy()
+            if not np.isfinite(values).all():
+                raise ModelOutputError(f"{self.name} returned NaN or infinite scores")
+            predicted = int(np.argmax(values))
+            index = answer_index(self.answers, answer, predicted)
+            grads = self._backward(scores[index], wrt, guided)
+        words = None if offsets is None else _numpy32(grads[1])[0]
+        return InputGradients(
+            image=_numpy32(grads[0])[0],
+            words=words,
+            token_ids=tuple(int(t) for t in tokens[0].tolist()),
+            answer_index=index,
+            predicted_index=predicted,
+            scores=values,
+            guided=guided,
+            words_note=note,
+        )
+
+    def _word_offsets(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+        """A zero leaf ``[B, T, D]`` added at the embedding output, or ``None`` and why."""
+        embedding, note = find_embedding(self.module)
+        if embedding is None:
+            return None, note
+        shape = (*tokens.shape, embedding.embedding_dim)
+        zeros = torch.zeros(shape, dtype=embedding.weight.dtype, device=self.device)
+        return zeros.requires_grad_(True), ""
+
+    def _logits_with_offsets(
+        self, image_tensor: torch.Tensor, tokens: torch.Tensor, offsets: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Module logits with ``offsets`` added to the embedding output (if given)."""
+        if offsets is None:
+            return self.logits(image_tensor, tokens)
+        embedding, _ = find_embedding(self.module)
+        if embedding is None:
+            raise ModelError(f"{self.name}: the model's nn.Embedding disappeared")
+        with embedding_offsets(embedding, offsets):
+            return self.logits(image_tensor, tokens)
+
+    def _backward(
+        self, score: torch.Tensor, wrt: list[torch.Tensor], guided: bool
+    ) -> list[torch.Tensor]:
+        """``d score / d wrt`` (zeros where unused), every ReLU guided when ``guided``."""
+        try:
+            with guided_relu(guided):
+                grads = torch.autograd.grad(score, wrt, allow_unused=True)
+        except BlackboxVQAError:
+            raise
+        except Exception as exc:
+            raise ModelError(
+                f"{self.name}: backward pass failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
+
+
+def _numpy32(tensor: torch.Tensor) -> NDArray[np.float32]:
+    return tensor.detach().float().cpu().numpy()

@@ -1,0 +1,183 @@
+"""The run store: one file per finished item under ``RUNDIR/items/``, written atomically.
+
+Layout::
+
+    RUNDIR/settings.json        the settings the run was started with (schema blackbox_vqa.run/1)
+    RUNDIR/items/KEY.npz        one finished item: ``meta`` (a JSON string) and its maps
+    RUNDIR/.lock                held (flock) while a process works on the run
+
+Each item file is written to a temporary name, flushed to disk and renamed, so a process
+killed at any moment (even with SIGKILL) leaves finished items whole and at most a stray
+temporary file (removed on the next open); the items in flight are simply done again.
+Opening a folder that holds a run started with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import re
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.outputs import atomic_write, atomic_write_json
+
+__all__ = ["ITEMS_DIR", "SCHEMA", "SETTINGS_FILE", "ItemRecord", "RunStore"]
+
+SCHEMA = "blackbox_vqa.run/1"
+SETTINGS_FILE = "settings.json"
+ITEMS_DIR = "items"
+LOCK_FILE = ".lock"
+_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_META = "meta"
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One finished item: ``meta`` (JSON-ready) and named ``float64`` arrays (its maps)."""
+
+    key: str
+    meta: Mapping[str, Any]
+    arrays: Mapping[str, NDArray[np.float64]] = field(default_factory=dict)
+
+
+def _check_key(key: str) -> str:
+    if not _KEY_RE.match(key):
+        raise InputError(f"item key {key!r} is not usable as a file name")
+    return key
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    names = sorted(set(old) | set(new))
+    return [f"{name}: {old.get(name)!r} there, {new.get(name)!r} now"
+            for name in names if old.get(name) != new.get(name)]
+
+
+class RunStore:
+    """The store of one run folder; use :meth:`open` (a context manager holding the lock)."""
+
+    def __init__(self, root: Path, settings: Mapping[str, Any], lock: IO[bytes]) -> None:
+        self.root = root
+        self.settings = dict(settings)
+        self.items_dir = root / ITEMS_DIR
+        self._lock = lock
+
+    @classmethod
+    def open(cls, rundir: str | os.PathLike[str], settings: Mapping[str, Any]) -> RunStore:
+        """Open (creating it if needed) the run in ``rundir`` for ``settings``.
+
+        Raises :class:`InputError` when the folder holds a run with other settings, is not
+        a run folder, or is in use by another process.
+        """
+        root = Path(rundir)
+        wanted = json.loads(json.dumps({"schema": SCHEMA, **settings}))
+        if root.exists() and not root.is_dir():
+            raise InputError(f"--out {root} exists and is not a folder")
+        try:
+            (root / ITEMS_DIR).mkdir(parents=True, exist_ok=True)
+            lock = (root / LOCK_FILE).open("ab")
+        except OSError as exc:
+            raise InputError(f"cannot create run folder {root}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            lock.close()
+            raise InputError(f"run folder {root} is in use by another process") from exc
+        try:
+            cls._check_settings(root, wanted)
+        except BaseException:
+            lock.close()
+            raise
+        store = cls(root, wanted, lock)
+        store._remove_temporaries()
+        return store
+
+    @staticmethod
+    def _check_settings(root: Path, wanted: Mapping[str, Any]) -> None:
+        path = root / SETTINGS_FILE
+        if not path.exists():
+            if any(p.suffix == ".npz" for p in (root / ITEMS_DIR).iterdir()):
+                raise InputError(f"{root} holds item files but no {SETTINGS_FILE}; "
+                                 "it is not a run folder this version can continue")
+            atomic_write_json(path, wanted)
+            return
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(stored, dict):
+            raise InputError(f"{path} is not a run's settings")
+        differences = _differences(stored, wanted)
+        if differences:
+            raise InputError(
+                f"{root} holds a run with other settings ({'; '.join(differences)}); "
+                "rerun with the same settings to continue it, or choose another --out"
+            )
+
+    def _remove_temporaries(self) -> None:
+        for path in self.items_dir.iterdir():
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Release the folder's lock."""
+        self._lock.close()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def path(self, key: str) -> Path:
+        """The file of item ``key``."""
+        return self.items_dir / f"{_check_key(key)}.npz"
+
+    def done_keys(self) -> set[str]:
+        """Keys of the items already stored."""
+        return {p.name[:-4] for p in self.items_dir.iterdir()
+                if p.suffix == ".npz" and not p.name.startswith(".")}
+
+    def write(self, record: ItemRecord) -> Path:
+        """Store ``record`` atomically (replacing an earlier one with the same key)."""
+        payload: dict[str, NDArray[Any]] = {
+            _META: np.asarray(json.dumps(record.meta, allow_nan=False))
+        }
+        for name, array in record.arrays.items():
+            if name == _META:
+                raise InputError(f"array name {_META!r} is reserved")
+            payload[name] = np.asarray(array, dtype=np.float64)
+        buffer = io.BytesIO()
+        np.savez(buffer, **payload)  # type: ignore[arg-type]
+        data = buffer.getvalue()
+        return atomic_write(self.path(record.key), lambda f: f.write(data))
+
+    def read(self, key: str) -> ItemRecord:
+        """The stored record of ``key``."""
+        path = self.path(key)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                meta = json.loads(str(archive[_META][()]))
+                arrays = {name: np.asarray(archive[name], dtype=np.float64)
+                          for name in archive.files if name != _META}
+        except FileNotFoundError as exc:
+            raise InputError(f"item {key!r} is not stored in {self.root}") from exc
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputError(
+                f"item file {path} is damaged ({exc}); delete it and rerun to redo the item"
+            ) from exc
+        return ItemRecord(key, meta, arrays)
+
+    def records(self, keys: list[str]) -> Iterator[ItemRecord]:
+        """The stored records of ``keys``, in that order."""
+        for key in keys:
+            yield self.read(key)

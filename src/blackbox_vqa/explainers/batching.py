@@ -1,0 +1,51 @@
+"""Batch-size choice for perturbation runs."""
+
+from __future__ import annotations
+
+from blackbox_vqa.errors import InputError
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "auto_batch_size", "parse_batch_size"]
+
+DEFAULT_MEMORY_BUDGET = 512 * 2**20
+# Bytes of activations per input byte that a typical CNN keeps alive in a forward pass;
+# a rough, deliberately generous factor that only sets an upper bound.
+_ACTIVATION_FACTOR = 48
+_MAX_AUTO = 64
+
+
+def parse_batch_size(value: str | int) -> int | None:
+    """``"auto"`` -> ``None``; a positive int (or its text) -> that int."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise InputError(f"batch size must be 'auto' or a positive integer, got {value!r}") \
+                from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"batch size must be 'auto' or a positive integer, got {value!r}")
+    return value
+
+
+def auto_batch_size(
+    model: object,
+    image_shape: tuple[int, ...],
+    total: int,
+    *,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
+    """Pick a batch size for ``total`` inputs of ``image_shape`` (``H x W x 3``).
+
+    A model may state its own with an int attribute ``preferred_batch_size``; otherwise
+    the size is the number of inputs whose float32 pixels, times an activation factor,
+    fit ``memory_budget`` bytes, capped at 64 (larger CPU batches fall out of cache).
+    """
+    preferred = getattr(model, "preferred_batch_size", None)
+    if isinstance(preferred, int) and preferred > 0:
+        return max(1, min(preferred, total))
+    pixels = 1
+    for side in image_shape:
+        pixels *= int(side)
+    per_item = pixels * 4 * _ACTIVATION_FACTOR
+    return max(1, min(_MAX_AUTO, memory_budget // max(per_item, 1), total))

@@ -1,0 +1,173 @@
+"""Pure functions that build occlusion patches and perturbed images.
+
+A *box* is ``(top, bottom, left, right)`` with exclusive ends, in pixels of the image as
+given. Nothing here calls a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from blackbox_vqa.errors import InputError
+
+__all__ = [
+    "BASELINES",
+    "IMAGENET_MEAN_RGB",
+    "Box",
+    "baseline_image",
+    "cell_edges",
+    "cell_index_map",
+    "gaussian_blur",
+    "grid_boxes",
+    "occluded_batch",
+    "parse_baseline",
+    "window_boxes",
+    "window_map",
+]
+
+Box = tuple[int, int, int, int]
+
+IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
+BASELINES = ("imagenet-mean", "black", "blur")
+
+
+def cell_edges(size: int, grid: int) -> NDArray[np.int64]:
+    """Edges ``floor(k * size / grid)`` for ``k = 0..grid``: cell ``k`` is ``[e[k], e[k+1])``."""
+    if grid < 1:
+        raise InputError(f"grid must be >= 1, got {grid}")
+    if size < grid:
+        raise InputError(f"an image side of {size} px cannot be split into a {grid}-cell grid")
+    return (np.arange(grid + 1, dtype=np.int64) * size) // grid
+
+
+def grid_boxes(height: int, width: int, grid: int) -> list[Box]:
+    """The ``grid x grid`` cells as boxes, row-major, top row first."""
+    rows, cols = cell_edges(height, grid), cell_edges(width, grid)
+    return [
+        (int(rows[r]), int(rows[r + 1]), int(cols[c]), int(cols[c + 1]))
+        for r in range(grid)
+        for c in range(grid)
+    ]
+
+
+def cell_index_map(height: int, width: int, grid: int) -> NDArray[np.int64]:
+    """``H x W`` array giving each pixel's row-major cell index in the grid."""
+    rows = np.searchsorted(cell_edges(height, grid), np.arange(height), side="right") - 1
+    cols = np.searchsorted(cell_edges(width, grid), np.arange(width), side="right") - 1
+    return rows[:, None] * grid + cols[None, :]
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] + window < size:
+        starts.append(size - window)
+    return starts
+
+
+def window_boxes(
+    height: int, width: int, window: tuple[int, int], stride: tuple[int, int]
+) -> list[Box]:
+    """Sliding ``window`` (h, w) boxes moved by ``stride`` (h, w), row-major.
+
+    When the stride leaves the last rows or columns uncovered, one more window flush with
+    that edge is added, so every pixel is covered at least once.
+    """
+    wh, ww = window
+    sh, sw = stride
+    if min(wh, ww, sh, sw) < 1:
+        raise InputError(f"window and stride must be >= 1, got window={window} stride={stride}")
+    if wh > height or ww > width:
+        raise InputError(f"window {wh}x{ww} is larger than the image ({height}x{width})")
+    return [
+        (top, top + wh, left, left + ww)
+        for top in _starts(height, wh, sh)
+        for left in _starts(width, ww, sw)
+    ]
+
+
+def window_map(
+    scores: NDArray[np.floating[Any]], boxes: Sequence[Box], height: int, width: int
+) -> NDArray[np.float64]:
+    """Per-pixel importance: the mean of the scores of the windows covering each pixel."""
+    total = np.zeros((height, width), dtype=np.float64)
+    count = np.zeros((height, width), dtype=np.float64)
+    for score, (top, bottom, left, right) in zip(scores, boxes, strict=True):
+        total[top:bottom, left:right] += score
+        count[top:bottom, left:right] += 1.0
+    return total / np.maximum(count, 1.0)
+
+
+def parse_baseline(spec: str) -> str | tuple[float, float, float]:
+    """``imagenet-mean``, ``black``, ``blur`` or ``"R,G,B"`` (0-255) -> name or RGB triple."""
+    text = spec.strip().lower()
+    if text in BASELINES:
+        return text
+    parts = text.split(",")
+    try:
+        rgb = tuple(float(p) for p in parts)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0.0 <= v <= 255.0 for v in rgb):
+        raise InputError(
+            f"baseline must be one of {', '.join(BASELINES)} or 'R,G,B' with values in 0-255, "
+            f"got {spec!r}"
+        )
+    return rgb  # type: ignore[return-value]
+
+
+def _gaussian_kernel(sigma: float) -> NDArray[np.float64]:
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(image: NDArray[Any], sigma: float) -> NDArray[np.float32]:
+    """Separable Gaussian blur of an ``H x W x C`` image, edges reflected; ``float32`` out."""
+    if sigma <= 0:
+        raise InputError(f"blur sigma must be > 0, got {sigma}")
+    out = image.astype(np.float64)
+    kernel = _gaussian_kernel(sigma)
+    radius = len(kernel) // 2
+    for axis in (0, 1):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="symmetric")
+        n = out.shape[axis]
+        acc = np.zeros_like(out)
+        for k, weight in enumerate(kernel):
+            acc += weight * np.take(padded, np.arange(k, k + n), axis=axis)
+        out = acc
+    return out.astype(np.float32)
+
+
+def baseline_image(
+    image: NDArray[Any], baseline: str | tuple[float, float, float], *, blur_sigma: float
+) -> NDArray[np.float32]:
+    """The ``H x W x 3`` ``float32`` image that patches are copied from."""
+    if baseline == "blur":
+        return gaussian_blur(image, blur_sigma)
+    if baseline == "imagenet-mean":
+        rgb: Sequence[float] = IMAGENET_MEAN_RGB
+    elif baseline == "black":
+        rgb = (0.0, 0.0, 0.0)
+    elif isinstance(baseline, tuple):
+        rgb = baseline
+    else:
+        raise InputError(f"unknown baseline {baseline!r}")
+    return np.broadcast_to(np.asarray(rgb, dtype=np.float32), image.shape)
+
+
+def occluded_batch(
+    image: NDArray[Any], fill: NDArray[np.float32], boxes: Sequence[Box]
+) -> NDArray[np.float32]:
+    """One ``float32`` copy of ``image`` per box, the box's pixels taken from ``fill``."""
+    batch = np.empty((len(boxes), *image.shape), dtype=np.float32)
+    batch[...] = image
+    for k, (top, bottom, left, right) in enumerate(boxes):
+        batch[k, top:bottom, left:right] = fill[top:bottom, left:right]
+    return batch

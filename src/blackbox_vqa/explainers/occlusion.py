@@ -1,0 +1,291 @@
+"""Occlusion: the paper's discrete derivatives, through ``answer_probs_batch`` only.
+
+Image: cells of a ``grid x grid`` lattice (or sliding windows) are filled with a baseline
+one at a time; importance = ``p(a | original) - p(a | occluded)``. Words: each word is
+dropped from the question in turn; importance = ``p(a | original) - p(a | without it)``.
+``a`` is the answer predicted on the original input unless another is asked for. Every
+perturbed input goes through the model in batches; the original input is evaluated once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from blackbox_vqa.adapters.base import check_model, check_scores, model_name
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
+from blackbox_vqa.explainers.masks import (
+    IMAGENET_MEAN_RGB,
+    Box,
+    baseline_image,
+    grid_boxes,
+    occluded_batch,
+    parse_baseline,
+    window_boxes,
+    window_map,
+)
+from blackbox_vqa.images import ImageInput, to_rgb_array
+from blackbox_vqa.text import drop_word, split_words, validate_question
+
+__all__ = ["Occlusion", "OcclusionResult", "ProgressCallback"]
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class OcclusionResult:
+    """What one occlusion explanation found.
+
+    Attributes:
+        answer, answer_index: the answer explained (predicted unless one was asked for).
+        predicted_index: the answer the model predicts on the original input.
+        scores: the model's scores ``[A]`` on the original input (``float64``).
+        image_map: ``grid x grid`` (mode ``"grid"``) or ``H x W`` (mode ``"window"``)
+            importances ``p(a|original) - p(a|occluded)``, row-major, top row first.
+        words, word_map: the question's words and one importance per word.
+        image_flips, word_flips: perturbations that changed the predicted answer.
+        image_perturbations: how many patches were occluded.
+        batch_size, evaluations: the batch size used and the number of inputs evaluated.
+        baseline: the baseline's name (``"imagenet-mean"``, ``"black"``, ``"blur"``) or
+            ``"rgb"``; ``baseline_rgb`` holds the fill colour when it is one.
+    """
+
+    answer: str
+    answer_index: int
+    predicted_index: int
+    scores: NDArray[np.float64]
+    image_map: NDArray[np.float64]
+    mode: Literal["grid", "window"]
+    grid: int | None
+    window: tuple[int, int] | None
+    stride: tuple[int, int] | None
+    baseline: str
+    baseline_rgb: tuple[float, float, float] | None
+    image_shape: tuple[int, int]
+    words: tuple[str, ...]
+    word_map: NDArray[np.float64]
+    image_flips: int
+    word_flips: int
+    image_perturbations: int
+    batch_size: int
+    evaluations: int
+
+    @property
+    def probability(self) -> float:
+        """Score of the explained answer on the original input."""
+        return float(self.scores[self.answer_index])
+
+
+def _pair(value: int | Sequence[int] | None, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+        raise InputError(f"{name} must be a positive int or (height, width), got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class Occlusion:
+    """Occlusion explainer for any object with the model protocol.
+
+    Args:
+        model: the model (``answers``, ``answer_probs_batch``).
+        grid: cells per side of the lattice (default 16, the paper's).
+        window, stride: sliding-window mode instead of the grid: patch size and step in
+            pixels (``stride`` defaults to ``window``); importance of a pixel is the mean
+            over the windows covering it.
+        baseline: ``"imagenet-mean"`` (default), ``"black"``, ``"blur"``, ``"R,G,B"`` or an
+            RGB tuple on the 0-255 scale.
+        blur_sigma: Gaussian sigma in pixels for ``"blur"`` (default: the cell size).
+        batch_size: ``"auto"`` or a positive int.
+        memory_budget: bytes the automatic batch size may plan for.
+        image, words: which parts to occlude.
+        progress: called as ``progress(done, total)`` after each batch.
+    """
+
+    def __init__(
+        self,
+        model: object,
+        *,
+        grid: int = 16,
+        window: int | Sequence[int] | None = None,
+        stride: int | Sequence[int] | None = None,
+        baseline: str | tuple[float, float, float] = "imagenet-mean",
+        blur_sigma: float | None = None,
+        batch_size: int | str = "auto",
+        memory_budget: int = 512 * 2**20,
+        image: bool = True,
+        words: bool = True,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.model = check_model(model)
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
+            raise InputError(f"grid must be a positive integer, got {grid!r}")
+        self.grid = grid
+        self.window = _pair(window, "window")
+        self.stride = _pair(stride, "stride") or self.window
+        if self.stride is not None and self.window is None:
+            raise InputError("stride needs a window")
+        self.baseline = parse_baseline(baseline) if isinstance(baseline, str) else baseline
+        if isinstance(self.baseline, tuple):
+            self.baseline = parse_baseline(",".join(str(v) for v in self.baseline))
+        if blur_sigma is not None and not blur_sigma > 0:
+            raise InputError(f"blur_sigma must be > 0, got {blur_sigma!r}")
+        self.blur_sigma = blur_sigma
+        self.batch_size = parse_batch_size(batch_size)
+        if memory_budget < 1:
+            raise InputError(f"memory_budget must be positive, got {memory_budget!r}")
+        self.memory_budget = memory_budget
+        if not (image or words):
+            raise InputError("nothing to occlude: enable image or words")
+        self.occlude_image = image
+        self.occlude_words = words
+        self.progress = progress
+
+    def boxes(self, height: int, width: int) -> list[Box]:
+        """The patches this explainer occludes on an ``height x width`` image."""
+        if self.window is not None and self.stride is not None:
+            return window_boxes(height, width, self.window, self.stride)
+        return grid_boxes(height, width, self.grid)
+
+    def explain(
+        self, image: ImageInput, question: str, *, answer: str | None = None
+    ) -> OcclusionResult:
+        """Occlude ``image`` and ``question``; see :class:`OcclusionResult`."""
+        validate = getattr(self.model, "validate_question", None)
+        question = validate(question) if callable(validate) else validate_question(question)
+        pixels = to_rgb_array(image).astype(np.float32)
+        height, width = pixels.shape[:2]
+        boxes = self.boxes(height, width) if self.occlude_image else []
+        words = split_words(question) if self.occlude_words else []
+        fill = self._fill(pixels)
+        scores, batch = self._run(pixels, fill, boxes, question, words)
+        return self._result(scores, batch, boxes, words, (height, width), answer)
+
+    def _fill(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
+        sigma = self.blur_sigma
+        if sigma is None:
+            side = max(pixels.shape[0], pixels.shape[1])
+            cell = self.window[0] if self.window else side / self.grid
+            sigma = max(1.0, float(cell))
+        return baseline_image(pixels, self.baseline, blur_sigma=sigma)
+
+    def _run(
+        self,
+        pixels: NDArray[np.float32],
+        fill: NDArray[np.float32],
+        boxes: list[Box],
+        question: str,
+        words: list[str],
+    ) -> tuple[NDArray[np.float64], int]:
+        """Scores ``[1 + len(boxes) + len(words), A]`` (original, cells, words); batch size."""
+        total = 1 + len(boxes) + len(words)
+        batch = self.batch_size or auto_batch_size(
+            self.model, pixels.shape, total, memory_budget=self.memory_budget
+        )
+        n_answers = len(self.model.answers)
+        dropped = [drop_word(question, i) for i in range(len(words))]
+        out = np.empty((total, n_answers), dtype=np.float64)
+        name = model_name(self.model)
+        for start in range(0, total, batch):
+            stop = min(total, start + batch)
+            images, questions = self._items(pixels, fill, boxes, question, dropped, start, stop)
+            result = self.model.answer_probs_batch(images, questions)
+            out[start:stop] = check_scores(result, stop - start, n_answers, source=name)
+            if self.progress is not None:
+                self.progress(stop, total)
+        return out, batch
+
+    @staticmethod
+    def _items(
+        pixels: NDArray[np.float32],
+        fill: NDArray[np.float32],
+        boxes: list[Box],
+        question: str,
+        dropped: list[str],
+        start: int,
+        stop: int,
+    ) -> tuple[list[NDArray[np.float32]], list[str]]:
+        images: list[NDArray[np.float32]] = []
+        questions: list[str] = []
+        if start == 0:
+            images.append(pixels)
+            questions.append(question)
+        first_box, last_box = max(start - 1, 0), min(stop - 1, len(boxes))
+        if first_box < last_box:
+            images.extend(occluded_batch(pixels, fill, boxes[first_box:last_box]))
+            questions.extend([question] * (last_box - first_box))
+        first_word = max(start - 1 - len(boxes), 0)
+        last_word = stop - 1 - len(boxes)
+        if first_word < last_word:
+            images.extend([pixels] * (last_word - first_word))
+            questions.extend(dropped[first_word:last_word])
+        return images, questions
+
+    def _result(
+        self,
+        scores: NDArray[np.float64],
+        batch: int,
+        boxes: list[Box],
+        words: list[str],
+        shape: tuple[int, int],
+        answer: str | None,
+    ) -> OcclusionResult:
+        original = scores[0]
+        predicted = int(np.argmax(original))
+        if answer is None:
+            index = predicted
+        elif answer in self.model.answers:
+            index = list(self.model.answers).index(answer)
+        else:
+            raise InputError(f"answer {answer!r} is not one of the model's answers")
+        image_scores = scores[1 : 1 + len(boxes)]
+        word_scores = scores[1 + len(boxes) :]
+        image_deltas = original[index] - image_scores[:, index]
+        image_map, mode = self._image_map(image_deltas, boxes, shape)
+        baseline = self.baseline
+        return OcclusionResult(
+            answer=self.model.answers[index],
+            answer_index=index,
+            predicted_index=predicted,
+            scores=original.copy(),
+            image_map=image_map,
+            mode=mode,
+            grid=self.grid if mode == "grid" else None,
+            window=self.window if mode == "window" else None,
+            stride=self.stride if mode == "window" else None,
+            baseline="rgb" if isinstance(baseline, tuple) else baseline,
+            baseline_rgb=_baseline_rgb(baseline),
+            image_shape=shape,
+            words=tuple(words),
+            word_map=original[index] - word_scores[:, index],
+            image_flips=int((image_scores.argmax(axis=1) != predicted).sum()),
+            word_flips=int((word_scores.argmax(axis=1) != predicted).sum()),
+            image_perturbations=len(boxes),
+            batch_size=batch,
+            evaluations=len(scores),
+        )
+
+    def _image_map(
+        self, deltas: NDArray[np.float64], boxes: list[Box], shape: tuple[int, int]
+    ) -> tuple[NDArray[np.float64], Literal["grid", "window"]]:
+        if not self.occlude_image:
+            return np.zeros((0, 0), dtype=np.float64), "grid"
+        if self.window is not None:
+            return window_map(deltas, boxes, *shape), "window"
+        return deltas.reshape(self.grid, self.grid), "grid"
+
+
+def _baseline_rgb(baseline: Any) -> tuple[float, float, float] | None:
+    if isinstance(baseline, tuple):
+        return baseline
+    if baseline == "imagenet-mean":
+        return IMAGENET_MEAN_RGB
+    if baseline == "black":
+        return (0.0, 0.0, 0.0)
+    return None

@@ -1,0 +1,441 @@
+"""Training and evaluation of the reference model on the easy-VQA data set.
+
+The data come from the ``easy-vqa`` package (4000 train images with 38575 questions,
+1000 test images with 9673 questions, 13 answers, 64 x 64 RGB PNGs). Images are read
+once into memory as ``uint8``; each training step takes a batch of *images*, embeds
+each image once and answers all of its questions, so the CNN runs about ten times
+less often than one forward pass per question would need.
+
+Everything random is drawn from the seed: weight initialisation and dropout
+(``torch.manual_seed``), image order and flips (a NumPy generator). Training uses
+deterministic torch algorithms, so the same seed, thread count and torch build give the
+same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.models.easyvqa_net import EasyVQANet, NetConfig
+from blackbox_vqa.text import PAD_ID, WordTokenizer
+
+__all__ = [
+    "DEFAULT_EPOCHS",
+    "DEFAULT_SEED",
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "METADATA_FILE",
+    "SCHEMA",
+    "WEIGHTS_FILE",
+    "EasyVQASplit",
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "load_split",
+    "normalise",
+    "pad_questions",
+    "save_weights",
+    "train_reference_model",
+]
+
+Split = Literal["train", "test"]
+
+DEFAULT_SEED = 20160615
+DEFAULT_EPOCHS = 12
+IMAGE_SIZE = 64
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.25, 0.25, 0.25)
+WEIGHTS_FILE = "easyvqa.pt"
+METADATA_FILE = "easyvqa.json"
+SCHEMA = "blackbox_vqa.reference_model/1"
+
+
+@dataclass(frozen=True)
+class EasyVQASplit:
+    """One split held in memory.
+
+    Attributes:
+        images: ``uint8 [N, 64, 64, 3]`` RGB images.
+        questions: the ``Q`` question strings.
+        answers: ``int64 [Q]`` answer indices into the answer list.
+        image_index: ``int64 [Q]`` row of ``images`` each question is about.
+        image_ids: easy-VQA image id of each row of ``images``.
+    """
+
+    images: NDArray[np.uint8]
+    questions: list[str]
+    answers: NDArray[np.int64]
+    image_index: NDArray[np.int64]
+    image_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def _read_png(path: str) -> NDArray[np.uint8]:
+    from blackbox_vqa.images import load_image
+
+    image = load_image(path)
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise InputError(f"easy-VQA image {path} has shape {image.shape}, expected 64x64x3")
+    return image
+
+
+def load_split(
+    split: Split,
+    answers: Sequence[str],
+    *,
+    limit: int | None = None,
+    indices: Sequence[int] | None = None,
+) -> EasyVQASplit:
+    """Read a split of easy-VQA: the first ``limit`` questions, those at ``indices``, or all.
+
+    Only the images those questions are about are read.
+    """
+    import easy_vqa
+
+    if split == "train":
+        texts, labels, ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        texts, labels, ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    if limit is not None and limit < 1:
+        raise InputError(f"limit must be a positive number of questions, got {limit}")
+    chosen = list(indices) if indices is not None else list(range(len(texts)))[:limit]
+    answer_index = {a: i for i, a in enumerate(answers)}
+    rows: dict[int, int] = {}
+    image_index = []
+    for q in chosen:
+        image_index.append(rows.setdefault(int(ids[q]), len(rows)))
+    images = np.stack([_read_png(paths[image_id]) for image_id in rows])
+    return EasyVQASplit(
+        images=images,
+        questions=[texts[q] for q in chosen],
+        answers=np.array([answer_index[labels[q]] for q in chosen], dtype=np.int64),
+        image_index=np.array(image_index, dtype=np.int64),
+        image_ids=list(rows),
+    )
+
+
+def normalise(
+    images: torch.Tensor,
+    mean: Sequence[float] = IMAGE_MEAN,
+    std: Sequence[float] = IMAGE_STD,
+) -> torch.Tensor:
+    """``uint8 [B, H, W, 3]`` -> ``float32 [B, 3, H, W]``, ``(x / 255 - mean) / std``.
+
+    Computed as the adapters compute it (``x * 1/(255 std) - mean/std``), so training,
+    evaluation and the adapters see the same numbers.
+    """
+    batch = images.permute(0, 3, 1, 2).float()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, 3, 1, 1)
+    offset = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, 3, 1, 1)
+    return (batch * scale + offset).contiguous()
+
+
+def pad_questions(tokenizer: WordTokenizer, questions: Sequence[str]) -> torch.Tensor:
+    """Token ids right-padded with ``0``: ``int64 [Q, max(1, longest)]``."""
+    ids = [tokenizer(q) for q in questions]
+    out = torch.full((len(ids), max([1, *map(len, ids)])), PAD_ID, dtype=torch.int64)
+    for row, tokens in enumerate(ids):
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+    return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of :func:`train_reference_model`.
+
+    ``limit`` keeps the first ``limit`` train and test questions; ``steps`` stops after
+    that many optimiser steps (both for smoke tests). ``threads`` sets torch's CPU
+    threads for the run (restored after).
+    """
+
+    epochs: int = DEFAULT_EPOCHS
+    seed: int = DEFAULT_SEED
+    batch_images: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    flip: bool = True
+    limit: int | None = None
+    steps: int | None = None
+    threads: int | None = None
+    net: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive int, got {value!r}")
+        for name in ("limit", "steps", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a positive int or None, got {value!r}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be positive, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Progress after one optimiser step; ``epoch_loss``/``epoch_accuracy`` at epoch ends."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+    loss: float
+    epoch_done: bool = False
+    epoch_loss: float | None = None
+    epoch_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A trained model and what it took to get it."""
+
+    model: EasyVQANet
+    tokenizer: WordTokenizer
+    answers: list[str]
+    config: TrainConfig
+    test_accuracy: float
+    test_items: int
+    train_items: int
+    epoch_losses: list[float]
+    step_losses: list[float]
+    steps: int
+    seconds: float
+    threads: int
+
+
+def _seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def _image_groups(split: EasyVQASplit) -> list[NDArray[np.int64]]:
+    order = np.argsort(split.image_index, kind="stable")
+    bounds = np.searchsorted(split.image_index[order], np.arange(len(split.images) + 1))
+    return [order[bounds[i] : bounds[i + 1]] for i in range(len(split.images))]
+
+
+def _train_step(
+    model: EasyVQANet,
+    optimiser: torch.optim.Optimizer,
+    split: EasyVQASplit,
+    tokens: torch.Tensor,
+    groups: list[NDArray[np.int64]],
+    image_rows: NDArray[np.int64],
+    flips: NDArray[np.bool_],
+) -> tuple[float, int, int]:
+    images = torch.from_numpy(split.images[image_rows])
+    if flips.any():
+        flip_rows = torch.from_numpy(np.flatnonzero(flips))
+        images[flip_rows] = images[flip_rows].flip(2)
+    questions = np.concatenate([groups[r] for r in image_rows])
+    owner = np.repeat(np.arange(len(image_rows)), [len(groups[r]) for r in image_rows])
+    q_tokens = tokens[torch.from_numpy(questions)]
+    q_tokens = q_tokens[:, : max(1, int((q_tokens != PAD_ID).sum(1).max()))]
+    target = torch.from_numpy(split.answers[questions])
+    image_emb = model.embed_image(normalise(images))
+    logits = model.classify(image_emb[torch.from_numpy(owner)], model.embed_question(q_tokens))
+    loss = F.cross_entropy(logits, target)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()  # type: ignore[no-untyped-call]
+    optimiser.step()
+    correct = int((logits.argmax(1) == target).sum())
+    return loss.item(), correct, len(questions)
+
+
+@torch.no_grad()
+def evaluate(
+    model: EasyVQANet, tokenizer: WordTokenizer, split: EasyVQASplit, *, batch_size: int = 256
+) -> float:
+    """Accuracy of ``model`` (in eval mode) on every question of ``split``."""
+    was_training = model.training
+    model.eval()
+    try:
+        image_emb = torch.cat(
+            [
+                model.embed_image(normalise(torch.from_numpy(split.images[i : i + batch_size])))
+                for i in range(0, len(split.images), batch_size)
+            ]
+        )
+        tokens = pad_questions(tokenizer, split.questions)
+        index = torch.from_numpy(split.image_index)
+        correct = 0
+        for i in range(0, len(split), batch_size):
+            logits = model.classify(
+                image_emb[index[i : i + batch_size]], model.embed_question(tokens[i : i + batch_size])
+            )
+            correct += int((logits.argmax(1) == torch.from_numpy(split.answers[i : i + batch_size])).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(split))
+
+
+def train_reference_model(
+    config: TrainConfig | None = None,
+    *,
+    progress: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Train the reference model on easy-VQA train and report its test accuracy."""
+    import easy_vqa
+
+    config = config or TrainConfig()
+    old_threads = torch.get_num_threads()
+    old_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        torch.use_deterministic_algorithms(True)
+        return _train(config, list(easy_vqa.get_answers()), progress)
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_deterministic)
+
+
+def _train(
+    config: TrainConfig, answers: list[str], progress: Callable[[StepInfo], None] | None
+) -> TrainResult:
+    start = time.perf_counter()
+    train = load_split("train", answers, limit=config.limit)
+    test = load_split("test", answers, limit=config.limit)
+    tokenizer = WordTokenizer.build(train.questions)
+    rng = _seed_everything(config.seed)
+    net_config = NetConfig(
+        vocab_size=len(tokenizer.vocab) + 2, num_answers=len(answers), **config.net
+    )
+    model = EasyVQANet(net_config)
+    tokens = pad_questions(tokenizer, train.questions)
+    groups = _image_groups(train)
+    n_images = len(train.images)
+    per_epoch = math.ceil(n_images / config.batch_images)
+    total = per_epoch * config.epochs
+    if config.steps is not None:
+        total = min(total, config.steps)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=max(total, 2), pct_start=0.15
+    )
+    model.train()
+    step_losses: list[float] = []
+    epoch_losses: list[float] = []
+    step = 0
+    for epoch in range(config.epochs):
+        order = rng.permutation(n_images)
+        flips = rng.random(n_images) < 0.5 if config.flip else np.zeros(n_images, dtype=bool)
+        seen = correct = 0
+        loss_sum = 0.0
+        for b in range(per_epoch):
+            if step >= total:
+                break
+            rows = order[b * config.batch_images : (b + 1) * config.batch_images]
+            loss, right, count = _train_step(
+                model, optimiser, train, tokens, groups, rows,
+                flips[b * config.batch_images : (b + 1) * config.batch_images],
+            )
+            schedule.step()
+            step += 1
+            step_losses.append(loss)
+            loss_sum += loss * count
+            seen += count
+            correct += right
+            last = b == per_epoch - 1 or step >= total
+            if last:
+                epoch_losses.append(loss_sum / max(1, seen))
+            if progress is not None:
+                progress(StepInfo(
+                    step=step, total_steps=total, epoch=epoch + 1, epochs=config.epochs,
+                    loss=loss, epoch_done=last,
+                    epoch_loss=epoch_losses[-1] if last else None,
+                    epoch_accuracy=correct / max(1, seen) if last else None,
+                ))
+        if step >= total:
+            break
+    model.eval()
+    accuracy = evaluate(model, tokenizer, test)
+    return TrainResult(
+        model=model, tokenizer=tokenizer, answers=answers, config=config,
+        test_accuracy=accuracy, test_items=len(test), train_items=len(train),
+        epoch_losses=epoch_losses, step_losses=step_losses, steps=step,
+        seconds=time.perf_counter() - start, threads=torch.get_num_threads(),
+    )
+
+
+def metadata(result: TrainResult) -> dict[str, Any]:
+    """The JSON description written beside the weights."""
+    cfg = result.config
+    return {
+        "schema": SCHEMA,
+        "name": "easyvqa",
+        "weights": WEIGHTS_FILE,
+        "answers": list(result.answers),
+        "tokenizer": result.tokenizer.to_dict(),
+        "architecture": result.model.config.to_dict(),
+        "preprocessing": {
+            "image_size": [IMAGE_SIZE, IMAGE_SIZE],
+            "mean": list(IMAGE_MEAN),
+            "std": list(IMAGE_STD),
+            "output": "softmax",
+        },
+        "training": {
+            "data": "easy-vqa train split",
+            "train_items": result.train_items,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+            "steps": result.steps,
+            "batch_images": cfg.batch_images,
+            "optimizer": "Adam",
+            "lr": cfg.lr,
+            "schedule": "one-cycle",
+            "weight_decay": cfg.weight_decay,
+            "horizontal_flip": cfg.flip,
+            "limit": cfg.limit,
+            "threads": result.threads,
+            "seconds": round(result.seconds, 1),
+            "torch": torch.__version__,
+            "final_train_loss": result.epoch_losses[-1] if result.epoch_losses else None,
+        },
+        "evaluation": {
+            "split": "easy-vqa test",
+            "items": result.test_items,
+            "accuracy": result.test_accuracy,
+        },
+    }
+
+
+def save_weights(result: TrainResult, directory: Path, *, overwrite: bool = False) -> Path:
+    """Write ``easyvqa.pt`` (state dict) and ``easyvqa.json`` into ``directory``.
+
+    Refuses (:class:`InputError`) to replace existing files unless ``overwrite``.
+    Returns the path of the weights file.
+    """
+    directory = Path(directory)
+    targets = [directory / WEIGHTS_FILE, directory / METADATA_FILE]
+    existing = [str(p) for p in targets if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"refusing to overwrite {', '.join(existing)} (pass overwrite)")
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
+    torch.save(state, targets[0])
+    targets[1].write_text(json.dumps(metadata(result), indent=2) + "\n", encoding="utf-8")
+    return targets[0]

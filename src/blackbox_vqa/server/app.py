@@ -1,0 +1,271 @@
+"""The FastAPI app that puts any object with the model protocol behind the wire protocol.
+
+Endpoints (see the README for the full protocol): ``GET /v1/health``, ``GET /v1/info``
+and ``POST /v1/answer_probs``; the OpenAPI schema at ``/openapi.json``, its browsable
+form at ``/docs``. Every 4xx/5xx answer has the body
+``{"error": {"status", "code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from blackbox_vqa.adapters.base import check_model, check_scores, model_name
+from blackbox_vqa.errors import (
+    BlackboxVQAError,
+    ImageError,
+    InputError,
+    ModelOutputError,
+)
+from blackbox_vqa.server.body_limit import BodyLimitMiddleware, error_json
+from blackbox_vqa.server.schemas import (
+    AnswerProbsRequest,
+    AnswerProbsResponse,
+    Capabilities,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    Limits,
+)
+from blackbox_vqa.server.wire import (
+    ANSWER_PROBS_PATH,
+    HEALTH_PATH,
+    IMAGE_ENCODINGS,
+    INFO_PATH,
+    NPY_DTYPES,
+    PROTOCOL,
+    ImageTooLargeError,
+    answers_digest,
+    decode_image,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "ApiError",
+    "create_app",
+]
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+_LOG = logging.getLogger("blackbox_vqa.server")
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (401, 413, 422, 500)
+}
+
+
+class ApiError(Exception):
+    """An HTTP error answer: ``status``, a stable ``code`` and a one-line ``message``."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def _error_response(status: int, code: str, message: str,
+                    headers: dict[str, str] | None = None) -> Response:
+    return Response(error_json(status, code, message), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def _positive(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errors = list(exc.errors())
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
+
+
+def _digest_token(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _auth_dependency(token: str | None) -> Any:
+    """A dependency that requires ``Authorization: Bearer <token>`` (none when no token)."""
+    if token is None:
+        return None
+    expected = _digest_token(token)
+    bearer = HTTPBearer(auto_error=False, description="The token given to `bbvqa serve`.")
+
+    def require_token(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+    ) -> None:
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if credentials is None:
+            raise ApiError(401, "unauthorized",
+                           "missing bearer token (send 'Authorization: Bearer <token>')",
+                           challenge)
+        if not hmac.compare_digest(_digest_token(credentials.credentials), expected):
+            raise ApiError(401, "unauthorized", "wrong bearer token", challenge)
+
+    return Depends(require_token)
+
+
+class _ModelRunner:
+    """Decodes a request's images and runs the model, one batch at a time."""
+
+    def __init__(self, model: Any, name: str, limits: Limits) -> None:
+        self.model = model
+        self.name = name
+        self.limits = limits
+        self.answers: Sequence[str] = list(model.answers)
+        self.digest = answers_digest(self.answers)
+        self._lock = threading.Lock()
+
+    def decode(self, request: AnswerProbsRequest) -> list[Any]:
+        images = []
+        for i, item in enumerate(request.items):
+            try:
+                images.append(decode_image(item.image, max_pixels=self.limits.max_pixels,
+                                           name=f"items[{i}].image"))
+            except ImageTooLargeError as exc:
+                raise ApiError(422, "image_too_large", str(exc)) from exc
+            except ImageError as exc:
+                raise ApiError(422, "invalid_image", str(exc)) from exc
+        return images
+
+    def scores(self, request: AnswerProbsRequest) -> np.ndarray:
+        n = len(request.items)
+        if n > self.limits.max_batch:
+            raise ApiError(413, "batch_too_large",
+                           f"batch of {n} items; the limit is {self.limits.max_batch}")
+        if n == 0:
+            return np.zeros((0, len(self.answers)))
+        images = self.decode(request)
+        questions = [item.question for item in request.items]
+        with self._lock:
+            try:
+                raw = self.model.answer_probs_batch(images, questions)
+            except InputError as exc:
+                raise ApiError(422, "invalid_input", str(exc)) from exc
+            except BlackboxVQAError as exc:
+                _LOG.error("model %s failed: %s", self.name, exc)
+                raise ApiError(500, "model_error", str(exc)) from exc
+            except Exception as exc:
+                _LOG.exception("model %s failed", self.name)
+                raise ApiError(500, "model_error", f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return check_scores(raw, n, len(self.answers), source=self.name)
+        except ModelOutputError as exc:
+            _LOG.error("%s", exc)
+            raise ApiError(500, "model_output_error", str(exc)) from exc
+
+
+def create_app(
+    model: object,
+    *,
+    token: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
+) -> FastAPI:
+    """A FastAPI app serving ``model`` (any object with the model protocol).
+
+    Args:
+        model: ``answers`` and ``answer_probs_batch(images, questions)``.
+        token: when given, ``/v1/info`` and ``/v1/answer_probs`` require
+            ``Authorization: Bearer <token>`` (compared in constant time).
+        max_batch: most items per request (more: 413 ``batch_too_large``).
+        max_body_bytes: largest request body (larger: 413 ``body_too_large``).
+        max_pixels: most pixels per image (more: 422 ``image_too_large``).
+        name: the name ``/v1/info`` reports (default: the model's ``name`` or class).
+    """
+    vqa = check_model(model, source="served model")
+    if token is not None and (not isinstance(token, str) or not token):
+        raise InputError("token must be a non-empty string")
+    limits = Limits(
+        max_batch=_positive(max_batch, "max_batch"),
+        max_body_bytes=_positive(max_body_bytes, "max_body_bytes"),
+        max_pixels=_positive(max_pixels, "max_pixels"),
+    )
+    runner = _ModelRunner(vqa, name or model_name(vqa), limits)
+    info = InfoResponse(
+        protocol=PROTOCOL,
+        name=runner.name,
+        answers=list(runner.answers),
+        answers_sha256=runner.digest,
+        capabilities=Capabilities(image_encodings=list(IMAGE_ENCODINGS),
+                                  npy_dtypes=list(NPY_DTYPES)),
+        limits=limits,
+    )
+    from blackbox_vqa import __version__
+
+    app = FastAPI(
+        title="blackbox_vqa model server",
+        version=__version__,
+        description=f"A VQA model ({runner.name}) behind the `{PROTOCOL}` protocol.",
+    )
+    _add_error_handlers(app)
+    auth = _auth_dependency(token)
+    guarded = [auth] if auth is not None else []
+
+    @app.get(HEALTH_PATH, response_model=HealthResponse, summary="Liveness check (no token)")
+    def health() -> HealthResponse:
+        return HealthResponse()
+
+    @app.get(INFO_PATH, response_model=InfoResponse, dependencies=guarded,
+             responses=_ERRORS, summary="The model: name, answers, capabilities, limits")
+    def model_info() -> InfoResponse:
+        return info
+
+    @app.post(ANSWER_PROBS_PATH, response_model=AnswerProbsResponse, dependencies=guarded,
+              responses=_ERRORS, summary="Scores of every answer for a batch of inputs")
+    def answer_probs(request: AnswerProbsRequest) -> Response:
+        scores = runner.scores(request)
+        body = {"scores": scores.tolist(), "answers_sha256": runner.digest}
+        return Response(json.dumps(body, allow_nan=False), media_type="application/json")
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, code, str(exc.detail),
+                               dict(exc.headers) if exc.headers else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(422, "invalid_request", _validation_message(exc))

@@ -1,0 +1,111 @@
+"""Model specs on the command line: which adapter a ``--model SPEC`` string means.
+
+Kinds: ``easyvqa`` (the built-in reference model), ``path.onnx``, an exported PyTorch
+graph file, ``http://host:port[/path]``, and ``package.module:factory`` (a callable that
+returns any object with the model protocol). Each kind has one loader in ``LOADERS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from blackbox_vqa.adapters.base import VQAModel, check_model
+from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
+
+__all__ = ["LOADERS", "ModelOptions", "load_model", "spec_kind"]
+
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+GRAPH_SUFFIXES = (".pt2", ".ts", ".torchscript")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Options some spec kinds need (third-party ONNX files, HTTP endpoints...).
+
+    ``extra`` carries kind-specific settings by name; loaders ignore what they do not use.
+    """
+
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def spec_kind(spec: str) -> str:
+    """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"`` or ``"factory"``; else InputError."""
+    text = spec.strip()
+    lower = text.lower()
+    if lower == "easyvqa":
+        return "easyvqa"
+    if lower.startswith(("http://", "https://")):
+        return "http"
+    if lower.endswith(".onnx"):
+        return "onnx"
+    if lower.endswith(GRAPH_SUFFIXES):
+        return "graph"
+    if _FACTORY_RE.match(text):
+        return "factory"
+    raise InputError(
+        f"model spec {spec!r} is not one of: easyvqa, PATH.onnx, PATH.pt2/.ts (exported "
+        "graph), http://host:port[/path], package.module:factory"
+    )
+
+
+def _load_easyvqa(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.models.reference import reference_adapter
+
+    return reference_adapter()
+
+
+def _load_factory(spec: str, options: ModelOptions) -> object:
+    module_name, _, attr_path = spec.strip().partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"cannot import {module_name!r} for model spec {spec!r}: {exc}") \
+            from exc
+    except Exception as exc:
+        raise ModelLoadError(
+            f"importing {module_name!r} for model spec {spec!r} failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ModelLoadError(f"{module_name!r} has no attribute {attr_path!r} (spec {spec!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelLoadError(f"{spec!r} is not callable; a factory returning a model is needed")
+    try:
+        model = target()
+    except Exception as exc:
+        raise ModelLoadError(f"factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not getattr(model, "name", None):
+        with contextlib.suppress(AttributeError, TypeError):
+            model.name = spec
+    return model
+
+
+def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:
+    def load(spec: str, options: ModelOptions) -> object:
+        raise NotSupportedError(f"model spec {spec!r} ({kind}) is not supported yet")
+
+    return load
+
+
+LOADERS: dict[str, Callable[[str, ModelOptions], object]] = {
+    "easyvqa": _load_easyvqa,
+    "factory": _load_factory,
+    "onnx": _not_yet("ONNX file"),
+    "graph": _not_yet("exported PyTorch graph"),
+    "http": _not_yet("HTTP endpoint"),
+}
+
+
+def load_model(spec: str, options: ModelOptions | None = None) -> VQAModel:
+    """Load the model a spec names and check it has the model protocol."""
+    kind = spec_kind(spec)
+    model = LOADERS[kind](spec, options or ModelOptions())
+    return check_model(model, source=f"model spec {spec!r}")

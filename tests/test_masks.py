@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.explainers.masks import (
+    baseline_image,
+    cell_edges,
+    cell_index_map,
+    gaussian_blur,
+    grid_boxes,
+    occluded_batch,
+    parse_baseline,
+    window_boxes,
+    window_map,
+)
+
+
+def test_cell_edges_follow_the_floor_formula() -> None:
+    assert cell_edges(10, 4).tolist() == [0, 2, 5, 7, 10]
+    assert cell_edges(64, 16).tolist() == list(range(0, 65, 4))
+    assert cell_edges(3, 3).tolist() == [0, 1, 2, 3]
+
+
+def test_cell_edges_refuse_small_images_and_bad_grids() -> None:
+    with pytest.raises(InputError, match="image side of 5 px cannot be split into a 16-cell"):
+        cell_edges(5, 16)
+    with pytest.raises(InputError, match="grid must be >= 1"):
+        cell_edges(5, 0)
+
+
+def test_grid_boxes_uneven_row_major() -> None:
+    boxes = grid_boxes(7, 5, 3)
+    # rows: floor(k*7/3) = 0, 2, 4, 7; cols: floor(k*5/3) = 0, 1, 3, 5
+    assert boxes[:3] == [(0, 2, 0, 1), (0, 2, 1, 3), (0, 2, 3, 5)]
+    assert boxes[3] == (2, 4, 0, 1)
+    assert boxes[-1] == (4, 7, 3, 5)
+    covered = np.zeros((7, 5), dtype=int)
+    for top, bottom, left, right in boxes:
+        covered[top:bottom, left:right] += 1
+    assert (covered == 1).all()
+
+
+def test_cell_index_map_matches_boxes() -> None:
+    index = cell_index_map(7, 5, 3)
+    for k, (top, bottom, left, right) in enumerate(grid_boxes(7, 5, 3)):
+        assert (index[top:bottom, left:right] == k).all()
+
+
+def test_window_boxes_add_a_last_window_flush_with_the_edge() -> None:
+    tops = sorted({b[0] for b in window_boxes(10, 10, (5, 5), (3, 3))})
+    assert tops == [0, 3, 5]
+    tops = sorted({b[0] for b in window_boxes(10, 10, (4, 4), (3, 3))})
+    assert tops == [0, 3, 6]
+    assert window_boxes(4, 6, (4, 3), (4, 3)) == [(0, 4, 0, 3), (0, 4, 3, 6)]
+    with pytest.raises(InputError, match="larger than the image"):
+        window_boxes(4, 4, (5, 1), (1, 1))
+    with pytest.raises(InputError, match="must be >= 1"):
+        window_boxes(4, 4, (2, 2), (0, 1))
+
+
+def test_window_map_is_the_mean_over_covering_windows() -> None:
+    boxes = [(0, 2, 0, 2), (0, 2, 1, 3)]
+    result = window_map(np.array([1.0, 3.0]), boxes, 2, 3)
+    assert result.tolist() == [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("imagenet-mean", "imagenet-mean"),
+        ("BLACK", "black"),
+        (" blur ", "blur"),
+        ("10,20.5,255", (10.0, 20.5, 255.0)),
+    ],
+)
+def test_parse_baseline(spec: str, expected: object) -> None:
+    assert parse_baseline(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["grey", "1,2", "1,2,3,4", "0,0,256", "-1,0,0", "a,b,c"])
+def test_parse_baseline_refuses(spec: str) -> None:
+    with pytest.raises(InputError, match="baseline must be one of"):
+        parse_baseline(spec)
+
+
+def test_baseline_images() -> None:
+    image = np.zeros((3, 4, 3), dtype=np.uint8)
+    mean = baseline_image(image, "imagenet-mean", blur_sigma=1.0)
+    assert mean.shape == (3, 4, 3)
+    assert mean[2, 3].tolist() == pytest.approx([123.68, 116.779, 103.939], abs=1e-4)
+    assert (baseline_image(image, "black", blur_sigma=1.0) == 0).all()
+    assert (baseline_image(image, (1.0, 2.0, 3.0), blur_sigma=1.0)[1, 1] == [1, 2, 3]).all()
+
+
+def test_gaussian_blur_matches_scipy() -> None:
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(13, 11, 3)).astype(np.uint8)
+    ours = gaussian_blur(image, 2.0)
+    reference = gaussian_filter(image.astype(np.float64), sigma=(2.0, 2.0, 0), mode="reflect",
+                                truncate=3.0)
+    np.testing.assert_allclose(ours, reference, atol=1e-3)
+    flat = np.full((6, 6, 3), 77, dtype=np.uint8)
+    np.testing.assert_allclose(gaussian_blur(flat, 1.5), 77.0, atol=1e-4)
+    with pytest.raises(InputError, match="sigma must be > 0"):
+        gaussian_blur(flat, 0.0)
+
+
+def test_occluded_batch_copies_only_the_box() -> None:
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    fill = np.full((4, 4, 3), -1.0, dtype=np.float32)
+    batch = occluded_batch(image, fill, [(0, 2, 0, 2), (3, 4, 1, 4)])
+    assert batch.dtype == np.float32 and batch.shape == (2, 4, 4, 3)
+    expected0 = image.astype(np.float32)
+    expected0[0:2, 0:2] = -1
+    expected1 = image.astype(np.float32)
+    expected1[3:4, 1:4] = -1
+    assert np.array_equal(batch[0], expected0)
+    assert np.array_equal(batch[1], expected1)
