@@ -177,7 +177,7 @@ def synthetic_image(size: int = 224, *, seed: int = 0) -> NDArray[np.uint8]:
         disc = (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(0.005, 0.02)
         image[disc] = rng.integers(0, 256, size=3)
     image += rng.normal(0.0, 6.0, size=image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(image, 0, 255), dtype=np.uint8)
 
 
 def resnet_vqa_adapter(

@@ -88,6 +88,27 @@ def _load_factory(spec: str, options: ModelOptions) -> object:
     return model
 
 
+def _load_http(spec: str, options: ModelOptions) -> object:
+    try:
+        from blackbox_vqa.adapters.http_endpoint import HttpAdapter
+    except ImportError as exc:
+        raise NotSupportedError(f"http:// models need httpx ({exc}); install the extra: "
+                                "pip install 'blackbox-vqa[serve]'") from exc
+    return HttpAdapter.from_options(spec, options.extra)
+
+
+def _load_onnx(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
+
+    return OnnxAdapter.from_options(spec.strip(), options.extra)
+
+
+def _load_graph(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.graph import GraphAdapter
+
+    return GraphAdapter(spec.strip())
+
+
 def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:
     def load(spec: str, options: ModelOptions) -> object:
         raise NotSupportedError(f"model spec {spec!r} ({kind}) is not supported yet")
@@ -98,9 +119,9 @@ def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:
 LOADERS: dict[str, Callable[[str, ModelOptions], object]] = {
     "easyvqa": _load_easyvqa,
     "factory": _load_factory,
-    "onnx": _not_yet("ONNX file"),
-    "graph": _not_yet("exported PyTorch graph"),
-    "http": _not_yet("HTTP endpoint"),
+    "onnx": _load_onnx,
+    "graph": _load_graph,
+    "http": _load_http,
 }
 
 

@@ -117,6 +117,12 @@ class _GuidedReLU(TorchDispatchMode):  # type: ignore[no-untyped-call]
         super().__init__()  # type: ignore[no-untyped-call]
         self.calls = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Nothing is compiled inside this mode; without this, torch wraps the handler in
+        # a dynamo-disable that imports torch._dynamo (seconds) on the first backward.
+        return False
+
     def __torch_dispatch__(
         self,
         func: Any,

@@ -75,8 +75,9 @@ class Preprocessing:
         """Stack RGB arrays ``H x W x 3`` (0-255) into a normalised ``float32 [B, 3, H, W]``."""
         same = all(img.shape == images[0].shape for img in images)
         if same:
-            batch = torch.from_numpy(np.stack(images)).to(device)
-            batch = self._resized(batch.permute(0, 3, 1, 2).float())
+            batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)
+            if batch.dtype != torch.uint8 or tuple(batch.shape[-2:]) != self.image_size:
+                batch = self._resized(batch.float())
         else:
             batch = torch.cat(
                 [
@@ -85,11 +86,19 @@ class Preprocessing:
                     for img in images
                 ]
             )
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=device)
+        return self._normalised(batch)
+
+    def _normalised(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch * (1 / (255 std)) + (-mean / std)`` into a new contiguous ``float32``
+        ``[B, 3, H, W]`` tensor: one pass that also lays an ``H x W x 3`` view out as
+        ``3 x H x W``, then the offset in place (the same float32 roundings as a multiply
+        and an add, and several times faster than normalising the permuted view)."""
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=batch.device)
         offset = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)],
-                              device=device)
-        out = batch * scale.view(1, 3, 1, 1) + offset.view(1, 3, 1, 1)
-        return out.contiguous()
+                              device=batch.device)
+        out = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
+        torch.mul(batch, scale.view(1, 3, 1, 1), out=out)
+        return out.add_(offset.view(1, 3, 1, 1))
 
     def _resized(self, batch: torch.Tensor) -> torch.Tensor:
         if tuple(batch.shape[-2:]) == self.image_size:

@@ -72,12 +72,15 @@ def _default_device() -> torch.device:
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put ``module`` in eval mode for the block, restoring its training flags after."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    training = any(flag for _, flag in flags)
+    if training:  # (already in eval mode: skip the slow attribute-setting walks)
+        module.eval()
     try:
         yield module
     finally:
-        for mod, training in flags:
-            mod.training = training
+        if training or any(mod.training for mod, _ in flags):
+            for mod, flag in flags:
+                mod.training = flag
 
 
 class TorchAdapter(BaseAdapter):

@@ -73,3 +73,19 @@ from blackbox_vqa.cli import explain, train  # noqa: E402
 
 app.command("explain")(explain.explain_command)
 app.command("train")(train.train_command)
+
+from blackbox_vqa.cli import serve  # noqa: E402
+
+app.command("serve")(serve.serve_command)
+
+from blackbox_vqa.cli import evaluate  # noqa: E402
+
+app.command("evaluate")(evaluate.evaluate_command)
+
+from blackbox_vqa.cli import compare  # noqa: E402
+
+app.command("compare")(compare.compare_command)
+
+from blackbox_vqa.cli import export  # noqa: E402
+
+app.command("export")(export.export_command)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import sys
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from blackbox_vqa.errors import InputError
+from blackbox_vqa.errors import InputError, NotSupportedError
 
 __all__ = ["TOKEN_ENV", "bind_socket", "is_loopback", "serve_command"]
 
@@ -64,9 +65,14 @@ def serve_command(
     debug: Annotated[bool, typer.Option(help="Show tracebacks and request logs.")] = False,
 ) -> None:
     """Serve a model over HTTP so `bbvqa explain --model http://HOST:PORT` can explain it."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from blackbox_vqa.server.app import create_app
+        from blackbox_vqa.server.app import create_app
+    except ImportError as exc:
+        raise NotSupportedError(f"bbvqa serve needs FastAPI and uvicorn ({exc}); install the "
+                                "extra: pip install 'blackbox-vqa[serve]'") from exc
+    from blackbox_vqa.adapters.base import model_name
     from blackbox_vqa.specs import load_model
 
     if token is not None and not token.strip():
@@ -85,7 +91,7 @@ def serve_command(
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         url = f"http://{shown}:{bound_port}"
         guard = "a bearer token is required" if token else "no token required"
-        print(f"bbvqa: serving model {model!r} "
+        print(f"bbvqa: serving model {model_name(vqa)!r} "
               f"({len(vqa.answers)} answers) on {url} ({guard}); API docs at {url}/docs; "
               "Ctrl-C stops", file=sys.stderr, flush=True)
         if not token and not is_loopback(host):
@@ -94,6 +100,9 @@ def serve_command(
                   file=sys.stderr, flush=True)
         config = uvicorn.Config(app, log_level="info" if debug else "warning",
                                 access_log=debug, lifespan="off")
-        uvicorn.Server(config).run(sockets=[sock])
+        # uvicorn shuts down cleanly on Ctrl-C, then raises it again: that is a normal stop.
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.Server(config).run(sockets=[sock])
+        print("bbvqa: server stopped", file=sys.stderr, flush=True)
     finally:
         sock.close()

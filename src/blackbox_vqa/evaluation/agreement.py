@@ -30,6 +30,7 @@ __all__ = [
     "top_k_overlap",
     "top_word",
     "top_word_agreement",
+    "top_word_set",
 ]
 
 EVAL_SIZE = MAP_SIZE
@@ -61,43 +62,75 @@ def map_rank_correlation(a: ArrayLike, b: ArrayLike, *, size: int = EVAL_SIZE) -
     return spearman(_comparable(a, "first map", size), _comparable(b, "second map", size))
 
 
+def _check_k(k: int, cells: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= cells:
+        raise InputError(f"k must be an integer in [1, {cells}], got {k!r}")
+
+
 def top_k_cells(values: ArrayLike, k: int, *, size: int = EVAL_SIZE) -> frozenset[int]:
     """Row-major indices of the ``k`` largest cells of ``|values|`` resized to ``size x size``.
 
     Ties are broken in row-major order (the earlier cell wins).
     """
     resized = _comparable(values, "map", size).reshape(-1)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= resized.size:
-        raise InputError(f"k must be an integer in [1, {resized.size}], got {k!r}")
+    _check_k(k, resized.size)
     order = np.argsort(-resized, kind="stable")
     return frozenset(int(i) for i in order[:k])
 
 
 def top_k_overlap(a: ArrayLike, b: ArrayLike, *, k: int = 10, size: int = EVAL_SIZE) -> float:
-    """Share of the ``k`` most important cells two maps have in common, in ``[0, 1]``."""
-    return len(top_k_cells(a, k, size=size) & top_k_cells(b, k, size=size)) / k
+    """Share of the ``k`` most important cells two maps have in common, in ``[0, 1]``.
+
+    ``nan`` when either resized ``|map|`` is constant (it has no most important cells).
+    """
+    first, second = _comparable(a, "first map", size), _comparable(b, "second map", size)
+    if float(np.ptp(first)) == 0.0 or float(np.ptp(second)) == 0.0:
+        _check_k(k, first.size)
+        return float("nan")
+    return len(top_k_cells(first, k, size=size) & top_k_cells(second, k, size=size)) / k
 
 
-def top_word(word_map: ArrayLike) -> int:
-    """Index of the most important word: the largest ``|importance|`` (first on ties)."""
-    values = np.asarray(word_map, dtype=np.float64).reshape(-1)
-    if values.size == 0:
+def _word_map(values: ArrayLike) -> NDArray[np.float64]:
+    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    if array.size == 0:
         raise InputError("word map is empty: the question has no words")
-    if not np.isfinite(values).all():
+    if not np.isfinite(array).all():
         raise InputError("word map holds NaN or infinite values")
-    return int(np.argmax(np.abs(values)))
+    return array
 
 
-def top_word_agreement(a: ArrayLike, b: ArrayLike) -> bool:
-    """Whether two word maps of the same question pick the same most important word."""
-    left = np.asarray(a, dtype=np.float64).reshape(-1)
-    right = np.asarray(b, dtype=np.float64).reshape(-1)
+def top_word_set(word_map: ArrayLike) -> frozenset[int]:
+    """Indices of the most important words: those with the largest ``|importance|``
+    (equal to 1e-12 of it, so exact ties all count); empty when every value is zero."""
+    magnitude = np.abs(_word_map(word_map))
+    largest = float(magnitude.max())
+    if largest == 0.0:
+        return frozenset()
+    return frozenset(int(i) for i in np.flatnonzero(magnitude >= largest * (1 - 1e-12)))
+
+
+def top_word(word_map: ArrayLike) -> int | None:
+    """Index of the most important word (the first on ties); None when all are zero."""
+    found = top_word_set(word_map)
+    return min(found) if found else None
+
+
+def top_word_agreement(a: ArrayLike, b: ArrayLike) -> bool | None:
+    """Whether two word maps of one question share a most important word.
+
+    With ties, any shared top word counts. None when either map is all zero (no word
+    matters, so there is no most important one).
+    """
+    left, right = _word_map(a), _word_map(b)
     if left.size != right.size:
         raise InputError(
             f"word maps of one question must have one value per word, got {left.size} "
             f"and {right.size}"
         )
-    return top_word(left) == top_word(right)
+    top_left, top_right = top_word_set(left), top_word_set(right)
+    if not top_left or not top_right:
+        return None
+    return bool(top_left & top_right)
 
 
 @dataclass(frozen=True)
@@ -110,8 +143,8 @@ class PairAgreement:
         top_k_overlap: share of the ``k`` most important cells in common, ``[0, 1]``
             (``nan`` without image maps).
         k: the ``k`` used.
-        same_top_word: whether the most important word is the same (``None`` without
-            word maps).
+        same_top_word: whether the two share a most important word (None without word
+            maps, when they have different lengths, or when one of them is all zero).
     """
 
     rank_correlation: float
@@ -133,7 +166,9 @@ def pair_agreement(
     k: int = 10,
     size: int = EVAL_SIZE,
 ) -> PairAgreement:
-    """All three measures for two explanations; a missing or empty map gives ``nan``/None."""
+    """All three measures for two explanations; a missing or empty map gives ``nan``/None,
+    and so do word maps of different lengths (tokenizers that split the question
+    differently: their words cannot be matched)."""
     nan = float("nan")
     if _has_map(image_a) and _has_map(image_b):
         correlation = map_rank_correlation(image_a, image_b, size=size)  # type: ignore[arg-type]
@@ -141,7 +176,8 @@ def pair_agreement(
     else:
         correlation = overlap = nan
     same: bool | None = None
-    if _has_map(words_a) and _has_map(words_b):
+    if _has_map(words_a) and _has_map(words_b) and \
+            np.asarray(words_a).size == np.asarray(words_b).size:
         same = top_word_agreement(words_a, words_b)  # type: ignore[arg-type]
     return PairAgreement(rank_correlation=correlation, top_k_overlap=overlap, k=k,
                          same_top_word=same)

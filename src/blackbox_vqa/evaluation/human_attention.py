@@ -71,7 +71,9 @@ def _area_weights(n_in: int, n_out: int) -> NDArray[np.float64]:
     return overlap / overlap.sum(axis=1, keepdims=True)
 
 
-def area_resize(values: NDArray[Any], size: int | tuple[int, int] = MAP_SIZE) -> NDArray[np.float64]:
+def area_resize(
+    values: NDArray[Any], size: int | tuple[int, int] = MAP_SIZE
+) -> NDArray[np.float64]:
     """Resize a 2-D map to ``size`` (``(rows, cols)`` or one int) by area averaging."""
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 2 or min(array.shape) < 1:
@@ -84,7 +86,9 @@ def area_resize(values: NDArray[Any], size: int | tuple[int, int] = MAP_SIZE) ->
     return _area_weights(array.shape[0], rows) @ array @ _area_weights(array.shape[1], cols).T
 
 
-def prepare_map(values: NDArray[Any], size: int | tuple[int, int] = MAP_SIZE) -> NDArray[np.float64]:
+def prepare_map(
+    values: NDArray[Any], size: int | tuple[int, int] = MAP_SIZE
+) -> NDArray[np.float64]:
     """Area-resize to ``size`` and round to ties at 10 decimals of the largest |value|."""
     resized = area_resize(values, size)
     scale = float(np.max(np.abs(resized)))

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.errors import InputError, NotSupportedError
+from blackbox_vqa.errors import GradientUnavailableError, InputError, NotSupportedError
 
 __all__ = [
     "METHODS",
@@ -86,18 +86,36 @@ class _OcclusionMethod:
 GUIDED_BACKPROP_MODULE = "blackbox_vqa.explainers.guided_backprop"
 
 
-def _guided_backprop(model: Any, options: MethodOptions) -> ItemMethod:
-    if importlib.util.find_spec(GUIDED_BACKPROP_MODULE) is None:
-        raise NotSupportedError(
-            f"guided-bp is not available: {GUIDED_BACKPROP_MODULE} is not part of this "
-            "installation"
+class _GuidedBackpropMethod:
+    """Guided backpropagation: ``|gradient|`` max over channels at the model's input size;
+    word importance = L2 norm of each token's embedding gradient."""
+
+    def __init__(self, model: Any, options: MethodOptions) -> None:
+        if importlib.util.find_spec(GUIDED_BACKPROP_MODULE) is None:
+            raise NotSupportedError(
+                f"guided-bp is not available: {GUIDED_BACKPROP_MODULE} is not part of this "
+                "installation"
+            )
+        from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
+
+        try:
+            self._explainer = GuidedBackprop(model, guided=True)
+        except GradientUnavailableError as exc:
+            raise GradientUnavailableError(f"guided-bp is not available: {exc}") from exc
+
+    def explain(self, image: NDArray[Any], question: str, answer: str) -> MethodOutput:
+        result = self._explainer.explain(image, question, answer=answer)
+        return MethodOutput(
+            image_map=np.asarray(result.image_map, dtype=np.float64),
+            word_map=np.asarray(result.word_map, dtype=np.float64),
+            words=tuple(result.tokens),
+            stats={"probability": float(result.probability)},
         )
-    raise NotSupportedError("guided-bp is not wired into evaluation yet")
 
 
 METHODS: dict[str, MethodFactory] = {
     "occlusion": _OcclusionMethod,
-    "guided-bp": _guided_backprop,
+    "guided-bp": _GuidedBackpropMethod,
 }
 
 

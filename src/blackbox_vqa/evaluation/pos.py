@@ -139,7 +139,8 @@ def most_important_credit(word_map: NDArray[Any]) -> NDArray[np.float64] | None:
 
 
 def top_tags(tagged: Sequence[Sequence[str]], top: int = TOP_TAGS) -> list[tuple[str, int]]:
-    """The ``top`` most frequent grouped tags over all questions, most frequent first."""
+    """The ``top`` most frequent grouped tags over all questions, most frequent first
+    (equal counts ordered by name)."""
     counts = Counter(group_tag(t) for tags in tagged for t in tags)
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
@@ -174,9 +175,9 @@ def importance_by_tag(
     """
     if len(tagged) != len(word_maps):
         raise InputError(f"{len(tagged)} tagged questions but {len(word_maps)} word maps")
-    credit: Counter[str] = Counter()
+    credit: dict[str, float] = {}
     count: Counter[str] = Counter()
-    chance: Counter[str] = Counter()
+    chance: dict[str, float] = {}
     used = uninformative = 0
     for tags_of_question, word_map in zip(tagged, word_maps, strict=True):
         if word_map is None or len(word_map) != len(tags_of_question):
@@ -188,9 +189,9 @@ def importance_by_tag(
         used += 1
         for tag, share in zip(tags_of_question, shares, strict=True):
             group = group_tag(tag)
-            credit[group] += float(share)
+            credit[group] = credit.get(group, 0.0) + float(share)
             count[group] += 1
-            chance[group] += 1.0 / len(tags_of_question)
+            chance[group] = chance.get(group, 0.0) + 1.0 / len(tags_of_question)
     return PosResult(
         probability={t: credit[t] / count[t] if count[t] else None for t in tags},
         count={t: count[t] for t in tags},
@@ -200,26 +201,32 @@ def importance_by_tag(
     )
 
 
-def pos_figure(tags: Sequence[str], results: Mapping[str, PosResult], *, title: str) -> Figure:
-    """Grouped bars: one group per tag (most frequent first), one bar per method, chance as ticks."""
+def pos_figure(
+    tags: Sequence[str],
+    probability: Mapping[str, Mapping[str, float | None]],
+    chance: Mapping[str, float | None],
+    *,
+    title: str,
+) -> Figure:
+    """Grouped bars: one group per tag (most frequent first), one bar per method
+    (``probability[method][tag]``), the chance level as a dotted tick."""
     fig = Figure(figsize=(max(6.4, 0.75 * len(tags) + 2.0), 4.2), dpi=100,
                  layout="constrained")
     axis = fig.subplots()
     positions = np.arange(len(tags), dtype=np.float64)
-    width = 0.8 / max(1, len(results))
-    for k, (method, result) in enumerate(results.items()):
-        values = [result.probability.get(t) or 0.0 for t in tags]
-        axis.bar(positions - 0.4 + width * (k + 0.5), values, width=width, label=method)
-    chance_values = [next((r.chance.get(t) for r in results.values() if r.chance.get(t)), None)
-                     for t in tags]
-    for x, value in zip(positions, chance_values, strict=True):
-        if value is not None:
-            axis.hlines(value, x - 0.42, x + 0.42, colors="black", linestyles="dotted",
+    width = 0.8 / max(1, len(probability))
+    for k, (method, values) in enumerate(probability.items()):
+        heights = [values.get(t) or 0.0 for t in tags]
+        axis.bar(positions - 0.4 + width * (k + 0.5), heights, width=width, label=method)
+    for x, tag in zip(positions, tags, strict=True):
+        level = chance.get(tag)
+        if level is not None:
+            axis.hlines(level, x - 0.42, x + 0.42, colors="black", linestyles="dotted",
                         linewidth=1.0)
+    axis.plot([], [], color="black", linestyle="dotted", label="chance")
     axis.set_xticks(positions, labels=list(tags), rotation=45, ha="right")
     axis.set_ylabel("P(most important word | tag)")
     axis.set_ylim(0.0, 1.0)
     axis.set_title(title)
-    axis.plot([], [], color="black", linestyle="dotted", label="chance")
     axis.legend(fontsize=8)
     return fig

@@ -40,19 +40,24 @@ from blackbox_vqa.explanation import top_answers
 from blackbox_vqa.images import load_image
 from blackbox_vqa.text import validate_question
 
-__all__ = ["EvalConfig", "ItemEvaluator", "item_rng", "run_items"]
+__all__ = ["EvalConfig", "ItemEvaluator", "item_rng", "load_evaluator", "run_items"]
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What a worker needs to evaluate items: model spec, methods and their options."""
+    """What a worker needs to evaluate items: model spec, methods and their options.
+
+    ``threads``: torch CPU threads per process while items run (None: leave as is). Equal
+    thread counts make serial and parallel runs give bit-identical results; different
+    counts can change the last bits of a CPU model's scores.
+    """
 
     model: str
     methods: tuple[str, ...]
     options: MethodOptions = field(default_factory=MethodOptions)
     seed: int = 0
     map_size: int = MAP_SIZE
-    threads: int | None = None
+    threads: int | None = 1
 
 
 def item_rng(seed: int, key: str) -> np.random.Generator:
@@ -180,21 +185,29 @@ class ItemEvaluator:
 _WORKER: ItemEvaluator | None = None
 
 
-def _load_evaluator(config: EvalConfig) -> ItemEvaluator:
+def _set_torch_threads(threads: int | None) -> int | None:
+    """Set torch's CPU threads when torch is loaded; return the previous count (or None)."""
+    if threads is None or "torch" not in sys.modules:
+        return None
+    import torch
+
+    previous = int(torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return previous
+
+
+def load_evaluator(config: EvalConfig) -> ItemEvaluator:
+    """Load the model from ``config.model`` and build its methods."""
     from blackbox_vqa.specs import load_model
 
-    model = load_model(config.model)
-    if config.threads is not None and "torch" in sys.modules:
-        import torch
-
-        torch.set_num_threads(config.threads)
-    return ItemEvaluator(model, config)
+    return ItemEvaluator(load_model(config.model), config)
 
 
 def _worker_evaluate(config: EvalConfig, item: Item) -> ItemRecord:
     global _WORKER
     if _WORKER is None:
-        _WORKER = _load_evaluator(config)
+        _WORKER = load_evaluator(config)
+        _set_torch_threads(config.threads)
     return _WORKER.evaluate(item)
 
 
@@ -209,16 +222,21 @@ def run_items(
     """Evaluate ``items``, calling ``on_record`` in this process as each one finishes.
 
     ``workers > 1`` runs items in that many processes (spawned; each loads the model from
-    ``config.model``); otherwise they run here, with ``evaluator`` if given.
+    ``config.model``); otherwise they run here, with ``evaluator`` if given. Torch runs with
+    ``config.threads`` threads in every process (restored here afterwards).
     """
     if workers < 1:
         raise InputError(f"--workers must be >= 1, got {workers}")
     if not items:
         return
     if workers == 1:
-        local = evaluator or _load_evaluator(config)
-        for item in items:
-            on_record(local.evaluate(item))
+        local = evaluator or load_evaluator(config)
+        previous = _set_torch_threads(config.threads)
+        try:
+            for item in items:
+                on_record(local.evaluate(item))
+        finally:
+            _set_torch_threads(previous)
         return
     _run_parallel(items, config, on_record, workers)
 

@@ -21,7 +21,14 @@ from blackbox_vqa.text import WordTokenizer
 if TYPE_CHECKING:
     from blackbox_vqa.adapters.pytorch import TorchAdapter
 
-__all__ = ["WEIGHTS_DIR", "load_reference_metadata", "load_reference_model", "reference_adapter"]
+__all__ = [
+    "METADATA_FILE",
+    "WEIGHTS_DIR",
+    "WEIGHTS_FILE",
+    "load_reference_metadata",
+    "load_reference_model",
+    "reference_adapter",
+]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "easyvqa.pt"
@@ -75,13 +82,16 @@ def load_reference_model(
     answers = [str(a) for a in meta["answers"]]
     if len(answers) != module.config.num_answers:
         raise ModelLoadError(
-            f"{folder}: {len(answers)} answers but the network has {module.config.num_answers} outputs"
+            f"{folder}: {len(answers)} answers but the network has "
+            f"{module.config.num_answers} outputs"
         )
     preprocessing = dict(meta["preprocessing"])
     return module, tokenizer, answers, preprocessing
 
 
-def reference_adapter(directory: str | Path | None = None, *, name: str = "easyvqa") -> TorchAdapter:
+def reference_adapter(
+    directory: str | Path | None = None, *, name: str = "easyvqa"
+) -> TorchAdapter:
     """The reference model behind a :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`."""
     from blackbox_vqa.adapters.pytorch import TorchAdapter
 

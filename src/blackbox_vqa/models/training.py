@@ -14,8 +14,6 @@ same weights.
 
 from __future__ import annotations
 
-import json
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +28,7 @@ from numpy.typing import NDArray
 
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.models.easyvqa_net import EasyVQANet, NetConfig
+from blackbox_vqa.models.reference import METADATA_FILE, WEIGHTS_FILE
 from blackbox_vqa.text import PAD_ID, WordTokenizer
 
 __all__ = [
@@ -55,12 +54,10 @@ __all__ = [
 Split = Literal["train", "test"]
 
 DEFAULT_SEED = 20160615
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 15
 IMAGE_SIZE = 64
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
-WEIGHTS_FILE = "easyvqa.pt"
-METADATA_FILE = "easyvqa.json"
 SCHEMA = "blackbox_vqa.reference_model/1"
 
 
@@ -171,7 +168,7 @@ class TrainConfig:
     epochs: int = DEFAULT_EPOCHS
     seed: int = DEFAULT_SEED
     batch_images: int = 16
-    lr: float = 3e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     flip: bool = True
     limit: int | None = None
@@ -281,12 +278,12 @@ def evaluate(
         )
         tokens = pad_questions(tokenizer, split.questions)
         index = torch.from_numpy(split.image_index)
+        answers = torch.from_numpy(split.answers)
         correct = 0
         for i in range(0, len(split), batch_size):
-            logits = model.classify(
-                image_emb[index[i : i + batch_size]], model.embed_question(tokens[i : i + batch_size])
-            )
-            correct += int((logits.argmax(1) == torch.from_numpy(split.answers[i : i + batch_size])).sum())
+            part = slice(i, i + batch_size)
+            logits = model.classify(image_emb[index[part]], model.embed_question(tokens[part]))
+            correct += int((logits.argmax(1) == answers[part]).sum())
     finally:
         model.train(was_training)
     return correct / max(1, len(split))
@@ -321,14 +318,20 @@ def _train(
     test = load_split("test", answers, limit=config.limit)
     tokenizer = WordTokenizer.build(train.questions)
     rng = _seed_everything(config.seed)
-    net_config = NetConfig(
-        vocab_size=len(tokenizer.vocab) + 2, num_answers=len(answers), **config.net
+    net_config = NetConfig.from_dict(
+        {"vocab_size": len(tokenizer.vocab) + 2, "num_answers": len(answers), **config.net}
     )
     model = EasyVQANet(net_config)
     tokens = pad_questions(tokenizer, train.questions)
     groups = _image_groups(train)
     n_images = len(train.images)
-    per_epoch = math.ceil(n_images / config.batch_images)
+    if n_images < 2:
+        raise InputError(
+            f"training needs questions about at least 2 images (batch norm); got {n_images}: "
+            "raise the limit"
+        )
+    # The last batch takes the remainder, so no batch holds a single image.
+    per_epoch = max(1, n_images // config.batch_images)
     total = per_epoch * config.epochs
     if config.steps is not None:
         total = min(total, config.steps)
@@ -348,10 +351,10 @@ def _train(
         for b in range(per_epoch):
             if step >= total:
                 break
-            rows = order[b * config.batch_images : (b + 1) * config.batch_images]
+            end = (b + 1) * config.batch_images if b < per_epoch - 1 else n_images
+            batch = slice(b * config.batch_images, end)
             loss, right, count = _train_step(
-                model, optimiser, train, tokens, groups, rows,
-                flips[b * config.batch_images : (b + 1) * config.batch_images],
+                model, optimiser, train, tokens, groups, order[batch], flips[batch]
             )
             schedule.step()
             step += 1
@@ -426,9 +429,11 @@ def metadata(result: TrainResult) -> dict[str, Any]:
 def save_weights(result: TrainResult, directory: Path, *, overwrite: bool = False) -> Path:
     """Write ``easyvqa.pt`` (state dict) and ``easyvqa.json`` into ``directory``.
 
-    Refuses (:class:`InputError`) to replace existing files unless ``overwrite``.
-    Returns the path of the weights file.
+    Each file is written atomically. Refuses (:class:`InputError`) to replace existing
+    files unless ``overwrite``. Returns the path of the weights file.
     """
+    from blackbox_vqa.outputs import atomic_write, atomic_write_json
+
     directory = Path(directory)
     targets = [directory / WEIGHTS_FILE, directory / METADATA_FILE]
     existing = [str(p) for p in targets if p.exists()]
@@ -436,6 +441,6 @@ def save_weights(result: TrainResult, directory: Path, *, overwrite: bool = Fals
         raise InputError(f"refusing to overwrite {', '.join(existing)} (pass overwrite)")
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in result.model.state_dict().items()}
-    torch.save(state, targets[0])
-    targets[1].write_text(json.dumps(metadata(result), indent=2) + "\n", encoding="utf-8")
+    atomic_write(targets[0], lambda handle: torch.save(state, handle))
+    atomic_write_json(targets[1], metadata(result))
     return targets[0]

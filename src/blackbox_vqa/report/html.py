@@ -63,6 +63,7 @@ text-align:center;background:#f1f3f5;color:#5b6570;border:1px dashed #aab}
 .scales{display:flex;flex-wrap:wrap;gap:24px;margin:.5em 0}
 .scale img{width:256px;height:14px;display:block;border:1px solid #ccc}
 .scale .ends{display:flex;justify-content:space-between;font-size:.8em;width:258px}
+.scale .help{font-size:.8em;color:#5b6570;max-width:300px}
 table{border-collapse:collapse;margin:.4em 0}
 td,th{border:1px solid #d5dbe1;padding:2px 8px;font-size:.9em;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -112,14 +113,25 @@ def _scales(item: ItemView) -> tuple[dict[str, ColourScale], dict[str, float]]:
     return image_scales, word_bounds
 
 
+_METHOD_HELP = {
+    "occlusion": "p(a | image) - p(a | cell hidden): red cells support the answer, blue "
+                 "cells work against it",
+    "guided-bp": "|guided gradient| at the model's input size, largest over the colour "
+                 "channels",
+    "gradient": "|gradient| at the model's input size, largest over the colour channels",
+}
+
+
 def _scale_legend(name: str, scale: ColourScale) -> str:
     middle = (scale.vmin + scale.vmax) / 2
+    help_text = _METHOD_HELP.get(name, "")
     return (
         f'<div class="scale"><div>{_e(name)}</div>'
         f'<img class="colorbar" alt="{_e(name)} colour scale" '
         f'src="{_e(png_data_uri(colour_bar_png(scale)))}">'
         f'<div class="ends"><span>{_e(_number(scale.vmin))}</span>'
-        f"<span>{_e(_number(middle))}</span><span>{_e(_number(scale.vmax))}</span></div></div>"
+        f"<span>{_e(_number(middle))}</span><span>{_e(_number(scale.vmax))}</span></div>"
+        f'<div class="help">{_e(help_text)}</div></div>'
     )
 
 
@@ -160,8 +172,9 @@ def _word_table(model: ModelView, method: MethodView, bound: float) -> str:
     if method.word_map is None:
         return ""
     rows = []
+    labels = method.words or model.words
     for i, value in enumerate(method.word_map):
-        word = model.words[i] if i < len(model.words) else f"#{i}"
+        word = labels[i] if i < len(labels) else f"#{i}"
         rows.append(
             f"<tr><td>{_e(word)}</td><td>{_bar(float(value), bound, method.signed)}</td>"
             f'<td class="num">{_e(_number(float(value)))}</td></tr>'
@@ -262,7 +275,7 @@ def _item_section(item: ItemView) -> str:
         f'<section class="item">{heading}'
         f'<p class="question">Q: <strong>{_e(item.question)}</strong></p>'
         f'<p class="muted">image: {_e(item.image_name)}</p>'
-        f'<div class="muted">colour scales, shared by every model:</div>'
+        f'<div class="muted">colour scales, one per method, shared by every model:</div>'
         f'<div class="scales">{legends}</div>{models}{agreement}</section>'
     )
 

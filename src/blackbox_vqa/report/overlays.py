@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ class ColourScale:
         return np.round(np.asarray(rgba)[..., :3] * 255.0).astype(np.uint8)
 
 
-def shared_scale(maps: list[NDArray[np.floating[Any]]], *, signed: bool) -> ColourScale:
+def shared_scale(maps: Sequence[NDArray[np.floating[Any]]], *, signed: bool) -> ColourScale:
     """One scale for all ``maps``: ``±max|v|`` on a diverging map when ``signed``, else
     ``0..max`` on a white-to-red map (a zero or empty set gets a tiny positive bound)."""
     bound = max((float(np.max(np.abs(m))) for m in maps if np.asarray(m).size), default=0.0)

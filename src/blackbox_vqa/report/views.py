@@ -50,7 +50,8 @@ class MethodView:
     """One method's result for one model: maps, or why the method is not available.
 
     ``image_map`` is 2-D (a ``grid x grid`` lattice or a per-pixel map); ``word_map``
-    has one value per word of the question. Both are None when ``unavailable`` is set.
+    has one value per word of the question, or per token in ``words`` when the method
+    saw other tokens. Both maps are None when ``unavailable`` is set.
     """
 
     name: str
@@ -58,6 +59,7 @@ class MethodView:
     word_map: NDArray[np.float64] | None = None
     signed: bool = True
     unavailable: str | None = None
+    words: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,18 +134,25 @@ def _array(values: Any, ndim: int) -> NDArray[np.float64] | None:
 def method_views(
     doc: Mapping[str, Any], unavailable: Mapping[str, str] | None = None
 ) -> tuple[MethodView, ...]:
-    """The methods an ``explanation.json`` document holds, in ``METHOD_SECTIONS`` order,
-    then one unavailable view per entry of ``unavailable`` (method name -> reason)."""
+    """The methods an ``explanation.json`` document holds, in ``METHOD_SECTIONS`` order
+    (a section ``{"available": false, "reason": ...}`` gives an unavailable view), then
+    one unavailable view per further entry of ``unavailable`` (method name -> reason)."""
     views: list[MethodView] = []
     for key, name, signed in METHOD_SECTIONS:
         section = doc.get(key)
         if not isinstance(section, Mapping):
             continue
+        if section.get("available") is False:
+            reason = str(section.get("reason") or "not available")
+            views.append(MethodView(name, signed=signed, unavailable=reason))
+            continue
         image_map = _array(section.get("image"), 2)
         word_map = _array(section.get("words"), 1)
         if image_map is None and word_map is None:
             continue
-        views.append(MethodView(name, image_map, word_map, signed))
+        tokens = section.get("tokens")
+        words = tuple(str(t) for t in tokens) if isinstance(tokens, list) and tokens else None
+        views.append(MethodView(name, image_map, word_map, signed, words=words))
     present = {view.name for view in views}
     for name, reason in (unavailable or {}).items():
         if name not in present:

@@ -21,6 +21,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
@@ -34,6 +36,7 @@ from blackbox_vqa.server.body_limit import BodyLimitMiddleware, error_json
 from blackbox_vqa.server.schemas import (
     AnswerProbsRequest,
     AnswerProbsResponse,
+    BinaryHeader,
     Capabilities,
     ErrorResponse,
     HealthResponse,
@@ -42,14 +45,19 @@ from blackbox_vqa.server.schemas import (
 )
 from blackbox_vqa.server.wire import (
     ANSWER_PROBS_PATH,
+    BINARY_CONTENT_TYPE,
     HEALTH_PATH,
     IMAGE_ENCODINGS,
     INFO_PATH,
     NPY_DTYPES,
     PROTOCOL,
+    REQUEST_FORMATS,
+    BatchFormatError,
     ImageTooLargeError,
     answers_digest,
     decode_image,
+    decode_image_file,
+    split_binary_batch,
 )
 
 __all__ = [
@@ -70,10 +78,11 @@ _STATUS_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    415: "unsupported_media_type",
     413: "body_too_large",
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 413, 422, 500)
+    status: {"model": ErrorResponse} for status in (401, 413, 415, 422, 500)
 }
 
 
@@ -136,8 +145,44 @@ def _auth_dependency(token: str | None) -> Any:
     return Depends(require_token)
 
 
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref", "")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def _request_body_doc() -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of ``/v1/answer_probs``: JSON, or a binary batch."""
+    json_schema = AnswerProbsRequest.model_json_schema()
+    return {"requestBody": {
+        "required": True,
+        "description": "Either JSON with base64 images, or a binary batch "
+        f"({BINARY_CONTENT_TYPE}): one line of JSON "
+        '{"items": [{"question": ..., "image_bytes": N}, ...]}, a newline, then the '
+        "image files back to back, each image_bytes long.",
+        "content": {
+            "application/json": {"schema": _inline_refs(json_schema,
+                                                        json_schema.get("$defs", {}))},
+            BINARY_CONTENT_TYPE: {"schema": {"type": "string", "format": "binary"}},
+        },
+    }}
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    errors = exc.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where + ': ' if where else ''}{first.get('msg', 'invalid')}{more}"
+
+
 class _ModelRunner:
-    """Decodes a request's images and runs the model, one batch at a time."""
+    """Parses a request, decodes its images and runs the model, one batch at a time."""
 
     def __init__(self, model: Any, name: str, limits: Limits) -> None:
         self.model = model
@@ -147,27 +192,55 @@ class _ModelRunner:
         self.digest = answers_digest(self.answers)
         self._lock = threading.Lock()
 
-    def decode(self, request: AnswerProbsRequest) -> list[Any]:
+    def _decode(self, files: Sequence[str | memoryview]) -> list[Any]:
         images = []
-        for i, item in enumerate(request.items):
+        for i, data in enumerate(files):
+            name = f"items[{i}].image"
             try:
-                images.append(decode_image(item.image, max_pixels=self.limits.max_pixels,
-                                           name=f"items[{i}].image"))
+                if isinstance(data, str):
+                    images.append(decode_image(data, max_pixels=self.limits.max_pixels,
+                                               name=name))
+                else:
+                    images.append(decode_image_file(data, max_pixels=self.limits.max_pixels,
+                                                    name=name))
             except ImageTooLargeError as exc:
                 raise ApiError(422, "image_too_large", str(exc)) from exc
             except ImageError as exc:
                 raise ApiError(422, "invalid_image", str(exc)) from exc
         return images
 
-    def scores(self, request: AnswerProbsRequest) -> np.ndarray:
-        n = len(request.items)
+    def _parse(self, body: bytes, content_type: str) -> tuple[list[str | memoryview], list[str]]:
+        media = content_type.split(";")[0].strip().lower()
+        try:
+            if media == BINARY_CONTENT_TYPE:
+                header, views = split_binary_batch(body)
+                parsed = BinaryHeader.model_validate_json(header)
+                return list(views), [item.question for item in parsed.items]
+            if media in ("", "application/json") or media.endswith("+json"):
+                request = AnswerProbsRequest.model_validate_json(body)
+                return [item.image for item in request.items], \
+                    [item.question for item in request.items]
+        except ValidationError as exc:
+            raise ApiError(422, "invalid_request", _pydantic_message(exc)) from exc
+        except BatchFormatError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from exc
+        raise ApiError(415, "unsupported_media_type",
+                       f"Content-Type {media!r}; send application/json or {BINARY_CONTENT_TYPE}")
+
+    def respond(self, body: bytes, content_type: str) -> Response:
+        files, questions = self._parse(body, content_type)
+        scores = self.scores(files, questions)
+        payload = {"scores": scores.tolist(), "answers_sha256": self.digest}
+        return Response(json.dumps(payload, allow_nan=False), media_type="application/json")
+
+    def scores(self, files: Sequence[str | memoryview], questions: list[str]) -> np.ndarray:
+        n = len(files)
         if n > self.limits.max_batch:
             raise ApiError(413, "batch_too_large",
                            f"batch of {n} items; the limit is {self.limits.max_batch}")
         if n == 0:
             return np.zeros((0, len(self.answers)))
-        images = self.decode(request)
-        questions = [item.question for item in request.items]
+        images = self._decode(files)
         with self._lock:
             try:
                 raw = self.model.answer_probs_batch(images, questions)
@@ -221,7 +294,8 @@ def create_app(
         answers=list(runner.answers),
         answers_sha256=runner.digest,
         capabilities=Capabilities(image_encodings=list(IMAGE_ENCODINGS),
-                                  npy_dtypes=list(NPY_DTYPES)),
+                                  npy_dtypes=list(NPY_DTYPES),
+                                  request_formats=list(REQUEST_FORMATS)),
         limits=limits,
     )
     from blackbox_vqa import __version__
@@ -245,11 +319,12 @@ def create_app(
         return info
 
     @app.post(ANSWER_PROBS_PATH, response_model=AnswerProbsResponse, dependencies=guarded,
-              responses=_ERRORS, summary="Scores of every answer for a batch of inputs")
-    def answer_probs(request: AnswerProbsRequest) -> Response:
-        scores = runner.scores(request)
-        body = {"scores": scores.tolist(), "answers_sha256": runner.digest}
-        return Response(json.dumps(body, allow_nan=False), media_type="application/json")
+              responses=_ERRORS, openapi_extra=_request_body_doc(),
+              summary="Scores of every answer for a batch of inputs")
+    async def answer_probs(request: Request) -> Response:
+        body = await request.body()
+        content_type = request.headers.get("content-type", "")
+        return await run_in_threadpool(runner.respond, body, content_type)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
     return app

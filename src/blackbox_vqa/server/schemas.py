@@ -7,6 +7,8 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "AnswerProbsRequest",
     "AnswerProbsResponse",
+    "BinaryHeader",
+    "BinaryItem",
     "Capabilities",
     "ErrorBody",
     "ErrorResponse",
@@ -37,6 +39,23 @@ class AnswerProbsRequest(BaseModel):
     items: list[Item] = Field(description="The inputs, at most limits.max_batch of them.")
 
 
+class BinaryItem(BaseModel):
+    """One input of a binary batch: its question and the length of its image file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: str
+    image_bytes: int = Field(ge=0, description="Length of this item's image file in bytes.")
+
+
+class BinaryHeader(BaseModel):
+    """The JSON line that starts a binary batch body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[BinaryItem]
+
+
 class AnswerProbsResponse(BaseModel):
     """Scores ``[B][A]``: row ``i`` for item ``i``, column ``j`` for ``answers[j]``."""
 
@@ -64,6 +83,9 @@ class Capabilities(BaseModel):
     gradients: bool = False
     image_encodings: list[str]
     npy_dtypes: list[str]
+    request_formats: list[str] = Field(
+        description="Request bodies accepted: json (base64 images), binary (raw files)."
+    )
 
 
 class InfoResponse(BaseModel):

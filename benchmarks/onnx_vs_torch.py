@@ -1,0 +1,181 @@
+"""ONNX Runtime vs PyTorch for occlusion (issue 3), plus export time and file sizes.
+
+For each model of ``models.py`` (``reference``: the easy-VQA reference model, 64 x 64;
+``resnet18``: a ResNet-18-sized CNN + LSTM, random weights, 224 x 224) the script
+
+1. exports it with ``export_model`` (``model.onnx`` + the PyTorch graph, self-verified)
+   and records the export and verification times and the file sizes;
+2. times one full occlusion explanation -- a ``grid x grid`` lattice (default 16) plus
+   every word, ``1 + grid**2 + words`` evaluations -- through ``TorchAdapter`` and through
+   ``OnnxAdapter`` on the exported file, in one process, with the same thread count for
+   torch (``torch.set_num_threads``) and ONNX Runtime (intra-op threads), at each batch
+   size given; each repeat runs both, alternating which goes first;
+3. checks that both give the same maps (max abs difference).
+
+Figures are medians over the repeats; the ratio ONNX/Torch is between medians of the
+same run at the same batch size, and between each framework's best batch size.
+
+Run ``python benchmarks/onnx_vs_torch.py --help``; ``--quick`` is a short smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
+from blackbox_vqa.explainers.occlusion import Occlusion
+from blackbox_vqa.exporters.onnx import export_model
+from models import MODEL_NAMES, build_model  # this folder (run as a script)
+
+
+def _time_occlusion(model: Any, image: Any, question: str, grid: int, batch: str) -> tuple[
+        float, Any]:
+    explainer = Occlusion(model, grid=grid, batch_size=batch)
+    started = time.perf_counter()
+    result = explainer.explain(image, question)
+    return time.perf_counter() - started, result
+
+
+def bench_model(name: str, *, threads: int, grid: int, repeats: int,
+                batches: list[str]) -> dict[str, Any]:
+    """Export ``name`` and time occlusion through both adapters; a JSON-ready record."""
+    case = build_model(name)
+    torch_model = case.adapter
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        export = export_model(torch_model, Path(folder) / "export")
+        export_total = time.perf_counter() - started
+        onnx_model = OnnxAdapter(export.onnx_path, threads=threads)
+        record: dict[str, Any] = {
+            "model": name,
+            "description": case.description,
+            "export": {
+                "total_s": round(export_total, 2),
+                "onnx_s": round(export.onnx_seconds, 2),
+                "graph_s": round(export.graph_seconds, 2),
+                "verify_s": round(export.verify_seconds, 2),
+                "onnx_exporter": export.onnx_exporter,
+                "graph_format": export.graph_format,
+                "onnx_mib": round(export.onnx_bytes / 2**20, 2),
+                "graph_mib": round(export.graph_bytes / 2**20, 2),
+                "weights_mib": round(sum(p.numel() * p.element_size() for p in
+                                         torch_model.module.parameters()) / 2**20, 2),
+                "onnx_max_diff": export.onnx_max_diff,
+                "graph_max_diff": export.graph_max_diff,
+            },
+            "providers": onnx_model.providers,
+            "runs": [],
+        }
+        for model in (torch_model, onnx_model):  # warm-up: first-call costs are not timed
+            _time_occlusion(model, case.image, case.question, 2, "auto")
+        for batch in batches:
+            times: dict[str, list[float]] = {"torch": [], "onnx": []}
+            results: dict[str, Any] = {}
+            for repeat in range(repeats):
+                order = [("torch", torch_model), ("onnx", onnx_model)]
+                for label, model in order if repeat % 2 == 0 else order[::-1]:
+                    seconds, results[label] = _time_occlusion(model, case.image,
+                                                              case.question, grid, batch)
+                    times[label].append(seconds)
+            torch_s, onnx_s = (statistics.median(times[k]) for k in ("torch", "onnx"))
+            diff = max(
+                float(np.abs(results["onnx"].image_map - results["torch"].image_map).max()),
+                float(np.abs(results["onnx"].word_map - results["torch"].word_map).max()),
+            )
+            record["runs"].append({
+                "batch_size": batch,
+                "batch_used": results["torch"].batch_size,
+                "evaluations": results["torch"].evaluations,
+                "torch_s": round(torch_s, 4),
+                "onnx_s": round(onnx_s, 4),
+                "ratio": round(onnx_s / torch_s, 3),
+                "map_max_diff": diff,
+                "torch_all_s": [round(t, 4) for t in times["torch"]],
+                "onnx_all_s": [round(t, 4) for t in times["onnx"]],
+            })
+            print(f"  {name} batch {batch:>4}: torch {torch_s:.3f} s, onnx {onnx_s:.3f} s, "
+                  f"ratio {onnx_s / torch_s:.3f}, max map diff {diff:.2g}", flush=True)
+        best_torch = min(r["torch_s"] for r in record["runs"])
+        best_onnx = min(r["onnx_s"] for r in record["runs"])
+        record["best_ratio"] = round(best_onnx / best_torch, 3)
+    return record
+
+
+def _markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Grid {args.grid}x{args.grid} + words, {args.threads} thread(s) for both, median "
+        f"of {args.repeats} repeats.",
+        "",
+        "| model | batch | evaluations | Torch s | ONNX s | ONNX/Torch | max map diff |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rec in records:
+        for run in rec["runs"]:
+            lines.append(
+                f"| {rec['model']} | {run['batch_size']} ({run['batch_used']}) | "
+                f"{run['evaluations']} | {run['torch_s']:.3f} | {run['onnx_s']:.3f} | "
+                f"{run['ratio']:.2f} | {run['map_max_diff']:.1g} |"
+            )
+        lines.append(f"| {rec['model']} | best of each | | | | **{rec['best_ratio']:.2f}** | |")
+    lines += [
+        "",
+        "| model | export total s | ONNX export s | graph export s | verify s | exporter | "
+        "graph | model.onnx MiB | graph MiB | fp32 weights MiB | max p diff ONNX / graph |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rec in records:
+        e = rec["export"]
+        lines.append(
+            f"| {rec['model']} | {e['total_s']} | {e['onnx_s']} | {e['graph_s']} | "
+            f"{e['verify_s']} | {e['onnx_exporter']} | {e['graph_format']} | {e['onnx_mib']} "
+            f"| {e['graph_mib']} | {e['weights_mib']} | {e['onnx_max_diff']:.1g} / "
+            f"{e['graph_max_diff']:.1g} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODEL_NAMES),
+                        help="comma-separated: " + ", ".join(MODEL_NAMES))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch and ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", default="auto,8,32",
+                        help="comma-separated batch sizes ('auto' = the explainer's choice)")
+    parser.add_argument("--json", type=Path, help="also write the records here")
+    parser.add_argument("--quick", action="store_true", help="grid 4, 1 repeat, auto only")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.grid, args.repeats, args.batch_sizes = 4, 1, "auto"
+    torch.set_num_threads(args.threads)
+    print(f"# onnx_vs_torch: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {ort.__version__}, "
+          f"threads {args.threads}", flush=True)
+    print("# command: python " + " ".join(sys.argv), flush=True)
+    records = [
+        bench_model(name.strip(), threads=args.threads, grid=args.grid, repeats=args.repeats,
+                    batches=[b.strip() for b in args.batch_sizes.split(",")])
+        for name in args.models.split(",")
+    ]
+    print(_markdown(records, args))
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""HttpAdapter: a model on another machine, reached over HTTP, behind the model protocol.
+
+Inputs go out in batches, several requests in flight at once (bounded), over one
+keep-alive client with finite timeouts that retries what is worth retrying
+(:mod:`blackbox_vqa.adapters.http_transport`). A 413 answer splits the batch in halves
+and goes on. An input already
+answered (same pixels, same question) is not sent again. Every response is validated, and
+every failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the endpoint.
+
+Three wire formats (see :mod:`blackbox_vqa.adapters.http_formats`): ``ours`` (what
+``bbvqa serve`` speaks), ``hf`` (Hugging Face VQA inference, top-k lists) and
+``answer-only``. With the last two the answer vocabulary is learned from the endpoint's
+answers (:meth:`HttpAdapter.prepare`) plus an ``(other)`` column, and
+:attr:`HttpAdapter.score_semantics` says what the scores mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+import httpx
+import numpy as np
+from numpy.typing import NDArray
+
+from blackbox_vqa.adapters.base import check_scores
+from blackbox_vqa.adapters.http_formats import (
+    FORMATS,
+    OTHER_ANSWER,
+    AnswerOnlyFormat,
+    Item,
+    OursFormat,
+    Raw,
+    ServerInfo,
+    TopKFormat,
+    WireError,
+    WireFormat,
+    parse_info,
+    vocabulary_row,
+)
+from blackbox_vqa.adapters.http_transport import (
+    AbortedError,
+    RetryingClient,
+    RetryPolicy,
+    TooLargeError,
+    display_url,
+    parse_headers,
+)
+from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
+from blackbox_vqa.images import ImageInput, to_rgb_array
+from blackbox_vqa.server.wire import ANSWER_PROBS_PATH, INFO_PATH
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "OPTION_KEYS",
+    "HttpAdapter",
+]
+
+DEFAULT_CONCURRENCY = 4
+# A request carries at least this many inputs, or as many as make _REQUEST_BYTES of float32
+# pixels if fewer (measured on loopback: a request costs the server a few milliseconds of
+# its own, so many small requests cost more than they gain in overlap).
+MIN_REQUEST_ITEMS = 32
+_REQUEST_BYTES = 4 * 2**20
+# ``ModelOptions.extra`` keys (what ``bbvqa explain --http-...`` passes) -> parameters.
+OPTION_KEYS = {
+    "http_format": "wire_format",
+    "http_headers": "headers",
+    "http_concurrency": "concurrency",
+    "http_timeout": "timeout",
+}
+_CACHE_BYTES = 64 * 2**20
+_BODY_FILL = 0.9
+
+
+def _image_key(image: NDArray[Any]) -> bytes:
+    values = image if image.dtype == np.float32 else image.astype(np.float32)
+    digest = hashlib.sha256(str(image.shape).encode())
+    digest.update(np.ascontiguousarray(values).data)
+    return digest.digest()
+
+
+def _positive_int(value: object, name: str, *, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _seconds(value: object, name: str, *, zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    if not ok:
+        bound = ">= 0" if zero else "> 0"
+        raise InputError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+class HttpAdapter:
+    """A model behind an HTTP endpoint.
+
+    Args:
+        url: ``http(s)://host:port[/path]``; for ``ours`` the base of ``/v1/...``, for
+            ``hf`` and ``answer-only`` the URL to POST to.
+        wire_format: ``"ours"``, ``"hf"`` or ``"answer-only"``.
+        headers: extra headers (``{"Name": "value"}`` or ``["Name: value"]``), e.g. an API
+            key; never shown in messages or outputs.
+        concurrency: most requests in flight at once.
+        timeout: read (and write) timeout per request, seconds; ``connect_timeout`` for
+            opening a connection.
+        retries: retries after the first attempt, on connection errors, timeouts, 5xx and
+            429; ``backoff`` and ``max_backoff`` shape the waits (seconds), and a
+            ``Retry-After`` above ``max_retry_after`` seconds fails at once.
+        batch_size: most inputs per request (``ours``; default: a batch shared out over
+            ``concurrency`` requests of at least 32 inputs, within the server's announced
+            limits).
+        top_k: ``top_k`` asked of an ``hf`` endpoint.
+        answers: a known vocabulary for ``hf``/``answer-only`` (else learned).
+        cache: do not send an input already answered.
+        transport: an ``httpx`` transport (the I/O seam for tests and proxies).
+        sleep: called with each retry wait in seconds (default: wait on an event).
+        seed: seed of the jitter's random numbers.
+        name: display name (default: the URL without credentials or query).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        wire_format: str = "ours",
+        headers: Mapping[str, str] | Sequence[str] | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        max_retry_after: float = 60.0,
+        batch_size: int | None = None,
+        top_k: int = 10,
+        answers: Sequence[str] | None = None,
+        cache: bool = True,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] | None = None,
+        seed: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.url = self._parse_url(url)
+        if wire_format not in FORMATS:
+            raise InputError(f"http format (--http-format) must be one of "
+                             f"{', '.join(FORMATS)}; got {wire_format!r}")
+        self.wire_format = wire_format
+        self.concurrency = _positive_int(concurrency, "http concurrency (--http-concurrency)")
+        self.timeout = _seconds(timeout, "http timeout (--http-timeout)")
+        self.connect_timeout = _seconds(connect_timeout, "connect timeout")
+        self.policy = RetryPolicy(
+            retries=_positive_int(retries, "retries", low=0),
+            backoff=_seconds(backoff, "backoff", zero=True),
+            max_backoff=_seconds(max_backoff, "max_backoff", zero=True),
+            max_retry_after=_seconds(max_retry_after, "max_retry_after", zero=True),
+        )
+        self.batch_size = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        self.top_k = _positive_int(top_k, "top_k")
+        self.cache = cache
+        self.name = name or display_url(self.url)
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[bytes, str], Raw] = {}
+        self._http = RetryingClient(
+            headers=parse_headers(headers), timeout=self.timeout,
+            connect_timeout=self.connect_timeout, connections=self.concurrency,
+            policy=self.policy, transport=transport, sleep=sleep, seed=seed,
+            hint=f"is the URL right, and does it speak the '{wire_format}' format "
+            "(--http-format)?",
+        )
+        self._image_bytes: int | None = None
+        self._vocab: list[str] = []
+        self._index: dict[str, int] = {}
+        self.info: ServerInfo | None = None
+        self._format: WireFormat
+        if wire_format == "ours":
+            if answers is not None:
+                raise InputError("answers= is only for the hf and answer-only formats; "
+                                 "an 'ours' endpoint announces its answers")
+            self.info = self._fetch_info()
+            self._format = OursFormat(self.info)
+            self._max_items = self.info.max_batch or 2**31
+        else:
+            self._format = TopKFormat(self.top_k) if wire_format == "hf" else AnswerOnlyFormat()
+            self._max_items = 1
+            for answer in answers or ():
+                self._learn(answer)
+
+    @classmethod
+    def from_options(cls, url: str, extra: Mapping[str, Any]) -> HttpAdapter:
+        """Build from a model spec's options: ``http_format``, ``http_headers``,
+        ``http_concurrency``, ``http_timeout`` (a missing or None value keeps the default)."""
+        settings: dict[str, Any] = {}
+        for key, param in OPTION_KEYS.items():
+            if extra.get(key) is not None:
+                settings[param] = extra[key]
+        return cls(url, **settings)
+
+    @staticmethod
+    def _parse_url(url: str) -> httpx.URL:
+        try:
+            parsed = httpx.URL(url.strip())
+        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            raise InputError(f"invalid endpoint URL: {exc}") from exc
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise InputError("endpoint URL must look like http://host:port[/path]")
+        return parsed
+
+    # ----------------------------------------------------------------- the protocol
+
+    @property
+    def answers(self) -> Sequence[str]:
+        """The answer vocabulary; for ``hf``/``answer-only`` the learned one plus ``(other)``."""
+        if self.info is not None:
+            return self.info.answers
+        return (*self._vocab, OTHER_ANSWER)
+
+    @property
+    def score_semantics(self) -> dict[str, Any] | None:
+        """What the scores mean when they are not the model's own (None for ``ours``)."""
+        if self.wire_format == "hf":
+            return {
+                "kind": "top_k",
+                "format": "hf",
+                "top_k": self.top_k,
+                "scores": "lower_bounds",
+                "maps": "upper_bounds",
+                "other_answer": OTHER_ANSWER,
+                "note": "The endpoint returns only its top-k answers; an answer missing from "
+                "a list scores 0, so every score is a lower bound of the model's, and an "
+                "importance p(a|original) - p(a|perturbed) is an upper bound wherever the "
+                "answer fell out of the top-k. The answers are those the endpoint gave for "
+                "the original input; '(other)' holds the best score of any other answer.",
+            }
+        if self.wire_format == "answer-only":
+            return {
+                "kind": "answer_only",
+                "format": "answer-only",
+                "maps": "flip",
+                "other_answer": OTHER_ANSWER,
+                "note": "The endpoint returns only its answer, which scores 1 (every other "
+                "answer 0); an importance is 1 where the perturbation changed the answer and "
+                "0 where it did not: the maps are flip maps.",
+            }
+        return None
+
+    def answer_probs(self, image: ImageInput, question: str) -> NDArray[np.float64]:
+        """Scores ``[A]`` for one image and question."""
+        return self.answer_probs_batch([image], [question])[0]
+
+    def answer_probs_batch(
+        self, images: Sequence[ImageInput], questions: Sequence[str]
+    ) -> NDArray[np.float64]:
+        """Scores ``[B, A]`` (``float64``, finite, >= 0) for ``B`` images and questions."""
+        if len(images) != len(questions):
+            raise InputError(
+                f"got {len(images)} images but {len(questions)} questions; they must pair up"
+            )
+        width = len(self.answers)
+        if self.info is None and not self._vocab:
+            raise InputError(
+                f"the answers of {self.name} are not known yet: call "
+                "prepare(image, question) first (bbvqa explain does) or pass answers="
+            )
+        arrays = [to_rgb_array(img) for img in images]
+        self._note_sizes(arrays)
+        raws = self._raw(arrays, [str(q) for q in questions])
+        if not raws:
+            return np.zeros((0, width), dtype=np.float64)
+        if self.info is not None:
+            rows = raws
+        else:
+            rows = [vocabulary_row(raw, self._index, width) for raw in raws]
+        return check_scores(np.stack(rows), len(raws), width, source=f"HTTP endpoint {self.name}")
+
+    def prepare(self, image: ImageInput, question: str) -> None:
+        """Get ready to explain this input (``bbvqa explain`` calls it first).
+
+        Notes the image size, which sizes :attr:`preferred_batch_size`; for ``hf`` and
+        ``answer-only``, adds the answers the endpoint gives for this input to the
+        vocabulary (which does not grow otherwise, so score rows keep one width through an
+        explanation). Sends nothing for ``ours``.
+        """
+        array = to_rgb_array(image)
+        self._note_sizes([array])
+        if self.info is not None:
+            return
+        (raw,) = self._raw([array], [str(question)])
+        if isinstance(raw, str):
+            self._learn(raw)
+        else:
+            for answer, _ in raw:  # type: ignore[misc]
+                self._learn(answer)
+
+    def clear_cache(self) -> None:
+        """Forget every answer received (the next explanation asks again)."""
+        self._cache.clear()
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._http.close()
+
+    def __enter__(self) -> HttpAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- internals
+
+    @property
+    def preferred_batch_size(self) -> int | None:
+        """Inputs an explainer should hand over per call (``ours``, once an image size is
+        known): enough for ``concurrency`` requests in flight; None: let it choose."""
+        if self.info is None or self._image_bytes is None:
+            return None
+        if self.batch_size is not None:
+            return self.batch_size * self.concurrency
+        return self._min_request_items() * self.concurrency
+
+    def _note_sizes(self, arrays: Sequence[NDArray[Any]]) -> None:
+        for array in arrays:
+            size = array.shape[0] * array.shape[1] * 3 * 4
+            self._image_bytes = max(size, self._image_bytes or 0)
+
+    def _min_request_items(self) -> int:
+        """The fewest inputs a request carries (when there are that many): each request
+        costs the server some milliseconds, so few large ones beat many small ones."""
+        if self._image_bytes is None:
+            return MIN_REQUEST_ITEMS
+        return max(1, min(MIN_REQUEST_ITEMS, _REQUEST_BYTES // self._image_bytes))
+
+    def _learn(self, answer: str) -> None:
+        if answer != OTHER_ANSWER and answer not in self._index:
+            self._index[answer] = len(self._vocab)
+            self._vocab.append(answer)
+
+    def _raw(self, arrays: list[NDArray[Any]], questions: list[str]) -> list[Raw]:
+        """The endpoint's answer for each input, from the cache or by asking."""
+        keys = [(_image_key(a), q) for a, q in zip(arrays, questions, strict=True)]
+        found: dict[tuple[bytes, str], Raw] = {}
+        todo: dict[tuple[bytes, str], Item] = {}
+        for key, array, question in zip(keys, arrays, questions, strict=True):
+            if self.cache and key in self._cache:
+                found[key] = self._cache[key]
+            elif key not in todo:
+                todo[key] = (array, question)
+        if todo:
+            answers = self._fetch_all(list(todo.values()))
+            for key, raw in zip(todo, answers, strict=True):
+                found[key] = raw
+                if self.cache:
+                    self._remember(key, raw)
+        return [found[key] for key in keys]
+
+    def _remember(self, key: tuple[bytes, str], raw: Raw) -> None:
+        width = len(self.info.answers) if self.info is not None else 16
+        limit = max(1024, _CACHE_BYTES // (8 * width + 100))
+        while len(self._cache) >= limit:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = raw
+
+    def _chunks(self, items: list[Item]) -> list[list[Item]]:
+        if not isinstance(self._format, OursFormat):
+            return [[item] for item in items]
+        per = self.batch_size or max(-(-len(items) // self.concurrency),
+                                     self._min_request_items())
+        per = min(per, self._max_items)
+        if self.info is not None and self.info.max_body_bytes:
+            largest = max(self._format.item_bytes(image) for image, _ in items)
+            per = min(per, max(1, int(self.info.max_body_bytes * _BODY_FILL) // largest))
+        return [items[i:i + per] for i in range(0, len(items), per)]
+
+    def _fetch_all(self, items: list[Item]) -> list[Raw]:
+        chunks = self._chunks(items)
+        abort = threading.Event()
+        if len(chunks) == 1:
+            return self._fetch_chunk(chunks[0], abort)
+        workers = min(self.concurrency, len(chunks))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bbvqa-http") as pool:
+            futures = [pool.submit(self._fetch_chunk, chunk, abort) for chunk in chunks]
+            try:
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # Ctrl-C: stop retrying, cut requests in flight short
+                abort.set()
+                for future in futures:
+                    future.cancel()
+                self.close()
+                raise
+            failed = _first_failure(futures, done)
+            if failed is not None:
+                abort.set()
+                for future in futures:
+                    future.cancel()
+                raise failed
+        return [raw for future in futures for raw in future.result()]
+
+    def _fetch_chunk(self, items: list[Item], abort: threading.Event) -> list[Raw]:
+        limit = self._max_items
+        if len(items) > limit:
+            return [raw for i in range(0, len(items), limit)
+                    for raw in self._fetch_chunk(items[i:i + limit], abort)]
+        url = self._endpoint(ANSWER_PROBS_PATH)
+        try:
+            response = self._http.send(url, self._format.body(items), abort)
+        except TooLargeError as exc:
+            if len(items) == 1:
+                raise ModelError(f"HTTP endpoint {display_url(url)} refused a single input as "
+                                 f"too large (HTTP 413: {exc})") from exc
+            with self._lock:
+                self._max_items = min(self._max_items, (len(items) + 1) // 2)
+            return self._fetch_chunk(items, abort)
+        content_type = response.headers.get("content-type", "")
+        try:
+            return self._format.parse(response.content, content_type, len(items))
+        except WireError as exc:
+            raise ModelOutputError(f"HTTP endpoint {display_url(url)} {exc}") from exc
+
+    def _endpoint(self, path: str) -> httpx.URL:
+        if self.wire_format != "ours":
+            return self.url
+        return self.url.copy_with(path=self.url.path.rstrip("/") + path)
+
+    def _fetch_info(self) -> ServerInfo:
+        url = self._endpoint(INFO_PATH)
+        try:
+            response = self._http.send(url, None, threading.Event())
+        except ModelError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        except TooLargeError as exc:
+            raise ModelLoadError(f"HTTP endpoint {display_url(url)}: HTTP 413 ({exc})") from exc
+        try:
+            return parse_info(response.content)
+        except WireError as exc:
+            raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc}") from exc
+
+def _first_failure(futures: list[Future[list[Raw]]], done: set[Future[list[Raw]]]) \
+        -> BaseException | None:
+    """The first real error among finished futures (an abort is a consequence, not a cause)."""
+    errors = [f.exception() for f in futures if f in done and f.exception() is not None]
+    real = [e for e in errors if not isinstance(e, AbortedError)]
+    return (real or errors or [None])[0]

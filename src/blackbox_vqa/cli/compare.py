@@ -1,0 +1,404 @@
+"""``bbvqa compare``: several models explained on the same inputs, side by side.
+
+One image and question (``--image``/``--question``) or ``--limit`` items of a data set
+(``--dataset``) drawn with ``--seed`` as ``bbvqa evaluate`` draws them. Every model runs
+every method it supports; a method it cannot do is reported as not available, and a model
+that fails does not stop the others (the command then exits with code 1 after writing its
+outputs). Writes ``DIR/report.html`` and ``DIR/comparison.json`` and prints a table of the
+models and the agreement between them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from blackbox_vqa.errors import InputError, ModelError
+
+__all__ = ["SCHEMA", "compare_command"]
+
+SCHEMA = "blackbox_vqa.comparison/1"
+MARKER = "comparison.json"
+DEFAULT_LIMIT = 20
+REPORT_ITEMS = 3
+
+
+def compare_command(
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", "-m", help="Model spec; give it two or more times.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="Image file.")] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question.")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="Data set instead of one image: easyvqa:train, easyvqa:test or vqa.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        help=f"Data-set items to compare on, drawn at random (default {DEFAULT_LIMIT}).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the data-set item sample (the same "
+                                      "items as bbvqa evaluate draws).")] = 0,
+    questions: Annotated[Path | None, typer.Option(help="VQA questions JSON.")] = None,
+    annotations: Annotated[Path | None, typer.Option(help="VQA annotations JSON.")] = None,
+    images: Annotated[Path | None, typer.Option(help="Folder of VQA (COCO) images.")] = None,
+    hat: Annotated[Path | None, typer.Option(help="Folder of VQA-HAT attention maps.")] = None,
+    answer: Annotated[str | None, typer.Option(
+        help="Explain this answer for every model (it must be in every vocabulary).")] = None,
+    grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
+    baseline: Annotated[str, typer.Option(help="Patch fill: imagenet-mean, black, blur "
+                                          "or R,G,B (0-255).")] = "imagenet-mean",
+    batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
+                                            "or N.")] = "auto",
+    top_k: Annotated[int, typer.Option(help="Cells (of 14x14) in the top-k overlap.")] = 10,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
+                                             "named after the question).")] = None,
+    force: Annotated[bool, typer.Option(help="Allow --out to hold an earlier "
+                                        "comparison.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print comparison.json to "
+                                          "stdout.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Explain several models on the same inputs and show how much they agree."""
+    from blackbox_vqa.comparison import CompareSettings
+    from blackbox_vqa.explainers.batching import parse_batch_size
+    from blackbox_vqa.explainers.masks import parse_baseline
+
+    specs = _check_specs(model or [])
+    single = _check_mode(image, question, dataset, limit,
+                         {"--questions": questions, "--annotations": annotations,
+                          "--images": images, "--hat": hat})
+    if grid < 1:
+        raise InputError(f"--grid must be >= 1, got {grid}")
+    if not 1 <= top_k <= 14 * 14:
+        raise InputError(f"--top-k must be in [1, 196] (cells of the 14x14 map), got {top_k}")
+    parse_baseline(baseline)
+    parse_batch_size(batch_size)
+    settings = CompareSettings(grid=grid, baseline=baseline, batch_size=batch_size,
+                               answer=answer, k=top_k)
+    if single and image is not None and question is not None:
+        doc = _compare_image(specs, image, question, settings, out, force, show=not as_json)
+    else:
+        doc = _compare_dataset(specs, dataset or "", (limit or DEFAULT_LIMIT, seed), settings,
+                               out, force, {"questions": questions, "annotations": annotations,
+                                            "images": images, "hat": hat}, show=not as_json)
+    if as_json:
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    _raise_failures(doc)
+
+
+def _check_specs(specs: Sequence[str]) -> list[str]:
+    cleaned = [spec.strip() for spec in specs]
+    if len(cleaned) < 2:
+        raise InputError(f"compare needs at least two --model options, got {len(cleaned)}")
+    seen: set[str] = set()
+    for spec in cleaned:
+        if spec in seen:
+            raise InputError(f"--model {spec!r} is given twice; give each model once")
+        seen.add(spec)
+    return cleaned
+
+
+def _check_mode(
+    image: Path | None,
+    question: str | None,
+    dataset: str | None,
+    limit: int | None,
+    files: dict[str, Path | None],
+) -> bool:
+    """True for one image and question, False for a data set; InputError for a mix."""
+    given_files = [name for name, value in files.items() if value is not None]
+    if dataset is not None:
+        if image is not None or question is not None:
+            raise InputError("give either --dataset or --image with --question, not both")
+        if limit is not None and limit < 1:
+            raise InputError(f"--limit must be >= 1, got {limit}")
+        return False
+    if limit is not None or given_files:
+        options = ", ".join((["--limit"] if limit is not None else []) + given_files)
+        raise InputError(f"{options} only apply with --dataset")
+    if image is None or question is None:
+        raise InputError("give --image and --question (or --dataset)")
+    return True
+
+
+def _load_models(specs: Sequence[str], answer: str | None) -> dict[str, Any]:
+    from blackbox_vqa.comparison import check_shared_answer
+    from blackbox_vqa.specs import load_model
+
+    models = {spec: load_model(spec) for spec in specs}
+    check_shared_answer(answer, {spec: list(m.answers) for spec, m in models.items()})
+    return models
+
+
+def _output_folder(out: Path | None, name: str, force: bool) -> Path:
+    from blackbox_vqa.outputs import new_output_dir, prepare_output_dir, slugify
+
+    folder = out if out is not None else new_output_dir(Path.cwd(),
+                                                        f"bbvqa-compare-{slugify(name)}")
+    return prepare_output_dir(folder, force=force, marker=MARKER)
+
+
+def _run_all(
+    models: dict[str, Any], pixels: Any, question: str, image_info: dict[str, Any],
+    settings: Any, label: str = "",
+) -> list[Any]:
+    from blackbox_vqa.cli.progress import progress_bar
+    from blackbox_vqa.comparison import explain_model
+
+    runs = []
+    for spec, vqa in models.items():
+        with progress_bar(f"{label}{spec}") as update:
+            runs.append(explain_model(spec, spec, vqa, pixels, question, image_info,
+                                      settings, gradients=_gradient_source(spec, vqa),
+                                      progress=update))
+    return runs
+
+
+def _gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
+    """Where ``vqa``'s gradients come from, exactly as ``bbvqa explain --method all``
+    finds them (the model itself, or the exported graph beside an ONNX file)."""
+    from blackbox_vqa.cli.explain import Method
+    from blackbox_vqa.cli.explain import _gradient_source as explain_gradient_source
+
+    return explain_gradient_source(Method.all, spec, vqa)
+
+
+def _header(settings: Any) -> dict[str, Any]:
+    from datetime import datetime, timezone
+
+    from blackbox_vqa import __version__
+
+    return {
+        "schema": SCHEMA,
+        "settings": {"grid": settings.grid, "baseline": settings.baseline,
+                     "batch_size": settings.batch_size, "answer": settings.answer,
+                     "top_k": settings.k},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": __version__,
+    }
+
+
+def _footer(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(key, str(doc[key])) for key in ("created", "version", "schema")]
+
+
+def _compare_image(
+    specs: list[str], image: Path, question: str, settings: Any, out: Path | None,
+    force: bool, *, show: bool,
+) -> dict[str, Any]:
+    from blackbox_vqa.comparison import pair_dict, pair_results, run_dict, shared_answers
+    from blackbox_vqa.images import load_image
+    from blackbox_vqa.outputs import atomic_write_json
+    from blackbox_vqa.report.compare_views import comparison_report
+    from blackbox_vqa.report.html import write_report
+    from blackbox_vqa.text import validate_question
+
+    question = validate_question(question)
+    pixels = load_image(image)
+    models = _load_models(specs, settings.answer)
+    folder = _output_folder(out, question, force)
+    info = {"path": str(image), "width": int(pixels.shape[1]), "height": int(pixels.shape[0])}
+    runs = _run_all(models, pixels, question, info, settings)
+    pairs = pair_results(runs, k=settings.k)
+    shared = shared_answers([run.answers for run in runs if run.doc is not None])
+    doc = {
+        **_header(settings), "mode": "image", "question": question, "image": info,
+        "shared_answers": list(shared),
+        "models": [run_dict(run, shared) for run in runs],
+        "agreement": [pair_dict(pair) for pair in pairs],
+    }
+    write_report(folder / "report.html", comparison_report(
+        runs, question, pixels, str(image), k=settings.k, footer=_footer(doc)))
+    atomic_write_json(folder / MARKER, doc)
+    if show:
+        _print_image(runs, pairs, shared, folder)
+    return doc
+
+
+def _compare_dataset(
+    specs: list[str], dataset: str, sample: tuple[int, int], settings: Any,
+    out: Path | None, force: bool, files: dict[str, Path | None], *, show: bool,
+) -> dict[str, Any]:
+    from blackbox_vqa.cli.evaluate import select_items
+    from blackbox_vqa.comparison import (
+        dataset_summary,
+        item_result,
+        pair_dict,
+        run_dict,
+        shared_answers,
+    )
+    from blackbox_vqa.datasets import human_maps, open_dataset
+    from blackbox_vqa.errors import ImageError
+    from blackbox_vqa.images import load_image
+    from blackbox_vqa.outputs import atomic_write_json
+    from blackbox_vqa.report.compare_views import dataset_report
+    from blackbox_vqa.report.html import write_report
+
+    listing = open_dataset(dataset, **files)
+    count, seed = sample
+    models = _load_models(specs, settings.answer)
+    folder = _output_folder(out, dataset, force)
+    results: list[Any] = []
+    shown: list[tuple[Any, Any]] = []
+    unreadable = 0
+    for item in select_items(listing.items, limit=count, seed=seed):
+        try:
+            pixels = load_image(item.image)
+        except ImageError:
+            unreadable += 1
+            continue
+        info = {"path": str(item.image), "width": int(pixels.shape[1]),
+                "height": int(pixels.shape[0])}
+        runs = _run_all(models, pixels, item.question, info, settings, f"{item.key} ")
+        result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
+        results.append(result)
+        if len(shown) < REPORT_ITEMS:
+            shown.append((result, pixels))
+    summary = dataset_summary(results, specs)
+    skipped = dict(listing.skipped)
+    if unreadable:
+        skipped["unreadable image"] = unreadable
+    doc = {
+        **_header(settings), "mode": "dataset",
+        "dataset": {"name": listing.name, "limit": count, "seed": seed, "items": len(results),
+                    "skipped": skipped, "has_maps": listing.has_maps},
+        "summary": summary,
+        "items": [{
+            "key": r.key, "question": r.question, "image": r.image, "reference": r.reference,
+            "models": [{**run_dict(run, shared_answers([run.answers]), full=False),
+                        "correct": r.correct.get(run.spec),
+                        "human_attention": dict(r.human.get(run.spec, {}))}
+                       for run in r.runs],
+            "agreement": [pair_dict(p) for p in r.pairs],
+        } for r in results],
+    }
+    notes = [f"{listing.name}: {len(results)} items drawn with seed {seed}"
+             + (f"; skipped: {skipped}" if skipped else "")]
+    write_report(folder / "report.html", dataset_report(
+        "bbvqa compare: " + " vs ".join(specs) + f" on {listing.name}", summary, shown,
+        k=settings.k, notes=notes, footer=_footer(doc)))
+    atomic_write_json(folder / MARKER, doc)
+    if show:
+        _print_dataset(summary, folder)
+    return doc
+
+
+def _raise_failures(doc: dict[str, Any]) -> None:
+    entries = doc.get("models") or [m for item in doc.get("items", []) for m in item["models"]]
+    failed = [m for m in entries if m["status"] == "failed"]
+    if failed:
+        first = failed[0]
+        raise ModelError(
+            f"{len(failed)} of {len(entries)} model runs failed (first: {first['spec']}: "
+            f"{first['error']}); the others are in report.html and comparison.json"
+        )
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str],
+                 folder: Path) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    from blackbox_vqa.comparison import best_shared_answer, top_words
+
+    console = _console()
+    ok = [run for run in runs if run.doc is not None]
+    differ = len({frozenset(run.answers) for run in ok}) > 1 and len(shared) > 0
+    table = Table(title="models")
+    for column in ("model", "answer", "probability", "top words", "flips", "time"):
+        table.add_column(column, justify="right" if column in ("probability", "time") else
+                         "left")
+    if differ:
+        table.add_column(f"best of {len(shared)} shared answers")
+    for run in runs:
+        table.add_row(*_row(run, differ, best_shared_answer(run, shared), top_words(run)))
+    console.print(table)
+    if len({frozenset(run.answers) for run in ok}) > 1:
+        sizes = ", ".join(f"{run.spec} {len(run.answers)}" for run in ok)
+        console.print(Text(f"answer vocabularies differ ({sizes}; {len(shared)} shared by "
+                           "all); 'same answer' compares each pair's best shared answers"))
+    for run in runs:
+        for method, reason in run.unavailable.items():
+            console.print(Text(f"{run.spec}: {method} not available: {reason}"))
+    if pairs:
+        agreement = Table(title="agreement between models")
+        for column in ("models", "method", "rank corr (14x14)", f"top-{pairs[0].agreement.k} "
+                       "overlap", "same top word", "same answer"):
+            agreement.add_column(column)
+        for pair in pairs:
+            agreement.add_row(*_pair_row(pair))
+        console.print(agreement)
+    console.print(Text(f"written to {folder}/ (report.html, {MARKER})"))
+
+
+def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) -> list[Any]:
+    from rich.text import Text
+
+    if run.doc is None:
+        cells = [Text(run.spec), Text(f"failed: {run.error}"), Text(""), Text(""), Text(""),
+                 Text(f"{run.seconds:.2f} s")]
+    else:
+        flips = run.doc["occlusion"]["flips"]
+        cells = [
+            Text(run.spec), Text(run.doc["answer"]), Text(f"{run.doc['probability']:.4f}"),
+            Text(", ".join(f"{w} {v:+.3f}" for w, v in words)),
+            Text(f"{flips['image']}/{flips['image_total']} cells, "
+                 f"{flips['words']}/{flips['words_total']} words"),
+            Text(f"{run.seconds:.2f} s"),
+        ]
+    if differ:
+        cells.append(Text("-" if best is None else f"{best[0]} {best[1]:.3f}"))
+    return cells
+
+
+def _fmt(value: float | bool | None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "n/a" if value != value else f"{value:.3f}"
+
+
+def _pair_row(pair: Any) -> list[Any]:
+    from rich.text import Text
+
+    found = pair.agreement
+    return [Text(f"{pair.a} / {pair.b}"), Text(pair.method), Text(_fmt(found.rank_correlation)),
+            Text(_fmt(found.top_k_overlap)), Text(_fmt(found.same_top_word)),
+            Text(_fmt(pair.same_answer))]
+
+
+def _print_dataset(summary: dict[str, Any], folder: Path) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    console = _console()
+    table = Table(title=f"models ({summary['items']} items)")
+    for column in ("model", "accuracy", "judged", "failed", "human attention (rank corr)"):
+        table.add_column(column)
+    for spec, entry in summary["models"].items():
+        human = ", ".join(f"{method} {_fmt(est['mean'])} ± {_fmt(est['sem'])}"
+                          for method, est in entry["human_attention"].items())
+        table.add_row(Text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
+                      Text(str(entry["failed"])), Text(human or "n/a"))
+    console.print(table)
+    if summary["agreement"]:
+        agreement = Table(title="mean agreement between models")
+        for column in ("models", "method", "items", "rank corr", "top-k overlap",
+                       "same top word", "same answer"):
+            agreement.add_column(column)
+        for entry in summary["agreement"]:
+            agreement.add_row(Text(f"{entry['a']} / {entry['b']}"), Text(entry["method"]),
+                              Text(str(entry["n"])), Text(_fmt(entry["rank_correlation"])),
+                              Text(_fmt(entry["top_k_overlap"])),
+                              Text(_fmt(entry["same_top_word"])),
+                              Text(_fmt(entry["same_answer"])))
+        console.print(agreement)
+    console.print(Text(f"written to {folder}/ (report.html, {MARKER})"))

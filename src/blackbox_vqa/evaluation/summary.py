@@ -1,0 +1,209 @@
+"""Turning a run's item records into the three analyses, as JSON-ready data and Markdown.
+
+``summarize`` computes: the model's accuracy; per method, the rank correlation with human
+(or ground-truth) attention beside the random baseline and inter-human agreement (an
+item's value is the mean over its human maps); words by part of speech; and failure
+prediction from occlusion features. ``markdown`` renders the same numbers as tables.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from blackbox_vqa.evaluation.failure import occlusion_features, predict_failure
+from blackbox_vqa.evaluation.human_attention import Estimate, mean_sem
+from blackbox_vqa.evaluation.pos import PosResult, Tagger, importance_by_tag, top_tags
+from blackbox_vqa.evaluation.runstore import ItemRecord
+from blackbox_vqa.text import split_words
+
+__all__ = ["RESULTS_SCHEMA", "human_attention_table", "markdown", "pos_results", "summarize"]
+
+RESULTS_SCHEMA = "blackbox_vqa.evaluation/1"
+
+
+def _item_mean(values: Sequence[float | None]) -> float:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def human_attention_table(records: Sequence[ItemRecord], methods: Sequence[str]) -> dict[str, Any]:
+    """``{method: Estimate, "random": ..., "inter-human": ...}`` over records with maps."""
+    with_maps = [r for r in records if r.meta["human"]["maps"] > 0]
+    table: dict[str, Estimate] = {}
+    for name in methods:
+        table[name] = mean_sem(_item_mean(r.meta["human"]["correlations"][name])
+                               for r in with_maps if name in r.meta["human"]["correlations"])
+    table["random"] = mean_sem(_item_mean(r.meta["human"]["random"]) for r in with_maps)
+    several = [r for r in with_maps if r.meta["human"]["maps"] > 1]
+    if several:
+        table["inter-human"] = mean_sem(
+            r.meta["human"]["inter_human"] if r.meta["human"]["inter_human"] is not None
+            else float("nan") for r in several
+        )
+    return {"items": len(with_maps), "maps": sum(r.meta["human"]["maps"] for r in with_maps),
+            "rows": {k: v.to_dict() for k, v in table.items()}}
+
+
+def pos_results(
+    records: Sequence[ItemRecord], methods: Sequence[str], tagger: Tagger
+) -> tuple[list[tuple[str, int]], dict[str, PosResult]]:
+    """Top tags (with counts) and each method's ``P(most important | tag)``."""
+    tagged = [tagger.tag(split_words(r.meta["question"])) for r in records]
+    tags = top_tags(tagged)
+    results = {
+        name: importance_by_tag(tagged, [r.arrays.get(f"{name}.words") for r in records],
+                                [t for t, _ in tags])
+        for name in methods
+    }
+    return tags, results
+
+
+def _failure(records: Sequence[ItemRecord], folds: int, seed: int) -> dict[str, Any]:
+    usable = [r for r in records
+              if r.meta["correct"] is not None and "occlusion" in r.meta["methods"]]
+    if not usable:
+        return {"reason": "needs occlusion results and items with a reference answer"}
+    features = []
+    for r in usable:
+        stats = r.meta["methods"]["occlusion"]["stats"]
+        features.append(occlusion_features(
+            image_map=r.arrays["occlusion.image"], word_map=r.arrays["occlusion.words"],
+            image_flips=int(stats["image_flips"]), word_flips=int(stats["word_flips"]),
+            probability=r.meta["probability"], margin=r.meta["margin"],
+            entropy=r.meta["entropy"],
+        ))
+    labels = [bool(r.meta["correct"]) for r in usable]
+    return predict_failure(features, labels, folds=folds, seed=seed).to_dict()
+
+
+def _accuracy(done: Sequence[ItemRecord]) -> dict[str, Any]:
+    judged = [r.meta["correct"] for r in done if r.meta["correct"] is not None]
+    vqa = [r.meta["vqa_accuracy"] for r in done if r.meta.get("vqa_accuracy") is not None]
+    return {
+        "judged": len(judged),
+        "accuracy": float(np.mean(judged)) if judged else None,
+        "vqa_accuracy": float(np.mean(vqa)) if vqa else None,
+    }
+
+
+def _timing(done: Sequence[ItemRecord], methods: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ["predict", *methods, "total"]:
+        values = [r.meta["seconds"][name] for r in done if name in r.meta["seconds"]]
+        if values:
+            out[f"{name}_s_mean"] = float(np.mean(values))
+    return out
+
+
+def summarize(
+    records: Sequence[ItemRecord],
+    *,
+    settings: Mapping[str, Any],
+    dataset_skipped: Mapping[str, int],
+    tagger: Tagger,
+    folds: int,
+    run: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The results document (schema ``blackbox_vqa.evaluation/1``)."""
+    done = [r for r in records if r.meta["status"] == "done"]
+    skipped = Counter(str(r.meta["reason"]) for r in records if r.meta["status"] != "done")
+    requested = list(settings["methods"])
+    unavailable: dict[str, str] = {}
+    for r in done:
+        unavailable.update(r.meta["unavailable"])
+    methods = [m for m in requested if m not in unavailable]
+    tags, pos = pos_results(done, methods, tagger)
+    return {
+        "schema": RESULTS_SCHEMA,
+        "settings": dict(settings),
+        "items": {"planned": len(records), "evaluated": len(done),
+                  "skipped_in_run": dict(skipped), "skipped_in_dataset": dict(dataset_skipped)},
+        "methods": {m: {"available": m not in unavailable, "reason": unavailable.get(m)}
+                    for m in requested},
+        "accuracy": _accuracy(done),
+        "human_attention": human_attention_table(done, methods),
+        "pos": {"tagger": tagger.name, "tags": [{"tag": t, "count": c} for t, c in tags],
+                "methods": {m: r.to_dict() for m, r in pos.items()}},
+        "failure_prediction": _failure(done, folds, int(settings.get("seed", 0))),
+        "timing": {**_timing(done, methods), **dict(run or {})},
+    }
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """The results as Markdown tables."""
+    s = results["settings"]
+    lines = [
+        f"# Evaluation of `{s['model']}` on `{s['dataset']['dataset']}`", "",
+        f"Methods: {', '.join(s['methods'])}; items evaluated: "
+        f"{results['items']['evaluated']} of {results['items']['planned']}; seed {s['seed']}.",
+    ]
+    for name, info in results["methods"].items():
+        if not info["available"]:
+            lines.append(f"- `{name}` not available: {info['reason']}")
+    for title, counts in (("skipped in the data set", results["items"]["skipped_in_dataset"]),
+                          ("skipped in the run", results["items"]["skipped_in_run"])):
+        if counts:
+            lines.append(f"- {title}: " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    acc = results["accuracy"]
+    lines += ["", f"Model accuracy: {_fmt(acc['accuracy'])} over {acc['judged']} items"
+              + (f" (VQA accuracy {_fmt(acc['vqa_accuracy'])})" if acc["vqa_accuracy"] is not None
+                 else "") + "."]
+    lines += ["", *markdown_human(results["human_attention"])]
+    lines += ["", *markdown_pos(results["pos"])]
+    lines += ["", *markdown_failure(results["failure_prediction"])]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_human(table: Mapping[str, Any]) -> list[str]:
+    """Rank correlation with human attention, as a Markdown table."""
+    lines = ["## Rank correlation with human attention (14 x 14, Spearman)", ""]
+    if table["items"] == 0:
+        return [*lines, "No human or ground-truth attention maps in this data set."]
+    lines += [f"{table['items']} items, {table['maps']} maps.", "",
+              "| map | mean | standard error | n | undefined |", "| --- | --- | --- | --- | --- |"]
+    for name, row in table["rows"].items():
+        lines.append(f"| {name} | {_fmt(row['mean'])} | {_fmt(row['sem'])} | {row['n']} | "
+                     f"{row['undefined']} |")
+    return lines
+
+
+def markdown_pos(pos: Mapping[str, Any]) -> list[str]:
+    """P(most important word | tag), as a Markdown table."""
+    methods = list(pos["methods"])
+    lines = ["## Most important word by part of speech", "",
+             f"Tagger: {pos['tagger']}. P(word is the most important of its question | tag); "
+             "chance = a word picked at random.", "",
+             "| tag | words | " + " | ".join(methods) + " | chance |",
+             "| --- | --- | " + " | ".join("---" for _ in methods) + " | --- |"]
+    for row in pos["tags"]:
+        tag = row["tag"]
+        values = [_fmt(pos["methods"][m]["probability"][tag]) for m in methods]
+        chance = next((pos["methods"][m]["chance"][tag] for m in methods), None)
+        lines.append(f"| {tag} | {row['count']} | " + " | ".join(values) + f" | {_fmt(chance)} |")
+    for m in methods:
+        lines.append(f"\n{m}: {pos['methods'][m]['questions']} questions used, "
+                     f"{pos['methods'][m]['uninformative']} left out (all words tied).")
+    return lines
+
+
+def markdown_failure(failure: Mapping[str, Any]) -> list[str]:
+    """Cross-validated failure prediction, as a Markdown table."""
+    lines = ["## Predicting failure from occlusion", ""]
+    if failure.get("reason"):
+        return [*lines, f"Not computed: {failure['reason']}."]
+    lines += [f"{failure['n']} items ({failure['correct']} answered right), "
+              f"{failure['folds']}-fold stratified cross-validation.", "",
+              "| predictor | accuracy | ± std | balanced accuracy | ROC AUC |",
+              "| --- | --- | --- | --- | --- |"]
+    for name, row in failure["scores"].items():
+        lines.append(f"| {name} | {_fmt(row['accuracy'])} | {_fmt(row['accuracy_std'])} | "
+                     f"{_fmt(row['balanced_accuracy'])} | {_fmt(row['roc_auc'])} |")
+    return lines

@@ -1,0 +1,89 @@
+"""The run store: atomic item files, resume, refusing other settings, locking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.evaluation.runstore import ItemRecord, RunStore
+
+SETTINGS = {"model": "m", "methods": ["occlusion"], "limit": 3, "seed": 0}
+
+
+def _record(key: str, value: float) -> ItemRecord:
+    return ItemRecord(key, {"key": key, "status": "done", "value": value},
+                      {"occlusion.image": np.full((2, 2), value), "occlusion.words": np.ones(3)})
+
+
+def test_records_round_trip_and_survive_reopening(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path / "run", SETTINGS) as store:
+        store.write(_record("q1", 0.5))
+        store.write(_record("q2", -1.0))
+        assert store.done_keys() == {"q1", "q2"}
+    with RunStore.open(tmp_path / "run", SETTINGS) as store:
+        assert store.done_keys() == {"q1", "q2"}
+        first, second = store.records(["q2", "q1"])
+    assert second.meta == {"key": "q1", "status": "done", "value": 0.5}
+    np.testing.assert_array_equal(first.arrays["occlusion.image"], np.full((2, 2), -1.0))
+    assert set(first.arrays) == {"occlusion.image", "occlusion.words"}
+    stored = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert stored == {"schema": "blackbox_vqa.run/1", **SETTINGS}
+
+
+def test_other_settings_are_refused_with_the_differences_named(tmp_path: Path) -> None:
+    RunStore.open(tmp_path, SETTINGS).close()
+    with pytest.raises(InputError) as info:
+        RunStore.open(tmp_path, {**SETTINGS, "limit": 4, "methods": ["occlusion", "guided-bp"]})
+    message = str(info.value)
+    assert "other settings" in message and "limit: 3 there, 4 now" in message
+    assert "methods: ['occlusion'] there, ['occlusion', 'guided-bp'] now" in message
+    assert "choose another --out" in message
+
+
+def test_stray_temporary_files_are_removed_and_never_counted(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        store.write(_record("q1", 0.0))
+    stray = tmp_path / "items" / ".q2.npz.abc123.tmp"
+    stray.write_bytes(b"PK\x03\x04 half")
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        assert not stray.exists()
+        assert store.done_keys() == {"q1"}
+
+
+def test_a_damaged_item_file_is_reported_by_name(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        store.write(_record("q1", 0.0))
+        path = store.path("q1")
+        path.write_bytes(path.read_bytes()[:40])
+        with pytest.raises(InputError, match=r"q1\.npz is damaged.*delete it"):
+            store.read("q1")
+        with pytest.raises(InputError, match="'q9' is not stored"):
+            store.read("q9")
+
+
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, SETTINGS), \
+            pytest.raises(InputError, match="in use by another process"):
+        RunStore.open(tmp_path, SETTINGS)
+    RunStore.open(tmp_path, SETTINGS).close()  # free again once closed
+
+
+def test_folders_that_are_not_runs_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "items").mkdir()
+    (tmp_path / "items" / "x.npz").write_bytes(b"")
+    with pytest.raises(InputError, match=r"no settings\.json"):
+        RunStore.open(tmp_path, SETTINGS)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(InputError, match="not a folder"):
+        RunStore.open(a_file, SETTINGS)
+
+
+def test_keys_must_be_file_names(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, SETTINGS) as store, \
+            pytest.raises(InputError, match="not usable as a file name"):
+        store.write(_record("../escape", 0.0))
