@@ -7,9 +7,9 @@ For each model of ``models.py`` (``reference``: the easy-VQA reference model, 64
    and records the export and verification times and the file sizes;
 2. times one full occlusion explanation -- a ``grid x grid`` lattice (default 16) plus
    every word, ``1 + grid**2 + words`` evaluations -- through ``TorchAdapter`` and through
-   ``OnnxAdapter`` on the exported file, in one process, with the same thread count for
-   torch (``torch.set_num_threads``) and ONNX Runtime (intra-op threads), at each batch
-   size given; each repeat runs both, alternating which goes first;
+   ``OnnxAdapter`` on the exported file, in one process, for each thread count given
+   (used for both torch, ``torch.set_num_threads``, and ONNX Runtime, intra-op threads)
+   and each batch size; each repeat runs both, alternating which goes first;
 3. checks that both give the same maps (max abs difference).
 
 Figures are medians over the repeats; the ratio ONNX/Torch is between medians of the
@@ -49,7 +49,7 @@ def _time_occlusion(model: Any, image: Any, question: str, grid: int, batch: str
     return time.perf_counter() - started, result
 
 
-def bench_model(name: str, *, threads: int, grid: int, repeats: int,
+def bench_model(name: str, *, threads: list[int], grid: int, repeats: int,
                 batches: list[str]) -> dict[str, Any]:
     """Export ``name`` and time occlusion through both adapters; a JSON-ready record."""
     case = build_model(name)
@@ -58,7 +58,6 @@ def bench_model(name: str, *, threads: int, grid: int, repeats: int,
         started = time.perf_counter()
         export = export_model(torch_model, Path(folder) / "export")
         export_total = time.perf_counter() - started
-        onnx_model = OnnxAdapter(export.onnx_path, threads=threads)
         record: dict[str, Any] = {
             "model": name,
             "description": case.description,
@@ -76,60 +75,76 @@ def bench_model(name: str, *, threads: int, grid: int, repeats: int,
                 "onnx_max_diff": export.onnx_max_diff,
                 "graph_max_diff": export.graph_max_diff,
             },
-            "providers": onnx_model.providers,
+            "providers": OnnxAdapter(export.onnx_path).providers,
             "runs": [],
         }
-        for model in (torch_model, onnx_model):  # warm-up: first-call costs are not timed
-            _time_occlusion(model, case.image, case.question, 2, "auto")
-        for batch in batches:
-            times: dict[str, list[float]] = {"torch": [], "onnx": []}
-            results: dict[str, Any] = {}
-            for repeat in range(repeats):
-                order = [("torch", torch_model), ("onnx", onnx_model)]
-                for label, model in order if repeat % 2 == 0 else order[::-1]:
-                    seconds, results[label] = _time_occlusion(model, case.image,
-                                                              case.question, grid, batch)
-                    times[label].append(seconds)
-            torch_s, onnx_s = (statistics.median(times[k]) for k in ("torch", "onnx"))
-            diff = max(
-                float(np.abs(results["onnx"].image_map - results["torch"].image_map).max()),
-                float(np.abs(results["onnx"].word_map - results["torch"].word_map).max()),
-            )
-            record["runs"].append({
-                "batch_size": batch,
-                "batch_used": results["torch"].batch_size,
-                "evaluations": results["torch"].evaluations,
-                "torch_s": round(torch_s, 4),
-                "onnx_s": round(onnx_s, 4),
-                "ratio": round(onnx_s / torch_s, 3),
-                "map_max_diff": diff,
-                "torch_all_s": [round(t, 4) for t in times["torch"]],
-                "onnx_all_s": [round(t, 4) for t in times["onnx"]],
-            })
-            print(f"  {name} batch {batch:>4}: torch {torch_s:.3f} s, onnx {onnx_s:.3f} s, "
-                  f"ratio {onnx_s / torch_s:.3f}, max map diff {diff:.2g}", flush=True)
-        best_torch = min(r["torch_s"] for r in record["runs"])
-        best_onnx = min(r["onnx_s"] for r in record["runs"])
-        record["best_ratio"] = round(best_onnx / best_torch, 3)
+        for count in threads:
+            torch.set_num_threads(count)
+            onnx_model = OnnxAdapter(export.onnx_path, threads=count)
+            for model in (torch_model, onnx_model):  # warm-up: first calls are not timed
+                _time_occlusion(model, case.image, case.question, 2, "auto")
+            for batch in batches:
+                record["runs"].append(_compare(name, torch_model, onnx_model, case, grid,
+                                               batch, repeats, count))
+        record["best_ratio"] = {
+            count: round(min(r["onnx_s"] for r in record["runs"] if r["threads"] == count)
+                         / min(r["torch_s"] for r in record["runs"] if r["threads"] == count), 3)
+            for count in threads
+        }
     return record
+
+
+def _compare(name: str, torch_model: Any, onnx_model: Any, case: Any, grid: int, batch: str,
+             repeats: int, count: int) -> dict[str, Any]:
+    """Both adapters at one batch size and thread count, alternating which goes first."""
+    times: dict[str, list[float]] = {"torch": [], "onnx": []}
+    results: dict[str, Any] = {}
+    for repeat in range(repeats):
+        order = [("torch", torch_model), ("onnx", onnx_model)]
+        for label, model in order if repeat % 2 == 0 else order[::-1]:
+            seconds, results[label] = _time_occlusion(model, case.image,
+                                                      case.question, grid, batch)
+            times[label].append(seconds)
+    torch_s, onnx_s = (statistics.median(times[k]) for k in ("torch", "onnx"))
+    diff = max(
+        float(np.abs(results["onnx"].image_map - results["torch"].image_map).max()),
+        float(np.abs(results["onnx"].word_map - results["torch"].word_map).max()),
+    )
+    run = {
+        "batch_size": batch,
+        "batch_used": results["torch"].batch_size,
+        "evaluations": results["torch"].evaluations,
+        "torch_s": round(torch_s, 4),
+        "onnx_s": round(onnx_s, 4),
+        "ratio": round(onnx_s / torch_s, 3),
+        "map_max_diff": diff,
+        "torch_all_s": [round(t, 4) for t in times["torch"]],
+        "onnx_all_s": [round(t, 4) for t in times["onnx"]],
+        "threads": count,
+    }
+    print(f"  {name} threads {count} batch {batch:>4}: torch {torch_s:.3f} s, "
+          f"onnx {onnx_s:.3f} s, ratio {onnx_s / torch_s:.3f}, max map diff {diff:.2g}",
+          flush=True)
+    return run
 
 
 def _markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
-        f"Grid {args.grid}x{args.grid} + words, {args.threads} thread(s) for both, median "
-        f"of {args.repeats} repeats.",
+        f"Grid {args.grid}x{args.grid} + words; torch and ONNX Runtime with the same thread "
+        f"count; median of {args.repeats} repeats.",
         "",
-        "| model | batch | evaluations | Torch s | ONNX s | ONNX/Torch | max map diff |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| model | threads | batch | evaluations | Torch s | ONNX s | ONNX/Torch | max map diff |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rec in records:
         for run in rec["runs"]:
             lines.append(
-                f"| {rec['model']} | {run['batch_size']} ({run['batch_used']}) | "
-                f"{run['evaluations']} | {run['torch_s']:.3f} | {run['onnx_s']:.3f} | "
-                f"{run['ratio']:.2f} | {run['map_max_diff']:.1g} |"
+                f"| {rec['model']} | {run['threads']} | {run['batch_size']} "
+                f"({run['batch_used']}) | {run['evaluations']} | {run['torch_s']:.3f} | "
+                f"{run['onnx_s']:.3f} | {run['ratio']:.2f} | {run['map_max_diff']:.1g} |"
             )
-        lines.append(f"| {rec['model']} | best of each | | | | **{rec['best_ratio']:.2f}** | |")
+        for count, ratio in rec["best_ratio"].items():
+            lines.append(f"| {rec['model']} | {count} | best of each | | | | **{ratio:.2f}** | |")
     lines += [
         "",
         "| model | export total s | ONNX export s | graph export s | verify s | exporter | "
@@ -151,8 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODEL_NAMES),
                         help="comma-separated: " + ", ".join(MODEL_NAMES))
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch and ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--threads", default=str(os.cpu_count() or 1),
+                        help="comma-separated thread counts, each used for both torch and "
+                        "ONNX Runtime (default: all cores)")
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", default="auto,8,32",
@@ -162,13 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.grid, args.repeats, args.batch_sizes = 4, 1, "auto"
-    torch.set_num_threads(args.threads)
     print(f"# onnx_vs_torch: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__}, onnxruntime {ort.__version__}, "
           f"threads {args.threads}", flush=True)
+    counts = [int(t) for t in args.threads.split(",")]
     print("# command: python " + " ".join(sys.argv), flush=True)
     records = [
-        bench_model(name.strip(), threads=args.threads, grid=args.grid, repeats=args.repeats,
+        bench_model(name.strip(), threads=counts, grid=args.grid, repeats=args.repeats,
                     batches=[b.strip() for b in args.batch_sizes.split(",")])
         for name in args.models.split(",")
     ]

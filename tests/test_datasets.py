@@ -116,6 +116,7 @@ def test_easyvqa_test_split_lists_every_question() -> None:
     assert len(listing.items) == len(texts) == 9673 and listing.skipped == {}
     item = listing.items[11]
     assert item.key == "q0011" and item.question == texts[11] and item.answer == labels[11]
+    assert item.answers == ()  # no human answers: no VQA accuracy
     assert item.map_kind == "shape" and Path(item.image).is_file()
 
 

@@ -23,7 +23,6 @@ from blackbox_vqa.explainers.guided_backprop import (
     image_saliency,
     word_saliency,
 )
-from blackbox_vqa.models.easyvqa_net import EasyVQANet, NetConfig
 
 from toys import LinearVQANet, brightness_model, toy_tokenizer
 
@@ -89,12 +88,35 @@ def toy_expected(guided: bool) -> np.ndarray:
     return grad
 
 
-def small_vqa_net(seed: int = 0) -> EasyVQANet:
+class SmallVQANet(nn.Module):
+    """CNN (``nn.ReLU`` modules) + 2-layer LSTM read at the last real token + product + MLP:
+    the reference model's family, small. Five answers."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.cnn = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        )
+        self.image_fc = nn.Linear(32, 16)
+        self.embedding = nn.Embedding(vocab_size, 8, padding_idx=0)
+        self.lstm = nn.LSTM(8, 8, num_layers=2, batch_first=True)
+        self.question_fc = nn.Linear(8, 16)
+        self.classifier = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Dropout(0.1),
+                                        nn.Linear(16, 5))
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        pictured = torch.tanh(self.image_fc(self.cnn(image).flatten(1)))
+        outputs, _ = self.lstm(self.embedding(tokens))
+        last = (tokens != 0).sum(dim=1).clamp(min=1) - 1
+        index = last.view(-1, 1, 1).expand(-1, 1, outputs.shape[2])
+        asked = torch.tanh(self.question_fc(outputs.gather(1, index).squeeze(1)))
+        return self.classifier(pictured * asked)  # type: ignore[no-any-return]
+
+
+def small_vqa_net(seed: int = 0) -> SmallVQANet:
     torch.manual_seed(seed)
-    vocab = len(toy_tokenizer().vocab) + 2
-    return EasyVQANet(NetConfig(vocab_size=vocab, num_answers=5, image_size=16,
-                                channels=(8, 8), word_dim=8, lstm_hidden=8, joint_dim=16,
-                                mlp_hidden=16))
+    return SmallVQANet(len(toy_tokenizer().vocab) + 2)
 
 
 def small_vqa(seed: int = 0) -> TorchAdapter:

@@ -108,6 +108,7 @@ def test_empty_token_row_gives_finite_logits() -> None:
     assert out.shape == (2, 13) and torch.isfinite(out).all()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_traced_module_accepts_other_batch_and_question_lengths() -> None:
     module = EasyVQANet(NetConfig(vocab_size=10)).eval()
     torch.manual_seed(0)
@@ -123,7 +124,7 @@ def test_net_config_round_trips_and_validates() -> None:
     config = NetConfig(vocab_size=20, channels=(8, 8, 8, 8))
     assert NetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(InputError, match="image_size"):
-        NetConfig(vocab_size=20, image_size=60)
+        NetConfig(vocab_size=20, image_size=63)
     with pytest.raises(InputError, match="vocab_size"):
         NetConfig(vocab_size=1)
 
@@ -133,8 +134,11 @@ def test_missing_weights_raise_model_load_error(tmp_path: Path) -> None:
         load_reference_model(tmp_path)
 
 
+SMOKE = TrainConfig(epochs=8, limit=40, threads=1, net={"channels": [8, 8, 8]})
+
+
 def test_training_smoke_run_writes_weights_that_load_back(tmp_path: Path) -> None:
-    config = TrainConfig(epochs=8, limit=40, threads=1, net={"channels": [8, 8, 8, 8]})
+    config = SMOKE
     result = train_reference_model(config)
     assert result.steps == 8 and result.train_items == 40 and result.test_items == 40
     assert all(np.isfinite(result.step_losses))
@@ -151,6 +155,13 @@ def test_training_smoke_run_writes_weights_that_load_back(tmp_path: Path) -> Non
     tokens = pad_questions(tokenizer, ["what color is the shape?"])
     with torch.no_grad():
         torch.testing.assert_close(module(images, tokens), result.model(images, tokens))
+
+
+def test_training_is_reproducible_from_the_seed() -> None:
+    first = train_reference_model(SMOKE).model.state_dict()
+    second = train_reference_model(SMOKE).model.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_train_command_refuses_to_overwrite_and_prints_accuracy(

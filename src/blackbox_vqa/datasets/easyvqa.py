@@ -50,7 +50,6 @@ def list_easyvqa(split: str) -> DatasetListing:
                 question=str(text),
                 image=str(path),
                 answer=str(label),
-                answers=(str(label),),
                 map_kind="shape",
             )
         )

@@ -31,7 +31,8 @@ class Item:
         question: the question text.
         image: path of the image file.
         answer: the reference answer (VQA's ``multiple_choice_answer``), None if unknown.
-        answers: every human answer given (ten for VQA, one for easy-VQA).
+        answers: every human answer given (ten for VQA; none for easy-VQA, whose one
+            generated answer is ``answer``); VQA accuracy is computed from these.
         maps: attention-map files (``map_kind == "files"``).
         map_kind: ``"files"`` (human maps read from ``maps``), ``"shape"`` (the ground-truth
             map is derived from the image, easy-VQA) or ``"none"``.

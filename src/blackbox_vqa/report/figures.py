@@ -70,8 +70,10 @@ def heatmap_figure(
     shown = np.clip(image, 0, 255).astype(np.uint8)
     left.imshow(shown, interpolation="nearest")
     left.set_title("image")
-    right.imshow(shown, interpolation="nearest")
-    overlay = right.imshow(values, cmap=cmap, vmin=lo, vmax=hi, alpha=0.6,
+    # A grey copy under the map, so the map's colours are not mixed with the image's.
+    grey = shown.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    right.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    overlay = right.imshow(values, cmap=cmap, vmin=lo, vmax=hi, alpha=0.7,
                            interpolation="nearest")
     right.set_title(title)
     for axis in (left, right):
