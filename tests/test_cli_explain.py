@@ -180,3 +180,15 @@ def test_console_script_and_module_run(square_image: Path, tmp_path: Path) -> No
         assert proc.stderr.strip().startswith("bbvqa: error: ")
         assert len(proc.stderr.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_markup_in_the_question_is_printed_as_text(
+    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    question = "is it [/bold] [red]bright[/red]?"
+    code, stdout, stderr = run(["explain", "-m", "toys:brightness_model", "-i", str(square_image),
+                                "-q", question, "--grid", "2", "--out", str(tmp_path / "o")],
+                               capsys)
+    assert code == 0, stderr
+    assert "Q: is it [/bold] [red]bright[/red]?" in stdout
+    assert "written to" in stdout and "report.html" in stdout

@@ -52,25 +52,35 @@ def explanation_dict(
     answers: Sequence[str],
     question: str,
     image: Mapping[str, Any],
-    occlusion: OcclusionResult,
+    occlusion: OcclusionResult | None,
+    primary: Any = None,
     sections: Mapping[str, Any] | None = None,
     timing: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the whole document; ``sections`` adds or overrides top-level keys."""
-    from blackbox_vqa import __version__
+    """Assemble the whole document; ``sections`` adds or overrides top-level keys.
 
+    The answer fields come from ``occlusion``, or from ``primary`` (any result with
+    ``answer``, ``answer_index``, ``predicted_index`` and ``scores``, e.g. a gradient
+    result) when occlusion did not run; ``tokens`` are the question's words.
+    """
+    from blackbox_vqa import __version__
+    from blackbox_vqa.text import split_words
+
+    result = occlusion if occlusion is not None else primary
+    if result is None:
+        raise ValueError("explanation_dict needs an occlusion result or a primary result")
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "model": model,
         "question": question,
-        "tokens": list(occlusion.words),
+        "tokens": split_words(question),
         "image": dict(image),
-        "answer": occlusion.answer,
-        "answer_index": occlusion.answer_index,
-        "predicted_answer": answers[occlusion.predicted_index],
-        "probability": occlusion.probability,
-        "top_answers": top_answers(answers, occlusion.scores),
-        "occlusion": occlusion_dict(occlusion),
+        "answer": result.answer,
+        "answer_index": result.answer_index,
+        "predicted_answer": answers[result.predicted_index],
+        "probability": float(result.scores[result.answer_index]),
+        "top_answers": top_answers(answers, result.scores),
+        "occlusion": occlusion_dict(occlusion) if occlusion is not None else None,
         "guided_backprop": None,
         "timing": dict(timing or {}),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

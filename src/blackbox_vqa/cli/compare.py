@@ -156,12 +156,10 @@ def _run_all(
 
 
 def _gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
-    """Where ``vqa``'s gradients come from, exactly as ``bbvqa explain --method all``
-    finds them (the model itself, or the exported graph beside an ONNX file)."""
-    from blackbox_vqa.cli.explain import Method
-    from blackbox_vqa.cli.explain import _gradient_source as explain_gradient_source
+    """Where ``vqa``'s gradients come from, as ``bbvqa explain`` finds them."""
+    from blackbox_vqa.gradient_source import find_gradient_source
 
-    return explain_gradient_source(Method.all, spec, vqa)
+    return find_gradient_source(spec, vqa)
 
 
 def _header(settings: Any) -> dict[str, Any]:

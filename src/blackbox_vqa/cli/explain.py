@@ -112,26 +112,26 @@ def explain_command(
     gradients = _gradient_source(method, model, vqa)
     if callable(prepare := getattr(vqa, "prepare", None)):
         prepare(pixels, question.strip())  # HTTP models: batch sizes, learned answers
-    occlusion = None
+    occlusion, seconds = None, 0.0
     if method in (Method.occlusion, Method.all):
         occlusion, seconds = _occlude(
             vqa, pixels, question, answer=answer, grid=grid, window=window_hw,
             stride=stride_hw, baseline=baseline, batch_size=batch_size,
         )
-        doc = _document(model, vqa, image, pixels, question, occlusion, seconds)
         answer = occlusion.answer
     runs = _run_gradients(method, gradients, pixels, question, answer)
-    if occlusion is None:
-        doc = _gradient_document(model, vqa, image, pixels, question, runs)
+    doc = _document(model, vqa, image, pixels, question, occlusion, seconds, runs)
     _add_gradient_sections(doc, runs)
     folder = _output_folder(out, question, force)
-    _write(folder, doc, pixels, occlusion, runs)
+    written = _write(folder, doc, pixels, occlusion, runs)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
+        console = _console()
         if occlusion is not None:
-            _print_summary(doc, occlusion, folder)
-        _print_gradients(doc, runs, folder)
+            _print_summary(console, doc, occlusion)
+        _print_gradients(console, doc, runs)
+        console.print(f"written to {escape(str(folder))}/ ({', '.join(written)})")
 
 
 def _occlude(vqa: Any, pixels: Any, question: str, **options: Any) -> tuple[Any, float]:
@@ -147,22 +147,38 @@ def _occlude(vqa: Any, pixels: Any, question: str, **options: Any) -> tuple[Any,
 
 
 def _document(
-    spec: str, vqa: Any, image: Path, pixels: Any, question: str, occlusion: Any, seconds: float
+    spec: str, vqa: Any, image: Path, pixels: Any, question: str, occlusion: Any,
+    seconds: float, runs: list[GradientRun],
 ) -> dict[str, Any]:
     from blackbox_vqa.adapters.base import model_name
     from blackbox_vqa.explanation import explanation_dict
 
     height, width = pixels.shape[:2]
     name = model_name(vqa)
+    semantics = getattr(vqa, "score_semantics", None)
     return explanation_dict(
         model=spec if name in ("model", type(vqa).__name__) else name,
         answers=list(vqa.answers),
         question=question.strip(),
         image={"path": str(image), "width": width, "height": height},
         occlusion=occlusion,
-        timing={"occlusion_s": round(seconds, 4)},
-        sections={"score_semantics": s} if (s := getattr(vqa, "score_semantics", None)) else None,
+        primary=runs[0].result if runs else None,
+        timing={"occlusion_s": round(seconds, 4)} if occlusion is not None else {},
+        sections={"score_semantics": semantics} if semantics else None,
     )
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def escape(text: str) -> str:
+    """Escape Rich markup in untrusted text (questions, answers, paths)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
 
 
 def _output_folder(out: Path | None, question: str, force: bool) -> Path:
@@ -175,7 +191,8 @@ def _output_folder(out: Path | None, question: str, force: bool) -> Path:
 def _write(
     folder: Path, doc: dict[str, Any], pixels: Any, occlusion: Any,
     runs: list[GradientRun] | None = None,
-) -> None:
+) -> list[str]:
+    """Write every output file atomically; return their names."""
     from blackbox_vqa.outputs import atomic_write_json
     from blackbox_vqa.report.figures import heatmap_figure, save_figure, words_figure
 
@@ -187,37 +204,36 @@ def _write(
             occlusion.words, occlusion.word_map, title=f"word occlusion: {answer!r}")),
     ]
     figures += _gradient_figures(pixels, runs or [])
-    _write_gradient_arrays(folder, runs or [])
+    arrays = _write_gradient_arrays(folder, runs or [])
     for name, build in figures:
         save_figure(build(), folder / name)
     atomic_write_json(folder / "explanation.json", doc)
     from blackbox_vqa.report.html import write_explanation_report
 
     write_explanation_report(folder / "report.html", doc, pixels)
+    return ["explanation.json", *(name for name, _ in figures), *arrays, "report.html"]
 
 
-def _print_summary(doc: dict[str, Any], occlusion: Any, folder: Path) -> None:
-    from rich.console import Console
+def _print_summary(console: Any, doc: dict[str, Any], occlusion: Any) -> None:
     from rich.table import Table
 
-    console = Console(highlight=False)
-    console.print(f"[bold]Q:[/bold] {doc['question']}")
-    console.print(f"[bold]A:[/bold] {doc['answer']}  (p = {doc['probability']:.4f})")
+    console.print(f"[bold]Q:[/bold] {escape(doc['question'])}")
+    console.print(f"[bold]A:[/bold] {escape(doc['answer'])}  (p = {doc['probability']:.4f})")
     others = ", ".join(f"{a['answer']} {a['score']:.3f}" for a in doc["top_answers"][1:4])
-    console.print(f"   next: {others}")
-    words = Table(title="words (importance = drop in p when the word is removed)")
+    console.print(f"   next: {escape(others)}")
+    words = Table(title="word occlusion", caption="importance: drop in p without the word")
     words.add_column("#", justify="right")
     words.add_column("word")
     words.add_column("importance", justify="right")
     for i, (word, value) in enumerate(zip(occlusion.words, occlusion.word_map, strict=True)):
-        words.add_row(str(i), word, f"{value:+.4f}")
+        words.add_row(str(i), escape(word), f"{value:+.4f}")
     console.print(words)
-    cells = Table(title="most important image patches")
+    cells = Table(title="top image patches", caption="importance: drop in p when occluded")
     cells.add_column("row", justify="right")
     cells.add_column("col", justify="right")
     cells.add_column("importance", justify="right")
     flat = occlusion.image_map.reshape(-1)
-    cols = occlusion.image_map.shape[1]
+    cols = occlusion.image_map.shape[1] if occlusion.image_map.ndim == 2 else 1
     for index in np.argsort(-flat, kind="stable")[:5]:
         cells.add_row(str(index // cols), str(index % cols), f"{flat[index]:+.4f}")
     console.print(cells)
@@ -226,7 +242,6 @@ def _print_summary(doc: dict[str, Any], occlusion: Any, folder: Path) -> None:
         f"answer flips: {flips['image']}/{flips['image_total']} patches, "
         f"{flips['words']}/{flips['words_total']} words"
     )
-    console.print(f"written to {folder}/ (explanation.json, occlusion.png, words.png)")
 
 
 # -- gradient methods (guided-bp, gradient) -----------------------------------------------
@@ -287,63 +302,21 @@ _ONNX_OPTION_NAMES = {
 }
 
 
-def _graph_beside(vqa: Any) -> Path | None:
-    """The exported PyTorch graph next to an ONNX model's file, if there is one."""
-    from blackbox_vqa.specs import GRAPH_SUFFIXES
-
-    path = getattr(vqa, "path", None)
-    if not isinstance(path, Path) or path.suffix.lower() != ".onnx":
-        return None
-    meta = getattr(vqa, "metadata", None)
-    names = [meta.graph_file] if meta is not None and meta.graph_file else []
-    names += [path.stem + suffix for suffix in GRAPH_SUFFIXES]
-    for name in names:
-        candidate = path.parent / name
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _no_gradients_reason(spec: str, vqa: Any) -> str:
-    from blackbox_vqa.specs import spec_kind
-
-    kind = spec_kind(spec)
-    what = {
-        "onnx": "an ONNX file with no exported PyTorch graph beside it (ONNX Runtime "
-        "computes no gradients)",
-        "http": "an HTTP endpoint, which returns only probabilities",
-    }.get(kind, f"a {type(vqa).__name__} without the gradient protocol")
-    return (
-        f"guided backpropagation needs a PyTorch graph, and {spec} is {what}; get one with "
-        "`bbvqa export --model SPEC --out DIR` on the PyTorch model (it writes model.onnx "
-        "and the graph beside it) and pass that, or use --method occlusion"
-    )
-
-
 def _gradient_source(method: Method, spec: str, vqa: Any) -> tuple[Any, str, str]:
     """``(model with gradients, where they come from, "")`` or ``(None, "", reason)``.
 
     ``--method guided-bp`` or ``gradient`` on a model without gradients raises
     :class:`GradientUnavailableError` (exit code 2); ``--method all`` goes on without.
     """
-    from blackbox_vqa.adapters.gradients import has_gradients
     from blackbox_vqa.errors import GradientUnavailableError
+    from blackbox_vqa.gradient_source import find_gradient_source
 
     if not _GRADIENT_KINDS[method]:
         return None, "", ""
-    if has_gradients(vqa):
-        return vqa, "model", ""
-    graph = _graph_beside(vqa)
-    if graph is not None:
-        from blackbox_vqa.adapters.graph import GraphAdapter
-
-        source = GraphAdapter(graph)
-        if list(source.answers) == list(vqa.answers):
-            return source, str(graph), ""
-    reason = _no_gradients_reason(spec, vqa)
-    if method is not Method.all:
-        raise GradientUnavailableError(reason)
-    return None, "", reason
+    source = find_gradient_source(spec, vqa)
+    if source[0] is None and method is not Method.all:
+        raise GradientUnavailableError(f"{source[2]}, or use --method occlusion")
+    return source
 
 
 def _run_gradients(
@@ -363,40 +336,6 @@ def _run_gradients(
         runs.append(GradientRun(key, name, result, source=where,
                                 seconds=time.perf_counter() - started))
     return runs
-
-
-def _gradient_document(
-    spec: str, vqa: Any, image: Path, pixels: Any, question: str, runs: list[GradientRun]
-) -> dict[str, Any]:
-    """``explanation.json`` when only gradient methods ran (``occlusion`` is null)."""
-    from datetime import datetime, timezone
-
-    from blackbox_vqa import __version__
-    from blackbox_vqa.adapters.base import model_name
-    from blackbox_vqa.explanation import SCHEMA, top_answers
-    from blackbox_vqa.text import split_words
-
-    result = runs[0].result
-    name = model_name(vqa)
-    answers = list(vqa.answers)
-    height, width = pixels.shape[:2]
-    return {
-        "schema": SCHEMA,
-        "model": spec if name in ("model", type(vqa).__name__) else name,
-        "question": question.strip(),
-        "tokens": split_words(question.strip()),
-        "image": {"path": str(image), "width": width, "height": height},
-        "answer": result.answer,
-        "answer_index": result.answer_index,
-        "predicted_answer": answers[result.predicted_index],
-        "probability": result.probability,
-        "top_answers": top_answers(answers, result.scores),
-        "occlusion": None,
-        "guided_backprop": None,
-        "timing": {},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "version": __version__,
-    }
 
 
 def _add_gradient_sections(doc: dict[str, Any], runs: list[GradientRun]) -> None:
@@ -432,45 +371,39 @@ def _gradient_figures(pixels: Any, runs: list[GradientRun]) \
     return figures
 
 
-def _write_gradient_arrays(folder: Path, runs: list[GradientRun]) -> None:
+def _write_gradient_arrays(folder: Path, runs: list[GradientRun]) -> list[str]:
     from blackbox_vqa.outputs import atomic_write
 
+    names = []
     for run in runs:
         if run.result is not None:
             atomic_write(folder / f"{run.key}.npy", partial(_save_npy, run.result.gradient))
+            names.append(f"{run.key}.npy")
+    return names
 
 
 def _save_npy(array: Any, handle: Any) -> None:
     np.save(handle, array)
 
 
-def _print_gradients(doc: dict[str, Any], runs: list[GradientRun], folder: Path) -> None:
-    from rich.console import Console
-
-    console = Console(highlight=False)
+def _print_gradients(console: Any, doc: dict[str, Any], runs: list[GradientRun]) -> None:
     if runs and doc.get("occlusion") is None:
-        console.print(f"[bold]Q:[/bold] {doc['question']}")
-        console.print(f"[bold]A:[/bold] {doc['answer']}  (p = {doc['probability']:.4f})")
-    written = []
+        console.print(f"[bold]Q:[/bold] {escape(doc['question'])}")
+        console.print(f"[bold]A:[/bold] {escape(doc['answer'])}  (p = {doc['probability']:.4f})")
     for run in runs:
         result = run.result
         if result is None:
-            console.print(f"{run.name}: unavailable: {run.reason}")
+            console.print(f"{run.name}: unavailable: {escape(run.reason)}")
             continue
         if run.source != "model":
             console.print(f"{run.name}: gradients from the exported PyTorch graph "
-                          f"{run.source} (ONNX Runtime has none)")
+                          f"{escape(run.source)} (ONNX Runtime has none)")
         if result.word_map.size:
             ranked = np.argsort(-result.word_map, kind="stable")[:3]
             words = ", ".join(f"{result.tokens[i]} {result.word_map[i]:.3g}" for i in ranked)
-            console.print(f"{run.name}: words by gradient norm: {words}")
+            console.print(f"{run.name}: words by gradient norm: {escape(words)}")
         elif result.words_note:
             console.print(f"{run.name}: no word gradients ({result.words_note})")
         row, col = np.unravel_index(int(np.argmax(result.image_map)), result.image_map.shape)
         console.print(f"{run.name}: largest |gradient| at model pixel ({row}, {col}) of "
                       f"{result.image_size[0]}x{result.image_size[1]}")
-        written += [f"{run.key}.png", f"{run.key}.npy"]
-        if result.word_map.size:
-            written.append(f"{run.key}_words.png")
-    if written:
-        console.print(f"written to {folder}/ ({', '.join(['explanation.json', *written])})")

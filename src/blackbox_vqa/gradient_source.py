@@ -1,0 +1,64 @@
+"""Where a model's gradients come from: the model itself, or an exported PyTorch graph.
+
+Gradient methods need the gradient protocol. A live PyTorch model has it; an ONNX file
+has it when the PyTorch graph that ``bbvqa export`` writes lies beside it; anything else
+(a bare third-party ONNX file, an HTTP endpoint) gets a reason that says how to get one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["find_gradient_source", "graph_beside", "no_gradients_reason"]
+
+
+def graph_beside(vqa: Any) -> Path | None:
+    """The exported PyTorch graph next to an ONNX model's file, if there is one."""
+    from blackbox_vqa.specs import GRAPH_SUFFIXES
+
+    path = getattr(vqa, "path", None)
+    if not isinstance(path, Path) or path.suffix.lower() != ".onnx":
+        return None
+    meta = getattr(vqa, "metadata", None)
+    names = [meta.graph_file] if meta is not None and meta.graph_file else []
+    names += [path.stem + suffix for suffix in GRAPH_SUFFIXES]
+    for name in names:
+        candidate = path.parent / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def no_gradients_reason(spec: str, vqa: Any) -> str:
+    """Why `spec` has no gradients, and how to get them (one line)."""
+    from blackbox_vqa.specs import spec_kind
+
+    kind = spec_kind(spec)
+    what = {
+        "onnx": "an ONNX file with no exported PyTorch graph beside it (ONNX Runtime "
+        "computes no gradients)",
+        "http": "an HTTP endpoint, which returns only probabilities",
+    }.get(kind, f"a {type(vqa).__name__} without the gradient protocol")
+    return (
+        f"guided backpropagation needs a PyTorch graph, and {spec} is {what}; get one with "
+        "`bbvqa export --model SPEC --out DIR` on the PyTorch model (it writes model.onnx "
+        "and the graph beside it) and pass that"
+    )
+
+
+def find_gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
+    """``(model with the gradient protocol, where its gradients come from, "")``, or
+    ``(None, "", reason)`` when there is none."""
+    from blackbox_vqa.adapters.gradients import has_gradients
+
+    if has_gradients(vqa):
+        return vqa, "model", ""
+    graph = graph_beside(vqa)
+    if graph is not None:
+        from blackbox_vqa.adapters.graph import GraphAdapter
+
+        source = GraphAdapter(graph)
+        if list(source.answers) == list(vqa.answers):
+            return source, str(graph), ""
+    return None, "", no_gradients_reason(spec, vqa)
