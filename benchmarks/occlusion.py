@@ -190,10 +190,14 @@ def run_captum(work: Workload, per_eval: int) -> torch.Tensor:
 # --- measuring ---------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds ``fn()`` took on ``clock``."""
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _proc_status_kb(key: str) -> int | None:
@@ -234,7 +238,7 @@ def peak_memory(out: dict[str, float]) -> Iterator[None]:
 
 
 def benchmark_model(
-    name: str, *, grid: int, repeats: int, floor_batches: tuple[int, ...],
+    name: str, *, grid: int, repeats: int, clock: str, floor_batches: tuple[int, ...],
     captum_best_of: tuple[int, ...], ours_batches: tuple[int | str, ...], memory: bool,
 ) -> dict[str, Any]:
     case = build_model(name)
@@ -262,7 +266,7 @@ def benchmark_model(
     timings = Timings()
     for rep in range(repeats):
         for label, fn in methods.items():
-            timings.add(label, timed(fn))
+            timings.add(label, timed(fn, CLOCKS[clock]))
         print(f"   repeat {rep + 1}/{repeats}: " + ", ".join(
             f"{label} {timings.runs[label][-1]:.3f}" for label in methods), flush=True)
 
@@ -284,7 +288,8 @@ def benchmark_model(
                 methods[label]()
     return {
         "model": name, "description": case.description, "trained": case.trained,
-        "grid": grid, "words": work.n_words, "evaluations": work.total,
+        "clock": clock, "repeats": repeats, "grid": grid, "words": work.n_words,
+        "evaluations": work.total,
         "auto_batch_size": auto_batch, "ours": ours_label, "floor": floor_label,
         "captum_best": best_label, "medians_s": medians, "runs_s": timings.runs,
         "ratios": ratios, "memory_mib": memory_mib, "captum_max_abs_diff": captum_diff,
@@ -298,7 +303,8 @@ def report(result: dict[str, Any]) -> str:
         "",
         f"{result['evaluations']} evaluations ({result['grid']}x{result['grid']} cells + "
         f"{result['words']} words); our auto batch size: {result['auto_batch_size']}; "
-        f"max |ours - Captum| per pixel: {result['captum_max_abs_diff']:.2e}",
+        f"max |ours - Captum| per pixel: {result['captum_max_abs_diff']:.2e}; "
+        f"{result['clock']} clock, {result['repeats']} repeats",
         "",
         "| method | median s | min s | peak RSS MiB | peak tracemalloc MiB |",
         "|---|---:|---:|---:|---:|",
@@ -364,6 +370,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours-batch", type=_batch, action="append", default=None,
                         help="our batch size, 'auto' (default) or N; repeat to time several "
                              "(the first one is the one compared)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall time (default), or this process's CPU time: steadier on a "
+                             "busy machine with --threads 1, meaningless with more threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: grid 8, 1 repeat, fewer batch sizes")
@@ -409,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         repeats = args.repeats or (7 if name == "reference" else 3)
         results.append(benchmark_model(
-            name, grid=args.grid, repeats=repeats, floor_batches=args.floor_batches,
+            name, grid=args.grid, repeats=repeats, clock=args.clock,
+            floor_batches=args.floor_batches,
             captum_best_of=args.captum_best_of, ours_batches=args.ours_batch,
             memory=not args.no_memory,
         ))

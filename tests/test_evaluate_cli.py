@@ -271,6 +271,7 @@ def test_a_model_without_gradients_and_only_guided_bp_is_refused(
         (["--methods", "occlusion,lime"], "--methods: unknown method 'lime'"),
         (["--methods", ","], "--methods must name at least one of"),
         (["--batch-size", "zero"], "batch size must be 'auto' or a positive integer"),
+        (["--baseline", "grey"], "baseline must be one of imagenet-mean, black, blur"),
         (["--tagger", "spacy"], "tagger must be one of auto, nltk, pattern"),
         (["--model", "not a spec"], "model spec 'not a spec' is not one of"),
         (["--dataset", "coco"], "--dataset must be one of easyvqa:train, easyvqa:test, vqa"),

@@ -53,6 +53,20 @@ def test_an_item_record_holds_answer_maps_and_correlations(square_item: Item) ->
     assert set(meta["seconds"]) == {"predict", "occlusion", "total"}
 
 
+def test_the_occlusion_fill_is_the_configured_baseline(square_item: Item) -> None:
+    from dataclasses import replace
+
+    from blackbox_vqa.explainers.occlusion import Occlusion
+
+    config = replace(CONFIG, options=MethodOptions(grid=4, baseline="black"))
+    record = ItemEvaluator(BrightnessModel(), config).evaluate(square_item)
+    expected = Occlusion(BrightnessModel(), grid=4, baseline="black").explain(
+        square_image(), square_item.question)
+    np.testing.assert_array_equal(record.arrays["occlusion.image"], expected.image_map)
+    # A black fill darkens every cell: each importance is the cell's share of brightness.
+    assert (record.arrays["occlusion.image"] > 0).all()
+
+
 def test_items_the_model_cannot_take_are_skipped_with_the_reason(
     square_item: Item, tmp_path: Path
 ) -> None:

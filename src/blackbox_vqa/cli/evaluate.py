@@ -51,6 +51,9 @@ def evaluate_command(
     threads: Annotated[int, typer.Option(help="Torch CPU threads per process (equal counts "
                                          "give bit-identical results).")] = 1,
     grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
+    baseline: Annotated[str, typer.Option(help="Occlusion fill: imagenet-mean (the "
+                                          "paper's), black, blur or R,G,B (0-255).")
+                        ] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
     folds: Annotated[int, typer.Option(help="Cross-validation folds for failure "
@@ -68,11 +71,13 @@ def evaluate_command(
     from blackbox_vqa.evaluation.runner import EvalConfig
     from blackbox_vqa.evaluation.runstore import RunStore
     from blackbox_vqa.explainers.batching import parse_batch_size
+    from blackbox_vqa.explainers.masks import parse_baseline
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
     method_names = parse_methods(methods)
     parse_batch_size(batch_size)
+    parse_baseline(baseline)
     spec_kind(model)
     pos_tagger = load_tagger(tagger)
     listing = open_dataset(dataset, questions=questions, annotations=annotations,
@@ -83,10 +88,12 @@ def evaluate_command(
     chosen = select_items(listing.items, limit=limit, seed=seed)
     settings = {
         "model": model, "dataset": dict(listing.identity), "methods": list(method_names),
-        "limit": limit, "seed": seed, "grid": grid, "map_size": MAP_SIZE, "items": len(chosen),
+        "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
+        "map_size": MAP_SIZE, "items": len(chosen),
     }
     config = EvalConfig(model=model, methods=method_names,
-                        options=MethodOptions(grid=grid, batch_size=batch_size), seed=seed,
+                        options=MethodOptions(grid=grid, baseline=baseline,
+                                              batch_size=batch_size), seed=seed,
                         threads=threads)
     with RunStore.open(out, settings) as store:
         run = _run(store, chosen, config, workers)

@@ -33,7 +33,8 @@ def train_command(
     limit: Annotated[int | None, typer.Option(
         help="Use only the first N train and test questions (smoke tests).")] = None,
     threads: Annotated[int | None, typer.Option(
-        help="CPU threads for torch (default: torch's choice).")] = None,
+        help="CPU threads for torch (default: torch's choice). The same seed and thread "
+        "count give the same weights; the shipped ones used 1 thread.")] = None,
     force: Annotated[bool, typer.Option(
         help="Allow --out to hold earlier weights (they are replaced).")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,

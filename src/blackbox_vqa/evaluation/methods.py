@@ -53,9 +53,11 @@ class ItemMethod(Protocol):
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """Settings shared by the methods: occlusion grid and batch size."""
+    """Settings shared by the methods: occlusion grid, fill (``baseline``: ``imagenet-mean``,
+    ``black``, ``blur`` or ``"R,G,B"``) and batch size."""
 
     grid: int = 16
+    baseline: str = "imagenet-mean"
     batch_size: int | str = "auto"
 
 
@@ -66,7 +68,8 @@ class _OcclusionMethod:
     def __init__(self, model: Any, options: MethodOptions) -> None:
         from blackbox_vqa.explainers.occlusion import Occlusion
 
-        self._explainer = Occlusion(model, grid=options.grid, batch_size=options.batch_size)
+        self._explainer = Occlusion(model, grid=options.grid, baseline=options.baseline,
+                                    batch_size=options.batch_size)
 
     def explain(self, image: NDArray[Any], question: str, answer: str) -> MethodOutput:
         result = self._explainer.explain(image, question, answer=answer)
