@@ -36,6 +36,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -108,9 +109,11 @@ class Timings:
     """Seconds per repeat for each method label."""
 
     runs: dict[str, list[float]] = field(default_factory=dict)
+    faults: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, label: str, seconds: float) -> None:
+    def add(self, label: str, seconds: float, faults: int) -> None:
         self.runs.setdefault(label, []).append(seconds)
+        self.faults.setdefault(label, []).append(faults)
 
     def median(self, label: str) -> float:
         return statistics.median(self.runs[label])
@@ -200,6 +203,11 @@ def timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter)
     return clock() - start
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (fresh memory pages touched)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _proc_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -266,7 +274,9 @@ def benchmark_model(
     timings = Timings()
     for rep in range(repeats):
         for label, fn in methods.items():
-            timings.add(label, timed(fn, CLOCKS[clock]))
+            before = minor_faults()
+            seconds = timed(fn, CLOCKS[clock])
+            timings.add(label, seconds, minor_faults() - before)
         print(f"   repeat {rep + 1}/{repeats}: " + ", ".join(
             f"{label} {timings.runs[label][-1]:.3f}" for label in methods), flush=True)
 
@@ -292,6 +302,7 @@ def benchmark_model(
         "evaluations": work.total,
         "auto_batch_size": auto_batch, "ours": ours_label, "floor": floor_label,
         "captum_best": best_label, "medians_s": medians, "runs_s": timings.runs,
+        "minor_faults": {label: int(statistics.median(v)) for label, v in timings.faults.items()},
         "ratios": ratios, "memory_mib": memory_mib, "captum_max_abs_diff": captum_diff,
     }
 
@@ -306,8 +317,8 @@ def report(result: dict[str, Any]) -> str:
         f"max |ours - Captum| per pixel: {result['captum_max_abs_diff']:.2e}; "
         f"{result['clock']} clock, {result['repeats']} repeats",
         "",
-        "| method | median s | min s | peak RSS MiB | peak tracemalloc MiB |",
-        "|---|---:|---:|---:|---:|",
+        "| method | median s | min s | page faults | peak RSS MiB | peak tracemalloc MiB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     mem = result["memory_mib"]
     for label, seconds in med.items():
@@ -322,7 +333,8 @@ def report(result: dict[str, Any]) -> str:
         rss = f"{mem[label]['rss_mib']:.0f}" if label in mem else ""
         py = f"{mem[label]['py_mib']:.1f}" if label in mem else ""
         fastest = min(result["runs_s"][label])
-        lines.append(f"| {shown} | {seconds:.3f} | {fastest:.3f} | {rss} | {py} |")
+        faults = result["minor_faults"][label]
+        lines.append(f"| {shown} | {seconds:.3f} | {fastest:.3f} | {faults} | {rss} | {py} |")
     goals = [
         ("ours/floor", ratios["ours/floor"], f"<= {GOAL_FLOOR}",
          ratios["ours/floor"] <= GOAL_FLOOR),

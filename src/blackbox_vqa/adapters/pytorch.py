@@ -9,6 +9,8 @@ long tensor ``[B, T]`` of token ids, right-padded with ``0``, and returns answer
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -62,6 +64,39 @@ def scores_from_logits(logits: torch.Tensor, output: str) -> torch.Tensor:
     if output == "sigmoid":
         return torch.sigmoid(logits)
     return logits
+
+
+_allocator_settled = False
+# Just under glibc's ceiling for its dynamic mmap threshold (32 MiB on 64-bit systems).
+_SETTLE_BYTES = 30 * 2**20
+
+
+def _settle_allocator() -> None:
+    """Let glibc reuse freed activation memory instead of mapping fresh pages each batch.
+
+    glibc serves a request at or above its *mmap threshold* with a new ``mmap`` and gives
+    it back on ``free``; the threshold starts at 128 KiB and rises (to at most 32 MiB)
+    only when a larger mmapped block is freed. Until then every CPU forward pass whose
+    activations exceed it page-faults on each fresh page: about 40,000 faults and 1.5x
+    the time of a whole reference-model explanation in a new process
+    (benchmarks/BENCHMARKS.md, "Occlusion"). Freeing one 30 MiB block once moves the
+    threshold where glibc would move it by itself after any such free; results are
+    unchanged. Does nothing where the C library is not glibc.
+    """
+    global _allocator_settled
+    if _allocator_settled:
+        return
+    _allocator_settled = True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.free(libc.malloc(_SETTLE_BYTES))
+    except (OSError, AttributeError):
+        return
 
 
 def _default_device() -> torch.device:
@@ -126,6 +161,8 @@ class TorchAdapter(BaseAdapter):
         self.device = torch.device(device) if device is not None else _default_device()
         self.module = module.to(self.device)
         self._token_cache: dict[str, list[int]] = {}
+        if self.device.type == "cpu":
+            _settle_allocator()
 
     def validate_question(self, question: str) -> str:
         """Refuse empty questions and questions whose words are all unknown to the model."""

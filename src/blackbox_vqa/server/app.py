@@ -111,13 +111,21 @@ def _positive(value: object, name: str) -> int:
 
 
 def _validation_message(exc: RequestValidationError) -> str:
-    errors = list(exc.errors())
+    return _errors_message(exc.errors())
+
+
+def _errors_message(errors: Sequence[Any], *, most: int = 3) -> str:
+    """Up to ``most`` validation errors as ``loc: msg``, sorted by location (pydantic's own
+    order differs between its versions), then ``(and N more)``."""
     if not errors:
         return "invalid request"
-    first = errors[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{more}"
+    parts = sorted(
+        (".".join(str(p) for p in error.get("loc", ())), str(error.get("msg", "invalid")))
+        for error in errors
+    )
+    shown = "; ".join(f"{where}: {msg}" if where else msg for where, msg in parts[:most])
+    more = f" (and {len(parts) - most} more)" if len(parts) > most else ""
+    return shown + more
 
 
 def _digest_token(text: str) -> bytes:
@@ -174,11 +182,7 @@ def _request_body_doc() -> dict[str, Any]:
 
 
 def _pydantic_message(exc: ValidationError) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    where = ".".join(str(part) for part in first.get("loc", ()))
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where + ': ' if where else ''}{first.get('msg', 'invalid')}{more}"
+    return _errors_message(exc.errors())
 
 
 class _ModelRunner:
