@@ -17,11 +17,13 @@ side by side in one process and with one torch thread count, as:
   token tensors (tokenised untimed), ``K`` per forward call (one per call for ``K=1``).
 
 Each repeat runs every method once, in turn; figures are medians over repeats and every
-ratio is between medians of the same run. Peak memory is measured afterwards, one extra
-untimed run per method: the peak resident set size above the level before the run
-(``VmHWM`` reset through ``/proc/self/clear_refs``, after ``malloc_trim``; this includes
-torch's allocations) and the peak of Python/NumPy allocations (``tracemalloc``; torch
-tensors are not seen by it).
+ratio is between medians of the same run. The minor page faults of each timed run are
+counted too (fresh memory pages: glibc hands large freed blocks back to the kernel, and
+a forward pass that maps its activations afresh each batch pays for it). Peak memory is
+measured afterwards, one extra untimed run per method: the peak resident set size above
+the level before the run (``VmHWM`` reset through ``/proc/self/clear_refs``, after
+``malloc_trim``; this includes torch's allocations) and the peak of Python/NumPy
+allocations (``tracemalloc``; torch tensors are not seen by it).
 
 Run ``python benchmarks/occlusion.py --help``; ``--quick`` is a short smoke run (grid 8,
 one repeat, fewer batch sizes) for development, not for the record.

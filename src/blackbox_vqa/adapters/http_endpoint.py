@@ -172,6 +172,7 @@ class HttpAdapter:
             headers=parse_headers(headers), timeout=self.timeout,
             connect_timeout=self.connect_timeout, connections=self.concurrency,
             policy=self.policy, transport=transport, sleep=sleep, seed=seed,
+            tls=self.url.scheme == "https",
             hint=f"is the URL right, and does it speak the '{wire_format}' format "
             "(--http-format)?",
         )
