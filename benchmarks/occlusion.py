@@ -16,10 +16,12 @@ side by side in one process and with one torch thread count, as:
   the same word drops, which Captum has no notion of, run the way Captum would: pre-built
   token tensors (tokenised untimed), ``K`` per forward call (one per call for ``K=1``).
 
-Each repeat runs every method once, in turn; figures are medians over repeats and every
-ratio is between medians of the same run. The minor page faults of each timed run are
-counted too (fresh memory pages: glibc hands large freed blocks back to the kernel, and
-a forward pass that maps its activations afresh each batch pays for it). Peak memory is
+Each repeat runs every method once, in an order shuffled per repeat (seeded); figures are
+medians over repeats, every ratio is between medians of the same run, and beside it is
+the median of the per-repeat ratios (steadier when the machine's load drifts). The minor
+page faults of each timed run are counted too (fresh memory pages: glibc hands large
+freed blocks back to the kernel, and a forward pass that maps its activations afresh
+each batch pays for it; see ``pin_allocator``). Peak memory is
 measured afterwards, one extra untimed run per method: the peak resident set size above
 the level before the run (``VmHWM`` reset through ``/proc/self/clear_refs``, after
 ``malloc_trim``; this includes torch's allocations) and the peak of Python/NumPy
@@ -38,6 +40,7 @@ import functools
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -210,6 +213,30 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def pin_allocator() -> bool:
+    """Fix glibc's allocator thresholds so no method inherits another's heap state.
+
+    glibc maps blocks at or above a dynamic threshold afresh and gives heap memory back
+    to the kernel once more than twice that is free at its top, so a method timed right
+    after one with huge batches (``floor@256``, ``captum@256``) page-faults on memory the
+    method before it released. With a fixed 32 MiB mmap threshold (the most glibc
+    allows) and a 1 GiB trim threshold, every method sees the steady state that one
+    explanation after another reaches in a user's process (what
+    ``TorchAdapter`` settles glibc into). Returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    settings = ((_M_MMAP_THRESHOLD, 32 * 2**20), (_M_TRIM_THRESHOLD, 2**30),
+                (_M_TOP_PAD, 64 * 2**20))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
 def _proc_status_kb(key: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
@@ -275,9 +302,11 @@ def benchmark_model(
 
     timings = Timings()
     for rep in range(repeats):
-        for label, fn in methods.items():
+        order = list(methods)
+        random.Random(rep).shuffle(order)  # no method always follows the same one
+        for label in order:
             before = minor_faults()
-            seconds = timed(fn, CLOCKS[clock])
+            seconds = timed(methods[label], CLOCKS[clock])
             timings.add(label, seconds, minor_faults() - before)
         print(f"   repeat {rep + 1}/{repeats}: " + ", ".join(
             f"{label} {timings.runs[label][-1]:.3f}" for label in methods), flush=True)
@@ -292,6 +321,12 @@ def benchmark_model(
         "captum-default/ours": medians["captum@1"] / ours,
         "captum-best/ours": medians[best_label] / ours,
     }
+    runs = timings.runs
+    paired = {  # the median over repeats of each repeat's own ratio
+        "ours/floor": _paired(runs[ours_label], runs[floor_label]),
+        "captum-default/ours": _paired(runs["captum@1"], runs[ours_label]),
+        "captum-best/ours": _paired(runs[best_label], runs[ours_label]),
+    }
     memory_mib: dict[str, dict[str, float]] = {}
     if memory:
         for label in (ours_label, floor_label, "captum@1", best_label):
@@ -305,8 +340,13 @@ def benchmark_model(
         "auto_batch_size": auto_batch, "ours": ours_label, "floor": floor_label,
         "captum_best": best_label, "medians_s": medians, "runs_s": timings.runs,
         "minor_faults": {label: int(statistics.median(v)) for label, v in timings.faults.items()},
-        "ratios": ratios, "memory_mib": memory_mib, "captum_max_abs_diff": captum_diff,
+        "ratios": ratios, "paired_ratios": paired, "memory_mib": memory_mib,
+        "captum_max_abs_diff": captum_diff,
     }
+
+
+def _paired(numerators: list[float], denominators: list[float]) -> float:
+    return statistics.median(n / d for n, d in zip(numerators, denominators, strict=True))
 
 
 def report(result: dict[str, Any]) -> str:
@@ -347,10 +387,12 @@ def report(result: dict[str, Any]) -> str:
          ratios["captum-default/ours"] >= GOAL_CAPTUM_DEFAULT
          if result["model"] == "reference" else None),
     ]
-    lines += ["", "| ratio | value | goal | met |", "|---|---:|---|---|"]
+    lines += ["", "| ratio | of medians | median of per-repeat | goal | met |",
+              "|---|---:|---:|---|---|"]
     for label, value, goal, met in goals:
         verdict = "" if met is None else ("yes" if met else "**no**")
-        lines.append(f"| {label} | {value:.2f} | {goal} | {verdict} |")
+        paired = result["paired_ratios"][label]
+        lines.append(f"| {label} | {value:.2f} | {paired:.2f} | {goal} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -388,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wall time (default), or this process's CPU time: steadier on a "
                              "busy machine with --threads 1, meaningless with more threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
+    parser.add_argument("--no-pin-allocator", dest="pin_allocator", action="store_false",
+                        help="leave glibc's thresholds dynamic (see pin_allocator)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: grid 8, 1 repeat, fewer batch sizes")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
@@ -425,9 +469,12 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    pinned = pin_allocator() if args.pin_allocator else False
     info = machine()
+    info["allocator_pinned"] = pinned
     print(f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
-          f"{info['threads']} thread(s); load average {info['load_average']}", flush=True)
+          f"{info['threads']} thread(s); glibc allocator pinned: {pinned}; "
+          f"load average {info['load_average']}", flush=True)
     results = []
     for name in args.models:
         repeats = args.repeats or (7 if name == "reference" else 3)

@@ -74,7 +74,8 @@ class Preprocessing:
     ) -> torch.Tensor:
         """Stack RGB arrays ``H x W x 3`` (0-255) into a normalised ``float32 [B, 3, H, W]``."""
         same = all(img.shape == images[0].shape for img in images)
-        if same and torch.device(device).type == "cpu" and images[0].shape[:2] == self.image_size:
+        cpu = torch.device(device).type == "cpu"
+        if same and cpu and len(images) > 0 and images[0].shape[:2] == self.image_size:
             return self._normalised_cpu(images)
         if same:
             batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)

@@ -10,11 +10,12 @@ DEFAULT_MEMORY_BUDGET = 512 * 2**20
 # Bytes of activations per input byte that a typical CNN keeps alive in a forward pass;
 # a rough, deliberately generous factor that only sets an upper bound.
 _ACTIVATION_FACTOR = 48
-# Measured on 2-core CPUs (benchmarks/BENCHMARKS.md, "Occlusion"): batches whose float32
-# input exceeds a few MiB run slower per item (activations fall out of cache), and past
-# about 32 items per batch a small model gains nothing more from fewer calls.
-_CACHE_BUDGET = 4 * 2**20
-_MAX_AUTO = 32
+# Measured on a 2-core CPU (benchmarks/BENCHMARKS.md, "Occlusion"): the 64 x 64 reference
+# model runs alike at 32-128 when the machine is quiet, and best at 64-128 when another
+# process takes a core (short parallel regions suffer most); past 64 its activations
+# outgrow what glibc keeps mapped. At 224 x 224 the memory bound gives 18, where a
+# ResNet-18-sized model runs best (16-32; 1.4x slower at 1, 1.1x at 4).
+_MAX_AUTO = 64
 
 
 def parse_batch_size(value: str | int) -> int | None:
@@ -42,9 +43,8 @@ def auto_batch_size(
     """Pick a batch size for ``total`` inputs of ``image_shape`` (``H x W x 3``).
 
     A model may state its own with an int attribute ``preferred_batch_size``; otherwise
-    the size is the number of inputs whose float32 pixels fit a few MiB (a batch that
-    stays in cache), at most 32, and at most as many as fit ``memory_budget`` bytes with
-    their activations (float32 pixels times a generous activation factor).
+    the size is the number of inputs whose float32 pixels, times a generous activation
+    factor, fit ``memory_budget`` bytes, capped at 64 (larger CPU batches were no faster).
     """
     preferred = getattr(model, "preferred_batch_size", None)
     if isinstance(preferred, int) and preferred > 0:
@@ -52,7 +52,5 @@ def auto_batch_size(
     pixels = 1
     for side in image_shape:
         pixels *= int(side)
-    input_bytes = max(pixels * 4, 1)
-    fits_cache = _CACHE_BUDGET // input_bytes
-    fits_memory = memory_budget // (input_bytes * _ACTIVATION_FACTOR)
-    return max(1, min(_MAX_AUTO, fits_cache, fits_memory, total))
+    per_item = pixels * 4 * _ACTIVATION_FACTOR
+    return max(1, min(_MAX_AUTO, memory_budget // max(per_item, 1), total))
