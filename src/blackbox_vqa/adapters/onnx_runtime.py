@@ -29,9 +29,10 @@ from numpy.typing import NDArray
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
 from blackbox_vqa.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, pad_tokens
-from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, QuestionError
+from blackbox_vqa.adapters.questions import QuestionTokens
+from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
 from blackbox_vqa.exporters.metadata import ExportMetadata
-from blackbox_vqa.text import WordTokenizer, validate_question
+from blackbox_vqa.text import WordTokenizer
 
 __all__ = [
     "OnnxAdapter",
@@ -48,7 +49,6 @@ Tokenizer = Callable[[str], Sequence[int]]
 
 _SESSIONS: dict[tuple[Any, ...], Any] = {}
 _SESSIONS_LOCK = threading.Lock()
-_TOKEN_CACHE_SIZE = 4096
 
 
 def default_providers() -> list[str]:
@@ -237,7 +237,7 @@ class OnnxAdapter(BaseAdapter):
         self._image_dtype = (
             np.float16 if "float16" in inputs[self.names.image].type else np.float32
         )
-        self._token_cache: dict[str, list[int]] = {}
+        self._questions = QuestionTokens(self.tokenizer)
 
     @classmethod
     def from_options(cls, path: str, extra: Mapping[str, Any]) -> OnnxAdapter:
@@ -343,28 +343,11 @@ class OnnxAdapter(BaseAdapter):
 
     def validate_question(self, question: str) -> str:
         """Refuse empty questions and questions whose words are all unknown to the model."""
-        stripped = validate_question(question)
-        if isinstance(self.tokenizer, WordTokenizer):
-            unknown = self.tokenizer.unknown_words(stripped)
-            if unknown and len(unknown) >= len(self.tokenizer.words(stripped)):
-                raise QuestionError(
-                    f"none of the words of {stripped!r} are in the model's vocabulary"
-                )
-        if not self.tokens(stripped):
-            raise QuestionError(f"the model's tokenizer found no tokens in {stripped!r}")
-        return stripped
+        return self._questions.validate(question)
 
     def tokens(self, question: str) -> list[int]:
         """Token ids of ``question`` (cached)."""
-        cached = self._token_cache.get(question)
-        if cached is None:
-            cached = [int(t) for t in self.tokenizer(question)]
-            if any(t < 0 for t in cached):
-                raise ModelError(f"tokenizer returned negative ids for {question!r}")
-            if len(self._token_cache) >= _TOKEN_CACHE_SIZE:
-                self._token_cache.clear()
-            self._token_cache[question] = cached
-        return cached
+        return self._questions.tokens(question)
 
     def feeds(self, images: Sequence[ImageArray], questions: Sequence[str]) \
             -> dict[str, NDArray[Any]]:

@@ -29,15 +29,15 @@ from blackbox_vqa.adapters.gradients import (
     guided_relu,
 )
 from blackbox_vqa.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from blackbox_vqa.adapters.questions import QuestionTokens
 from blackbox_vqa.errors import (
     BlackboxVQAError,
     InputError,
     ModelError,
     ModelOutputError,
-    QuestionError,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import PAD_ID, validate_question
+from blackbox_vqa.text import PAD_ID
 
 __all__ = ["OUTPUT_KINDS", "TorchAdapter", "pad_tokens", "scores_from_logits"]
 
@@ -45,7 +45,6 @@ OutputKind = Literal["softmax", "sigmoid", "probs"]
 OUTPUT_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "probs")
 Tokenizer = Callable[[str], Sequence[int]]
 
-_TOKEN_CACHE_SIZE = 4096
 
 
 def pad_tokens(token_lists: Sequence[Sequence[int]]) -> NDArray[np.int64]:
@@ -160,37 +159,17 @@ class TorchAdapter(BaseAdapter):
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else _default_device()
         self.module = module.to(self.device)
-        self._token_cache: dict[str, list[int]] = {}
+        self._questions = QuestionTokens(self.tokenizer)
         if self.device.type == "cpu":
             _settle_allocator()
 
     def validate_question(self, question: str) -> str:
         """Refuse empty questions and questions whose words are all unknown to the model."""
-        stripped = validate_question(question)
-        unknown_words = getattr(self.tokenizer, "unknown_words", None)
-        if callable(unknown_words):
-            unknown = list(unknown_words(stripped))
-            words = getattr(self.tokenizer, "words", None)
-            n_words = len(words(stripped)) if callable(words) else len(self.tokens(stripped))
-            if unknown and len(unknown) >= n_words:
-                raise QuestionError(
-                    f"none of the words of {stripped!r} are in the model's vocabulary"
-                )
-        if not self.tokens(stripped):
-            raise QuestionError(f"the model's tokenizer found no tokens in {stripped!r}")
-        return stripped
+        return self._questions.validate(question)
 
     def tokens(self, question: str) -> list[int]:
         """Token ids of ``question`` (cached)."""
-        cached = self._token_cache.get(question)
-        if cached is None:
-            cached = [int(t) for t in self.tokenizer(question)]
-            if any(t < 0 for t in cached):
-                raise ModelError(f"tokenizer returned negative ids for {question!r}")
-            if len(self._token_cache) >= _TOKEN_CACHE_SIZE:
-                self._token_cache.clear()
-            self._token_cache[question] = cached
-        return cached
+        return self._questions.tokens(question)
 
     def inputs(
         self, images: Sequence[ImageArray], questions: Sequence[str]
