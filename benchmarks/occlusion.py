@@ -441,6 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.floor_batches, args.captum_best_of = (4, 16, 64), (16, 64)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.grid < 1:
+        parser.error(f"--grid must be >= 1, got {args.grid}")
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]

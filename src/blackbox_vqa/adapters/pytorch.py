@@ -76,8 +76,8 @@ def _settle_allocator() -> None:
     glibc serves a request at or above its *mmap threshold* with a new ``mmap`` and gives
     it back on ``free``; the threshold starts at 128 KiB and rises (to at most 32 MiB)
     only when a larger mmapped block is freed. Until then every CPU forward pass whose
-    activations exceed it page-faults on each fresh page: about 40,000 faults and 1.5x
-    the time of a whole reference-model explanation in a new process
+    activations exceed it page-faults on each fresh page: in a new process the first
+    reference-model explanations took 1.2-1.5x as long, with 20,000-45,000 faults each
     (benchmarks/BENCHMARKS.md, "Occlusion"). Freeing one 30 MiB block once moves the
     threshold where glibc would move it by itself after any such free; results are
     unchanged. Does nothing where the C library is not glibc.
