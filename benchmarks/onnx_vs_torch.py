@@ -10,7 +10,10 @@ For each model of ``models.py`` (``reference``: the easy-VQA reference model, 64
    ``OnnxAdapter`` on the exported file, in one process, for each thread count given
    (used for both torch, ``torch.set_num_threads``, and ONNX Runtime, intra-op threads)
    and each batch size; each repeat runs both, alternating which goes first;
-3. checks that both give the same maps (max abs difference).
+3. checks that both give the same maps (max abs difference);
+4. times bare forward passes of the network in torch and of the session in ONNX Runtime
+   on one batch of preprocessed inputs (no explainer, no adapter), the kernels' own
+   ratio: the floor for the occlusion ratio, since occlusion is nothing but forward passes.
 
 Figures are medians over the repeats; the ratio ONNX/Torch is between medians of the
 same run at the same batch size, and between each framework's best batch size.
@@ -50,7 +53,7 @@ def _time_occlusion(model: Any, image: Any, question: str, grid: int, batch: str
 
 
 def bench_model(name: str, *, threads: list[int], grid: int, repeats: int,
-                batches: list[str]) -> dict[str, Any]:
+                batches: list[str], bare_batch: int) -> dict[str, Any]:
     """Export ``name`` and time occlusion through both adapters; a JSON-ready record."""
     case = build_model(name)
     torch_model = case.adapter
@@ -86,6 +89,9 @@ def bench_model(name: str, *, threads: list[int], grid: int, repeats: int,
             for batch in batches:
                 record["runs"].append(_compare(name, torch_model, onnx_model, case, grid,
                                                batch, repeats, count))
+            record.setdefault("bare", []).append(
+                _bare_forward(name, torch_model, onnx_model, case.question, bare_batch, repeats,
+                              count))
         record["best_ratio"] = {
             count: round(min(r["onnx_s"] for r in record["runs"] if r["threads"] == count)
                          / min(r["torch_s"] for r in record["runs"] if r["threads"] == count), 3)
@@ -128,6 +134,41 @@ def _compare(name: str, torch_model: Any, onnx_model: Any, case: Any, grid: int,
     return run
 
 
+def _bare_forward(name: str, torch_model: Any, onnx_model: Any, question: str, batch: int,
+                  repeats: int, count: int) -> dict[str, Any]:
+    """Bare forward passes on one batch: ``torch_model.module`` vs ``onnx_model.session``."""
+    height, width = onnx_model.preprocessing.image_size
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, height, width, generator=generator)
+    ids = list(onnx_model.tokenizer(question))
+    tokens = torch.tensor([ids] * batch, dtype=torch.int64)
+    feed = {onnx_model.names.image: images.numpy(), onnx_model.names.tokens: tokens.numpy()}
+    module = torch_model.module
+
+    def run_torch() -> None:
+        with torch.inference_mode():
+            module(images.to(torch_model.device), tokens.to(torch_model.device))
+
+    def run_onnx() -> None:
+        onnx_model.session.run(None, feed)
+
+    times: dict[str, list[float]] = {"torch": [], "onnx": []}
+    for run in (run_torch, run_onnx):  # warm-up
+        run()
+    for repeat in range(max(repeats, 3)):
+        order = [("torch", run_torch), ("onnx", run_onnx)]
+        for label, run in order if repeat % 2 == 0 else order[::-1]:
+            started = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - started)
+    torch_s, onnx_s = (statistics.median(times[k]) for k in ("torch", "onnx"))
+    print(f"  {name} threads {count} bare forward, batch {batch}: torch "
+          f"{1000 * torch_s / batch:.1f} ms/input, onnx {1000 * onnx_s / batch:.1f} ms/input, "
+          f"ratio {onnx_s / torch_s:.3f}", flush=True)
+    return {"threads": count, "batch": batch, "torch_ms_per_input": 1000 * torch_s / batch,
+            "onnx_ms_per_input": 1000 * onnx_s / batch, "ratio": round(onnx_s / torch_s, 3)}
+
+
 def _markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"Grid {args.grid}x{args.grid} + words; torch and ONNX Runtime with the same thread "
@@ -144,7 +185,28 @@ def _markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 f"{run['onnx_s']:.3f} | {run['ratio']:.2f} | {run['map_max_diff']:.1g} |"
             )
         for count, ratio in rec["best_ratio"].items():
-            lines.append(f"| {rec['model']} | {count} | best of each | | | | **{ratio:.2f}** | |")
+            runs = [r for r in rec["runs"] if r["threads"] == count]
+            best_torch = min(runs, key=lambda r: r["torch_s"])
+            best_onnx = min(runs, key=lambda r: r["onnx_s"])
+            lines.append(
+                f"| {rec['model']} | {count} | best of each ({best_torch['batch_size']} / "
+                f"{best_onnx['batch_size']}) | | {best_torch['torch_s']:.3f} | "
+                f"{best_onnx['onnx_s']:.3f} | **{ratio:.2f}** | |"
+            )
+    lines += [
+        "",
+        "Bare forward passes (no explainer, no adapter), median of the same repeats:",
+        "",
+        "| model | threads | batch | Torch ms/input | ONNX ms/input | ONNX/Torch |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for rec in records:
+        for bare in rec["bare"]:
+            lines.append(
+                f"| {rec['model']} | {bare['threads']} | {bare['batch']} | "
+                f"{bare['torch_ms_per_input']:.1f} | {bare['onnx_ms_per_input']:.1f} | "
+                f"{bare['ratio']:.2f} |"
+            )
     lines += [
         "",
         "| model | export total s | ONNX export s | graph export s | verify s | exporter | "
@@ -173,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", default="auto,8,32",
                         help="comma-separated batch sizes ('auto' = the explainer's choice)")
+    parser.add_argument("--bare-batch", type=int, default=8,
+                        help="batch size of the bare forward-pass timing (default 8)")
     parser.add_argument("--json", type=Path, help="also write the records here")
     parser.add_argument("--quick", action="store_true", help="grid 4, 1 repeat, auto only")
     args = parser.parse_args(argv)
@@ -185,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     print("# command: python " + " ".join(sys.argv), flush=True)
     records = [
         bench_model(name.strip(), threads=counts, grid=args.grid, repeats=args.repeats,
-                    batches=[b.strip() for b in args.batch_sizes.split(",")])
+                    batches=[b.strip() for b in args.batch_sizes.split(",")],
+                    bare_batch=args.bare_batch)
         for name in args.models.split(",")
     ]
     print(_markdown(records, args))

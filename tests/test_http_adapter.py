@@ -75,6 +75,8 @@ def test_maps_through_http_equal_local_maps(baseline: str) -> None:
     with uvicorn_server(create_app(torch_model)) as url, HttpAdapter(url) as remote:
         assert list(remote.answers) == ["yes", "no", "red"]
         assert remote.score_semantics is None
+        with pytest.raises(InputError, match="2 images but 1 questions; they must pair up"):
+            remote.answer_probs_batch([image, image], [question])
         through = Occlusion(remote, grid=8, baseline=baseline).explain(image, question)
     # Float32 perturbed images travel as .npy, scores as JSON floats: bit for bit equal.
     np.testing.assert_array_equal(through.image_map, local.image_map)

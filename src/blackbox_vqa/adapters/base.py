@@ -29,6 +29,7 @@ __all__ = [
     "ImageArray",
     "VQAModel",
     "check_model",
+    "check_pairs",
     "check_scores",
     "model_name",
 ]
@@ -74,6 +75,14 @@ def model_name(model: object) -> str:
     """A display name: the model's ``name`` attribute, else its class name."""
     name = getattr(model, "name", None)
     return name if isinstance(name, str) and name else type(model).__name__
+
+
+def check_pairs(images: Sequence[object], questions: Sequence[object]) -> None:
+    """Raise :class:`InputError` unless there is one question per image."""
+    if len(images) != len(questions):
+        raise InputError(
+            f"got {len(images)} images but {len(questions)} questions; they must pair up"
+        )
 
 
 def check_scores(scores: object, batch: int, n_answers: int, *, source: str) -> NDArray[np.float64]:
@@ -136,10 +145,7 @@ class BaseAdapter(ABC):
         self, images: Sequence[ImageInput], questions: Sequence[str]
     ) -> NDArray[np.float64]:
         """Scores ``[B, A]`` (``float64``) for ``B`` images and questions."""
-        if len(images) != len(questions):
-            raise InputError(
-                f"got {len(images)} images but {len(questions)} questions; they must pair up"
-            )
+        check_pairs(images, questions)
         if len(images) == 0:
             return np.zeros((0, len(self._answers)), dtype=np.float64)
         arrays = [to_rgb_array(image) for image in images]

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.base import check_scores
+from blackbox_vqa.adapters.base import check_pairs, check_scores
 from blackbox_vqa.adapters.http_formats import (
     FORMATS,
     OTHER_ANSWER,
@@ -260,10 +260,7 @@ class HttpAdapter:
         self, images: Sequence[ImageInput], questions: Sequence[str]
     ) -> NDArray[np.float64]:
         """Scores ``[B, A]`` (``float64``, finite, >= 0) for ``B`` images and questions."""
-        if len(images) != len(questions):
-            raise InputError(
-                f"got {len(images)} images but {len(questions)} questions; they must pair up"
-            )
+        check_pairs(images, questions)
         width = len(self.answers)
         if self.info is None and not self._vocab:
             raise InputError(
