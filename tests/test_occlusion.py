@@ -13,20 +13,11 @@ import math
 import numpy as np
 import pytest
 
-from blackbox_vqa.adapters.pytorch import TorchAdapter
 from blackbox_vqa.errors import ImageError, InputError, ModelOutputError, QuestionError
-from blackbox_vqa.explainers.batching import auto_batch_size
 from blackbox_vqa.explainers.masks import gaussian_blur
 from blackbox_vqa.explainers.occlusion import Occlusion
 
-from toys import (
-    TOY_ANSWERS,
-    BrightnessModel,
-    FixedOutputModel,
-    LinearVQANet,
-    toy_tokenizer,
-    toy_torch_model,
-)
+from toys import BrightnessModel, FixedOutputModel, toy_torch_model
 
 # Perturbed images are float32 (0-255 scale), so the fill is the float32 nearest the
 # ImageNet mean.
@@ -217,32 +208,3 @@ def test_words_only_and_image_only() -> None:
     assert words.image_map.size == 0 and words.evaluations == 5
     image = Occlusion(BrightnessModel(), grid=2, words=False).explain(hand_image(), "a b")
     assert image.words == () and image.evaluations == 5
-
-
-class _Limited(BrightnessModel):
-    batch_size_limit = 5
-
-
-def test_auto_batch_stays_within_the_models_limit_and_the_memory_budget() -> None:
-    image = hand_image(32, 32)  # 32 x 32 x 3 float32 x 48 = 589,824 bytes an input
-    model = _Limited()
-    result = Occlusion(model, grid=4).explain(image, "a b")  # 1 + 16 + 2 = 19 inputs
-    assert result.batch_size == 5 and model.calls == [5, 5, 5, 4]
-    # The memory budget still bounds it: 2 inputs' worth gives batches of 2.
-    assert auto_batch_size(_Limited(), image.shape, 19, memory_budget=2 * 589_824) == 2
-    assert auto_batch_size(BrightnessModel(), image.shape, 19) == 19  # no limit: all at once
-    for bad in (0, -3, True, 2.5, "4"):
-        odd = BrightnessModel()
-        odd.batch_size_limit = bad  # type: ignore[attr-defined]
-        assert auto_batch_size(odd, image.shape, 19) == 19  # not a positive int: ignored
-
-
-@pytest.mark.parametrize(("size", "limit", "auto"), [(224, 6, 6), (64, 73, 64), (448, 1, 1)])
-def test_torch_on_cpu_limits_the_automatic_batch_by_its_input_size(
-        size: int, limit: int, auto: int) -> None:
-    model = TorchAdapter(LinearVQANet(), TOY_ANSWERS, toy_tokenizer(), image_size=size,
-                         device="cpu")
-    assert model.batch_size_limit == limit  # 6 * 224 * 224 pixels // (size * size)
-    result = Occlusion(model, grid=16).explain(hand_image(32, 32), "what color is the shape")
-    assert result.batch_size == auto  # the 32 x 32 image alone would allow 64
-    assert auto_batch_size(model, (32, 32, 3), 3) == min(auto, 3)

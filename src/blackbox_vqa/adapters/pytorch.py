@@ -98,14 +98,6 @@ def _settle_allocator() -> None:
         return
 
 
-# Pixels (at the module's input size) per CPU batch. Measured on this project's 2-core CPU
-# (benchmarks/BENCHMARKS.md, "ONNX Runtime vs PyTorch"): a ResNet-18-sized model at
-# 224 x 224 runs fastest per input at 4-6 inputs a batch; from 8 on, some of its buffers
-# pass glibc's 32 MiB mmap ceiling, so every forward pass page-faults on fresh memory
-# (19,000 faults at 8, 65,000 at 18) and takes 10-25 % longer per input with one thread.
-_CPU_BATCH_PIXELS = 6 * 224 * 224
-
-
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -174,17 +166,6 @@ class TorchAdapter(BaseAdapter):
     def validate_question(self, question: str) -> str:
         """Refuse empty questions and questions whose words are all unknown to the model."""
         return self._questions.validate(question)
-
-    @property
-    def batch_size_limit(self) -> int | None:
-        """The largest batch worth running at once (explainers' ``auto`` stays at or below
-        it): on CPU about 300,000 pixels at the module's input size (6 images of 224 x 224,
-        73 of 64 x 64), beyond which larger activations page-fault on every forward pass;
-        None on other devices."""
-        if self.device.type != "cpu":
-            return None
-        height, width = self.preprocessing.image_size
-        return max(1, _CPU_BATCH_PIXELS // (height * width))
 
     def tokens(self, question: str) -> list[int]:
         """Token ids of ``question`` (cached)."""

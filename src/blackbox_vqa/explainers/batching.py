@@ -14,8 +14,7 @@ _ACTIVATION_FACTOR = 48
 # model runs alike at 32-128 when the machine is quiet, and best at 64-128 when another
 # process takes a core (short parallel regions suffer most); past 64 its activations
 # outgrow what glibc keeps mapped. At 224 x 224 the memory bound gives 18, where a
-# ResNet-18-sized model ran best with two threads (16-32; 1.4x slower at 1, 1.1x at 4);
-# with one thread it runs best at 4-6, which TorchAdapter.batch_size_limit sees to on CPU.
+# ResNet-18-sized model runs best (16-32; 1.4x slower at 1, 1.1x at 4).
 _MAX_AUTO = 64
 
 
@@ -45,27 +44,13 @@ def auto_batch_size(
 
     A model may state its own with an int attribute ``preferred_batch_size``; otherwise
     the size is the number of inputs whose float32 pixels, times a generous activation
-    factor, fit ``memory_budget`` bytes, capped at 64 (larger CPU batches were no faster)
-    and at the model's int attribute ``batch_size_limit`` where it has one (the largest
-    batch worth handing it at once; see ``TorchAdapter.batch_size_limit``).
+    factor, fit ``memory_budget`` bytes, capped at 64 (larger CPU batches were no faster).
     """
-    preferred = _positive_attribute(model, "preferred_batch_size")
-    if preferred is not None:
+    preferred = getattr(model, "preferred_batch_size", None)
+    if isinstance(preferred, int) and preferred > 0:
         return max(1, min(preferred, total))
     pixels = 1
     for side in image_shape:
         pixels *= int(side)
     per_item = pixels * 4 * _ACTIVATION_FACTOR
-    size = min(_MAX_AUTO, memory_budget // max(per_item, 1), total)
-    limit = _positive_attribute(model, "batch_size_limit")
-    if limit is not None:
-        size = min(size, limit)
-    return max(1, size)
-
-
-def _positive_attribute(model: object, name: str) -> int | None:
-    """``model.name`` if it is a positive int (not a bool), else None."""
-    value = getattr(model, name, None)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return None
+    return max(1, min(_MAX_AUTO, memory_budget // max(per_item, 1), total))
