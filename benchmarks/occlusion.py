@@ -224,9 +224,11 @@ def pin_allocator() -> bool:
     to the kernel once more than twice that is free at its top, so a method timed right
     after one with huge batches (``floor@256``, ``captum@256``) page-faults on memory the
     method before it released. With a fixed 32 MiB mmap threshold (the most glibc
-    allows) and a 1 GiB trim threshold, every method sees the steady state that one
-    explanation after another reaches in a user's process (what
-    ``TorchAdapter`` settles glibc into). Returns whether it applied.
+    allows) and a 1 GiB trim threshold, every method sees the same steady state. That
+    state is friendlier than a user's process: ``TorchAdapter`` only raises the mmap
+    threshold, so there glibc still trims its heap, and a ResNet-18-sized model at
+    224 x 224 page-faults from batch 8 on (benchmarks/BENCHMARKS.md, "Torch's batch
+    size"). Returns whether it applied.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
