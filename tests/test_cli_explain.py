@@ -12,29 +12,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.explainers.occlusion import Occlusion
+from cli_runner import run_cli
 
 from toys import BrightnessModel
 
 TESTS = Path(__file__).resolve().parent
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
-
-
 def test_explain_writes_json_and_figures(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    code, stdout, stderr = run(
+    code, stdout, stderr = run_cli(
         ["explain", "-m", "toys:brightness_model", "-i", str(square_image),
-         "-q", "is it not bright?", "--grid", "8", "--out", str(out)], capsys)
+         "-q", "is it not bright?", "--grid", "8", "--out", str(out)])
     assert code == 0, stderr
     assert stderr == ""  # no progress bar off a terminal
     doc = json.loads((out / "explanation.json").read_text())
@@ -60,12 +52,12 @@ def test_explain_writes_json_and_figures(
 
 
 def test_json_to_stdout_equals_the_file(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "o"
-    code, stdout, _ = run(["explain", "-m", "toys:brightness_model", "-i", str(square_image),
-                           "-q", "bright?", "--grid", "4", "--out", str(out), "--json",
-                           "--baseline", "blur", "--window", "16", "--stride", "8"], capsys)
+    code, stdout, _ = run_cli(["explain", "-m", "toys:brightness_model", "-i", str(square_image),
+                               "-q", "bright?", "--grid", "4", "--out", str(out), "--json",
+                               "--baseline", "blur", "--window", "16", "--stride", "8"])
     assert code == 0
     assert json.loads(stdout) == json.loads((out / "explanation.json").read_text())
     doc = json.loads(stdout)
@@ -74,30 +66,29 @@ def test_json_to_stdout_equals_the_file(
 
 
 def test_default_folder_is_new_and_never_overwritten(
-    square_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["explain", "-m", "toys:brightness_model", "-i", str(square_image),
             "-q", "Is it bright?", "--grid", "2"]
-    assert run(args, capsys)[0] == 0
-    assert run(args, capsys)[0] == 0
+    assert run_cli(args)[0] == 0
+    assert run_cli(args)[0] == 0
     assert (tmp_path / "bbvqa-is-it-bright" / "explanation.json").is_file()
     assert (tmp_path / "bbvqa-is-it-bright-2" / "explanation.json").is_file()
 
 
 def test_existing_explanation_needs_force(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "o"
     args = ["explain", "-m", "toys:brightness_model", "-i", str(square_image), "-q", "q?",
             "--grid", "2", "--out", str(out)]
-    assert run(args, capsys)[0] == 0
+    assert run_cli(args)[0] == 0
     before = (out / "explanation.json").read_bytes()
-    code, _, err = run(args, capsys)
+    code, _, err = run_cli(args)
     assert code == 2 and "already holds explanation.json" in err and "--force" in err
     assert (out / "explanation.json").read_bytes() == before
-    assert run([*args, "--force", "--grid", "4"], capsys)[0] == 0
+    assert run_cli([*args, "--force", "--grid", "4"])[0] == 0
     assert json.loads((out / "explanation.json").read_text())["occlusion"]["grid"] == 4
 
 
@@ -145,12 +136,12 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
 )
 def test_bad_inputs_get_one_line_and_an_exit_code(
     image: str, model: str, question: str, extra: list[str], code: int, message: str,
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    square_image: Path, tmp_path: Path,
 ) -> None:
     path = square_image if image == "ok" else _bad_files(tmp_path)[image]
     out = tmp_path / "out"
-    got, _stdout, stderr = run(["explain", "-m", model, "-i", str(path), "-q", question,
-                               "--out", str(out), *extra], capsys)
+    got, _stdout, stderr = run_cli(["explain", "-m", model, "-i", str(path), "-q", question,
+                                   "--out", str(out), *extra])
     assert got == code
     assert message in stderr
     assert "Traceback" not in stderr
@@ -160,10 +151,10 @@ def test_bad_inputs_get_one_line_and_an_exit_code(
 
 
 def test_debug_shows_the_traceback(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
-    code, _, err = run(["explain", "-m", "toys:nan_model", "-i", str(square_image), "-q", "q?",
-                        "--out", str(tmp_path / "o"), "--debug"], capsys)
+    code, _, err = run_cli(["explain", "-m", "toys:nan_model", "-i", str(square_image), "-q", "q?",
+                            "--out", str(tmp_path / "o"), "--debug"])
     assert code == 1 and "Traceback" in err and err.rstrip().endswith("NaN or infinite scores")
 
 
@@ -183,12 +174,12 @@ def test_console_script_and_module_run(square_image: Path, tmp_path: Path) -> No
 
 
 def test_markup_in_the_question_is_printed_as_text(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     question = "is it [/bold] [red]bright[/red]?"
-    code, stdout, stderr = run(["explain", "-m", "toys:brightness_model", "-i", str(square_image),
-                                "-q", question, "--grid", "2", "--out", str(tmp_path / "o")],
-                               capsys)
+    code, stdout, stderr = run_cli(
+        ["explain", "-m", "toys:brightness_model", "-i", str(square_image),
+         "-q", question, "--grid", "2", "--out", str(tmp_path / "o")])
     assert code == 0, stderr
     assert "Q: is it [/bold] [red]bright[/red]?" in stdout
     assert "written to" in stdout and "report.html" in stdout

@@ -16,7 +16,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from blackbox_vqa.adapters.base import BaseAdapter
-from blackbox_vqa.cli.app import main
+from cli_runner import run_cli
 from test_agreement import block_resize
 
 from toys import BrightnessModel, LinearVQANet, toy_tokenizer
@@ -77,14 +77,6 @@ def linear() -> Any:
                         name="linear")
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    captured = capsys.readouterr()
-    code = exit_info.value.code
-    return (0 if code is None else int(code)), captured.out, captured.err
-
-
 def scipy_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(block_resize(np.abs(a)).ravel(), block_resize(np.abs(b)).ravel())[0])
 
@@ -97,14 +89,14 @@ WHITE[0, 1], WHITE[0, 2], WHITE[1, 1], WHITE[1, 2] = 72, 48, 168, 112
 
 
 def test_compare_two_black_boxes_and_a_torch_model(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "cmp"
     specs = ["test_compare_cli:brightness", "test_compare_cli:quadrant", "test_compare_cli:linear"]
-    code, stdout, stderr = run(
+    code, stdout, stderr = run_cli(
         ["compare", *[a for s in specs for a in ("--model", s)], "--image", str(square_image),
          "--question", QUESTION, "--grid", "4", "--baseline", "black", "--top-k", "3",
-         "--out", str(out)], capsys)
+         "--out", str(out)])
     assert code == 0, stderr
     doc = json.loads((out / "comparison.json").read_text())
     assert doc["schema"] == "blackbox_vqa.comparison/1"
@@ -165,12 +157,12 @@ def test_compare_two_black_boxes_and_a_torch_model(
 
 
 def test_best_shared_answer_and_answer_option(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
-    code, stdout, stderr = run(
+    code, stdout, stderr = run_cli(
         ["compare", "-m", "test_compare_cli:brightness", "-m", "test_compare_cli:quadrant",
          "-i", str(square_image), "-q", QUESTION, "--grid", "2", "--answer", "bright",
-         "--out", str(tmp_path / "o"), "--json"], capsys)
+         "--out", str(tmp_path / "o"), "--json"])
     assert code == 0, stderr
     doc = json.loads(stdout)
     assert doc["shared_answers"] == ["dark", "bright"]
@@ -181,12 +173,12 @@ def test_best_shared_answer_and_answer_option(
 
 
 def test_answer_missing_from_a_vocabulary_is_refused(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
-    code, _, stderr = run(
+    code, _, stderr = run_cli(
         ["compare", "-m", "test_compare_cli:brightness", "-m", "test_compare_cli:quadrant",
          "-i", str(square_image), "-q", QUESTION, "--answer", "maybe",
-         "--out", str(tmp_path / "o")], capsys)
+         "--out", str(tmp_path / "o")])
     assert code == 2
     assert stderr.strip().splitlines() == [
         "bbvqa: error: --answer 'maybe' is not among the answers of model(s) "
@@ -195,12 +187,12 @@ def test_answer_missing_from_a_vocabulary_is_refused(
 
 
 def test_a_failing_model_does_not_stop_the_others(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "o"
-    code, stdout, stderr = run(
+    code, stdout, stderr = run_cli(
         ["compare", "-m", "toys:nan_model", "-m", "test_compare_cli:brightness",
-         "-i", str(square_image), "-q", QUESTION, "--grid", "2", "--out", str(out)], capsys)
+         "-i", str(square_image), "-q", QUESTION, "--grid", "2", "--out", str(out)])
     assert code == 1
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bbvqa: error: 1 of 2 model runs failed")
@@ -214,17 +206,16 @@ def test_a_failing_model_does_not_stop_the_others(
 
 
 def test_dataset_mode_accuracy_and_human_attention(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     from blackbox_vqa.datasets import human_maps, open_dataset
     from blackbox_vqa.explainers.occlusion import Occlusion
     from blackbox_vqa.images import load_image
 
     out = tmp_path / "d"
-    code, stdout, stderr = run(
+    code, stdout, stderr = run_cli(
         ["compare", "-m", "test_compare_cli:yesno", "-m", "test_compare_cli:brightness",
-         "--dataset", "easyvqa:test", "--limit", "6", "--grid", "4", "--out", str(out)],
-        capsys)
+         "--dataset", "easyvqa:test", "--limit", "6", "--grid", "4", "--out", str(out)])
     assert code == 0, stderr
     doc = json.loads((out / "comparison.json").read_text())
     by_key = {item.key: item for item in open_dataset("easyvqa:test").items}
@@ -287,10 +278,9 @@ def test_dataset_mode_accuracy_and_human_attention(
 )
 def test_bad_input_gives_one_line_and_exit_code_2(
     args: list[str], message: str, square_image: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
 ) -> None:
     args = [str(square_image) if a == "IMG" else a for a in args]
-    code, _, stderr = run(["compare", *args, "--out", str(tmp_path / "o")], capsys)
+    code, _, stderr = run_cli(["compare", *args, "--out", str(tmp_path / "o")])
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("bbvqa: error: ")
@@ -299,38 +289,38 @@ def test_bad_input_gives_one_line_and_exit_code_2(
 
 
 def test_existing_comparison_needs_force(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     args = ["compare", "-m", "test_compare_cli:brightness", "-m", "test_compare_cli:quadrant",
             "-i", str(square_image), "-q", QUESTION, "--grid", "2", "--out", str(tmp_path)]
-    assert run(args, capsys)[0] == 0
-    code, _, stderr = run(args, capsys)
+    assert run_cli(args)[0] == 0
+    code, _, stderr = run_cli(args)
     assert code == 2 and "already holds comparison.json" in stderr
-    assert run([*args, "--force"], capsys)[0] == 0
+    assert run_cli([*args, "--force"])[0] == 0
 
 
 def test_a_model_that_fails_to_load_stops_before_any_work(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
-    code, _, stderr = run(
+    code, _, stderr = run_cli(
         ["compare", "-m", "test_compare_cli:brightness", "-m", "toys:failing_factory",
-         "-i", str(square_image), "-q", QUESTION, "--out", str(tmp_path / "o")], capsys)
+         "-i", str(square_image), "-q", QUESTION, "--out", str(tmp_path / "o")])
     assert code == 1
     assert "weights file is corrupt" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 
 def test_a_local_model_against_the_same_model_behind_http(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     from blackbox_vqa.server.app import create_app
     from live_server import uvicorn_server
 
     out = tmp_path / "h"
     with uvicorn_server(create_app(linear())) as url:
-        code, stdout, stderr = run(
+        code, stdout, stderr = run_cli(
             ["compare", "-m", "test_compare_cli:linear", "-m", url, "-i", str(square_image),
-             "-q", "is the shape red", "--grid", "4", "--out", str(out)], capsys)
+             "-q", "is the shape red", "--grid", "4", "--out", str(out)])
     assert code == 0, stderr
     doc = json.loads((out / "comparison.json").read_text())
     local, remote = doc["models"]

@@ -17,11 +17,11 @@ import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.evaluation.pos import nltk_tagger_available
 from blackbox_vqa.evaluation.runner import item_rng
 from blackbox_vqa.evaluation.runstore import RunStore
 from blackbox_vqa.explainers.occlusion import Occlusion
+from cli_runner import run_cli
 from vqa_fixture import build_vqa_fixture, square_image
 
 from toys import BrightnessModel
@@ -47,23 +47,13 @@ def grey(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"), dtype=np.float64) / 255.0
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_vqa_hat_run_reports_correlations_computed_independently(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     fx = build_vqa_fixture(tmp_path / "data")
     out = tmp_path / "run"
     code, stdout, _ = run_cli(["evaluate", "--model", "toys:brightness_model", *fx.options(),
-                               "--grid", "4", "--out", str(out)], capsys)
+                               "--grid", "4", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["schema"] == "blackbox_vqa.evaluation/1"
@@ -118,7 +108,7 @@ def _item_files(run: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_a_run_killed_with_sigkill_resumes_and_does_every_item_once(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     run = tmp_path / "run"
     args = ["evaluate", "--model", "eval_toys:slow_brightness", "--dataset", "easyvqa:test",
@@ -146,7 +136,7 @@ def test_a_run_killed_with_sigkill_resumes_and_does_every_item_once(
     with RunStore.open(run, settings) as store:  # every stored item is whole
         assert all(store.read(name[:-4]).meta["status"] == "done" for name in before)
 
-    code, _, err = run_cli(args, capsys)
+    code, _, err = run_cli(args)
     assert code == 0, err
     assert f"{len(before)} stored earlier, {6 - len(before)} to evaluate" in err
     after = _item_files(run)
@@ -159,16 +149,16 @@ def test_a_run_killed_with_sigkill_resumes_and_does_every_item_once(
 
 
 def test_rerunning_with_other_settings_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     base = ["evaluate", "--model", "toys:brightness_model", "--dataset", "easyvqa:test",
             "--methods", "occlusion", "--grid", "2", "--out", str(tmp_path)]
-    assert run_cli([*base, "--limit", "2"], capsys)[0] == 0
-    code, out, err = run_cli([*base, "--limit", "3"], capsys)
+    assert run_cli([*base, "--limit", "2"])[0] == 0
+    code, out, err = run_cli([*base, "--limit", "3"])
     assert code == 2 and out == ""
     assert err.startswith("bbvqa: error: ") and err.count("\n") == 1
     assert "other settings" in err and "limit: 2 there, 3 now" in err
-    again, _, err = run_cli([*base, "--limit", "2"], capsys)  # same settings: nothing to do
+    again, _, err = run_cli([*base, "--limit", "2"])  # same settings: nothing to do
     assert again == 0 and "2 stored earlier, 0 to evaluate" in err
 
 
@@ -183,13 +173,12 @@ def _load_run(run: Path) -> dict[str, tuple[dict[str, object], dict[str, np.ndar
 
 
 def test_parallel_workers_give_results_identical_to_a_serial_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     base = ["evaluate", "--model", "eval_toys:torch_toy", "--dataset", "easyvqa:test",
             "--limit", "4", "--seed", "3", "--grid", "4", "--methods", "occlusion"]
-    assert run_cli([*base, "--out", str(tmp_path / "serial")], capsys)[0] == 0
-    code, _, err = run_cli([*base, "--workers", "2", "--out", str(tmp_path / "parallel")],
-                           capsys)
+    assert run_cli([*base, "--out", str(tmp_path / "serial")])[0] == 0
+    code, _, err = run_cli([*base, "--workers", "2", "--out", str(tmp_path / "parallel")])
     assert code == 0, err
     serial, parallel = _load_run(tmp_path / "serial"), _load_run(tmp_path / "parallel")
     assert list(serial) == list(parallel) and len(serial) == 4
@@ -206,7 +195,7 @@ def test_parallel_workers_give_results_identical_to_a_serial_run(
 
 
 def test_guided_backprop_maps_are_stored_and_correlated(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     from blackbox_vqa.datasets.easyvqa import list_easyvqa, shape_map
     from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
@@ -216,7 +205,7 @@ def test_guided_backprop_maps_are_stored_and_correlated(
     out = tmp_path / "run"
     code, _, err = run_cli(["evaluate", "--model", "eval_toys:torch_toy", "--dataset",
                             "easyvqa:test", "--limit", "2", "--grid", "4", "--methods",
-                            "guided-bp", "--out", str(out)], capsys)
+                            "guided-bp", "--out", str(out)])
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     assert results["methods"] == {"guided-bp": {"available": True, "reason": None}}
@@ -238,11 +227,11 @@ def test_guided_backprop_maps_are_stored_and_correlated(
 
 
 def test_a_model_that_fails_to_load_in_the_workers_is_one_line_exit_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     spec = "blackbox_vqa.specs:no_such_factory"  # fails in the workers, not here
     code, _, err = run_cli(["evaluate", "--model", spec, "--dataset", "easyvqa:test",
-                            "--limit", "2", "--workers", "2", "--out", str(tmp_path)], capsys)
+                            "--limit", "2", "--workers", "2", "--out", str(tmp_path)])
     assert code == 1
     assert err.splitlines()[-1] == (
         "bbvqa: error: 'blackbox_vqa.specs' has no attribute 'no_such_factory' "
@@ -250,11 +239,11 @@ def test_a_model_that_fails_to_load_in_the_workers_is_one_line_exit_1(
 
 
 def test_a_model_without_gradients_and_only_guided_bp_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     code, _, err = run_cli(["evaluate", "--model", "toys:brightness_model", "--dataset",
                             "easyvqa:test", "--limit", "1", "--methods", "guided-bp",
-                            "--out", str(tmp_path)], capsys)
+                            "--out", str(tmp_path)])
     assert code == 2
     assert "none of the methods can run on this model: guided-bp is not available" in err
     assert "offers no gradients" in err
@@ -280,11 +269,11 @@ def test_a_model_without_gradients_and_only_guided_bp_is_refused(
     ],
 )
 def test_bad_options_are_one_line_exit_2(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+    tmp_path: Path, extra: list[str], message: str
 ) -> None:
     args = ["evaluate", "--model", "toys:brightness_model", "--dataset", "easyvqa:test",
             "--out", str(tmp_path / "run")]
-    code, out, err = run_cli([*args, *extra], capsys)
+    code, out, err = run_cli([*args, *extra])
     assert code == 2 and out == ""
     assert err.startswith("bbvqa: error: ") and err.count("\n") == 1
     assert message in err
@@ -292,19 +281,19 @@ def test_bad_options_are_one_line_exit_2(
 
 
 def test_vqa_files_that_are_missing_are_named(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     fx = build_vqa_fixture(tmp_path)
     code, _, err = run_cli(["evaluate", "--dataset", "vqa", "--questions",
                             str(tmp_path / "missing.json"), "--images", str(fx.images),
-                            "--out", str(tmp_path / "run")], capsys)
+                            "--out", str(tmp_path / "run")])
     assert code == 2 and f"--questions file not found: {tmp_path / 'missing.json'}" in err
 
 
 @pytest.mark.skipif(nltk_tagger_available(), reason="nltk's tagger data is installed here")
 def test_asking_for_the_nltk_tagger_without_its_data_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path
 ) -> None:
     code, _, err = run_cli(["evaluate", "--dataset", "easyvqa:test", "--tagger", "nltk",
-                            "--out", str(tmp_path)], capsys)
+                            "--out", str(tmp_path)])
     assert code == 2 and "the nltk tagger needs its data" in err

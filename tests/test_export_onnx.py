@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -17,13 +15,13 @@ from torch import nn
 from blackbox_vqa.adapters.graph import GraphAdapter
 from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
 from blackbox_vqa.adapters.pytorch import TorchAdapter
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.errors import ModelLoadError, NotSupportedError
 from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.exporters.graph import load_graph
 from blackbox_vqa.exporters.metadata import EXPORT_SCHEMA, KEYS, ExportMetadata
 from blackbox_vqa.exporters.onnx import export_model, exporter_reason
+from cli_runner import run_cli
 from test_guided_backprop import small_vqa
 
 from toys import LinearVQANet, toy_tokenizer
@@ -31,21 +29,12 @@ from toys import LinearVQANet, toy_tokenizer
 QUESTIONS = ["what color is the shape", "is there a red circle", "how many shapes"]
 
 
-def run(args: list[str]) -> tuple[int, str, str]:
-    """``bbvqa ARGS`` in this process: exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            pytest.raises(SystemExit) as info:
-        main(args)
-    return int(info.value.code or 0), out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The CNN + LSTM toy exported once by the CLI: (folder, stdout)."""
     folder = tmp_path_factory.mktemp("export") / "small"
-    code, out, err = run(["export", "--model", "test_guided_backprop:small_vqa", "--out",
-                          str(folder)])
+    code, out, err = run_cli(["export", "--model", "test_guided_backprop:small_vqa", "--out",
+                              str(folder)])
     assert code == 0, err
     return folder, out
 
@@ -140,9 +129,9 @@ def test_explain_with_onnx_finds_the_graph_for_guided_bp(
     folder, _ = exported
     png = tmp_path / "in.png"
     Image.fromarray(_image(3)).save(png)
-    code, out, err = run(["explain", "--image", str(png), "-q", "what color is the shape",
-                          "--model", str(folder / "model.onnx"), "--method", "guided-bp",
-                          "--out", str(tmp_path / "e")])
+    code, out, err = run_cli(["explain", "--image", str(png), "-q", "what color is the shape",
+                              "--model", str(folder / "model.onnx"), "--method", "guided-bp",
+                              "--out", str(tmp_path / "e")])
     assert code == 0, err
     assert "gradients from the exported PyTorch graph" in out
     doc = json.loads((tmp_path / "e" / "explanation.json").read_text())
@@ -163,10 +152,11 @@ def test_bare_onnx_refuses_guided_bp_and_all_notes_it(
     Image.fromarray(_image(4)).save(png)
     args = ["explain", "--image", str(png), "-q", "how many shapes", "--model",
             str(bare / "model.onnx")]
-    code, _, err = run([*args, "--method", "guided-bp", "--out", str(tmp_path / "g")])
+    code, _, err = run_cli([*args, "--method", "guided-bp", "--out", str(tmp_path / "g")])
     assert code == 2 and err.count("\n") == 1
     assert "needs a PyTorch graph" in err and "bbvqa export" in err and "ONNX file" in err
-    code, out, err = run([*args, "--method", "all", "--grid", "2", "--out", str(tmp_path / "a")])
+    code, out, err = run_cli([*args, "--method", "all", "--grid", "2",
+                              "--out", str(tmp_path / "a")])
     assert code == 0, err
     doc = json.loads((tmp_path / "a" / "explanation.json").read_text())
     assert set(doc["guided_backprop"]) == {"available", "reason"}
@@ -213,7 +203,7 @@ def length_branch_model() -> TorchAdapter:
 
 def test_unexportable_model_gets_one_line_and_no_files(tmp_path: Path) -> None:
     out = tmp_path / "svd"
-    code, _, err = run(["export", "--model", "test_export_onnx:svd_model", "--out", str(out)])
+    code, _, err = run_cli(["export", "--model", "test_export_onnx:svd_model", "--out", str(out)])
     assert code == 2
     error = err.strip().splitlines()[-1]
     assert error.startswith("bbvqa: error: cannot export to ONNX:") and "svd" in error
@@ -247,13 +237,13 @@ def test_cli_refusals(tmp_path: Path, exported: tuple[Path, str]) -> None:
         (["--model", "test_guided_backprop:small_vqa", "--tolerance", "0"], "tolerance"),
     ]
     for extra, message in cases:
-        code, _, err = run(["export", "--out", str(tmp_path / "o"), *extra])
+        code, _, err = run_cli(["export", "--out", str(tmp_path / "o"), *extra])
         assert code == 2, (extra, err)
         assert message in err and err.count("\n") == 1
-    code, _, err = run(["export", "--model", "test_guided_backprop:small_vqa", "--out",
-                        str(folder)])
+    code, _, err = run_cli(["export", "--model", "test_guided_backprop:small_vqa", "--out",
+                            str(folder)])
     assert code == 2 and "--force" in err
-    code, _, err = run(["export", "--out", str(tmp_path / "o"), "--graph", "onnx"])
+    code, _, err = run_cli(["export", "--out", str(tmp_path / "o"), "--graph", "onnx"])
     assert code == 2 and "onnx" in err
 
 

@@ -28,12 +28,12 @@ from blackbox_vqa.adapters.http_transport import (
     parse_retry_after,
 )
 from blackbox_vqa.adapters.pytorch import TorchAdapter
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app
 from blackbox_vqa.server.wire import BINARY_CONTENT_TYPE, decode_image
 from blackbox_vqa.specs import ModelOptions, load_model
+from cli_runner import run_cli
 from live_server import scripted_server, send_json, uvicorn_server
 
 from toys import BrightnessModel, LinearVQANet, toy_tokenizer
@@ -46,13 +46,6 @@ def square(size: int = 32) -> np.ndarray:
     pixels[size // 4: size // 2, size // 3: 2 * size // 3] = 255
     pixels[..., 1] //= 2
     return pixels
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 @pytest.fixture
@@ -237,15 +230,15 @@ def test_hf_scores_are_lower_bounds_over_a_learned_vocabulary() -> None:
 
 
 def test_cli_explains_an_hf_endpoint_and_records_the_bounds(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     model = BrightnessModel()
     seen: list[dict[str, Any]] = []
     out = tmp_path / "hf"
     with scripted_server(hf_handler(model, seen)) as url:
-        code, _, err = run(["explain", "-m", url, "--http-format", "hf", "-i", str(square_image),
-                            "-q", QUESTION, "--grid", "4", "--baseline", "black",
-                            "--out", str(out)], capsys)
+        code, _, err = run_cli(["explain", "-m", url, "--http-format", "hf",
+                                "-i", str(square_image), "-q", QUESTION, "--grid", "4",
+                                "--baseline", "black", "--out", str(out)])
     assert code == 0, err
     doc = json.loads((out / "explanation.json").read_text())
     local = Occlusion(BrightnessModel(), grid=4, baseline="black").explain(
@@ -283,7 +276,7 @@ def answer_only_handler(model: BrightnessModel, style: str) -> Any:
 
 @pytest.mark.parametrize("style", ["text", "object", "list"])
 def test_answer_only_endpoint_gives_flip_maps(
-    style: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    style: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "flip"
     pixels = np.zeros((64, 64, 3), dtype=np.uint8)
@@ -291,9 +284,9 @@ def test_answer_only_endpoint_gives_flip_maps(
     image = tmp_path / "half.png"
     Image.fromarray(pixels).save(image)
     with scripted_server(answer_only_handler(BrightnessModel(), style)) as url:
-        code, _, err = run(["explain", "-m", url, "--http-format", "answer-only", "-i",
-                            str(image), "-q", "is it dark?", "--grid", "4",
-                            "--baseline", "255,255,255", "--out", str(out)], capsys)
+        code, _, err = run_cli(["explain", "-m", url, "--http-format", "answer-only", "-i",
+                                str(image), "-q", "is it dark?", "--grid", "4",
+                                "--baseline", "255,255,255", "--out", str(out)])
     assert code == 0, err
     doc = json.loads((out / "explanation.json").read_text())
     # Independent: the local model's answer on each perturbed input, compared to the original.
@@ -316,7 +309,7 @@ def test_answer_only_endpoint_gives_flip_maps(
 
 
 def test_headers_reach_the_endpoint_and_are_never_written(
-    square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    square_image: Path, tmp_path: Path
 ) -> None:
     secret = "s3cret-Key-123"
     got: list[str | None] = []
@@ -333,12 +326,12 @@ def test_headers_reach_the_endpoint_and_are_never_written(
     with scripted_server(handle) as url:
         base = ["explain", "-m", url, "--http-format", "hf", "-i", str(square_image), "-q",
                 QUESTION, "--grid", "2", "--out", str(out)]
-        code, stdout, err = run([*base, "--header", f"X-Api-Key: {secret}", "--json"], capsys)
+        code, stdout, err = run_cli([*base, "--header", f"X-Api-Key: {secret}", "--json"])
         assert code == 0, err
         assert set(got) == {secret}
         written = "".join(p.read_bytes().decode("latin-1") for p in out.iterdir())
         assert secret not in written + stdout + err
-        code, _, err = run([*base[:-1], str(tmp_path / "nokey")], capsys)
+        code, _, err = run_cli([*base[:-1], str(tmp_path / "nokey")])
     assert code == 1
     assert "HTTP 401 (Invalid API key)" in err and "--header" in err
     assert not (tmp_path / "nokey").exists()
@@ -357,11 +350,10 @@ def test_headers_reach_the_endpoint_and_are_never_written(
     ],
 )
 def test_bad_http_options_exit_2_without_echoing_secrets(
-    option: list[str], words: str, square_image: Path, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str]
+    option: list[str], words: str, square_image: Path, tmp_path: Path
 ) -> None:
-    code, _, err = run(["explain", "-m", "http://127.0.0.1:9", "-i", str(square_image), "-q",
-                        QUESTION, "--out", str(tmp_path / "o"), *option], capsys)
+    code, _, err = run_cli(["explain", "-m", "http://127.0.0.1:9", "-i", str(square_image), "-q",
+                            QUESTION, "--out", str(tmp_path / "o"), *option])
     assert code == 2
     assert err.startswith("bbvqa: error: ") and err.count("\n") == 1 and words in err
     assert "SECRET" not in err

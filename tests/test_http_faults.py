@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from blackbox_vqa.adapters.http_endpoint import HttpAdapter
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.errors import ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app
 from blackbox_vqa.server.wire import PROTOCOL, answers_digest, decode_image
+from cli_runner import run_cli
 from live_server import scripted_server, send_json, uvicorn_server
 
 from toys import BrightnessModel
@@ -229,19 +229,12 @@ def test_unreachable_endpoint_fails_at_load() -> None:
 # ------------------------------------------------------------------ through the CLI
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
-
-
 @pytest.fixture
-def explain(square_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Any:
+def explain(square_image: Path, tmp_path: Path) -> Any:
     def call(url: str, *extra: str) -> tuple[int, str, Path]:
         out = tmp_path / "out"
-        code, _, err = run(["explain", "-m", url, "-i", str(square_image), "-q", QUESTION,
-                            "--grid", "4", "--out", str(out), *extra], capsys)
+        code, _, err = run_cli(["explain", "-m", url, "-i", str(square_image), "-q", QUESTION,
+                                "--grid", "4", "--out", str(out), *extra])
         return code, err, out
 
     return call

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
 from pathlib import Path
@@ -22,9 +20,9 @@ from blackbox_vqa.adapters.onnx_runtime import (
     read_vocab,
 )
 from blackbox_vqa.adapters.pytorch import TorchAdapter
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
 from blackbox_vqa.explainers.occlusion import Occlusion
+from cli_runner import run_cli
 
 from toys import LinearVQANet, toy_tokenizer
 
@@ -75,14 +73,6 @@ def torch_twin() -> TorchAdapter:
 
 def _image(seed: int, size: int = 12) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-
-
-def run(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-            pytest.raises(SystemExit) as info:
-        main(args)
-    return int(info.value.code or 0), out.getvalue(), err.getvalue()
 
 
 def test_third_party_file_with_user_options_matches_torch(third_party: Path) -> None:
@@ -197,11 +187,11 @@ def cli_files(tmp_path: Path) -> dict[str, Path]:
 def test_cli_explains_a_third_party_onnx_file(third_party: Path, cli_files: dict[str, Path],
                                               tmp_path: Path) -> None:
     out = tmp_path / "e"
-    code, _, err = run(["explain", "--image", str(cli_files["png"]), "-q",
-                        "is there a red circle", "--model", str(third_party), "--answers",
-                        str(cli_files["answers"]), "--vocab", str(cli_files["vocab"]),
-                        "--image-size", "4", "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3",
-                        "--grid", "4", "--threads", "1", "--out", str(out)])
+    code, _, err = run_cli(["explain", "--image", str(cli_files["png"]), "-q",
+                            "is there a red circle", "--model", str(third_party), "--answers",
+                            str(cli_files["answers"]), "--vocab", str(cli_files["vocab"]),
+                            "--image-size", "4", "--mean", "0.5,0.4,0.3", "--std", "0.2,0.25,0.3",
+                            "--grid", "4", "--threads", "1", "--out", str(out)])
     assert code == 0, err
     doc = json.loads((out / "explanation.json").read_text())
     expected = Occlusion(torch_twin(), grid=4).explain(_image(7), "is there a red circle")
@@ -228,26 +218,26 @@ def test_cli_bad_onnx_options(third_party: Path, cli_files: dict[str, Path],
     base = ["explain", "--image", str(cli_files["png"]), "-q", "how many", "--model",
             str(third_party), "--answers", str(cli_files["answers"]), "--vocab",
             str(cli_files["vocab"]), "--out", str(tmp_path / "x")]
-    code, _, err = run([*base, *extra])
+    code, _, err = run_cli([*base, *extra])
     assert code == exit_code
     assert message in err and err.count("\n") == 1
 
 
 def test_cli_onnx_options_are_refused_for_other_models(cli_files: dict[str, Path],
                                                       tmp_path: Path) -> None:
-    code, _, err = run(["explain", "--image", str(cli_files["png"]), "-q", "how many",
-                        "--model", "toys:brightness_model", "--vocab", str(cli_files["vocab"]),
-                        "--threads", "2", "--out", str(tmp_path / "x")])
+    code, _, err = run_cli(["explain", "--image", str(cli_files["png"]), "-q", "how many",
+                            "--model", "toys:brightness_model", "--vocab", str(cli_files["vocab"]),
+                            "--threads", "2", "--out", str(tmp_path / "x")])
     assert code == 2 and "--vocab, --threads: only for .onnx models" in err
 
 
 def test_cli_missing_and_corrupt_onnx_files(cli_files: dict[str, Path], tmp_path: Path) -> None:
     base = ["explain", "--image", str(cli_files["png"]), "-q", "how many", "--out",
             str(tmp_path / "x")]
-    code, _, err = run([*base, "--model", str(tmp_path / "none.onnx")])
+    code, _, err = run_cli([*base, "--model", str(tmp_path / "none.onnx")])
     assert code == 2 and "ONNX file not found" in err
     (tmp_path / "junk.onnx").write_bytes(b"\x00not onnx")
-    code, _, err = run([*base, "--model", str(tmp_path / "junk.onnx")])
+    code, _, err = run_cli([*base, "--model", str(tmp_path / "junk.onnx")])
     assert code == 1 and "ONNX Runtime cannot load" in err and err.count("\n") == 1
     with pytest.raises(ModelLoadError):
         OnnxAdapter(tmp_path / "junk.onnx")

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.cli.app import main
 from blackbox_vqa.cli.serve import bind_socket, is_loopback
 from blackbox_vqa.errors import InputError, ModelLoadError, QuestionError
 from blackbox_vqa.server.app import create_app
@@ -33,6 +32,7 @@ from blackbox_vqa.server.wire import (
     npy_bytes,
     png_bytes,
 )
+from cli_runner import run_cli
 from live_server import uvicorn_server
 
 from toys import BrightnessModel, FixedOutputModel
@@ -292,13 +292,6 @@ def test_is_loopback_and_bind_socket() -> None:
         sock.close()
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
-
-
 @pytest.mark.parametrize(
     ("args", "words"),
     [
@@ -312,20 +305,20 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     ],
 )
 def test_serve_bad_options_exit_2_with_one_line(
-    args: list[str], words: str, capsys: pytest.CaptureFixture[str]
+    args: list[str], words: str
 ) -> None:
-    code, _, err = run(["serve", "--model", "toys:brightness_model", "--port", "0", *args], capsys)
+    code, _, err = run_cli(["serve", "--model", "toys:brightness_model", "--port", "0", *args])
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("bbvqa: error: ") and words in err
 
 
-def test_serve_refuses_a_busy_port(capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_refuses_a_busy_port() -> None:
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen(1)
     port = busy.getsockname()[1]
     try:
-        code, _, err = run(["serve", "-m", "toys:brightness_model", "--port", str(port)], capsys)
+        code, _, err = run_cli(["serve", "-m", "toys:brightness_model", "--port", str(port)])
     finally:
         busy.close()
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and "Traceback" not in err
