@@ -131,7 +131,8 @@ def _bad_files(tmp_path: Path) -> dict[str, Path]:
         ("ok", "toys:brightness_model", "q?", ["--window", "99"], 2, "larger than the image"),
         ("ok", "toys:brightness_model", "q?", ["--answer", "maybe"], 2,
          "answer 'maybe' is not one of"),
-        ("ok", "toys:brightness_model", "q?", ["--method", "magic"], 2, "Invalid value"),
+        ("ok", "toys:brightness_model", "q?", ["--method", "magic"], 2,
+         "unknown method 'magic'"),
     ],
 )
 def test_bad_inputs_get_one_line_and_an_exit_code(

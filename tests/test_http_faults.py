@@ -20,7 +20,7 @@ from blackbox_vqa.adapters.http_endpoint import HttpAdapter
 from blackbox_vqa.errors import ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app
-from blackbox_vqa.server.wire import PROTOCOL, answers_digest, decode_image
+from blackbox_vqa.wire import PROTOCOL, answers_digest, decode_image
 from cli_runner import run_cli
 from live_server import scripted_server, send_json, uvicorn_server
 

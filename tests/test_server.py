@@ -24,7 +24,7 @@ from PIL import Image
 from blackbox_vqa.cli.serve import bind_socket, is_loopback
 from blackbox_vqa.errors import InputError, ModelLoadError, QuestionError
 from blackbox_vqa.server.app import create_app
-from blackbox_vqa.server.wire import (
+from blackbox_vqa.wire import (
     BINARY_CONTENT_TYPE,
     PROTOCOL,
     decode_image,

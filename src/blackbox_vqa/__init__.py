@@ -26,7 +26,7 @@ from blackbox_vqa.text import WordTokenizer
 if TYPE_CHECKING:
     from blackbox_vqa.adapters.pytorch import TorchAdapter
 
-__version__ = "0.1.0"
+from blackbox_vqa.version import __version__
 
 
 def __getattr__(name: str) -> Any:

@@ -1,19 +1,43 @@
-"""The ``explanation.json`` document (schema ``blackbox_vqa.explanation/1``)."""
+"""Typed explanation results and the ``explanation.json`` document they are written as.
+
+An :class:`Attribution` is what one method found (an image map, a word map, and the
+method's own JSON keys); an :class:`Explanation` holds the model's answer on one input and
+one attribution per method that ran, plus the methods that could not run and why. This
+module is the only place that turns them into the document (schema
+``blackbox_vqa.explanation/1``, see the README) and reads them back.
+
+Each method's section of the document is ``{**attribution.extras, "image": image_map,
+"words": word_map}`` under the method's JSON key (``occlusion``, ``guided_backprop``...);
+a method that could not run has ``{"available": false, "reason": ...}`` there.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.explainers.occlusion import OcclusionResult
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.version import __version__
 
-__all__ = ["SCHEMA", "explanation_dict", "occlusion_dict", "top_answers"]
+__all__ = [
+    "SCHEMA",
+    "Attribution",
+    "Explanation",
+    "Unavailable",
+    "top_answers",
+]
 
 SCHEMA = "blackbox_vqa.explanation/1"
+
+ALWAYS_PRESENT = ("occlusion", "guided_backprop")
+"""Method keys the document always has (null when the method did not run)."""
+
+_IMAGE_KEYS = ("path", "width", "height")
 
 
 def top_answers(
@@ -24,67 +48,216 @@ def top_answers(
     return [{"answer": answers[i], "score": float(scores[i])} for i in order]
 
 
-def occlusion_dict(result: OcclusionResult) -> dict[str, Any]:
-    """The ``occlusion`` section."""
-    return {
-        "mode": result.mode,
-        "grid": result.grid,
-        "window": list(result.window) if result.window else None,
-        "stride": list(result.stride) if result.stride else None,
-        "baseline": result.baseline,
-        "baseline_rgb": list(result.baseline_rgb) if result.baseline_rgb else None,
-        "image": result.image_map.tolist(),
-        "words": result.word_map.tolist(),
-        "flips": {
-            "image": result.image_flips,
-            "words": result.word_flips,
-            "image_total": result.image_perturbations,
-            "words_total": len(result.words),
-        },
-        "batch_size": result.batch_size,
-        "evaluations": result.evaluations,
-    }
+@dataclass(frozen=True)
+class Attribution:
+    """What one explanation method found for one input.
 
-
-def explanation_dict(
-    *,
-    model: str,
-    answers: Sequence[str],
-    question: str,
-    image: Mapping[str, Any],
-    occlusion: OcclusionResult | None,
-    primary: Any = None,
-    sections: Mapping[str, Any] | None = None,
-    timing: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    """Assemble the whole document; ``sections`` adds or overrides top-level keys.
-
-    The answer fields come from ``occlusion``, or from ``primary`` (any result with
-    ``answer``, ``answer_index``, ``predicted_index`` and ``scores``, e.g. a gradient
-    result) when occlusion did not run; ``tokens`` are the question's words.
+    Attributes:
+        method: the method's registry name (``"occlusion"``, ``"guided-bp"``...).
+        key: its key in ``explanation.json`` (``"occlusion"``, ``"guided_backprop"``...).
+        signed: whether the maps are signed (a change in score, possibly negative) or
+            magnitudes (>= 0); reports choose their colour scale from it.
+        answer, answer_index: the answer explained; ``probability`` its score on the
+            original input as the method's model saw it.
+        image_map: ``float64``, 2-D: a ``grid x grid`` lattice, a per-pixel map at the
+            image's size, or at the model's input size (gradients).
+        word_map: ``float64 [len(tokens)]``, one importance per token.
+        tokens: the tokens ``word_map`` belongs to (the question's words unless the method
+            saw other tokens).
+        extras: the method's own JSON-ready keys of its section (flips, mode...).
+        stats: numbers an evaluation stores per item (flip counts, evaluations...).
+        arrays: large arrays written beside the document, file name -> array (e.g. the
+            raw gradient ``guided_backprop.npy``); not part of the JSON.
+        seconds: wall time of the method.
     """
-    from blackbox_vqa import __version__
-    from blackbox_vqa.text import split_words
 
-    result = occlusion if occlusion is not None else primary
-    if result is None:
-        raise ValueError("explanation_dict needs an occlusion result or a primary result")
-    doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "model": model,
-        "question": question,
-        "tokens": split_words(question),
-        "image": dict(image),
-        "answer": result.answer,
-        "answer_index": result.answer_index,
-        "predicted_answer": answers[result.predicted_index],
-        "probability": float(result.scores[result.answer_index]),
-        "top_answers": top_answers(answers, result.scores),
-        "occlusion": occlusion_dict(occlusion) if occlusion is not None else None,
-        "guided_backprop": None,
-        "timing": dict(timing or {}),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "version": __version__,
-    }
-    doc.update(sections or {})
-    return doc
+    method: str
+    key: str
+    signed: bool
+    answer: str
+    answer_index: int
+    probability: float
+    image_map: NDArray[np.float64]
+    word_map: NDArray[np.float64]
+    tokens: tuple[str, ...]
+    extras: Mapping[str, Any] = field(default_factory=dict)
+    stats: Mapping[str, float] = field(default_factory=dict)
+    arrays: Mapping[str, NDArray[Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def section(self, *, with_files: bool = True) -> dict[str, Any]:
+        """The method's section of ``explanation.json``; without files (the ``arrays`` are
+        not written), keys naming one of them are null."""
+        extras = dict(self.extras)
+        if not with_files:
+            extras = {k: None if isinstance(v, str) and v in self.arrays else v
+                      for k, v in extras.items()}
+        return {**extras, "image": self.image_map.tolist(), "words": self.word_map.tolist()}
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A method that could not run on a model, and why."""
+
+    method: str
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A model's answer on one image and question, explained by one or more methods.
+
+    Attributes:
+        model: the model's label (its spec or name).
+        question: the question (stripped); ``tokens`` its words.
+        image: ``path`` (or None), ``width`` and ``height`` of the image as given.
+        answer, answer_index: the answer explained; ``probability`` its score.
+        predicted_answer: the answer the model predicts on the original input.
+        top_answers: up to five ``(answer, score)``, best first.
+        attributions: method name -> :class:`Attribution`, in the order they ran.
+        unavailable: method name -> :class:`Unavailable`.
+        sections: further top-level keys of the document (``score_semantics``...).
+        answers, scores: the model's whole vocabulary and scores ``[A]`` (empty when
+            read back from a document, which keeps only the top answers).
+        created, version: when and by which version it was made.
+    """
+
+    model: str
+    question: str
+    tokens: tuple[str, ...]
+    image: Mapping[str, Any]
+    answer: str
+    answer_index: int
+    predicted_answer: str
+    probability: float
+    top_answers: tuple[tuple[str, float], ...]
+    attributions: Mapping[str, Attribution] = field(default_factory=dict)
+    unavailable: Mapping[str, Unavailable] = field(default_factory=dict)
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    answers: tuple[str, ...] = ()
+    scores: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    created: str = ""
+    version: str = __version__
+
+    def attribution(self, method: str) -> Attribution | None:
+        """The attribution of ``method`` (registry name), or None when it did not run."""
+        return self.attributions.get(method)
+
+    @property
+    def timing(self) -> dict[str, float]:
+        """Seconds per method, keyed ``"<json key>_s"``."""
+        return {f"{a.key}_s": round(a.seconds, 4) for a in self.attributions.values()}
+
+    def to_dict(self, *, with_files: bool = True) -> dict[str, Any]:
+        """The ``explanation.json`` document (``with_files``: see
+        :meth:`Attribution.section`)."""
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "model": self.model,
+            "question": self.question,
+            "tokens": list(self.tokens),
+            "image": {key: self.image.get(key) for key in _IMAGE_KEYS},
+            "answer": self.answer,
+            "answer_index": self.answer_index,
+            "predicted_answer": self.predicted_answer,
+            "probability": self.probability,
+            "top_answers": [{"answer": a, "score": s} for a, s in self.top_answers],
+        }
+        for key in ALWAYS_PRESENT:
+            doc[key] = None
+        for gone in self.unavailable.values():
+            doc[gone.key] = {"available": False, "reason": gone.reason}
+        for found in self.attributions.values():
+            doc[found.key] = found.section(with_files=with_files)
+        doc["timing"] = self.timing
+        doc["created"] = self.created or _now()
+        doc["version"] = self.version
+        doc.update(self.sections)
+        return doc
+
+    @classmethod
+    def from_dict(
+        cls, doc: Mapping[str, Any], methods: Mapping[str, tuple[str, bool]]
+    ) -> Explanation:
+        """Read a document back; ``methods`` maps each JSON key to ``(method name, signed)``
+        (the registry's :func:`~blackbox_vqa.explainers.registry.method_keys`). Sections of
+        keys not in ``methods`` stay in ``sections``."""
+        try:
+            return _from_dict(cls, doc, methods)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"not an explanation document: {type(exc).__name__}: {exc}") \
+                from exc
+
+
+_TOP_LEVEL = frozenset({
+    "schema", "model", "question", "tokens", "image", "answer", "answer_index",
+    "predicted_answer", "probability", "top_answers", "timing", "created", "version",
+})
+
+
+def _from_dict(
+    cls: type[Explanation], doc: Mapping[str, Any], methods: Mapping[str, tuple[str, bool]]
+) -> Explanation:
+    tokens = tuple(str(t) for t in doc.get("tokens", []))
+    timing = doc.get("timing") or {}
+    attributions: dict[str, Attribution] = {}
+    unavailable: dict[str, Unavailable] = {}
+    sections: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in _TOP_LEVEL:
+            continue
+        if key not in methods:
+            sections[key] = value
+            continue
+        name, signed = methods[key]
+        if not isinstance(value, Mapping):
+            continue
+        if value.get("available") is False:
+            unavailable[name] = Unavailable(name, key, str(value.get("reason") or ""))
+            continue
+        attributions[name] = _attribution(name, key, signed, value, doc, tokens, timing)
+    return cls(
+        model=str(doc["model"]),
+        question=str(doc["question"]),
+        tokens=tokens,
+        image=dict(doc.get("image") or {}),
+        answer=str(doc["answer"]),
+        answer_index=int(doc["answer_index"]),
+        predicted_answer=str(doc.get("predicted_answer", doc["answer"])),
+        probability=float(doc["probability"]),
+        top_answers=tuple((str(e["answer"]), float(e["score"]))
+                          for e in doc.get("top_answers", [])),
+        attributions=attributions,
+        unavailable=unavailable,
+        sections=sections,
+        created=str(doc.get("created", "")),
+        version=str(doc.get("version", "")),
+    )
+
+
+def _attribution(
+    name: str, key: str, signed: bool, section: Mapping[str, Any], doc: Mapping[str, Any],
+    tokens: tuple[str, ...], timing: Mapping[str, Any],
+) -> Attribution:
+    extras = {k: v for k, v in section.items() if k not in ("image", "words")}
+    image = np.asarray(section.get("image") or np.zeros((0, 0)), dtype=np.float64)
+    words = np.asarray(section.get("words") or [], dtype=np.float64)
+    own = section.get("tokens")
+    return Attribution(
+        method=name,
+        key=key,
+        signed=signed,
+        answer=str(section.get("answer", doc["answer"])),
+        answer_index=int(section.get("answer_index", doc["answer_index"])),
+        probability=float(section.get("probability", doc["probability"])),
+        image_map=image.reshape(0, 0) if image.size == 0 else image,
+        word_map=words,
+        tokens=tuple(str(t) for t in own) if isinstance(own, list) and own else tokens,
+        extras=extras,
+        seconds=float(timing.get(f"{key}_s", 0.0)),
+    )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

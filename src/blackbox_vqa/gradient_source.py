@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_gradient_source", "graph_beside", "no_gradients_reason"]
+__all__ = [
+    "find_gradient_source",
+    "gradient_source_reason",
+    "graph_beside",
+    "no_gradients_reason",
+]
 
 
 def graph_beside(vqa: Any) -> Path | None:
@@ -32,9 +37,13 @@ def graph_beside(vqa: Any) -> Path | None:
 
 def no_gradients_reason(spec: str, vqa: Any) -> str:
     """Why `spec` has no gradients, and how to get them (one line)."""
+    from blackbox_vqa.errors import InputError
     from blackbox_vqa.specs import spec_kind
 
-    kind = spec_kind(spec)
+    try:
+        kind = spec_kind(spec)
+    except InputError:  # a label, not a spec (a model object passed from Python)
+        kind = "object"
     what = {
         "onnx": "an ONNX file with no exported PyTorch graph beside it (ONNX Runtime "
         "computes no gradients)",
@@ -45,6 +54,16 @@ def no_gradients_reason(spec: str, vqa: Any) -> str:
         "`bbvqa export --model SPEC --out DIR` on the PyTorch model (it writes model.onnx "
         "and the graph beside it) and pass that"
     )
+
+
+def gradient_source_reason(spec: str, vqa: Any) -> str | None:
+    """None when ``vqa`` has gradients or an exported graph lies beside it (nothing is
+    loaded), else why it has none."""
+    from blackbox_vqa.adapters.gradients import has_gradients
+
+    if has_gradients(vqa) or graph_beside(vqa) is not None:
+        return None
+    return no_gradients_reason(spec, vqa)
 
 
 def find_gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:

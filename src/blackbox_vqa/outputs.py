@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,9 +18,11 @@ __all__ = [
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_dir",
     "new_output_dir",
     "prepare_output_dir",
     "slugify",
+    "staged_output_dir",
 ]
 
 
@@ -89,3 +93,48 @@ def prepare_output_dir(path: str | os.PathLike[str], *, force: bool, marker: str
     except OSError as exc:
         raise InputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
     return out
+
+
+def check_output_dir(path: str | os.PathLike[str], *, force: bool, marker: str) -> Path:
+    """Refuse, before any work, an output folder that cannot be used: a file in its place,
+    one holding ``marker`` (unless ``force``), or a parent that cannot be written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output path {out} exists and is not a folder")
+    if (out / marker).exists() and not force:
+        raise InputError(f"{out} already holds {marker}; choose another --out or pass --force")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create output folder {out}: {parent} is not writable")
+    return out
+
+
+@contextmanager
+def staged_output_dir(
+    path: str | os.PathLike[str], *, force: bool, marker: str
+) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to write every output into; on success it
+    becomes ``path`` (renamed whole when ``path`` does not exist, else its files are moved
+    in one by one, ``marker`` last); on any error or interrupt it is removed and ``path``
+    is left as it was. A folder left half-written cannot happen, so a rerun is never
+    refused because of one."""
+    out = check_output_dir(path, force=force, marker=marker)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise InputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    try:
+        yield stage
+        os.chmod(stage, 0o777 & ~_umask())
+        if not out.exists():
+            os.rename(stage, out)
+            return
+        names = sorted(p.name for p in stage.iterdir() if p.name != marker)
+        for name in [*names, marker]:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+    except OSError as exc:
+        raise InputError(f"cannot write output folder {out}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

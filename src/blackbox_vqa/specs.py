@@ -17,7 +17,7 @@ from typing import Any
 from blackbox_vqa.adapters.base import VQAModel, check_model
 from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
 
-__all__ = ["LOADERS", "ModelOptions", "load_model", "spec_kind"]
+__all__ = ["LOADERS", "ModelOptions", "display_spec", "load_model", "spec_kind"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 GRAPH_SUFFIXES = (".pt2", ".ts", ".torchscript")
@@ -51,6 +51,25 @@ def spec_kind(spec: str) -> str:
         f"model spec {spec!r} is not one of: easyvqa, PATH.onnx, PATH.pt2/.ts (exported "
         "graph), http://host:port[/path], package.module:factory"
     )
+
+
+def display_spec(spec: str) -> str:
+    """``spec`` fit to show and write: an URL loses its user name, password, query and
+    fragment; other specs are unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    text = spec.strip()
+    if not text.lower().startswith(("http://", "https://")):
+        return text
+    try:
+        parts = urlsplit(text)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = host if parts.port is None else f"{host}:{parts.port}"
+    except ValueError:
+        return text.split("@")[-1].split("?")[0]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _load_easyvqa(spec: str, options: ModelOptions) -> object:

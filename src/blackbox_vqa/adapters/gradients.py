@@ -59,6 +59,9 @@ class InputGradients:
         scores: the model's scores ``[A]`` (``float64``) on the input.
         guided: whether every ReLU was guided.
         words_note: why ``words`` is ``None`` (empty otherwise).
+        relus_guided: in guided mode, how many ReLU backward steps were guided (0: the
+            model has no ReLU on the path, so the gradient is the plain one); None when
+            not guided or not counted.
     """
 
     image: NDArray[np.float32]
@@ -69,6 +72,7 @@ class InputGradients:
     scores: NDArray[np.float64]
     guided: bool
     words_note: str = ""
+    relus_guided: int | None = None
 
 
 @runtime_checkable
@@ -92,7 +96,7 @@ class GradientModel(Protocol):
 
 def has_gradients(model: object) -> bool:
     """Whether ``model`` offers the gradient protocol."""
-    return callable(getattr(model, "input_gradients", None))
+    return isinstance(model, GradientModel)
 
 
 def answer_index(answers: Sequence[str], answer: str | int | None, predicted: int) -> int:

@@ -20,7 +20,7 @@ from torch import nn
 from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, TorchAdapter
 from blackbox_vqa.errors import ModelLoadError
 from blackbox_vqa.exporters.graph import load_graph
-from blackbox_vqa.exporters.metadata import ExportMetadata
+from blackbox_vqa.metadata import ExportMetadata
 
 __all__ = ["GraphAdapter"]
 

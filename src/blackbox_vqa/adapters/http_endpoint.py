@@ -52,7 +52,7 @@ from blackbox_vqa.adapters.http_transport import (
 )
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.server.wire import ANSWER_PROBS_PATH, INFO_PATH
+from blackbox_vqa.wire import ANSWER_PROBS_PATH, INFO_PATH
 
 __all__ = [
     "DEFAULT_CONCURRENCY",

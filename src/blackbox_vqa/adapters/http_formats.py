@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.server.wire import (
+from blackbox_vqa.wire import (
     BINARY_CONTENT_TYPE,
     PROTOCOL,
     answers_digest,

@@ -5,7 +5,7 @@ Files written by ``bbvqa export`` carry their answers, tokenizer and preprocessi
 metadata). The image and token inputs and the output are found by their types when that
 is unambiguous (one rank-4 float input, one rank-2 integer input, one output), else named
 by the caller. Images go through the same
-:class:`~blackbox_vqa.adapters.preprocess.Preprocessing` code as
+:class:`~blackbox_vqa.preprocess.Preprocessing` code as
 :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`, so both see bit-identical tensors.
 
 Sessions use the CUDA execution provider when ``onnxruntime-gpu`` and a GPU are present,
@@ -27,11 +27,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, pad_tokens
 from blackbox_vqa.adapters.questions import QuestionTokens
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
-from blackbox_vqa.exporters.metadata import ExportMetadata
+from blackbox_vqa.metadata import ExportMetadata
 from blackbox_vqa.text import WordTokenizer
 
 __all__ = [
@@ -422,7 +422,7 @@ def _read_text(path: str | os.PathLike[str], option: str) -> str:
 
 def _size_option(value: Any) -> tuple[int, int]:
     if isinstance(value, str):
-        from blackbox_vqa.cli.options import parse_size
+        from blackbox_vqa.sizes import parse_size
 
         parsed = parse_size(value, "--image-size")
         if parsed is None:

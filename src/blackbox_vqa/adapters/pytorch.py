@@ -1,7 +1,7 @@
 """TorchAdapter: a user's ``nn.Module`` behind the model protocol.
 
 The module's ``forward(image, tokens)`` takes a float tensor ``[B, 3, H, W]`` (resized and
-normalised as described by :class:`~blackbox_vqa.adapters.preprocess.Preprocessing`) and a
+normalised as described by :class:`~blackbox_vqa.preprocess.Preprocessing`) and a
 long tensor ``[B, T]`` of token ids, right-padded with ``0``, and returns answer logits
 ``[B, A]``. The adapter turns those into scores with a softmax, a sigmoid, or as they are
 (``output="probs"`` for a module that already returns probabilities).
@@ -28,7 +28,7 @@ from blackbox_vqa.adapters.gradients import (
     find_embedding,
     guided_relu,
 )
-from blackbox_vqa.adapters.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.adapters.questions import QuestionTokens
 from blackbox_vqa.errors import (
     BlackboxVQAError,
@@ -254,7 +254,7 @@ class TorchAdapter(BaseAdapter):
                 raise ModelOutputError(f"{self.name} returned NaN or infinite scores")
             predicted = int(np.argmax(values))
             index = answer_index(self.answers, answer, predicted)
-            grads = self._backward(scores[index], wrt, guided)
+            grads, relus = self._backward(scores[index], wrt, guided)
         words = None if offsets is None else _numpy32(grads[1])[0]
         return InputGradients(
             image=_numpy32(grads[0])[0],
@@ -265,6 +265,7 @@ class TorchAdapter(BaseAdapter):
             scores=values,
             guided=guided,
             words_note=note,
+            relus_guided=relus,
         )
 
     def _word_offsets(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, str]:
@@ -290,10 +291,11 @@ class TorchAdapter(BaseAdapter):
 
     def _backward(
         self, score: torch.Tensor, wrt: list[torch.Tensor], guided: bool
-    ) -> list[torch.Tensor]:
-        """``d score / d wrt`` (zeros where unused), every ReLU guided when ``guided``."""
+    ) -> tuple[list[torch.Tensor], int | None]:
+        """``d score / d wrt`` (zeros where unused), every ReLU guided when ``guided``, and
+        how many ReLU backward steps were guided (None when not guided)."""
         try:
-            with guided_relu(guided):
+            with guided_relu(guided) as mode:
                 grads = torch.autograd.grad(score, wrt, allow_unused=True)
         except BlackboxVQAError:
             raise
@@ -301,7 +303,8 @@ class TorchAdapter(BaseAdapter):
             raise ModelError(
                 f"{self.name}: backward pass failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
+        found = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
+        return found, None if mode is None else mode.calls
 
 
 def _numpy32(tensor: torch.Tensor) -> NDArray[np.float32]:

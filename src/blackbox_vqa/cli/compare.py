@@ -165,7 +165,7 @@ def _gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
 def _header(settings: Any) -> dict[str, Any]:
     from datetime import datetime, timezone
 
-    from blackbox_vqa import __version__
+    from blackbox_vqa.version import __version__
 
     return {
         "schema": SCHEMA,

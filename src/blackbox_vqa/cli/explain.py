@@ -1,42 +1,44 @@
-"""``bbvqa explain``: explain one answer of one model on one image and question."""
+"""``bbvqa explain``: explain one answer of one model on one image and question.
+
+The work is :func:`blackbox_vqa.explain.explain`; this module parses the options, shows
+progress, writes the output folder and prints the summary.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
-from blackbox_vqa.errors import InputError
+from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
+from blackbox_vqa.errors import GradientUnavailableError, InputError
 
-__all__ = ["Method", "explain_command"]
+if TYPE_CHECKING:
+    from blackbox_vqa.explanation import Attribution, Explanation
 
+__all__ = ["explain_command", "terminal_text"]
 
-class Method(str, Enum):
-    """Explanation methods ``--method`` accepts."""
-
-    occlusion = "occlusion"
-    guided_bp = "guided-bp"
-    gradient = "gradient"
-    all = "all"
+MARKER = "explanation.json"
 
 
+@with_model_options
 def explain_command(
     image: Annotated[Path, typer.Option("--image", "-i", help="Image file (PNG, JPEG, ...).")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, "
-                                       "package.module:factory, ...")] = "easyvqa",
-    method: Annotated[Method, typer.Option(help="Explanation method: occlusion, guided-bp "
-                                           "(guided backpropagation), gradient (plain) or "
-                                           "all.")] = Method.occlusion,
+                                       "package.module:factory, PATH.onnx, http://..., "
+                                       "@FILE:NAME ...")] = "easyvqa",
+    method: Annotated[str, typer.Option(help="Explanation method(s), comma-separated: "
+                                        "occlusion, guided-bp (guided backpropagation), "
+                                        "gradient (plain), any registered method, or "
+                                        "all.")] = "occlusion",
     answer: Annotated[str | None, typer.Option(help="Explain this answer instead of the "
                                                "predicted one.")] = None,
     grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
@@ -54,44 +56,19 @@ def explain_command(
                                         "explanation.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print explanation.json to "
                                           "stdout.")] = False,
-    http_format: Annotated[str, typer.Option(help="Wire format of an http:// model: ours, "
-                                             "hf (top-k lists) or answer-only.")] = "ours",
-    header: Annotated[list[str] | None, typer.Option(help="Extra HTTP header 'Name: value' "
-                                                     "(repeatable; never printed).")] = None,
-    http_concurrency: Annotated[int | None, typer.Option(help="Most HTTP requests in flight "
-                                                         "(default 4).")] = None,
-    http_timeout: Annotated[float, typer.Option(help="HTTP read timeout, seconds.")] = 60.0,
-    answers_file: Annotated[Path | None, typer.Option("--answers", help="ONNX file without "
-                                                      "metadata: its answers, one per line "
-                                                      "(or a JSON list).")] = None,
-    vocab: Annotated[Path | None, typer.Option(help="ONNX file without metadata: its "
-                                               "vocabulary (JSON word->id, or one word per "
-                                               "line, ids from 2).")] = None,
-    image_size: Annotated[str | None, typer.Option(help="ONNX file: model input size N or "
-                                                   "HxW.")] = None,
-    mean: Annotated[str | None, typer.Option(help="ONNX file: normalisation mean 'r,g,b' "
-                                             "(0-1 scale; default ImageNet's).")] = None,
-    std: Annotated[str | None, typer.Option(help="ONNX file: normalisation std 'r,g,b' "
-                                            "(0-1 scale; default ImageNet's).")] = None,
-    output_kind: Annotated[str | None, typer.Option(help="ONNX file: its output is "
-                                                    "softmax (logits), sigmoid (logits) or "
-                                                    "probs.")] = None,
-    image_input: Annotated[str | None, typer.Option(help="ONNX file: name of the image "
-                                                    "input (default: found by type).")] = None,
-    tokens_input: Annotated[str | None, typer.Option(help="ONNX file: name of the token "
-                                                     "input (default: found by type).")] = None,
-    output_name: Annotated[str | None, typer.Option(help="ONNX file: name of the score "
-                                                    "output (default: the only one).")] = None,
-    threads: Annotated[int | None, typer.Option(help="ONNX Runtime intra-op threads "
-                                                "(default: one per core).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    *,
+    model_settings: ModelSettings,
 ) -> None:
     """Explain which image cells and question words made the model answer as it did."""
-    from blackbox_vqa.cli.options import parse_size
+    from blackbox_vqa.cli.model_options import load
+    from blackbox_vqa.explain import Explainer
     from blackbox_vqa.explainers.batching import parse_batch_size
     from blackbox_vqa.explainers.masks import parse_baseline
+    from blackbox_vqa.explainers.registry import MethodSettings, parse_methods
     from blackbox_vqa.images import load_image
-    from blackbox_vqa.specs import ModelOptions, load_model
+    from blackbox_vqa.outputs import check_output_dir, new_output_dir, slugify
+    from blackbox_vqa.sizes import parse_size
     from blackbox_vqa.text import validate_question
 
     if grid < 1:
@@ -102,70 +79,65 @@ def explain_command(
         raise InputError("--stride needs --window")
     parse_baseline(baseline)
     parse_batch_size(batch_size)
+    names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
-    vqa = load_model(model, ModelOptions(extra={
-        "http_format": http_format, "http_headers": header or [],
-        "http_concurrency": http_concurrency, "http_timeout": http_timeout,
-        **_onnx_options(model, answers_file, vocab, image_size, mean, std, output_kind,
-                        image_input, tokens_input, output_name, threads)}))
-    gradients = _gradient_source(method, model, vqa)
-    if callable(prepare := getattr(vqa, "prepare", None)):
-        prepare(pixels, question.strip())  # HTTP models: batch sizes, learned answers
-    occlusion, seconds = None, 0.0
-    if method in (Method.occlusion, Method.all):
-        occlusion, seconds = _occlude(
-            vqa, pixels, question, answer=answer, grid=grid, window=window_hw,
-            stride=stride_hw, baseline=baseline, batch_size=batch_size,
-        )
-        answer = occlusion.answer
-    runs = _run_gradients(method, gradients, pixels, question, answer)
-    doc = _document(model, vqa, image, pixels, question, occlusion, seconds, runs)
-    _add_gradient_sections(doc, runs)
-    folder = _output_folder(out, question, force)
-    written = _write(folder, doc, pixels, occlusion, runs)
+    folder = out if out is not None else new_output_dir(
+        Path.cwd(), f"bbvqa-{slugify(question)}")
+    check_output_dir(folder, force=force, marker=MARKER)
+    loaded = load(model, model_settings)
+    settings = MethodSettings(grid=grid, window=window_hw, stride=stride_hw,
+                              baseline=baseline, batch_size=batch_size)
+    explainer = Explainer(loaded.model, methods=names, settings=settings,
+                          label=_label(loaded, model))
+    _refuse_unavailable(explainer, method)
+    found = explainer.explain(pixels, question, answer=answer, progress=_progress)
+    found = _with_image_path(found, image)
+    doc = found.to_dict()
+    written = _write(folder, force, found, doc, pixels)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         console = _console()
-        if occlusion is not None:
-            _print_summary(console, doc, occlusion)
-        _print_gradients(console, doc, runs)
+        _print(console, found)
         console.print(f"written to {escape(str(folder))}/ ({', '.join(written)})")
 
 
-def _occlude(vqa: Any, pixels: Any, question: str, **options: Any) -> tuple[Any, float]:
-    from blackbox_vqa.cli.progress import progress_bar
-    from blackbox_vqa.explainers.occlusion import Occlusion
-
-    answer = options.pop("answer")
-    started = time.perf_counter()
-    with progress_bar("occlusion") as update:
-        explainer = Occlusion(vqa, progress=update, **options)
-        result = explainer.explain(pixels, question, answer=answer)
-    return result, time.perf_counter() - started
-
-
-def _document(
-    spec: str, vqa: Any, image: Path, pixels: Any, question: str, occlusion: Any,
-    seconds: float, runs: list[GradientRun],
-) -> dict[str, Any]:
+def _label(loaded: Any, text: str) -> str:
+    """The model's own name when it has one, else its spec (as shown, no credentials)."""
     from blackbox_vqa.adapters.base import model_name
-    from blackbox_vqa.explanation import explanation_dict
 
-    height, width = pixels.shape[:2]
-    name = model_name(vqa)
-    semantics = getattr(vqa, "score_semantics", None)
-    return explanation_dict(
-        model=spec if name in ("model", type(vqa).__name__) else name,
-        answers=list(vqa.answers),
-        question=question.strip(),
-        image={"path": str(image), "width": width, "height": height},
-        occlusion=occlusion,
-        primary=runs[0].result if runs else None,
-        timing={"occlusion_s": round(seconds, 4)} if occlusion is not None else {},
-        sections={"score_semantics": semantics} if semantics else None,
-    )
+    name = model_name(loaded.model)
+    if text.strip().startswith("@") or name in ("model", type(loaded.model).__name__):
+        return str(loaded.label)
+    return name
+
+
+def _refuse_unavailable(explainer: Any, method: str) -> None:
+    """A method asked for by name that the model cannot serve is an error (exit 2);
+    ``all`` goes on without it."""
+    if "all" in [m.strip().lower() for m in method.split(",")]:
+        return
+    if explainer.unavailable:
+        name, gone = next(iter(explainer.unavailable.items()))
+        others = [m for m in explainer.available]
+        hint = (f", or use --method {','.join(others)}" if others
+                else ", or use --method occlusion")
+        raise GradientUnavailableError(f"{name}: {gone.reason}{hint}")
+
+
+@contextmanager
+def _progress(method: str) -> Iterator[Callable[[int, int], None]]:
+    from blackbox_vqa.cli.progress import progress_bar
+
+    with progress_bar(method) as update:
+        yield update
+
+
+def _with_image_path(found: Explanation, image: Path) -> Explanation:
+    from dataclasses import replace
+
+    return replace(found, image={**found.image, "path": str(image)})
 
 
 def _console() -> Any:
@@ -174,58 +146,112 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
-def escape(text: str) -> str:
-    """Escape Rich markup in untrusted text (questions, answers, paths)."""
+def terminal_text(text: object) -> str:
+    """Untrusted text (questions, answers, paths, messages) made safe to print: control
+    characters shown escaped (a model's answer cannot move the cursor or retitle the
+    terminal) and Rich markup escaped."""
     from rich.markup import escape as rich_escape
 
-    return rich_escape(text)
+    from blackbox_vqa.terminal import terminal_safe
+
+    return rich_escape(terminal_safe(str(text)))
 
 
-def _output_folder(out: Path | None, question: str, force: bool) -> Path:
-    from blackbox_vqa.outputs import new_output_dir, prepare_output_dir, slugify
-
-    folder = out if out is not None else new_output_dir(Path.cwd(), f"bbvqa-{slugify(question)}")
-    return prepare_output_dir(folder, force=force, marker="explanation.json")
+escape = terminal_text
 
 
-def _write(
-    folder: Path, doc: dict[str, Any], pixels: Any, occlusion: Any,
-    runs: list[GradientRun] | None = None,
-) -> list[str]:
-    """Write every output file atomically; return their names."""
-    from blackbox_vqa.outputs import atomic_write_json
-    from blackbox_vqa.report.figures import heatmap_figure, save_figure, words_figure
-
-    answer = doc["answer"]
-    figures: list[tuple[str, Callable[[], Any]]] = [] if occlusion is None else [
-        ("occlusion.png", lambda: heatmap_figure(
-            pixels, occlusion.image_map, title=f"occlusion: {answer!r}")),
-        ("words.png", lambda: words_figure(
-            occlusion.words, occlusion.word_map, title=f"word occlusion: {answer!r}")),
-    ]
-    figures += _gradient_figures(pixels, runs or [])
-    arrays = _write_gradient_arrays(folder, runs or [])
-    for name, build in figures:
-        save_figure(build(), folder / name)
-    atomic_write_json(folder / "explanation.json", doc)
+def _write(folder: Path, force: bool, found: Explanation, doc: dict[str, Any],
+           pixels: Any) -> list[str]:
+    """Write every output file into a staged folder that becomes ``folder`` as a whole;
+    return the file names."""
+    from blackbox_vqa.outputs import atomic_write, atomic_write_json, staged_output_dir
     from blackbox_vqa.report.html import write_explanation_report
 
-    write_explanation_report(folder / "report.html", doc, pixels)
-    return ["explanation.json", *(name for name, _ in figures), *arrays, "report.html"]
+    figures = _figures(found, pixels)
+    with staged_output_dir(folder, force=force, marker=MARKER) as stage:
+        for name, build in figures:
+            _save(build(), stage / name)
+        arrays = []
+        for attribution in found.attributions.values():
+            for name, array in attribution.arrays.items():
+                atomic_write(stage / name, partial(_save_npy, array))
+                arrays.append(name)
+        write_explanation_report(stage / "report.html", doc, pixels)
+        atomic_write_json(stage / MARKER, doc)
+    return [MARKER, *(name for name, _ in figures), *arrays, "report.html"]
 
 
-def _print_summary(console: Any, doc: dict[str, Any], occlusion: Any) -> None:
+def _save(figure: Any, path: Path) -> None:
+    from blackbox_vqa.report.figures import save_figure
+
+    save_figure(figure, path)
+
+
+def _figures(found: Explanation, pixels: Any) -> list[tuple[str, Callable[[], Any]]]:
+    """``(file name, build)`` of each figure: the image map and the word bars per method
+    (occlusion keeps its historic names ``occlusion.png`` and ``words.png``)."""
+    from blackbox_vqa.explainers.registry import get_method
+    from blackbox_vqa.report.figures import heatmap_figure, words_figure
+
+    figures: list[tuple[str, Callable[[], Any]]] = []
+    for attribution in found.attributions.values():
+        title = f"{attribution.method}: {attribution.answer!r}"
+        label = get_method(attribution.method).image_label
+        words_name = "words.png" if attribution.key == "occlusion" else \
+            f"{attribution.key}_words.png"
+        if attribution.image_map.size:
+            if attribution.signed:
+                figures.append((f"{attribution.key}.png", partial(
+                    heatmap_figure, pixels, attribution.image_map, title=title)))
+            else:
+                top = float(attribution.image_map.max()) or 1e-12
+                figures.append((f"{attribution.key}.png", partial(
+                    heatmap_figure, pixels, attribution.image_map, title=title,
+                    label=label, vmin=0.0, vmax=top, cmap="inferno")))
+        if attribution.word_map.size:
+            words_label = ({} if attribution.signed else
+                           {"label": "L2 norm of the word's embedding gradient"})
+            figures.append((words_name, partial(
+                words_figure, attribution.tokens, attribution.word_map,
+                title=_words_title(attribution), **words_label)))
+    return figures
+
+
+def _words_title(attribution: Attribution) -> str:
+    if attribution.key == "occlusion":
+        return f"word occlusion: {attribution.answer!r}"
+    return f"{attribution.method}: {attribution.answer!r}"
+
+
+def _save_npy(array: Any, handle: Any) -> None:
+    np.save(handle, array)
+
+
+def _print(console: Any, found: Explanation) -> None:
+    console.print(f"[bold]Q:[/bold] {escape(found.question)}")
+    console.print(f"[bold]A:[/bold] {escape(found.answer)}  (p = {found.probability:.4f})")
+    if found.attribution("occlusion") is not None:
+        others = ", ".join(f"{a} {s:.3f}" for a, s in found.top_answers[1:4])
+        console.print(f"   next: {escape(others)}")
+    for attribution in found.attributions.values():
+        if attribution.key == "occlusion":
+            _print_occlusion(console, attribution)
+        elif "source" in attribution.extras:
+            _print_gradient(console, attribution)
+        else:
+            _print_generic(console, attribution)
+    for name, gone in found.unavailable.items():
+        console.print(f"{name}: unavailable: {escape(gone.reason)}")
+
+
+def _print_occlusion(console: Any, occlusion: Attribution) -> None:
     from rich.table import Table
 
-    console.print(f"[bold]Q:[/bold] {escape(doc['question'])}")
-    console.print(f"[bold]A:[/bold] {escape(doc['answer'])}  (p = {doc['probability']:.4f})")
-    others = ", ".join(f"{a['answer']} {a['score']:.3f}" for a in doc["top_answers"][1:4])
-    console.print(f"   next: {escape(others)}")
     words = Table(title="word occlusion", caption="importance: drop in p without the word")
     words.add_column("#", justify="right")
     words.add_column("word")
     words.add_column("importance", justify="right")
-    for i, (word, value) in enumerate(zip(occlusion.words, occlusion.word_map, strict=True)):
+    for i, (word, value) in enumerate(zip(occlusion.tokens, occlusion.word_map, strict=True)):
         words.add_row(str(i), escape(word), f"{value:+.4f}")
     console.print(words)
     cells = Table(title="top image patches", caption="importance: drop in p when occluded")
@@ -237,173 +263,41 @@ def _print_summary(console: Any, doc: dict[str, Any], occlusion: Any) -> None:
     for index in np.argsort(-flat, kind="stable")[:5]:
         cells.add_row(str(index // cols), str(index % cols), f"{flat[index]:+.4f}")
     console.print(cells)
-    flips = doc["occlusion"]["flips"]
+    flips = occlusion.extras["flips"]
     console.print(
         f"answer flips: {flips['image']}/{flips['image_total']} patches, "
         f"{flips['words']}/{flips['words_total']} words"
     )
 
 
-# -- gradient methods (guided-bp, gradient) -----------------------------------------------
-
-_GRADIENT_KINDS = {
-    # method -> [(explanation.json key, method name, guided)]
-    Method.occlusion: [],
-    Method.guided_bp: [("guided_backprop", "guided-bp", True)],
-    Method.gradient: [("gradient", "gradient", False)],
-    Method.all: [("guided_backprop", "guided-bp", True), ("gradient", "gradient", False)],
-}
-
-
-@dataclass(frozen=True)
-class GradientRun:
-    """One gradient method's outcome: a result, or the reason it could not run."""
-
-    key: str
-    name: str
-    result: Any = None
-    reason: str = ""
-    source: str = ""
-    seconds: float = 0.0
+def _print_gradient(console: Any, found: Attribution) -> None:
+    name, extras = found.method, found.extras
+    if extras.get("source") != "model":
+        console.print(f"{name}: gradients from the exported PyTorch graph "
+                      f"{escape(extras.get('source'))} (ONNX Runtime has none)")
+    if extras.get("note"):
+        console.print(f"{name}: note: {escape(extras['note'])}")
+    if found.word_map.size:
+        ranked = np.argsort(-found.word_map, kind="stable")[:3]
+        words = ", ".join(f"{found.tokens[i]} {found.word_map[i]:.3g}" for i in ranked)
+        console.print(f"{name}: words by gradient norm: {escape(words)}")
+    elif extras.get("words_note"):
+        console.print(f"{name}: no word gradients ({escape(extras['words_note'])})")
+    row, col = np.unravel_index(int(np.argmax(found.image_map)), found.image_map.shape)
+    height, width = found.image_map.shape
+    console.print(f"{name}: largest |gradient| at model pixel ({row}, {col}) of "
+                  f"{height}x{width}")
 
 
-def _onnx_options(
-    spec: str, answers_file: Path | None, vocab: Path | None, image_size: str | None,
-    mean: str | None,
-    std: str | None, output_kind: str | None, image_input: str | None,
-    tokens_input: str | None, output_name: str | None, threads: int | None,
-) -> dict[str, Any]:
-    """``ModelOptions.extra`` entries for ONNX files (unset options are left out)."""
-    from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS
-    from blackbox_vqa.specs import spec_kind
-
-    if output_kind is not None and output_kind not in OUTPUT_KINDS:
-        raise InputError(
-            f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}, got {output_kind!r}"
-        )
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
-    values = {
-        "answers_file": answers_file, "vocab_file": vocab, "image_size": image_size,
-        "mean": mean, "std": std, "output": output_kind, "image_input": image_input,
-        "tokens_input": tokens_input, "output_name": output_name, "threads": threads,
-    }
-    given = {key: value for key, value in values.items() if value is not None}
-    if given and spec_kind(spec) != "onnx":
-        options = ", ".join("--" + _ONNX_OPTION_NAMES[key] for key in given)
-        raise InputError(f"{options}: only for .onnx models, not for {spec!r}")
-    return given
-
-
-_ONNX_OPTION_NAMES = {
-    "answers_file": "answers", "vocab_file": "vocab", "image_size": "image-size",
-    "mean": "mean", "std": "std", "output": "output-kind", "image_input": "image-input",
-    "tokens_input": "tokens-input", "output_name": "output-name", "threads": "threads",
-}
-
-
-def _gradient_source(method: Method, spec: str, vqa: Any) -> tuple[Any, str, str]:
-    """``(model with gradients, where they come from, "")`` or ``(None, "", reason)``.
-
-    ``--method guided-bp`` or ``gradient`` on a model without gradients raises
-    :class:`GradientUnavailableError` (exit code 2); ``--method all`` goes on without.
-    """
-    from blackbox_vqa.errors import GradientUnavailableError
-    from blackbox_vqa.gradient_source import find_gradient_source
-
-    if not _GRADIENT_KINDS[method]:
-        return None, "", ""
-    source = find_gradient_source(spec, vqa)
-    if source[0] is None and method is not Method.all:
-        raise GradientUnavailableError(f"{source[2]}, or use --method occlusion")
-    return source
-
-
-def _run_gradients(
-    method: Method, source: tuple[Any, str, str], pixels: Any, question: str,
-    answer: str | None,
-) -> list[GradientRun]:
-    from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
-
-    model, where, reason = source
-    runs = []
-    for key, name, guided in _GRADIENT_KINDS[method]:
-        if model is None:
-            runs.append(GradientRun(key, name, reason=reason))
-            continue
-        started = time.perf_counter()
-        result = GuidedBackprop(model, guided=guided).explain(pixels, question, answer=answer)
-        runs.append(GradientRun(key, name, result, source=where,
-                                seconds=time.perf_counter() - started))
-    return runs
-
-
-def _add_gradient_sections(doc: dict[str, Any], runs: list[GradientRun]) -> None:
-    from blackbox_vqa.explainers.guided_backprop import gradient_dict
-
-    for run in runs:
-        if run.result is None:
-            doc[run.key] = {"available": False, "reason": run.reason}
-            continue
-        doc[run.key] = gradient_dict(run.result, gradient_file=f"{run.key}.npy",
-                                     source=run.source)
-        doc.setdefault("timing", {})[f"{run.key}_s"] = round(run.seconds, 4)
-
-
-def _gradient_figures(pixels: Any, runs: list[GradientRun]) \
-        -> list[tuple[str, Callable[[], Any]]]:
-    from blackbox_vqa.report.figures import heatmap_figure, words_figure
-
-    figures: list[tuple[str, Callable[[], Any]]] = []
-    for run in runs:
-        result = run.result
-        if result is None:
-            continue
-        title = f"{run.name}: {result.answer!r}"
-        top = float(result.image_map.max()) or 1e-12
-        figures.append((f"{run.key}.png", partial(
-            heatmap_figure, pixels, result.image_map, title=title,
-            label="max over channels of |gradient|", vmin=0.0, vmax=top, cmap="inferno")))
-        if result.word_map.size:
-            figures.append((f"{run.key}_words.png", partial(
-                words_figure, result.tokens, result.word_map, title=title,
-                label="L2 norm of the word's embedding gradient")))
-    return figures
-
-
-def _write_gradient_arrays(folder: Path, runs: list[GradientRun]) -> list[str]:
-    from blackbox_vqa.outputs import atomic_write
-
-    names = []
-    for run in runs:
-        if run.result is not None:
-            atomic_write(folder / f"{run.key}.npy", partial(_save_npy, run.result.gradient))
-            names.append(f"{run.key}.npy")
-    return names
-
-
-def _save_npy(array: Any, handle: Any) -> None:
-    np.save(handle, array)
-
-
-def _print_gradients(console: Any, doc: dict[str, Any], runs: list[GradientRun]) -> None:
-    if runs and doc.get("occlusion") is None:
-        console.print(f"[bold]Q:[/bold] {escape(doc['question'])}")
-        console.print(f"[bold]A:[/bold] {escape(doc['answer'])}  (p = {doc['probability']:.4f})")
-    for run in runs:
-        result = run.result
-        if result is None:
-            console.print(f"{run.name}: unavailable: {escape(run.reason)}")
-            continue
-        if run.source != "model":
-            console.print(f"{run.name}: gradients from the exported PyTorch graph "
-                          f"{escape(run.source)} (ONNX Runtime has none)")
-        if result.word_map.size:
-            ranked = np.argsort(-result.word_map, kind="stable")[:3]
-            words = ", ".join(f"{result.tokens[i]} {result.word_map[i]:.3g}" for i in ranked)
-            console.print(f"{run.name}: words by gradient norm: {escape(words)}")
-        elif result.words_note:
-            console.print(f"{run.name}: no word gradients ({result.words_note})")
-        row, col = np.unravel_index(int(np.argmax(result.image_map)), result.image_map.shape)
-        console.print(f"{run.name}: largest |gradient| at model pixel ({row}, {col}) of "
-                      f"{result.image_size[0]}x{result.image_size[1]}")
+def _print_generic(console: Any, found: Attribution) -> None:
+    """Any other method: its most important cell and words."""
+    if found.image_map.size:
+        row, col = np.unravel_index(int(np.argmax(np.abs(found.image_map))),
+                                    found.image_map.shape)
+        console.print(f"{found.method}: largest |importance| at ({row}, {col}) of "
+                      f"{found.image_map.shape[0]}x{found.image_map.shape[1]}: "
+                      f"{found.image_map[row, col]:+.4g}")
+    if found.word_map.size:
+        ranked = np.argsort(-np.abs(found.word_map), kind="stable")[:3]
+        words = ", ".join(f"{found.tokens[i]} {found.word_map[i]:+.3g}" for i in ranked)
+        console.print(f"{found.method}: top words: {escape(words)}")

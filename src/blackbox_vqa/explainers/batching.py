@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from blackbox_vqa.adapters.capabilities import preferred_batch_size
 from blackbox_vqa.errors import InputError
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "auto_batch_size", "parse_batch_size"]
@@ -42,12 +43,12 @@ def auto_batch_size(
 ) -> int:
     """Pick a batch size for ``total`` inputs of ``image_shape`` (``H x W x 3``).
 
-    A model may state its own with an int attribute ``preferred_batch_size``; otherwise
+    A model may state its own (:class:`~blackbox_vqa.adapters.capabilities.SupportsPreferredBatchSize`); otherwise
     the size is the number of inputs whose float32 pixels, times a generous activation
     factor, fit ``memory_budget`` bytes, capped at 64 (larger CPU batches were no faster).
     """
-    preferred = getattr(model, "preferred_batch_size", None)
-    if isinstance(preferred, int) and preferred > 0:
+    preferred = preferred_batch_size(model)
+    if preferred is not None:
         return max(1, min(preferred, total))
     pixels = 1
     for side in image_shape:

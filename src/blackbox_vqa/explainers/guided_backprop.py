@@ -17,12 +17,14 @@ from numpy.typing import NDArray
 from blackbox_vqa.adapters.base import check_model, model_name
 from blackbox_vqa.adapters.gradients import GradientModel, InputGradients, has_gradients
 from blackbox_vqa.errors import GradientUnavailableError
+from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput
 from blackbox_vqa.text import split_words, validate_question
 
 __all__ = [
     "GuidedBackprop",
     "GuidedBackpropResult",
+    "gradient_attribution",
     "gradient_dict",
     "image_saliency",
     "word_saliency",
@@ -54,6 +56,8 @@ class GuidedBackpropResult:
             tokenizer gives one token per word, else ``"#id"``).
         word_map: ``float64 [T]`` L2 norm of each token's embedding gradient; empty when
             the model offers no word gradients (``words_note`` says why).
+        relus_guided: guided mode: how many ReLU backward steps were guided (0: none was
+            met, so the map equals the plain gradient); None when not counted or plain.
     """
 
     answer: str
@@ -66,6 +70,12 @@ class GuidedBackpropResult:
     tokens: tuple[str, ...]
     word_map: NDArray[np.float64]
     words_note: str = ""
+    relus_guided: int | None = None
+
+    @property
+    def equals_plain(self) -> bool:
+        """Guided mode that met no ReLU: the map is the plain gradient."""
+        return self.mode == "guided" and self.relus_guided == 0
 
     @property
     def probability(self) -> float:
@@ -131,6 +141,7 @@ def _result(grads: InputGradients, answers: list[str], words: list[str]) -> Guid
         tokens=tokens,
         word_map=word_map,
         words_note=grads.words_note,
+        relus_guided=grads.relus_guided if grads.guided else None,
     )
 
 
@@ -153,4 +164,46 @@ def gradient_dict(
         "tokens": list(result.tokens),
         "words": result.word_map.tolist(),
         "words_note": result.words_note or None,
+        **_guided_note(result),
     }
+
+
+PLAIN_NOTE = (
+    "guided mode met no ReLU on the backward path (the model uses other activations, e.g. "
+    "GELU or SiLU), so this map equals the plain gradient"
+)
+
+
+def _guided_note(result: GuidedBackpropResult) -> dict[str, Any]:
+    """``relus_guided`` (guided mode, when counted) and a note when it is 0."""
+    if result.mode != "guided" or result.relus_guided is None:
+        return {}
+    found: dict[str, Any] = {"relus_guided": result.relus_guided}
+    if result.equals_plain:
+        found["note"] = PLAIN_NOTE
+    return found
+
+
+def gradient_attribution(
+    result: GuidedBackpropResult, *, method: str, key: str, source: str, seconds: float = 0.0
+) -> Attribution:
+    """``result`` as an attribution: the section ``bbvqa explain`` writes under ``key``, the
+    raw gradient as ``<key>.npy`` beside it."""
+    file_name = f"{key}.npy"
+    section = gradient_dict(result, gradient_file=file_name, source=source)
+    extras = {k: v for k, v in section.items() if k not in ("image", "words")}
+    return Attribution(
+        method=method,
+        key=key,
+        signed=False,
+        answer=result.answer,
+        answer_index=result.answer_index,
+        probability=result.probability,
+        image_map=result.image_map,
+        word_map=result.word_map,
+        tokens=result.tokens,
+        extras=extras,
+        stats={"probability": result.probability},
+        arrays={file_name: result.gradient},
+        seconds=seconds,
+    )

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
+from blackbox_vqa.adapters.capabilities import check_question, prepare_model
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import (
@@ -29,10 +30,11 @@ from blackbox_vqa.explainers.masks import (
     window_boxes,
     window_map,
 )
+from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import drop_word, split_words, validate_question
+from blackbox_vqa.text import drop_word, split_words
 
-__all__ = ["Occlusion", "OcclusionResult", "ProgressCallback"]
+__all__ = ["Occlusion", "OcclusionResult", "ProgressCallback", "occlusion_attribution"]
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -157,9 +159,9 @@ class Occlusion:
         self, image: ImageInput, question: str, *, answer: str | None = None
     ) -> OcclusionResult:
         """Occlude ``image`` and ``question``; see :class:`OcclusionResult`."""
-        validate = getattr(self.model, "validate_question", None)
-        question = validate(question) if callable(validate) else validate_question(question)
+        question = check_question(self.model, question)
         pixels = to_rgb_array(image).astype(np.float32)
+        prepare_model(self.model, pixels, question)
         height, width = pixels.shape[:2]
         boxes = self.boxes(height, width) if self.occlude_image else []
         words = split_words(question) if self.occlude_words else []
@@ -289,3 +291,42 @@ def _baseline_rgb(baseline: Any) -> tuple[float, float, float] | None:
     if baseline == "black":
         return (0.0, 0.0, 0.0)
     return None
+
+
+def occlusion_attribution(result: OcclusionResult, *, seconds: float = 0.0) -> Attribution:
+    """``result`` as the ``occlusion`` attribution (its section of ``explanation.json``)."""
+    extras = {
+        "mode": result.mode,
+        "grid": result.grid,
+        "window": list(result.window) if result.window else None,
+        "stride": list(result.stride) if result.stride else None,
+        "baseline": result.baseline,
+        "baseline_rgb": list(result.baseline_rgb) if result.baseline_rgb else None,
+        "flips": {
+            "image": result.image_flips,
+            "words": result.word_flips,
+            "image_total": result.image_perturbations,
+            "words_total": len(result.words),
+        },
+        "batch_size": result.batch_size,
+        "evaluations": result.evaluations,
+    }
+    return Attribution(
+        method="occlusion",
+        key="occlusion",
+        signed=True,
+        answer=result.answer,
+        answer_index=result.answer_index,
+        probability=result.probability,
+        image_map=np.asarray(result.image_map, dtype=np.float64),
+        word_map=np.asarray(result.word_map, dtype=np.float64),
+        tokens=tuple(result.words),
+        extras=extras,
+        stats={
+            "image_flips": float(result.image_flips),
+            "word_flips": float(result.word_flips),
+            "image_total": float(result.image_perturbations),
+            "evaluations": float(result.evaluations),
+        },
+        seconds=seconds,
+    )

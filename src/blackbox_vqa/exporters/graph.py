@@ -29,7 +29,7 @@ from torch import nn
 
 from blackbox_vqa.adapters.gradients import embedding_offsets
 from blackbox_vqa.errors import InputError, ModelLoadError
-from blackbox_vqa.exporters.metadata import KEYS
+from blackbox_vqa.metadata import KEYS
 
 __all__ = [
     "GRAPH_FORMATS",

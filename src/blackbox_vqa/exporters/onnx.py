@@ -48,7 +48,7 @@ from blackbox_vqa.adapters.onnx_runtime import drop_sessions
 from blackbox_vqa.adapters.pytorch import TorchAdapter, eval_mode
 from blackbox_vqa.errors import BlackboxVQAError, InputError, ModelError, NotSupportedError
 from blackbox_vqa.exporters.graph import GraphFormat, GraphInputs, graph_suffix, save_graph
-from blackbox_vqa.exporters.metadata import ExportMetadata
+from blackbox_vqa.metadata import ExportMetadata
 from blackbox_vqa.images import load_image, to_rgb_array
 from blackbox_vqa.outputs import prepare_output_dir
 
@@ -285,7 +285,7 @@ def _samples(
 
 
 def _metadata(adapter: TorchAdapter, graph_file: str, inputs: dict[str, str]) -> ExportMetadata:
-    from blackbox_vqa import __version__
+    from blackbox_vqa.version import __version__
 
     embedding, _ = find_embedding(adapter.module)
     return ExportMetadata(

@@ -43,7 +43,7 @@ from blackbox_vqa.server.schemas import (
     InfoResponse,
     Limits,
 )
-from blackbox_vqa.server.wire import (
+from blackbox_vqa.wire import (
     ANSWER_PROBS_PATH,
     BINARY_CONTENT_TYPE,
     HEALTH_PATH,
@@ -302,7 +302,7 @@ def create_app(
                                   request_formats=list(REQUEST_FORMATS)),
         limits=limits,
     )
-    from blackbox_vqa import __version__
+    from blackbox_vqa.version import __version__
 
     app = FastAPI(
         title="blackbox_vqa model server",

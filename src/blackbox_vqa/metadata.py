@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from blackbox_vqa.adapters.preprocess import Preprocessing
+from blackbox_vqa.preprocess import Preprocessing
 from blackbox_vqa.errors import InputError, ModelLoadError
 from blackbox_vqa.text import WordTokenizer
 

@@ -1,0 +1,101 @@
+"""Optional capabilities a model may declare on top of the model protocol.
+
+Each capability is a :func:`typing.runtime_checkable` protocol; explainers test for it with
+``isinstance`` through the helpers below, in one place, instead of probing attributes.
+A model that lacks a capability gets the default behaviour.
+
+- :class:`SupportsQuestionValidation`: the model checks (and normalises) a question itself,
+  e.g. refuses one with no word it knows.
+- :class:`SupportsPreferredBatchSize`: the model states how many inputs an explainer should
+  hand over per call (HTTP endpoints: enough to keep every connection busy).
+- :class:`SupportsPreparation`: the model must see the input to be explained before its
+  answer list is complete (HTTP endpoints that return top-k lists or only an answer learn
+  their vocabulary from it). Explainers call :func:`prepare_model` before reading
+  ``answers``, so the answer list is fixed once an explanation starts.
+- :class:`SupportsScoreSemantics`: the model's scores are not its own probabilities (lower
+  bounds, flips...); the explanation records what they mean.
+
+The gradient protocol lives in :mod:`blackbox_vqa.adapters.gradients` (it needs torch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from blackbox_vqa.images import ImageInput
+from blackbox_vqa.text import validate_question
+
+__all__ = [
+    "SupportsPreferredBatchSize",
+    "SupportsPreparation",
+    "SupportsQuestionValidation",
+    "SupportsScoreSemantics",
+    "check_question",
+    "prepare_model",
+    "preferred_batch_size",
+    "score_semantics",
+]
+
+
+@runtime_checkable
+class SupportsQuestionValidation(Protocol):
+    """The model validates questions: returns the stripped question or raises
+    :class:`~blackbox_vqa.errors.QuestionError`."""
+
+    def validate_question(self, question: str) -> str: ...
+
+
+@runtime_checkable
+class SupportsPreferredBatchSize(Protocol):
+    """The model's preferred number of inputs per ``answer_probs_batch`` call (None: no
+    preference yet)."""
+
+    @property
+    def preferred_batch_size(self) -> int | None: ...
+
+
+@runtime_checkable
+class SupportsPreparation(Protocol):
+    """The model gets ready for an input before it is explained (idempotent)."""
+
+    def prepare(self, image: ImageInput, question: str) -> None: ...
+
+
+@runtime_checkable
+class SupportsScoreSemantics(Protocol):
+    """What the model's scores mean, when they are not its own probabilities."""
+
+    @property
+    def score_semantics(self) -> Mapping[str, Any] | None: ...
+
+
+def check_question(model: object, question: object) -> str:
+    """The stripped question, validated by the model when it can, else by the default
+    rules (a non-empty string with at least one word)."""
+    if isinstance(model, SupportsQuestionValidation):
+        return str(model.validate_question(validate_question(question)))
+    return validate_question(question)
+
+
+def prepare_model(model: object, image: ImageInput, question: str) -> None:
+    """Let a model that needs it see the input to be explained (no-op for others)."""
+    if isinstance(model, SupportsPreparation):
+        model.prepare(image, question)
+
+
+def preferred_batch_size(model: object) -> int | None:
+    """The model's preferred batch size, or None when it has none."""
+    if isinstance(model, SupportsPreferredBatchSize):
+        value = model.preferred_batch_size
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def score_semantics(model: object) -> dict[str, Any] | None:
+    """A copy of what the model's scores mean, or None when they are its own."""
+    if isinstance(model, SupportsScoreSemantics):
+        found = model.score_semantics
+        return dict(found) if found else None
+    return None

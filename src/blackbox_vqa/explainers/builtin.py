@@ -1,0 +1,111 @@
+"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients.
+
+Each entry binds lazily: nothing here imports torch until a gradient method is bound.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
+from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
+from blackbox_vqa.explanation import Attribution
+
+__all__ = ["GRADIENT", "GUIDED_BACKPROP", "OCCLUSION"]
+
+
+class _OcclusionMethod:
+    """Occlusion bound to one model (see :mod:`blackbox_vqa.explainers.occlusion`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        from blackbox_vqa.explainers.occlusion import Occlusion
+
+        self.model = context.model
+        self.settings = context.settings
+        self._build = Occlusion
+        self._explainer(None)  # validates the settings now, before any input
+
+    def _explainer(self, progress: Any) -> Any:
+        s = self.settings
+        return self._build(self.model, grid=s.grid, window=s.window, stride=s.stride,
+                           baseline=s.baseline, batch_size=s.batch_size, progress=progress)
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.occlusion import occlusion_attribution
+
+        started = time.perf_counter()
+        result = self._explainer(request.progress).explain(
+            request.image, request.question, answer=request.answer)
+        return occlusion_attribution(result, seconds=time.perf_counter() - started)
+
+
+def _gradient_available(context: ModelContext) -> str | None:
+    from blackbox_vqa.gradient_source import gradient_source_reason
+
+    return gradient_source_reason(context.label, context.model)
+
+
+class _GradientMethod:
+    """Guided (or plain) gradients bound to one model's gradient source."""
+
+    def __init__(self, context: ModelContext, *, guided: bool, name: str, key: str) -> None:
+        from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
+        from blackbox_vqa.gradient_source import find_gradient_source
+
+        model, self.source, reason = find_gradient_source(context.label, context.model)
+        if model is None:
+            raise NotSupportedError(reason)
+        try:
+            self._explainer = GuidedBackprop(model, guided=guided)
+        except GradientUnavailableError as exc:
+            raise NotSupportedError(str(exc)) from exc
+        self.name, self.key = name, key
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.guided_backprop import gradient_attribution
+
+        started = time.perf_counter()
+        result = self._explainer.explain(request.image, request.question,
+                                         answer=request.answer)
+        return gradient_attribution(result, method=self.name, key=self.key,
+                                    source=self.source, seconds=time.perf_counter() - started)
+
+
+OCCLUSION = Method(
+    name="occlusion",
+    key="occlusion",
+    signed=True,
+    help="p(a | image) - p(a | cell hidden): red cells support the answer, blue cells work "
+    "against it",
+    bind=_OcclusionMethod,
+    image_label="p(a | original) - p(a | occluded)",
+    kind="black-box",
+)
+
+GUIDED_BACKPROP = Method(
+    name="guided-bp",
+    key="guided_backprop",
+    signed=False,
+    help="|guided gradient| at the model's input size, largest over the colour channels",
+    bind=lambda context: _GradientMethod(context, guided=True, name="guided-bp",
+                                         key="guided_backprop"),
+    available=_gradient_available,
+    image_label="max over channels of |gradient|",
+    kind="white-box",
+)
+
+GRADIENT = Method(
+    name="gradient",
+    key="gradient",
+    signed=False,
+    help="|gradient| at the model's input size, largest over the colour channels",
+    bind=lambda context: _GradientMethod(context, guided=False, name="gradient",
+                                         key="gradient"),
+    available=_gradient_available,
+    image_label="max over channels of |gradient|",
+    kind="white-box",
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT):
+    register(_method, replace=True)
