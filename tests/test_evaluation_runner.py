@@ -10,17 +10,17 @@ from PIL import Image
 
 from blackbox_vqa.datasets import Item
 from blackbox_vqa.errors import ModelOutputError
-from blackbox_vqa.evaluation.methods import MethodOptions
 from blackbox_vqa.evaluation.pos import PatternTagger
 from blackbox_vqa.evaluation.runner import EvalConfig, ItemEvaluator, item_rng, run_items
 from blackbox_vqa.evaluation.runstore import ItemRecord
 from blackbox_vqa.evaluation.summary import summarize
+from blackbox_vqa.explainers.registry import MethodSettings
 from vqa_fixture import square_image, square_mask
 
 from toys import BrightnessModel, nan_model
 
 CONFIG = EvalConfig(model="toys:brightness_model", methods=("occlusion", "guided-bp"),
-                    options=MethodOptions(grid=4), seed=5)
+                    options=MethodSettings(grid=4), seed=5)
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_the_occlusion_fill_is_the_configured_baseline(square_item: Item) -> Non
 
     from blackbox_vqa.explainers.occlusion import Occlusion
 
-    config = replace(CONFIG, options=MethodOptions(grid=4, baseline="black"))
+    config = replace(CONFIG, options=MethodSettings(grid=4, baseline="black"))
     record = ItemEvaluator(BrightnessModel(), config).evaluate(square_item)
     expected = Occlusion(BrightnessModel(), grid=4, baseline="black").explain(
         square_image(), square_item.question)

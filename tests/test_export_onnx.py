@@ -19,8 +19,8 @@ from blackbox_vqa.errors import ModelLoadError, NotSupportedError
 from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.exporters.graph import load_graph
-from blackbox_vqa.metadata import EXPORT_SCHEMA, KEYS, ExportMetadata
 from blackbox_vqa.exporters.onnx import export_model, exporter_reason
+from blackbox_vqa.metadata import EXPORT_SCHEMA, KEYS, ExportMetadata
 from cli_runner import run_cli
 from test_guided_backprop import small_vqa
 

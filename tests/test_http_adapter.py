@@ -31,8 +31,8 @@ from blackbox_vqa.adapters.pytorch import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app
-from blackbox_vqa.wire import BINARY_CONTENT_TYPE, decode_image
 from blackbox_vqa.specs import ModelOptions, load_model
+from blackbox_vqa.wire import BINARY_CONTENT_TYPE, decode_image
 from cli_runner import run_cli
 from live_server import scripted_server, send_json, uvicorn_server
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,8 +15,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from blackbox_vqa.cli.app import main
-from blackbox_vqa.explainers.occlusion import Occlusion
-from blackbox_vqa.explanation import explanation_dict
+from blackbox_vqa.explain import explain
 from blackbox_vqa.report.html import CSP, render_report, write_explanation_report
 from blackbox_vqa.report.views import (
     AgreementView,
@@ -69,11 +69,8 @@ def check_safe(page: Page) -> None:
 
 
 def brightness_doc(image: np.ndarray, question: str) -> dict[str, object]:
-    model = BrightnessModel()
-    result = Occlusion(model, grid=8).explain(image, question)
-    return explanation_dict(model="brightness", answers=list(model.answers), question=question,
-                            image={"path": "square.png", "width": 64, "height": 64},
-                            occlusion=result)
+    found = explain(BrightnessModel(), image, question, grid=8, label="brightness")
+    return replace(found, image={"path": "square.png", "width": 64, "height": 64}).to_dict()
 
 
 def square() -> np.ndarray:

@@ -12,26 +12,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import combinations
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.errors import BlackboxVQAError, InputError, ModelError
+from blackbox_vqa.errors import BlackboxVQAError, InputError
 from blackbox_vqa.evaluation.agreement import PairAgreement, pair_agreement
+from blackbox_vqa.explain import Explainer
+from blackbox_vqa.explanation import Explanation
 
 __all__ = [
-    "GRADIENT_METHODS",
-    "METHODS",
-    "CompareSettings",
-    "GradientSource",
     "ItemResult",
     "ModelRun",
     "PairResult",
     "best_shared_answer",
     "check_shared_answer",
+    "compared_methods",
     "dataset_summary",
     "explain_model",
     "item_result",
@@ -42,28 +41,15 @@ __all__ = [
     "top_words",
 ]
 
-METHODS = ("occlusion", "guided-bp", "gradient")
-"""Methods a comparison runs, each where the model supports it."""
-
-GRADIENT_METHODS = (("guided_backprop", "guided-bp", True), ("gradient", "gradient", False))
-"""``(explanation.json key, method, guided)`` of the gradient methods."""
-
-_SECTION = {"occlusion": "occlusion", "guided-bp": "guided_backprop", "gradient": "gradient"}
-
-GradientSource = tuple[Any, str, str]
-
 ProgressFactory = Callable[[str], Any]
 
 
-@dataclass(frozen=True)
-class CompareSettings:
-    """Explainer settings shared by every model of a comparison."""
+def compared_methods(runs: Sequence[ModelRun]) -> tuple[str, ...]:
+    """Every method that ran (or was unavailable) in any run, in registry order."""
+    from blackbox_vqa.explainers.registry import method_names
 
-    grid: int = 16
-    baseline: str = "imagenet-mean"
-    batch_size: int | str = "auto"
-    answer: str | None = None
-    k: int = 10
+    seen = {name for run in runs for name in (*run.methods, *run.unavailable)}
+    return tuple(name for name in method_names() if name in seen)
 
 
 @dataclass(frozen=True)
@@ -71,40 +57,45 @@ class ModelRun:
     """One model's explanations of one image and question.
 
     Attributes:
-        spec: the ``--model`` spec (unique within a comparison); ``name`` its label.
+        spec: the model's label (unique within a comparison; no credentials).
         answers: the model's answer vocabulary; ``scores`` its scores ``[A]`` on the
             original input (empty when the run failed).
-        doc: the ``explanation.json`` document, or None when the run failed.
+        explanation: the explanation, or None when the run failed.
         unavailable: method -> why the model cannot do it.
         error: the error that stopped the run, or None.
         seconds: wall time of all its methods.
     """
 
     spec: str
-    name: str
     answers: tuple[str, ...]
     scores: NDArray[np.float64]
-    doc: dict[str, Any] | None
+    explanation: Explanation | None
     unavailable: Mapping[str, str] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
 
+    @property
+    def doc(self) -> dict[str, Any] | None:
+        """The ``explanation.json`` document (no files are written beside it), or None."""
+        return None if self.explanation is None else self.explanation.to_dict(with_files=False)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods that ran."""
+        return () if self.explanation is None else tuple(self.explanation.attributions)
+
     def maps(self, method: str) -> tuple[NDArray[np.float64] | None, NDArray[np.float64] | None]:
         """``(image_map, word_map)`` of ``method`` (None, None when it did not run)."""
-        section = (self.doc or {}).get(_SECTION.get(method, method))
-        if not isinstance(section, Mapping) or section.get("available") is False:
+        found = None if self.explanation is None else self.explanation.attribution(method)
+        if found is None:
             return None, None
-        image = section.get("image")
-        words = section.get("words")
-        return (
-            np.asarray(image, dtype=np.float64) if image else None,
-            np.asarray(words, dtype=np.float64) if words else None,
-        )
+        return (found.image_map if found.image_map.size else None,
+                found.word_map if found.word_map.size else None)
 
     @property
     def answer(self) -> str | None:
         """The answer explained (None when the run failed)."""
-        return None if self.doc is None else str(self.doc["answer"])
+        return None if self.explanation is None else self.explanation.answer
 
 
 @dataclass(frozen=True)
@@ -141,7 +132,7 @@ def check_shared_answer(answer: str | None, vocabularies: Mapping[str, Sequence[
 
 def best_shared_answer(run: ModelRun, shared: Sequence[str]) -> tuple[str, float] | None:
     """The highest-scoring answer of ``run`` among ``shared`` answers, with its score."""
-    if run.doc is None or not shared or run.scores.size == 0:
+    if run.explanation is None or not shared or run.scores.size == 0:
         return None
     index = {answer: i for i, answer in enumerate(run.answers)}
     scores = [float(run.scores[index[a]]) for a in shared]
@@ -151,9 +142,9 @@ def best_shared_answer(run: ModelRun, shared: Sequence[str]) -> tuple[str, float
 
 def top_words(run: ModelRun, n: int = 3) -> list[tuple[str, float]]:
     """The ``n`` words with the largest ``|occlusion importance|``, most important first."""
-    if run.doc is None:
+    if run.explanation is None:
         return []
-    words = list(run.doc.get("tokens", []))
+    words = list(run.explanation.tokens)
     _, values = run.maps("occlusion")
     if values is None or not words:
         return []
@@ -161,92 +152,37 @@ def top_words(run: ModelRun, n: int = 3) -> list[tuple[str, float]]:
     return [(str(words[i]), float(values[i])) for i in order]
 
 
-def _gradient_sections(
-    source: GradientSource, pixels: NDArray[Any], question: str, answer: str,
-    doc: dict[str, Any],
-) -> dict[str, str]:
-    """Add the ``guided_backprop`` and ``gradient`` sections to ``doc`` (as ``bbvqa explain
-    --method all`` writes them; no ``.npy`` is saved, so ``gradient_file`` is null).
-
-    Returns method -> reason for the methods that could not run.
-    """
-    unavailable: dict[str, str] = {}
-    model, where, reason = source
-    for key, method, guided in GRADIENT_METHODS:
-        if model is None:
-            doc[key] = {"available": False, "reason": reason}
-            unavailable[method] = reason
-            continue
-        from blackbox_vqa.explainers.guided_backprop import GuidedBackprop, gradient_dict
-
-        started = time.perf_counter()
-        try:
-            result = GuidedBackprop(model, guided=guided).explain(pixels, question,
-                                                                  answer=answer)
-        except BlackboxVQAError as exc:
-            doc[key] = {"available": False, "reason": str(exc)}
-            unavailable[method] = str(exc)
-            continue
-        doc[key] = {**gradient_dict(result, gradient_file="", source=where),
-                    "gradient_file": None}
-        doc["timing"][f"{key}_s"] = round(time.perf_counter() - started, 4)
-    return unavailable
-
-
-def _occlusion_doc(
-    name: str,
-    model: Any,
-    pixels: NDArray[Any],
-    question: str,
-    image_info: Mapping[str, Any],
-    settings: CompareSettings,
-    progress: Any,
-) -> tuple[Any, dict[str, Any]]:
-    from blackbox_vqa.explainers.occlusion import Occlusion
-    from blackbox_vqa.explanation import explanation_dict
-
-    started = time.perf_counter()
-    explainer = Occlusion(model, grid=settings.grid, baseline=settings.baseline,
-                          batch_size=settings.batch_size, progress=progress)
-    result = explainer.explain(pixels, question, answer=settings.answer)
-    seconds = time.perf_counter() - started
-    doc = explanation_dict(
-        model=name, answers=list(model.answers), question=question, image=image_info,
-        occlusion=result, timing={"occlusion_s": round(seconds, 4)},
-    )
-    return result, doc
-
-
 def explain_model(
     spec: str,
-    name: str,
-    model: Any,
+    explainer: Explainer,
     pixels: NDArray[Any],
     question: str,
-    image_info: Mapping[str, Any],
-    settings: CompareSettings,
     *,
-    gradients: GradientSource = (None, "", "this model offers no gradients"),
-    progress: Callable[[int, int], None] | None = None,
+    image_path: str | None = None,
+    answer: str | None = None,
+    progress: ProgressFactory | None = None,
 ) -> ModelRun:
-    """Every method ``model`` supports on one input; failures are recorded, not raised.
+    """Every method ``explainer`` has bound on one input; failures are recorded, not raised.
 
-    Occlusion runs on every model; a model error there fails the run. The gradient
-    methods run on ``gradients`` = ``(model with the gradient protocol or None, where its
-    gradients come from, why there are none)``; a method that cannot run is listed in
-    ``unavailable`` with the reason.
+    A method the model cannot serve is listed in ``unavailable`` with the reason; any
+    error of the model (bad scores, an exception inside it) fails the run with its
+    message, and the other models of the comparison go on.
     """
-    answers = tuple(model.answers)
+    answers = tuple(explainer.model.answers)
     started = time.perf_counter()
     try:
-        result, doc = _occlusion_doc(name, model, pixels, question, image_info,
-                                     settings, progress)
-    except (ModelError, InputError) as exc:
-        return ModelRun(spec, name, answers, np.zeros(0), None, error=str(exc),
+        found = explainer.explain(pixels, question, answer=answer, progress=progress)
+    except BlackboxVQAError as exc:
+        return ModelRun(spec, answers, np.zeros(0), None, error=str(exc),
                         seconds=time.perf_counter() - started)
-    unavailable = _gradient_sections(gradients, pixels, question, result.answer, doc)
-    return ModelRun(spec, name, answers, np.asarray(result.scores, dtype=np.float64), doc,
-                    unavailable=unavailable, seconds=time.perf_counter() - started)
+    except Exception as exc:  # a third-party model's own failure must not stop the others
+        return ModelRun(spec, answers, np.zeros(0), None,
+                        error=f"{type(exc).__name__}: {exc}",
+                        seconds=time.perf_counter() - started)
+    found = replace(found, model=spec, image={**found.image, "path": image_path})
+    return ModelRun(spec, tuple(found.answers), found.scores, found,
+                    unavailable={n: u.reason for n, u in found.unavailable.items()},
+                    seconds=time.perf_counter() - started)
 
 
 def _same_answer(a: ModelRun, b: ModelRun) -> bool | None:
@@ -262,11 +198,11 @@ def pair_results(runs: Sequence[ModelRun], *, k: int = 10) -> list[PairResult]:
 
     ``same_answer`` compares each model's best answer among the answers the two share.
     """
-    ok = [run for run in runs if run.doc is not None]
+    ok = [run for run in runs if run.explanation is not None]
     found: list[PairResult] = []
     for a, b in combinations(ok, 2):
         same = _same_answer(a, b)
-        for method in METHODS:
+        for method in compared_methods(ok):
             image_a, words_a = a.maps(method)
             image_b, words_b = b.maps(method)
             if (image_a is None and words_a is None) or (image_b is None and words_b is None):
@@ -313,9 +249,9 @@ def _human(run: ModelRun, maps: Sequence[NDArray[Any]]) -> dict[str, float]:
     from blackbox_vqa.evaluation.human_attention import map_correlation
 
     found: dict[str, float] = {}
-    if run.doc is None or not maps:
+    if run.explanation is None or not maps:
         return found
-    for method in METHODS:
+    for method in run.methods:
         image_map, _ = run.maps(method)
         if image_map is not None and image_map.size:
             found[method] = mean_ignoring_nan([map_correlation(image_map, m) for m in maps])
@@ -355,13 +291,14 @@ def dataset_summary(items: Sequence[ItemResult], specs: Sequence[str]) -> dict[s
     from blackbox_vqa.evaluation.human_attention import mean_sem
 
     models: dict[str, Any] = {}
+    methods = compared_methods([run for item in items for run in item.runs])
     for spec in specs:
         accuracy, judged = _rate([item.correct.get(spec) for item in items])
         failed = sum(1 for item in items for run in item.runs if run.spec == spec and run.error)
         human = {
             method: mean_sem([item.human.get(spec, {}).get(method, np.nan) for item in items
                               if item.human.get(spec)]).to_dict()
-            for method in METHODS
+            for method in methods
             if any(method in item.human.get(spec, {}) for item in items)
         }
         models[spec] = {"accuracy": accuracy, "judged": judged, "failed": failed,
@@ -409,7 +346,7 @@ def run_dict(run: ModelRun, shared: Sequence[str], *, full: bool = True) -> dict
         "status": "failed" if run.error else "ok",
         "error": run.error,
         "answer": run.answer,
-        "probability": None if run.doc is None else run.doc["probability"],
+        "probability": None if run.explanation is None else run.explanation.probability,
         "answers": len(run.answers),
         "best_shared_answer": None if best is None else {"answer": best[0], "score": best[1]},
         "top_words": [{"word": w, "importance": v} for w, v in top_words(run)],

@@ -48,7 +48,7 @@ def no_gradients_reason(spec: str, vqa: Any) -> str:
         "onnx": "an ONNX file with no exported PyTorch graph beside it (ONNX Runtime "
         "computes no gradients)",
         "http": "an HTTP endpoint, which returns only probabilities",
-    }.get(kind, f"a {type(vqa).__name__} without the gradient protocol")
+    }.get(kind, f"a {type(vqa).__name__}, which offers no gradients (no gradient protocol)")
     return (
         f"guided backpropagation needs a PyTorch graph, and {spec} is {what}; get one with "
         "`bbvqa export --model SPEC --out DIR` on the PyTorch model (it writes model.onnx "

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from blackbox_vqa.preprocess import Preprocessing
 from blackbox_vqa.errors import InputError, ModelLoadError
+from blackbox_vqa.preprocess import Preprocessing
 from blackbox_vqa.text import WordTokenizer
 
 __all__ = ["EXPORT_SCHEMA", "KEYS", "ExportMetadata"]

@@ -32,8 +32,8 @@ __all__ = [
     "SupportsQuestionValidation",
     "SupportsScoreSemantics",
     "check_question",
-    "prepare_model",
     "preferred_batch_size",
+    "prepare_model",
     "score_semantics",
 ]
 

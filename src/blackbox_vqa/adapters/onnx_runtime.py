@@ -27,11 +27,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, pad_tokens
 from blackbox_vqa.adapters.questions import QuestionTokens
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
 from blackbox_vqa.metadata import ExportMetadata
+from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.text import WordTokenizer
 
 __all__ = [

@@ -28,7 +28,6 @@ from blackbox_vqa.adapters.gradients import (
     find_embedding,
     guided_relu,
 )
-from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.adapters.questions import QuestionTokens
 from blackbox_vqa.errors import (
     BlackboxVQAError,
@@ -37,6 +36,7 @@ from blackbox_vqa.errors import (
     ModelOutputError,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
+from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from blackbox_vqa.text import PAD_ID
 
 __all__ = ["OUTPUT_KINDS", "TorchAdapter", "pad_tokens", "scores_from_logits"]

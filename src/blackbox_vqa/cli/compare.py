@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, ModelError
 
 __all__ = ["SCHEMA", "compare_command"]
@@ -28,6 +31,19 @@ DEFAULT_LIMIT = 20
 REPORT_ITEMS = 3
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The explainer settings shared by every model of a comparison."""
+
+    methods: tuple[str, ...]
+    grid: int
+    baseline: str
+    batch_size: str
+    answer: str | None
+    k: int
+
+
+@with_model_options
 def compare_command(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model spec; give it two or more times.")] = None,
@@ -43,6 +59,9 @@ def compare_command(
     annotations: Annotated[Path | None, typer.Option(help="VQA annotations JSON.")] = None,
     images: Annotated[Path | None, typer.Option(help="Folder of VQA (COCO) images.")] = None,
     hat: Annotated[Path | None, typer.Option(help="Folder of VQA-HAT attention maps.")] = None,
+    methods: Annotated[str | None, typer.Option(
+        help="Comma-separated methods, or all (default: occlusion, guided-bp, gradient; "
+        "each where the model supports it).")] = None,
     answer: Annotated[str | None, typer.Option(
         help="Explain this answer for every model (it must be in every vocabulary).")] = None,
     grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
@@ -58,11 +77,13 @@ def compare_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print comparison.json to "
                                           "stdout.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    *,
+    model_settings: ModelSettings,
 ) -> None:
     """Explain several models on the same inputs and show how much they agree."""
-    from blackbox_vqa.comparison import CompareSettings
     from blackbox_vqa.explainers.batching import parse_batch_size
     from blackbox_vqa.explainers.masks import parse_baseline
+    from blackbox_vqa.explainers.registry import default_methods, parse_methods
 
     specs = _check_specs(model or [])
     single = _check_mode(image, question, dataset, limit,
@@ -74,14 +95,17 @@ def compare_command(
         raise InputError(f"--top-k must be in [1, 196] (cells of the 14x14 map), got {top_k}")
     parse_baseline(baseline)
     parse_batch_size(batch_size)
-    settings = CompareSettings(grid=grid, baseline=baseline, batch_size=batch_size,
-                               answer=answer, k=top_k)
+    names = parse_methods(methods, parameter="--methods") if methods else default_methods()
+    settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
+                        answer=answer, k=top_k)
+    resolved = _resolve(specs, model_settings)
     if single and image is not None and question is not None:
-        doc = _compare_image(specs, image, question, settings, out, force, show=not as_json)
+        doc = _compare_image(resolved, image, question, settings, out, force, show=not as_json)
     else:
-        doc = _compare_dataset(specs, dataset or "", (limit or DEFAULT_LIMIT, seed), settings,
-                               out, force, {"questions": questions, "annotations": annotations,
-                                            "images": images, "hat": hat}, show=not as_json)
+        doc = _compare_dataset(resolved, dataset or "", (limit or DEFAULT_LIMIT, seed),
+                               settings, out, force,
+                               {"questions": questions, "annotations": annotations,
+                                "images": images, "hat": hat}, show=not as_json)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     _raise_failures(doc)
@@ -122,44 +146,80 @@ def _check_mode(
     return True
 
 
-def _load_models(specs: Sequence[str], answer: str | None) -> dict[str, Any]:
-    from blackbox_vqa.comparison import check_shared_answer
-    from blackbox_vqa.specs import load_model
+def _resolve(texts: Sequence[str], settings: ModelSettings) -> list[tuple[str, str, Any]]:
+    """``(--model text, label, its settings)`` per model; labels must be unique, and every
+    model option given must be usable by at least one model."""
+    from blackbox_vqa.cli.model_options import resolve
 
-    models = {spec: load_model(spec) for spec in specs}
-    check_shared_answer(answer, {spec: list(m.answers) for spec, m in models.items()})
-    return models
+    found = [(text, *resolve(text, settings)[1:]) for text in texts]
+    labels = [label for _, label, _ in found]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise InputError(f"two models would both be shown as {label!r}; give each "
+                             "model once")
+    settings.refuse_unusable([resolve(text, settings)[0] for text in texts])
+    return found
+
+
+def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
+        -> dict[str, Any]:
+    """label -> an Explainer of that model with the comparison's methods and settings."""
+    from blackbox_vqa.cli.model_options import load
+    from blackbox_vqa.comparison import check_shared_answer
+    from blackbox_vqa.explain import Explainer
+    from blackbox_vqa.explainers.registry import MethodSettings
+
+    settings = MethodSettings(grid=options.grid, baseline=options.baseline,
+                              batch_size=options.batch_size)
+    explainers = {}
+    for text, label, model_settings in resolved:
+        loaded = load(text, model_settings, strict=False)
+        explainers[label] = Explainer(loaded.model, methods=options.methods,
+                                      settings=settings, label=label)
+    check_shared_answer(options.answer,
+                        {label: list(e.model.answers) for label, e in explainers.items()})
+    return explainers
 
 
 def _output_folder(out: Path | None, name: str, force: bool) -> Path:
-    from blackbox_vqa.outputs import new_output_dir, prepare_output_dir, slugify
+    """The output folder, checked before any work (it is written only at the end)."""
+    from blackbox_vqa.outputs import check_output_dir, new_output_dir, slugify
 
     folder = out if out is not None else new_output_dir(Path.cwd(),
                                                         f"bbvqa-compare-{slugify(name)}")
-    return prepare_output_dir(folder, force=force, marker=MARKER)
+    return check_output_dir(folder, force=force, marker=MARKER)
+
+
+def _write(folder: Path, force: bool, report: Any, doc: dict[str, Any]) -> None:
+    """Write report.html and comparison.json; the folder appears whole or not at all."""
+    from blackbox_vqa.outputs import atomic_write_json, staged_output_dir
+    from blackbox_vqa.report.html import write_report
+
+    with staged_output_dir(folder, force=force, marker=MARKER) as stage:
+        write_report(stage / "report.html", report)
+        atomic_write_json(stage / MARKER, doc)
 
 
 def _run_all(
-    models: dict[str, Any], pixels: Any, question: str, image_info: dict[str, Any],
-    settings: Any, label: str = "",
+    models: dict[str, Any], pixels: Any, question: str, image_path: str,
+    options: _Options, label: str = "",
 ) -> list[Any]:
-    from blackbox_vqa.cli.progress import progress_bar
     from blackbox_vqa.comparison import explain_model
 
-    runs = []
-    for spec, vqa in models.items():
-        with progress_bar(f"{label}{spec}") as update:
-            runs.append(explain_model(spec, spec, vqa, pixels, question, image_info,
-                                      settings, gradients=_gradient_source(spec, vqa),
-                                      progress=update))
-    return runs
+    return [explain_model(spec, explainer, pixels, question, image_path=image_path,
+                          answer=options.answer, progress=_progress(f"{label}{spec}"))
+            for spec, explainer in models.items()]
 
 
-def _gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
-    """Where ``vqa``'s gradients come from, as ``bbvqa explain`` finds them."""
-    from blackbox_vqa.gradient_source import find_gradient_source
+def _progress(prefix: str) -> Callable[[str], Any]:
+    from blackbox_vqa.cli.progress import progress_bar
 
-    return find_gradient_source(spec, vqa)
+    @contextmanager
+    def factory(method: str) -> Iterator[Callable[[int, int], None]]:
+        with progress_bar(f"{prefix} {method}") as update:
+            yield update
+
+    return factory
 
 
 def _header(settings: Any) -> dict[str, Any]:
@@ -169,9 +229,9 @@ def _header(settings: Any) -> dict[str, Any]:
 
     return {
         "schema": SCHEMA,
-        "settings": {"grid": settings.grid, "baseline": settings.baseline,
-                     "batch_size": settings.batch_size, "answer": settings.answer,
-                     "top_k": settings.k},
+        "settings": {"methods": list(settings.methods), "grid": settings.grid,
+                     "baseline": settings.baseline, "batch_size": settings.batch_size,
+                     "answer": settings.answer, "top_k": settings.k},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }
@@ -182,43 +242,40 @@ def _footer(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _compare_image(
-    specs: list[str], image: Path, question: str, settings: Any, out: Path | None,
-    force: bool, *, show: bool,
+    resolved: list[tuple[str, str, Any]], image: Path, question: str, settings: _Options,
+    out: Path | None, force: bool, *, show: bool,
 ) -> dict[str, Any]:
     from blackbox_vqa.comparison import pair_dict, pair_results, run_dict, shared_answers
     from blackbox_vqa.images import load_image
-    from blackbox_vqa.outputs import atomic_write_json
     from blackbox_vqa.report.compare_views import comparison_report
-    from blackbox_vqa.report.html import write_report
     from blackbox_vqa.text import validate_question
 
     question = validate_question(question)
     pixels = load_image(image)
-    models = _load_models(specs, settings.answer)
     folder = _output_folder(out, question, force)
+    models = _load_models(resolved, settings)
     info = {"path": str(image), "width": int(pixels.shape[1]), "height": int(pixels.shape[0])}
-    runs = _run_all(models, pixels, question, info, settings)
+    runs = _run_all(models, pixels, question, str(image), settings)
     pairs = pair_results(runs, k=settings.k)
-    shared = shared_answers([run.answers for run in runs if run.doc is not None])
+    shared = shared_answers([run.answers for run in runs if run.explanation is not None])
     doc = {
         **_header(settings), "mode": "image", "question": question, "image": info,
         "shared_answers": list(shared),
         "models": [run_dict(run, shared) for run in runs],
         "agreement": [pair_dict(pair) for pair in pairs],
     }
-    write_report(folder / "report.html", comparison_report(
-        runs, question, pixels, str(image), k=settings.k, footer=_footer(doc)))
-    atomic_write_json(folder / MARKER, doc)
+    _write(folder, force, comparison_report(
+        runs, question, pixels, str(image), k=settings.k, footer=_footer(doc)), doc)
     if show:
         _print_image(runs, pairs, shared, folder)
     return doc
 
 
 def _compare_dataset(
-    specs: list[str], dataset: str, sample: tuple[int, int], settings: Any,
-    out: Path | None, force: bool, files: dict[str, Path | None], *, show: bool,
+    resolved: list[tuple[str, str, Any]], dataset: str, sample: tuple[int, int],
+    settings: _Options, out: Path | None, force: bool, files: dict[str, Path | None], *,
+    show: bool,
 ) -> dict[str, Any]:
-    from blackbox_vqa.cli.evaluate import select_items
     from blackbox_vqa.comparison import (
         dataset_summary,
         item_result,
@@ -226,17 +283,16 @@ def _compare_dataset(
         run_dict,
         shared_answers,
     )
-    from blackbox_vqa.datasets import human_maps, open_dataset
+    from blackbox_vqa.datasets import human_maps, open_dataset, select_items
     from blackbox_vqa.errors import ImageError
     from blackbox_vqa.images import load_image
-    from blackbox_vqa.outputs import atomic_write_json
     from blackbox_vqa.report.compare_views import dataset_report
-    from blackbox_vqa.report.html import write_report
 
     listing = open_dataset(dataset, **files)
     count, seed = sample
-    models = _load_models(specs, settings.answer)
     folder = _output_folder(out, dataset, force)
+    models = _load_models(resolved, settings)
+    specs = list(models)
     results: list[Any] = []
     shown: list[tuple[Any, Any]] = []
     unreadable = 0
@@ -246,9 +302,8 @@ def _compare_dataset(
         except ImageError:
             unreadable += 1
             continue
-        info = {"path": str(item.image), "width": int(pixels.shape[1]),
-                "height": int(pixels.shape[0])}
-        runs = _run_all(models, pixels, item.question, info, settings, f"{item.key} ")
+        runs = _run_all(models, pixels, item.question, str(item.image), settings,
+                        f"{item.key} ")
         result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
         results.append(result)
         if len(shown) < REPORT_ITEMS:
@@ -273,10 +328,9 @@ def _compare_dataset(
     }
     notes = [f"{listing.name}: {len(results)} items drawn with seed {seed}"
              + (f"; skipped: {skipped}" if skipped else "")]
-    write_report(folder / "report.html", dataset_report(
+    _write(folder, force, dataset_report(
         "bbvqa compare: " + " vs ".join(specs) + f" on {listing.name}", summary, shown,
-        k=settings.k, notes=notes, footer=_footer(doc)))
-    atomic_write_json(folder / MARKER, doc)
+        k=settings.k, notes=notes, footer=_footer(doc)), doc)
     if show:
         _print_dataset(summary, folder)
     return doc
@@ -302,12 +356,11 @@ def _console() -> Any:
 def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str],
                  folder: Path) -> None:
     from rich.table import Table
-    from rich.text import Text
 
     from blackbox_vqa.comparison import best_shared_answer, top_words
 
     console = _console()
-    ok = [run for run in runs if run.doc is not None]
+    ok = [run for run in runs if run.explanation is not None]
     differ = len({frozenset(run.answers) for run in ok}) > 1 and len(shared) > 0
     table = Table(title="models")
     for column in ("model", "answer", "probability", "top words", "flips", "time"):
@@ -320,11 +373,11 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
     console.print(table)
     if len({frozenset(run.answers) for run in ok}) > 1:
         sizes = ", ".join(f"{run.spec} {len(run.answers)}" for run in ok)
-        console.print(Text(f"answer vocabularies differ ({sizes}; {len(shared)} shared by "
-                           "all); 'same answer' compares each pair's best shared answers"))
+        console.print(_text(f"answer vocabularies differ ({sizes}; {len(shared)} shared by "
+                            "all); 'same answer' compares each pair's best shared answers"))
     for run in runs:
         for method, reason in run.unavailable.items():
-            console.print(Text(f"{run.spec}: {method} not available: {reason}"))
+            console.print(_text(f"{run.spec}: {method} not available: {reason}"))
     if pairs:
         agreement = Table(title="agreement between models")
         for column in ("models", "method", "rank corr (14x14)", f"top-{pairs[0].agreement.k} "
@@ -333,27 +386,39 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
         for pair in pairs:
             agreement.add_row(*_pair_row(pair))
         console.print(agreement)
-    console.print(Text(f"written to {folder}/ (report.html, {MARKER})"))
+    console.print(_text(f"written to {folder}/ (report.html, {MARKER})"))
 
 
 def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) -> list[Any]:
     from rich.text import Text
 
-    if run.doc is None:
-        cells = [Text(run.spec), Text(f"failed: {run.error}"), Text(""), Text(""), Text(""),
+    found = run.explanation
+    if found is None:
+        cells = [_text(run.spec), _text(f"failed: {run.error}"), Text(""), Text(""), Text(""),
                  Text(f"{run.seconds:.2f} s")]
     else:
-        flips = run.doc["occlusion"]["flips"]
+        occlusion = found.attribution("occlusion")
+        flips = None if occlusion is None else occlusion.extras["flips"]
         cells = [
-            Text(run.spec), Text(run.doc["answer"]), Text(f"{run.doc['probability']:.4f}"),
-            Text(", ".join(f"{w} {v:+.3f}" for w, v in words)),
-            Text(f"{flips['image']}/{flips['image_total']} cells, "
+            _text(run.spec), _text(found.answer), Text(f"{found.probability:.4f}"),
+            _text(", ".join(f"{w} {v:+.3f}" for w, v in words)),
+            Text("n/a" if flips is None else f"{flips['image']}/{flips['image_total']} cells, "
                  f"{flips['words']}/{flips['words_total']} words"),
             Text(f"{run.seconds:.2f} s"),
         ]
     if differ:
-        cells.append(Text("-" if best is None else f"{best[0]} {best[1]:.3f}"))
+        cells.append(_text("-" if best is None else f"{best[0]} {best[1]:.3f}"))
     return cells
+
+
+def _text(value: object) -> Any:
+    """Text from outside (labels, answers, messages) as a Rich Text, control characters
+    escaped."""
+    from rich.text import Text
+
+    from blackbox_vqa.terminal import terminal_safe
+
+    return Text(terminal_safe(str(value)))
 
 
 def _fmt(value: float | bool | None) -> str:
@@ -368,7 +433,7 @@ def _pair_row(pair: Any) -> list[Any]:
     from rich.text import Text
 
     found = pair.agreement
-    return [Text(f"{pair.a} / {pair.b}"), Text(pair.method), Text(_fmt(found.rank_correlation)),
+    return [_text(f"{pair.a} / {pair.b}"), Text(pair.method), Text(_fmt(found.rank_correlation)),
             Text(_fmt(found.top_k_overlap)), Text(_fmt(found.same_top_word)),
             Text(_fmt(pair.same_answer))]
 
@@ -384,7 +449,7 @@ def _print_dataset(summary: dict[str, Any], folder: Path) -> None:
     for spec, entry in summary["models"].items():
         human = ", ".join(f"{method} {_fmt(est['mean'])} ± {_fmt(est['sem'])}"
                           for method, est in entry["human_attention"].items())
-        table.add_row(Text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
+        table.add_row(_text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
                       Text(str(entry["failed"])), Text(human or "n/a"))
     console.print(table)
     if summary["agreement"]:
@@ -393,10 +458,10 @@ def _print_dataset(summary: dict[str, Any], folder: Path) -> None:
                        "same top word", "same answer"):
             agreement.add_column(column)
         for entry in summary["agreement"]:
-            agreement.add_row(Text(f"{entry['a']} / {entry['b']}"), Text(entry["method"]),
+            agreement.add_row(_text(f"{entry['a']} / {entry['b']}"), Text(entry["method"]),
                               Text(str(entry["n"])), Text(_fmt(entry["rank_correlation"])),
                               Text(_fmt(entry["top_k_overlap"])),
                               Text(_fmt(entry["same_top_word"])),
                               Text(_fmt(entry["same_answer"])))
         console.print(agreement)
-    console.print(Text(f"written to {folder}/ (report.html, {MARKER})"))
+    console.print(_text(f"written to {folder}/ (report.html, {MARKER})"))

@@ -17,9 +17,10 @@ from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError
 
-__all__ = ["evaluate_command", "select_items"]
+__all__ = ["evaluate_command"]
 
 RESULTS_FILE = "results.json"
 MARKDOWN_FILE = "results.md"
@@ -27,6 +28,7 @@ POS_FIGURE = "pos.png"
 _QUIET_REPORT_S = 30.0
 
 
+@with_model_options(exclude=("threads",))
 def evaluate_command(
     dataset: Annotated[str, typer.Option(help="easyvqa:train, easyvqa:test or vqa.")],
     out: Annotated[Path, typer.Option(help="Run folder: items are stored here as they "
@@ -34,7 +36,8 @@ def evaluate_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, "
                                        "package.module:factory, ...")] = "easyvqa",
     methods: Annotated[str, typer.Option(help="Comma-separated methods: occlusion, "
-                                         "guided-bp.")] = "occlusion,guided-bp",
+                                         "guided-bp, gradient, any registered method, or "
+                                         "all.")] = "occlusion,guided-bp",
     questions: Annotated[Path | None, typer.Option(help="VQA questions JSON (--dataset "
                                                    "vqa).")] = None,
     annotations: Annotated[Path | None, typer.Option(help="VQA annotations JSON (--dataset "
@@ -61,24 +64,32 @@ def evaluate_command(
     tagger: Annotated[str, typer.Option(help="Part-of-speech tagger: auto, nltk or "
                                         "pattern.")] = "auto",
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    *,
+    model_settings: ModelSettings,
 ) -> None:
     """Explain every item of a data set; report human-attention correlation, words by part
     of speech and failure prediction."""
-    from blackbox_vqa.datasets import open_dataset
+    from dataclasses import replace
+
+    from blackbox_vqa.cli.model_options import resolve
+    from blackbox_vqa.datasets import open_dataset, select_items
     from blackbox_vqa.evaluation.human_attention import MAP_SIZE
-    from blackbox_vqa.evaluation.methods import MethodOptions, parse_methods
     from blackbox_vqa.evaluation.pos import load_tagger
     from blackbox_vqa.evaluation.runner import EvalConfig
     from blackbox_vqa.evaluation.runstore import RunStore
     from blackbox_vqa.explainers.batching import parse_batch_size
     from blackbox_vqa.explainers.masks import parse_baseline
+    from blackbox_vqa.explainers.registry import MethodSettings, parse_methods
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
-    method_names = parse_methods(methods)
+    method_names = parse_methods(methods, parameter="--methods")
     parse_batch_size(batch_size)
     parse_baseline(baseline)
-    spec_kind(model)
+    spec, label, model_settings = resolve(model, model_settings)
+    if spec_kind(spec) == "onnx":  # torch threads are set per process by the runner
+        model_settings = replace(model_settings, threads=threads)
+    model_extra = model_settings.extra(spec)
     pos_tagger = load_tagger(tagger)
     listing = open_dataset(dataset, questions=questions, annotations=annotations,
                            images=images, hat=hat)
@@ -87,14 +98,14 @@ def evaluate_command(
                          f"(skipped: {dict(listing.skipped) or 'none'})")
     chosen = select_items(listing.items, limit=limit, seed=seed)
     settings = {
-        "model": model, "dataset": dict(listing.identity), "methods": list(method_names),
+        "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
         "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
-        "map_size": MAP_SIZE, "items": len(chosen),
+        "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
     }
-    config = EvalConfig(model=model, methods=method_names,
-                        options=MethodOptions(grid=grid, baseline=baseline,
-                                              batch_size=batch_size), seed=seed,
-                        threads=threads)
+    config = EvalConfig(model=spec, methods=method_names,
+                        options=MethodSettings(grid=grid, baseline=baseline,
+                                               batch_size=batch_size), seed=seed,
+                        threads=threads, model_options=model_extra)
     with RunStore.open(out, settings) as store:
         run = _run(store, chosen, config, workers)
         records = list(store.records([item.key for item in chosen]))
@@ -114,17 +125,6 @@ def _check_numbers(
         raise InputError(f"--grid must be >= 1, got {grid}")
     if folds < 2:
         raise InputError(f"--folds must be >= 2, got {folds}")
-
-
-def select_items(items: Sequence[Any], *, limit: int | None, seed: int) -> list[Any]:
-    """All ``items``, or ``limit`` of them drawn without replacement from ``seed`` (kept in
-    data-set order)."""
-    import numpy as np
-
-    if limit is None or limit >= len(items):
-        return list(items)
-    chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
-    return [items[int(i)] for i in chosen]
 
 
 def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[str, Any]:

@@ -84,8 +84,6 @@ class ModelSettings:
 
         kind = spec_kind(spec)
         onnx = {k: getattr(self, k) for k in _ONNX_FLAGS if getattr(self, k) is not None}
-        http = {k: getattr(self, k) for k in _HTTP_FLAGS
-                if k in self.given and getattr(self, k) not in (None, ())}
         if strict:
             self.refuse_unusable([spec])
         found: dict[str, Any] = {}

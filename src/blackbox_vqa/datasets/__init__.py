@@ -7,6 +7,7 @@ attention maps (or derives easy-VQA's from the image).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ from numpy.typing import NDArray
 from blackbox_vqa.datasets.items import DatasetListing, Item, normalise_answer
 from blackbox_vqa.errors import InputError
 
-__all__ = ["DatasetListing", "Item", "human_maps", "normalise_answer", "open_dataset"]
+__all__ = [
+    "DatasetListing",
+    "Item",
+    "human_maps",
+    "normalise_answer",
+    "open_dataset",
+    "select_items",
+]
 
 DATASETS = ("easyvqa:train", "easyvqa:test", "vqa")
 
@@ -63,3 +71,12 @@ def human_maps(item: Item, pixels: NDArray[Any]) -> list[NDArray[np.float64]]:
 
         return [load_hat_map(path) for path in item.maps]
     return []
+
+
+def select_items(items: Sequence[Any], *, limit: int | None, seed: int) -> list[Any]:
+    """All ``items``, or ``limit`` of them drawn without replacement from ``seed`` (kept in
+    data-set order)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    chosen = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[int(i)] for i in chosen]

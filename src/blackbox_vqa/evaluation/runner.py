@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.base import check_scores, model_name
 from blackbox_vqa.datasets import Item, human_maps, normalise_answer
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.evaluation.human_attention import (
@@ -34,11 +33,12 @@ from blackbox_vqa.evaluation.human_attention import (
     map_correlation,
     random_map,
 )
-from blackbox_vqa.evaluation.methods import ItemMethod, MethodOptions, build_methods
 from blackbox_vqa.evaluation.runstore import ItemRecord
-from blackbox_vqa.explanation import top_answers
+from blackbox_vqa.explain import Explainer
+from blackbox_vqa.explainers.registry import MethodSettings
+from blackbox_vqa.explanation import Explanation, top_answers
 from blackbox_vqa.images import load_image
-from blackbox_vqa.text import validate_question
+from blackbox_vqa.specs import display_spec
 
 __all__ = ["EvalConfig", "ItemEvaluator", "item_rng", "load_evaluator", "run_items"]
 
@@ -47,17 +47,20 @@ __all__ = ["EvalConfig", "ItemEvaluator", "item_rng", "load_evaluator", "run_ite
 class EvalConfig:
     """What a worker needs to evaluate items: model spec, methods and their options.
 
-    ``threads``: torch CPU threads per process while items run (None: leave as is). Equal
-    thread counts make serial and parallel runs give bit-identical results; different
-    counts can change the last bits of a CPU model's scores.
+    ``model_options``: the spec's loader options (``ModelOptions.extra``: HTTP format and
+    headers, ONNX metadata...). ``threads``: torch CPU threads per process while items run
+    (None: leave as is). Equal thread counts make serial and parallel runs give
+    bit-identical results; different counts can change the last bits of a CPU model's
+    scores.
     """
 
     model: str
     methods: tuple[str, ...]
-    options: MethodOptions = field(default_factory=MethodOptions)
+    options: MethodSettings = field(default_factory=MethodSettings)
     seed: int = 0
     map_size: int = MAP_SIZE
     threads: int | None = 1
+    model_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 def item_rng(seed: int, key: str) -> np.random.Generator:
@@ -104,11 +107,19 @@ class ItemEvaluator:
     def __init__(self, model: Any, config: EvalConfig) -> None:
         self.model = model
         self.config = config
-        self.methods: dict[str, ItemMethod]
-        self.methods, self.unavailable = build_methods(config.methods, model, config.options)
-        if not self.methods:
-            reasons = "; ".join(self.unavailable.values())
+        self.explainer = Explainer(model, methods=config.methods, settings=config.options,
+                                   label=display_spec(config.model))
+        self.unavailable = {name: gone.reason
+                            for name, gone in self.explainer.unavailable.items()}
+        if not self.explainer.available:
+            reasons = "; ".join(f"{name} is not available: {reason}"
+                                for name, reason in self.unavailable.items())
             raise NotSupportedError(f"none of the methods can run on this model: {reasons}")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods that run on every item."""
+        return self.explainer.available
 
     def evaluate(self, item: Item) -> ItemRecord:
         """The record of ``item``; status ``"skipped"`` (with ``reason``) on bad input."""
@@ -116,37 +127,32 @@ class ItemEvaluator:
         base: dict[str, Any] = {"key": item.key, "question": item.question}
         try:
             pixels = load_image(item.image)
-            question = self._question(item.question)
-            return self._evaluate(item, pixels, question, base, started)
+            found = self.explainer.explain(pixels, item.question)
         except NotSupportedError:
             raise
         except InputError as exc:
             return ItemRecord(item.key, {**base, "status": "skipped", "reason": str(exc)})
+        return self._record(item, pixels, found, base, started)
 
-    def _question(self, question: str) -> str:
-        validate = getattr(self.model, "validate_question", None)
-        return str(validate(question)) if callable(validate) else validate_question(question)
-
-    def _evaluate(
-        self, item: Item, pixels: NDArray[Any], question: str, base: dict[str, Any],
+    def _record(
+        self, item: Item, pixels: NDArray[Any], found: Explanation, base: dict[str, Any],
         started: float,
     ) -> ItemRecord:
-        answers = list(self.model.answers)
-        raw = self.model.answer_probs_batch([pixels], [question])
-        scores = check_scores(raw, 1, len(answers), source=model_name(self.model))[0]
-        summary = _score_summary(scores, answers)
-        seconds: dict[str, float] = {"predict": time.perf_counter() - started}
+        summary = _score_summary(found.scores, list(found.answers))
         outputs: dict[str, Any] = {}
         arrays: dict[str, NDArray[np.float64]] = {}
-        for name, method in self.methods.items():
-            tick = time.perf_counter()
-            output = method.explain(pixels, question, summary["answer"])
-            seconds[name] = time.perf_counter() - tick
-            outputs[name] = {"words": list(output.words), "stats": dict(output.stats)}
-            arrays[f"{name}.image"] = output.image_map
-            arrays[f"{name}.words"] = output.word_map
-        human = self._human(item, pixels, arrays)
+        seconds: dict[str, float] = {}
+        for name, attribution in found.attributions.items():
+            seconds[name] = attribution.seconds
+            outputs[name] = {"words": list(attribution.tokens), "stats": dict(attribution.stats)}
+            arrays[f"{name}.image"] = attribution.image_map
+            arrays[f"{name}.words"] = attribution.word_map
+        human = self._human(item, pixels, arrays, tuple(found.attributions))
         seconds["total"] = time.perf_counter() - started
+        seconds["predict"] = max(0.0, seconds["total"] - sum(
+            a.seconds for a in found.attributions.values()))
+        unavailable = dict(self.unavailable)
+        unavailable.update({n: u.reason for n, u in found.unavailable.items()})
         meta = {
             **base,
             "status": "done",
@@ -154,14 +160,15 @@ class ItemEvaluator:
             **summary,
             **_truth(item, summary["answer"]),
             "methods": outputs,
-            "unavailable": dict(self.unavailable),
+            "unavailable": unavailable,
             "human": human,
             "seconds": {k: round(v, 6) for k, v in seconds.items()},
         }
         return ItemRecord(item.key, meta, arrays)
 
     def _human(
-        self, item: Item, pixels: NDArray[Any], arrays: Mapping[str, NDArray[np.float64]]
+        self, item: Item, pixels: NDArray[Any], arrays: Mapping[str, NDArray[np.float64]],
+        methods: Sequence[str],
     ) -> dict[str, Any]:
         maps = human_maps(item, pixels)
         if not maps:
@@ -171,7 +178,7 @@ class ItemEvaluator:
         correlations = {
             name: _nan_to_none(map_correlation(arrays[f"{name}.image"], m, size=size)
                                for m in maps)
-            for name in self.methods
+            for name in methods
         }
         agreement = inter_human_agreement(maps, size=size) if len(maps) > 1 else math.nan
         return {
@@ -198,9 +205,10 @@ def _set_torch_threads(threads: int | None) -> int | None:
 
 def load_evaluator(config: EvalConfig) -> ItemEvaluator:
     """Load the model from ``config.model`` and build its methods."""
-    from blackbox_vqa.specs import load_model
+    from blackbox_vqa.specs import ModelOptions, load_model
 
-    return ItemEvaluator(load_model(config.model), config)
+    model = load_model(config.model, ModelOptions(extra=config.model_options))
+    return ItemEvaluator(model, config)
 
 
 def _worker_evaluate(config: EvalConfig, item: Item) -> ItemRecord:

@@ -43,9 +43,10 @@ def auto_batch_size(
 ) -> int:
     """Pick a batch size for ``total`` inputs of ``image_shape`` (``H x W x 3``).
 
-    A model may state its own (:class:`~blackbox_vqa.adapters.capabilities.SupportsPreferredBatchSize`); otherwise
-    the size is the number of inputs whose float32 pixels, times a generous activation
-    factor, fit ``memory_budget`` bytes, capped at 64 (larger CPU batches were no faster).
+    A model may state its own
+    (:class:`~blackbox_vqa.adapters.capabilities.SupportsPreferredBatchSize`); otherwise the
+    size is the number of inputs whose float32 pixels, times a generous activation factor,
+    fit ``memory_budget`` bytes, capped at 64 (larger CPU batches were no faster).
     """
     preferred = preferred_batch_size(model)
     if preferred is not None:

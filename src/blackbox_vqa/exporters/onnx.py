@@ -48,8 +48,8 @@ from blackbox_vqa.adapters.onnx_runtime import drop_sessions
 from blackbox_vqa.adapters.pytorch import TorchAdapter, eval_mode
 from blackbox_vqa.errors import BlackboxVQAError, InputError, ModelError, NotSupportedError
 from blackbox_vqa.exporters.graph import GraphFormat, GraphInputs, graph_suffix, save_graph
-from blackbox_vqa.metadata import ExportMetadata
 from blackbox_vqa.images import load_image, to_rgb_array
+from blackbox_vqa.metadata import ExportMetadata
 from blackbox_vqa.outputs import prepare_output_dir
 
 __all__ = [

@@ -9,10 +9,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.comparison import (
-    METHODS,
     ItemResult,
     ModelRun,
     best_shared_answer,
+    compared_methods,
     shared_answers,
 )
 from blackbox_vqa.report.views import (
@@ -29,19 +29,19 @@ __all__ = ["comparison_item", "comparison_report", "dataset_report"]
 
 
 def _model_view(run: ModelRun, shared: Sequence[str], differ: bool) -> ModelView:
-    if run.doc is None:
+    if run.explanation is None:
         return ModelView(name=run.spec, failed=run.error or "failed")
     facts: list[tuple[str, str]] = [("answers", str(len(run.answers)))]
     best = best_shared_answer(run, shared)
     if differ and best is not None:
         facts.append(("best shared answer", f"{best[0]} {best[1]:.3f}"))
-    return model_view(run.doc, name=run.spec, unavailable=run.unavailable, facts=facts)
+    return model_view(run.explanation, name=run.spec, unavailable=run.unavailable, facts=facts)
 
 
 def _agreements(runs: Sequence[ModelRun], k: int) -> tuple[AgreementView, ...]:
     views: list[AgreementView] = []
-    for method in METHODS:
-        having = [run for run in runs if run.doc is not None and any(
+    for method in compared_methods(runs):
+        having = [run for run in runs if run.explanation is not None and any(
             m is not None for m in run.maps(method))]
         if len(having) >= 2:
             views.extend(agreement_views(method, [r.spec for r in having],
@@ -59,7 +59,7 @@ def comparison_item(
     heading: str | None = None,
 ) -> ItemView:
     """One image and question with every model's run and the agreement matrices."""
-    ok = [run for run in runs if run.doc is not None]
+    ok = [run for run in runs if run.explanation is not None]
     shared = shared_answers([run.answers for run in ok])
     differ = len({frozenset(run.answers) for run in ok}) > 1 and len(shared) > 0
     return ItemView(
@@ -73,7 +73,7 @@ def comparison_item(
 
 
 def _vocabulary_note(runs: Sequence[ModelRun]) -> tuple[str, ...]:
-    ok = [run for run in runs if run.doc is not None]
+    ok = [run for run in runs if run.explanation is not None]
     if len({frozenset(run.answers) for run in ok}) <= 1:
         return ()
     shared = shared_answers([run.answers for run in ok])

@@ -17,9 +17,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.evaluation.agreement import EVAL_SIZE, pair_agreement
+from blackbox_vqa.explanation import SCHEMA, Explanation
 
 __all__ = [
-    "METHOD_SECTIONS",
     "AgreementView",
     "ItemView",
     "MethodView",
@@ -31,19 +31,6 @@ __all__ = [
     "method_views",
     "model_view",
 ]
-
-METHOD_SECTIONS: tuple[tuple[str, str, bool], ...] = (
-    ("occlusion", "occlusion", True),
-    ("guided_backprop", "guided-bp", False),
-    ("gradient", "gradient", False),
-)
-"""``(explanation.json key, method name, signed)`` of the methods a report can show.
-
-Signed maps (occlusion: a drop in probability, possibly negative) get a diverging colour
-scale centred on zero; unsigned ones (gradient magnitudes) a scale from zero."""
-
-_SIGNED = {name: signed for _, name, signed in METHOD_SECTIONS}
-
 
 @dataclass(frozen=True)
 class MethodView:
@@ -124,45 +111,61 @@ class ReportView:
     footer: tuple[tuple[str, str], ...] = field(default=())
 
 
-def _array(values: Any, ndim: int) -> NDArray[np.float64] | None:
-    if values is None:
-        return None
-    array = np.asarray(values, dtype=np.float64)
-    return array if array.ndim == ndim and array.size else None
+def _as_explanation(found: Explanation | Mapping[str, Any]) -> Explanation:
+    """An :class:`Explanation`, read from an ``explanation.json`` document if need be."""
+    if isinstance(found, Explanation):
+        return found
+    from blackbox_vqa.explainers.registry import method_keys
+
+    return Explanation.from_dict(found, method_keys())
 
 
 def method_views(
-    doc: Mapping[str, Any], unavailable: Mapping[str, str] | None = None
+    found: Explanation | Mapping[str, Any], unavailable: Mapping[str, str] | None = None
 ) -> tuple[MethodView, ...]:
-    """The methods an ``explanation.json`` document holds, in ``METHOD_SECTIONS`` order
-    (a section ``{"available": false, "reason": ...}`` gives an unavailable view), then
-    one unavailable view per further entry of ``unavailable`` (method name -> reason)."""
+    """The methods of an explanation, in registry order (an unavailable method gives an
+    unavailable view), then one unavailable view per further entry of ``unavailable``
+    (method name -> reason)."""
+    from blackbox_vqa.explainers.registry import get_method, method_names
+
+    explanation = _as_explanation(found)
     views: list[MethodView] = []
-    for key, name, signed in METHOD_SECTIONS:
-        section = doc.get(key)
-        if not isinstance(section, Mapping):
+    order = [*method_names(), *explanation.attributions, *explanation.unavailable]
+    for name in dict.fromkeys(order):
+        gone = explanation.unavailable.get(name)
+        attribution = explanation.attributions.get(name)
+        if gone is not None:
+            views.append(MethodView(name, signed=_signed(name, get_method),
+                                    unavailable=gone.reason or "not available"))
             continue
-        if section.get("available") is False:
-            reason = str(section.get("reason") or "not available")
-            views.append(MethodView(name, signed=signed, unavailable=reason))
+        if attribution is None:
             continue
-        image_map = _array(section.get("image"), 2)
-        word_map = _array(section.get("words"), 1)
+        image_map = attribution.image_map if attribution.image_map.size else None
+        word_map = attribution.word_map if attribution.word_map.size else None
         if image_map is None and word_map is None:
             continue
-        tokens = section.get("tokens")
-        words = tuple(str(t) for t in tokens) if isinstance(tokens, list) and tokens else None
-        views.append(MethodView(name, image_map, word_map, signed, words=words))
+        words = (attribution.tokens if attribution.tokens != explanation.tokens else None)
+        views.append(MethodView(name, image_map, word_map, attribution.signed,
+                                words=words or None))
     present = {view.name for view in views}
     for name, reason in (unavailable or {}).items():
         if name not in present:
-            views.append(MethodView(name, signed=_SIGNED.get(name, False), unavailable=reason))
+            views.append(MethodView(name, signed=_signed(name, get_method), unavailable=reason))
     return tuple(views)
 
 
-def _flips(doc: Mapping[str, Any]) -> str | None:
-    section = doc.get("occlusion")
-    flips = section.get("flips") if isinstance(section, Mapping) else None
+def _signed(name: str, lookup: Any) -> bool:
+    from blackbox_vqa.errors import InputError
+
+    try:
+        return bool(lookup(name).signed)
+    except InputError:
+        return False
+
+
+def _flips(explanation: Explanation) -> str | None:
+    occlusion = explanation.attribution("occlusion")
+    flips = None if occlusion is None else occlusion.extras.get("flips")
     if not isinstance(flips, Mapping):
         return None
     return (
@@ -171,34 +174,30 @@ def _flips(doc: Mapping[str, Any]) -> str | None:
     )
 
 
-def _seconds(doc: Mapping[str, Any]) -> float | None:
-    timing = doc.get("timing")
-    if not isinstance(timing, Mapping) or not timing:
+def _seconds(explanation: Explanation) -> float | None:
+    if not explanation.attributions:
         return None
-    return float(sum(float(v) for v in timing.values() if isinstance(v, (int, float))))
+    return float(sum(a.seconds for a in explanation.attributions.values()))
 
 
 def model_view(
-    doc: Mapping[str, Any],
+    found: Explanation | Mapping[str, Any],
     *,
     name: str | None = None,
     unavailable: Mapping[str, str] | None = None,
     facts: Sequence[tuple[str, str]] = (),
 ) -> ModelView:
-    """A model's view from its ``explanation.json`` document."""
-    top = tuple(
-        (str(entry["answer"]), float(entry["score"])) for entry in doc.get("top_answers", [])
-    )
-    probability = doc.get("probability")
+    """A model's view of an :class:`Explanation` (or its ``explanation.json`` document)."""
+    explanation = _as_explanation(found)
     return ModelView(
-        name=str(name if name is not None else doc.get("model", "model")),
-        answer=str(doc["answer"]) if doc.get("answer") is not None else None,
-        probability=float(probability) if probability is not None else None,
-        top_answers=top,
-        words=tuple(str(w) for w in doc.get("tokens", [])),
-        methods=method_views(doc, unavailable),
-        flips=_flips(doc),
-        seconds=_seconds(doc),
+        name=str(name if name is not None else explanation.model),
+        answer=explanation.answer,
+        probability=explanation.probability,
+        top_answers=tuple(explanation.top_answers),
+        words=explanation.tokens,
+        methods=method_views(explanation, unavailable),
+        flips=_flips(explanation),
+        seconds=_seconds(explanation),
         facts=tuple(facts),
     )
 
@@ -241,12 +240,12 @@ def agreement_views(
 
 
 def explanation_report(
-    doc: Mapping[str, Any], image: NDArray[Any] | None, *, k: int = 10
+    found: Explanation | Mapping[str, Any], image: NDArray[Any] | None, *, k: int = 10
 ) -> ReportView:
     """The report of one ``bbvqa explain`` result (methods compared when there are two+)."""
-    view = model_view(doc)
-    image_info = doc.get("image")
-    image_name = str(image_info.get("path", "")) if isinstance(image_info, Mapping) else ""
+    explanation = _as_explanation(found)
+    view = model_view(explanation)
+    image_name = str(explanation.image.get("path") or "")
     shown = [m for m in view.methods if m.unavailable is None]
     agreements: tuple[AgreementView, ...] = ()
     if len(shown) >= 2:
@@ -254,13 +253,13 @@ def explanation_report(
             "methods", [m.name for m in shown], [(m.image_map, m.word_map) for m in shown], k=k
         )
     item = ItemView(
-        question=str(doc.get("question", "")),
+        question=explanation.question,
         image=image,
         image_name=image_name,
         models=(view,),
         agreements=agreements,
     )
-    footer = tuple(
-        (key, str(doc[key])) for key in ("created", "version", "schema") if doc.get(key)
-    )
+    footer = tuple((key, value) for key, value in (
+        ("created", explanation.created), ("version", explanation.version),
+        ("schema", SCHEMA)) if value)
     return ReportView(title=f"bbvqa explain: {view.name}", items=(item,), footer=footer)
