@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from math import lcm
 
 import numpy as np
@@ -128,3 +129,13 @@ def test_inter_human_agreement_is_the_mean_over_pairs(rng: np.random.Generator) 
 def test_bad_maps_are_refused(bad: np.ndarray) -> None:
     with pytest.raises(InputError, match="map"):
         area_resize(bad)
+
+
+def test_spearman_with_ties_by_hand_and_no_warning_when_undefined() -> None:
+    # ranks (1, 2.5, 2.5, 4) and (1, 3, 2, 4): 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10)
+    assert spearman(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 3.0, 2.0, 4.0])) == \
+        pytest.approx(3 / math.sqrt(10), abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(spearman(np.arange(9.0), np.full(9, 2.0)))
+        assert math.isnan(spearman(np.ones(1), np.ones(1)))

@@ -119,3 +119,21 @@ def test_occluded_batch_copies_only_the_box() -> None:
     expected1[3:4, 1:4] = -1
     assert np.array_equal(batch[0], expected0)
     assert np.array_equal(batch[1], expected1)
+
+
+def test_gaussian_blur_kernel_reaches_ceil_three_sigma_with_reflected_edges() -> None:
+    impulse = np.zeros((21, 21, 3), dtype=np.float32)
+    impulse[10, 10, 1] = 1000.0
+    blurred = gaussian_blur(impulse, 1.5)  # radius ceil(4.5) = 5
+    rows, cols = np.nonzero(blurred[..., 1])
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (5, 15, 5, 15)
+    assert not blurred[..., 0].any() and not blurred[..., 2].any()  # channels stay apart
+    assert blurred.dtype == np.float32 and blurred.sum() == pytest.approx(1000.0, rel=1e-6)
+    # Edges mirror with the edge pixel repeated (numpy's "symmetric" padding), radius 3.
+    edge = np.zeros((9, 9, 3), dtype=np.uint8)
+    edge[0] = 90
+    offsets = np.arange(-3, 4)
+    weights = np.exp(-0.5 * (offsets / 0.8) ** 2)
+    padded = np.pad(edge[:, 0, 0].astype(np.float64), 3, mode="symmetric")
+    profile = [weights @ padded[i:i + 7] / weights.sum() for i in range(9)]
+    np.testing.assert_allclose(gaussian_blur(edge, 0.8)[:, 4, 2], profile, rtol=1e-6)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.stats import rankdata, spearmanr
 
 from blackbox_vqa.errors import InputError
 
@@ -100,27 +101,18 @@ def prepare_map(
 def rank_average(values: NDArray[Any]) -> NDArray[np.float64]:
     """Ranks ``1..n`` of the flattened ``values``; tied values share their average rank."""
     flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    ends = np.r_[starts[1:], flat.size]
-    mean_rank = (starts + ends + 1) / 2.0  # average of ranks starts+1 .. ends
-    ranks = np.empty(flat.size, dtype=np.float64)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
+    return np.asarray(rankdata(flat, method="average"), dtype=np.float64)
 
 
 def spearman(a: NDArray[Any], b: NDArray[Any]) -> float:
     """Spearman's rho of two equal-size arrays (flattened); NaN when either is constant."""
-    x, y = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    x = np.asarray(a, dtype=np.float64).reshape(-1)
+    y = np.asarray(b, dtype=np.float64).reshape(-1)
     if x.size != y.size:
         raise InputError(f"maps to correlate have {x.size} and {y.size} values")
-    rx, ry = rank_average(x), rank_average(y)
-    dx, dy = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt(float(dx @ dx) * float(dy @ dy))
-    if denominator == 0.0:
-        return math.nan
-    return float(np.clip((dx @ dy) / denominator, -1.0, 1.0))
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return math.nan  # no ranking; scipy would warn before giving NaN
+    return float(spearmanr(x, y).statistic)
 
 
 def map_correlation(

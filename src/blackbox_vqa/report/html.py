@@ -4,20 +4,22 @@ Images are PNG data URIs, styles are inline, and a Content-Security-Policy forbi
 remote load and every script (``default-src 'none'; img-src data:; style-src
 'unsafe-inline'``), so the page works offline and from a mail attachment. Every string
 that comes from outside (questions, answers, model names, file names, error messages) is
-HTML-escaped. Each model's heat maps of one method share one colour scale, as do its word
-bars, so models can be compared by eye.
+HTML-escaped: the page is rendered from Jinja2 templates (``templates/``) with autoescaping
+on, and this module hands them only plain strings, never markup. Each model's heat maps of
+one method share one colour scale, as do its word bars, so models can be compared by eye.
 """
 
 from __future__ import annotations
 
-import html
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from numpy.typing import NDArray
 
 from blackbox_vqa.outputs import atomic_write_text
@@ -35,7 +37,6 @@ from blackbox_vqa.report.views import (
     MethodView,
     ModelView,
     ReportView,
-    TableView,
     explanation_report,
 )
 
@@ -46,41 +47,96 @@ CSP = (
     "base-uri 'none'; form-action 'none'"
 )
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:1.5em;
-color:#1d232a;background:#fff;line-height:1.4}
-h1{font-size:1.5em;margin:0 0 .3em}h2{font-size:1.25em;margin:1.2em 0 .3em}
-h3{font-size:1.05em;margin:1em 0 .3em}
-.question{font-size:1.15em;margin:.2em 0 1em}.muted{color:#5b6570}
-.item{border-top:2px solid #d5dbe1;margin-top:1.5em}
-.model{border:1px solid #d5dbe1;border-radius:6px;padding:.6em 1em;margin:1em 0}
-.model.failed{border-color:#c0392b;background:#fdf2f1}
-.maps{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
-figure{margin:0}figcaption{font-size:.85em;color:#5b6570;max-width:240px}
-img.photo,img.heatmap{width:224px;height:auto;image-rendering:pixelated;border:1px solid #ccc}
-.na{width:224px;height:224px;display:flex;align-items:center;justify-content:center;
-text-align:center;background:#f1f3f5;color:#5b6570;border:1px dashed #aab}
-.scales{display:flex;flex-wrap:wrap;gap:24px;margin:.5em 0}
-.scale img{width:256px;height:14px;display:block;border:1px solid #ccc}
-.scale .ends{display:flex;justify-content:space-between;font-size:.8em;width:258px}
-.scale .help{font-size:.8em;color:#5b6570;max-width:300px}
-table{border-collapse:collapse;margin:.4em 0}
-td,th{border:1px solid #d5dbe1;padding:2px 8px;font-size:.9em;text-align:left}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.wordlists{display:flex;flex-wrap:wrap;gap:24px}
-.bar{display:flex;width:180px;height:12px}
-.bar .neg,.bar .pos{flex:1;display:flex}.bar .neg{justify-content:flex-end}
-.bar .neg span{background:#2e6da4}.bar .pos span{background:#c0392b}
-.bar.unsigned .neg{display:none}
-dl.facts{display:grid;grid-template-columns:max-content auto;gap:0 1em;margin:.3em 0}
-dl.facts dt{color:#5b6570}dl.facts dd{margin:0}
-footer{margin-top:2em;font-size:.8em;color:#5b6570}
-"""
+_TEMPLATES = Environment(
+    loader=PackageLoader("blackbox_vqa.report", "templates"),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+_METHOD_HELP = {
+    "occlusion": "p(a | image) - p(a | cell hidden): red cells support the answer, blue "
+                 "cells work against it",
+    "guided-bp": "|guided gradient| at the model's input size, largest over the colour "
+                 "channels",
+    "gradient": "|gradient| at the model's input size, largest over the colour channels",
+}
 
 
-def _e(text: object) -> str:
-    """Escape any value for HTML text and attribute values."""
-    return html.escape(str(text), quote=True)
+# What the templates see: plain strings (escaped there) and numbers formatted here.
+
+
+@dataclass(frozen=True)
+class _Legend:
+    method: str
+    uri: str
+    low: str
+    middle: str
+    high: str
+    help: str
+
+
+@dataclass(frozen=True)
+class _Figure:
+    kind: Literal["photo", "heatmap", "unavailable"]
+    method: str = ""
+    uri: str = ""
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class _WordRow:
+    word: str
+    negative: bool
+    width: str
+    value: str
+
+
+@dataclass(frozen=True)
+class _WordTable:
+    method: str
+    bar_class: str
+    rows: tuple[_WordRow, ...]
+
+
+@dataclass(frozen=True)
+class _ModelPart:
+    name: str
+    failed: str | None
+    facts: tuple[tuple[str, str], ...] = ()
+    figures: tuple[_Figure, ...] = ()
+    word_tables: tuple[_WordTable, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Cell:
+    text: str
+    background: str  # "rgb(r,g,b)", or "" for no colour
+
+
+@dataclass(frozen=True)
+class _AgreementRow:
+    label: str
+    cells: tuple[_Cell, ...]
+
+
+@dataclass(frozen=True)
+class _AgreementTable:
+    title: str
+    labels: tuple[str, ...]
+    rows: tuple[_AgreementRow, ...]
+
+
+@dataclass(frozen=True)
+class _ItemPart:
+    heading: str | None
+    question: str
+    image_name: str
+    legends: tuple[_Legend, ...]
+    models: tuple[_ModelPart, ...]
+    agreements: tuple[_AgreementTable, ...]
 
 
 def _number(value: float | None, spec: str = "+.3g") -> str:
@@ -113,79 +169,50 @@ def _scales(item: ItemView) -> tuple[dict[str, ColourScale], dict[str, float]]:
     return image_scales, word_bounds
 
 
-_METHOD_HELP = {
-    "occlusion": "p(a | image) - p(a | cell hidden): red cells support the answer, blue "
-                 "cells work against it",
-    "guided-bp": "|guided gradient| at the model's input size, largest over the colour "
-                 "channels",
-    "gradient": "|gradient| at the model's input size, largest over the colour channels",
-}
-
-
-def _scale_legend(name: str, scale: ColourScale) -> str:
-    middle = (scale.vmin + scale.vmax) / 2
-    help_text = _METHOD_HELP.get(name, "")
-    return (
-        f'<div class="scale"><div>{_e(name)}</div>'
-        f'<img class="colorbar" alt="{_e(name)} colour scale" '
-        f'src="{_e(png_data_uri(colour_bar_png(scale)))}">'
-        f'<div class="ends"><span>{_e(_number(scale.vmin))}</span>'
-        f"<span>{_e(_number(middle))}</span><span>{_e(_number(scale.vmax))}</span></div>"
-        f'<div class="help">{_e(help_text)}</div></div>'
+def _legend(name: str, scale: ColourScale) -> _Legend:
+    return _Legend(
+        method=name,
+        uri=png_data_uri(colour_bar_png(scale)),
+        low=_number(scale.vmin),
+        middle=_number((scale.vmin + scale.vmax) / 2),
+        high=_number(scale.vmax),
+        help=_METHOD_HELP.get(name, ""),
     )
 
 
-def _maps_row(
+def _figures(
     model: ModelView, image: NDArray[Any] | None, scales: Mapping[str, ColourScale]
-) -> str:
-    parts: list[str] = []
+) -> tuple[_Figure, ...]:
+    figures: list[_Figure] = []
     if image is not None:
-        parts.append(
-            f'<figure><img class="photo" alt="input image" '
-            f'src="{_e(png_data_uri(image_png(image)))}"><figcaption>image</figcaption></figure>'
-        )
+        figures.append(_Figure("photo", uri=png_data_uri(image_png(image))))
     for method in model.methods:
         if method.unavailable is not None:
-            parts.append(
-                f'<figure class="unavailable"><div class="na">{_e(method.name)}<br>'
-                f"not available</div><figcaption>{_e(method.unavailable)}</figcaption></figure>"
-            )
+            figures.append(_Figure("unavailable", method.name, caption=method.unavailable))
         elif method.image_map is not None and image is not None:
             uri = png_data_uri(heatmap_png(image, method.image_map, scales[method.name]))
-            parts.append(
-                f'<figure><img class="heatmap" data-method="{_e(method.name)}" '
-                f'alt="{_e(method.name)} heat map of {_e(model.name)}" src="{_e(uri)}">'
-                f"<figcaption>{_e(method.name)}</figcaption></figure>"
-            )
-    return f'<div class="maps">{"".join(parts)}</div>'
+            figures.append(_Figure("heatmap", method.name, uri=uri))
+    return tuple(figures)
 
 
-def _bar(value: float, bound: float, signed: bool) -> str:
-    share = 0.0 if bound <= 0 else min(abs(value) / bound, 1.0) * 100
-    neg = f'<span style="width:{share:.1f}%"></span>' if value < 0 else ""
-    pos = f'<span style="width:{share:.1f}%"></span>' if value >= 0 else ""
-    kind = "bar" if signed else "bar unsigned"
-    return f'<div class="{kind}"><div class="neg">{neg}</div><div class="pos">{pos}</div></div>'
-
-
-def _word_table(model: ModelView, method: MethodView, bound: float) -> str:
+def _word_table(model: ModelView, method: MethodView, bound: float) -> _WordTable | None:
     if method.word_map is None:
-        return ""
-    rows = []
+        return None
     labels = method.words or model.words
-    for i, value in enumerate(method.word_map):
-        word = labels[i] if i < len(labels) else f"#{i}"
-        rows.append(
-            f"<tr><td>{_e(word)}</td><td>{_bar(float(value), bound, method.signed)}</td>"
-            f'<td class="num">{_e(_number(float(value)))}</td></tr>'
-        )
-    return (
-        f'<div><h3>words: {_e(method.name)}</h3><table class="words">'
-        f"<tr><th>word</th><th>importance</th><th></th></tr>{''.join(rows)}</table></div>"
-    )
+    rows = []
+    for i, raw in enumerate(method.word_map):
+        value = float(raw)
+        share = 0.0 if bound <= 0 else min(abs(value) / bound, 1.0) * 100
+        rows.append(_WordRow(
+            word=labels[i] if i < len(labels) else f"#{i}",
+            negative=value < 0,
+            width=f"{share:.1f}",
+            value=_number(value),
+        ))
+    return _WordTable(method.name, "bar" if method.signed else "bar unsigned", tuple(rows))
 
 
-def _facts(model: ModelView) -> str:
+def _facts(model: ModelView) -> tuple[tuple[str, str], ...]:
     facts: list[tuple[str, str]] = []
     if model.answer is not None:
         facts.append(("answer", model.answer))
@@ -194,106 +221,75 @@ def _facts(model: ModelView) -> str:
     if model.top_answers:
         facts.append(("top answers", ", ".join(f"{a} {s:.3f}" for a, s in model.top_answers)))
     if model.flips is not None:
-        facts.append(("answer flips", model.flips))
+        facts.append(("answer flips", str(model.flips)))
     if model.seconds is not None:
         facts.append(("time", f"{model.seconds:.2f} s"))
-    facts.extend(model.facts)
-    body = "".join(f"<dt>{_e(key)}</dt><dd>{_e(value)}</dd>" for key, value in facts)
-    return f'<dl class="facts">{body}</dl>'
+    facts.extend((str(key), str(value)) for key, value in model.facts)
+    return tuple(facts)
 
 
-def _model_section(
+def _model_part(
     model: ModelView,
     image: NDArray[Any] | None,
     scales: Mapping[str, ColourScale],
     bounds: Mapping[str, float],
-) -> str:
+) -> _ModelPart:
     if model.failed is not None:
-        return (
-            f'<section class="model failed"><h2>{_e(model.name)}</h2>'
-            f"<p>failed: {_e(model.failed)}</p></section>"
-        )
-    words = "".join(
-        _word_table(model, m, bounds.get(m.name, 0.0))
-        for m in model.methods
-        if m.unavailable is None
-    )
-    return (
-        f'<section class="model"><h2>{_e(model.name)}</h2>{_facts(model)}'
-        f"{_maps_row(model, image, scales)}"
-        f'<div class="wordlists">{words}</div></section>'
+        return _ModelPart(model.name, model.failed)
+    tables = (_word_table(model, m, bounds.get(m.name, 0.0))
+              for m in model.methods if m.unavailable is None)
+    return _ModelPart(
+        name=model.name,
+        failed=None,
+        facts=_facts(model),
+        figures=_figures(model, image, scales),
+        word_tables=tuple(t for t in tables if t is not None),
     )
 
 
-def _cell_style(value: float, low: float, high: float) -> str:
+def _cell_background(value: float, low: float, high: float) -> str:
     if not math.isfinite(value):
         return ""
     colour = ColourScale(low, high, "RdBu_r" if low < 0 else "Greens").colours(
         np.asarray([value])
     )[0]
     light = np.round(0.55 * colour + 0.45 * 255).astype(int)
-    return f' style="background:rgb({light[0]},{light[1]},{light[2]})"'
+    return f"rgb({light[0]},{light[1]},{light[2]})"
 
 
-def _agreement_table(view: AgreementView) -> str:
-    header = "".join(f"<th>{_e(label)}</th>" for label in view.labels)
-    rows = []
-    for label, values in zip(view.labels, view.values, strict=True):
-        cells = "".join(
-            f'<td class="num"{_cell_style(float(v), view.low, view.high)}>'
-            f"{_e(_number(float(v), '.3f'))}</td>"
+def _agreement_table(view: AgreementView) -> _AgreementTable:
+    rows = tuple(
+        _AgreementRow(label, tuple(
+            _Cell(_number(float(v), ".3f"), _cell_background(float(v), view.low, view.high))
             for v in values
-        )
-        rows.append(f"<tr><th>{_e(label)}</th>{cells}</tr>")
-    return (
-        f'<div><h3>{_e(view.title)}</h3><table class="agreement">'
-        f"<tr><th></th>{header}</tr>{''.join(rows)}</table></div>"
+        ))
+        for label, values in zip(view.labels, view.values, strict=True)
     )
+    return _AgreementTable(view.title, tuple(view.labels), rows)
 
 
-def _plain_table(view: TableView) -> str:
-    header = "".join(f"<th>{_e(cell)}</th>" for cell in view.header)
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in view.rows
-    )
-    return f"<h2>{_e(view.title)}</h2><table><tr>{header}</tr>{rows}</table>"
-
-
-def _item_section(item: ItemView) -> str:
+def _item_part(item: ItemView) -> _ItemPart:
     scales, bounds = _scales(item)
     shown = _method_maps(item)
-    legends = "".join(_scale_legend(name, scale) for name, scale in scales.items()
-                      if shown[name])
-    heading = f"<h2>{_e(item.heading)}</h2>" if item.heading else ""
-    models = "".join(_model_section(m, item.image, scales, bounds) for m in item.models)
-    agreement = ""
-    if item.agreements:
-        agreement = '<h2>agreement</h2><div class="wordlists">' + "".join(
-            _agreement_table(view) for view in item.agreements
-        ) + "</div>"
-    return (
-        f'<section class="item">{heading}'
-        f'<p class="question">Q: <strong>{_e(item.question)}</strong></p>'
-        f'<p class="muted">image: {_e(item.image_name)}</p>'
-        f'<div class="muted">colour scales, one per method, shared by every model:</div>'
-        f'<div class="scales">{legends}</div>{models}{agreement}</section>'
+    return _ItemPart(
+        heading=item.heading,
+        question=item.question,
+        image_name=item.image_name,
+        legends=tuple(_legend(name, scale) for name, scale in scales.items() if shown[name]),
+        models=tuple(_model_part(m, item.image, scales, bounds) for m in item.models),
+        agreements=tuple(_agreement_table(view) for view in item.agreements),
     )
 
 
 def render_report(view: ReportView) -> str:
     """The report as one HTML document (a string)."""
-    tables = "".join(_plain_table(table) for table in view.tables)
-    notes = "".join(f"<p class=\"muted\">{_e(note)}</p>" for note in view.notes)
-    items = "".join(_item_section(item) for item in view.items)
-    footer = " · ".join(f"{_e(k)}: {_e(v)}" for k, v in view.footer)
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f'<meta http-equiv="Content-Security-Policy" content="{_e(CSP)}">'
-        '<meta name="referrer" content="no-referrer">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(view.title)}</title><style>{_STYLE}</style></head>"
-        f"<body><h1>{_e(view.title)}</h1>{notes}{tables}{items}"
-        f"<footer>{footer}</footer></body></html>\n"
+    return _TEMPLATES.get_template("report.html.j2").render(
+        csp=CSP,
+        title=view.title,
+        notes=view.notes,
+        tables=view.tables,
+        items=[_item_part(item) for item in view.items],
+        footer=view.footer,
     )
 
 
