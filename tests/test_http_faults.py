@@ -247,7 +247,7 @@ def explain(square_image: Path, tmp_path: Path) -> Any:
          "sent no answer within the 0.2 s read timeout (--http-timeout); gave up after 4"),
         (FaultyServer(always="malformed"), [], "returned malformed JSON"),
         (FaultyServer(always="rows"), ["--batch-size", "3", "--http-concurrency", "1"],
-         "returned 2 score rows for 3 inputs"),
+         "returned 0 score rows for 1 inputs"),
         (FaultyServer(always="nan"), [], "returned NaN or infinite scores"),
         (FaultyServer(always="drop"), [], "closed the connection without a complete answer"),
     ],

@@ -126,7 +126,7 @@ class Explainer:
         or answer and :class:`ModelError` when the model fails.
         """
         path = str(image) if isinstance(image, (str, Path)) else None
-        pixels = (load_image(image) if path is not None else to_rgb_array(image))
+        pixels = load_image(path) if path is not None else to_rgb_array(image)
         pixels = pixels.astype(np.float32, copy=False)
         question = check_question(self.model, question)
         prepare_model(self.model, pixels, question)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
+from blackbox_vqa.cli.model_options import ModelSettings, with_model_options_except
 from blackbox_vqa.errors import InputError
 
 __all__ = ["evaluate_command"]
@@ -28,7 +28,7 @@ POS_FIGURE = "pos.png"
 _QUIET_REPORT_S = 30.0
 
 
-@with_model_options(exclude=("threads",))
+@with_model_options_except("threads")
 def evaluate_command(
     dataset: Annotated[str, typer.Option(help="easyvqa:train, easyvqa:test or vqa.")],
     out: Annotated[Path, typer.Option(help="Run folder: items are stored here as they "

@@ -176,7 +176,7 @@ def _write(folder: Path, force: bool, found: Explanation, doc: dict[str, Any],
             for name, array in attribution.arrays.items():
                 atomic_write(stage / name, partial(_save_npy, array))
                 arrays.append(name)
-        write_explanation_report(stage / "report.html", doc, pixels)
+        write_explanation_report(stage / "report.html", found, pixels)
         atomic_write_json(stage / MARKER, doc)
     return [MARKER, *(name for name, _ in figures), *arrays, "report.html"]
 

@@ -40,9 +40,15 @@ import typer
 
 from blackbox_vqa.errors import InputError
 
-__all__ = ["LoadedModel", "ModelSettings", "load", "resolve", "with_model_options"]
+__all__ = [
+    "LoadedModel",
+    "ModelSettings",
+    "load",
+    "resolve",
+    "with_model_options",
+    "with_model_options_except",
+]
 
-HTTP_FORMATS = ("ours", "hf", "answer-only")
 OUTPUT_KINDS = ("softmax", "sigmoid", "probs")
 
 _ONNX_FLAGS = {
@@ -121,19 +127,12 @@ class ModelSettings:
 
 
 def _check(settings: ModelSettings) -> ModelSettings:
-    if settings.http_format is not None and settings.http_format not in HTTP_FORMATS:
-        raise InputError(f"--http-format must be one of {', '.join(HTTP_FORMATS)}, "
-                         f"got {settings.http_format!r}")
     if settings.threads is not None and (isinstance(settings.threads, bool)
                                          or settings.threads < 1):
         raise InputError(f"--threads must be >= 1, got {settings.threads}")
     if settings.output_kind is not None and settings.output_kind not in OUTPUT_KINDS:
         raise InputError(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}, "
                          f"got {settings.output_kind!r}")
-    if settings.http_concurrency is not None and settings.http_concurrency < 1:
-        raise InputError(f"--http-concurrency must be >= 1, got {settings.http_concurrency}")
-    if settings.http_timeout is not None and not settings.http_timeout > 0:
-        raise InputError(f"--http-timeout must be > 0, got {settings.http_timeout}")
     return settings
 
 
@@ -182,12 +181,18 @@ _PARAMETERS: list[tuple[str, Any, Any]] = [
 ]
 
 
-def with_model_options(
-    command: Callable[..., None] | None = None, *, exclude: tuple[str, ...] = ()
-) -> Any:
+def with_model_options(command: Callable[..., None]) -> Callable[..., None]:
     """Decorate a Typer command that has a ``model_settings: ModelSettings`` parameter: the
-    command gets every model option (minus ``exclude``) and receives their values as one
+    command gets every model option and receives their values as one
     :class:`ModelSettings`."""
+    return with_model_options_except()(command)
+
+
+def with_model_options_except(
+    *exclude: str,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """:func:`with_model_options` without the options named in ``exclude`` (a command
+    that defines one of them itself)."""
     def decorate(function: Callable[..., None]) -> Callable[..., None]:
         hints = get_type_hints(function, include_extras=True)
         signature = inspect.signature(function)
@@ -213,7 +218,7 @@ def with_model_options(
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper
 
-    return decorate(command) if command is not None else decorate
+    return decorate
 
 
 @dataclass(frozen=True)

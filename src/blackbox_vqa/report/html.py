@@ -22,6 +22,7 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from numpy.typing import NDArray
 
+from blackbox_vqa.explanation import Explanation
 from blackbox_vqa.outputs import atomic_write_text
 from blackbox_vqa.report.overlays import (
     ColourScale,
@@ -56,13 +57,15 @@ _TEMPLATES = Environment(
     keep_trailing_newline=True,
 )
 
-_METHOD_HELP = {
-    "occlusion": "p(a | image) - p(a | cell hidden): red cells support the answer, blue "
-                 "cells work against it",
-    "guided-bp": "|guided gradient| at the model's input size, largest over the colour "
-                 "channels",
-    "gradient": "|gradient| at the model's input size, largest over the colour channels",
-}
+def _method_help(name: str) -> str:
+    """The registry's help text of a method ("" for one that is not registered)."""
+    from blackbox_vqa.errors import InputError
+    from blackbox_vqa.explainers.registry import get_method
+
+    try:
+        return get_method(name).help
+    except InputError:
+        return ""
 
 
 # What the templates see: plain strings (escaped there) and numbers formatted here.
@@ -176,7 +179,7 @@ def _legend(name: str, scale: ColourScale) -> _Legend:
         low=_number(scale.vmin),
         middle=_number((scale.vmin + scale.vmax) / 2),
         high=_number(scale.vmax),
-        help=_METHOD_HELP.get(name, ""),
+        help=_method_help(name),
     )
 
 
@@ -299,7 +302,8 @@ def write_report(path: str | os.PathLike[str], view: ReportView) -> Path:
 
 
 def write_explanation_report(
-    path: str | os.PathLike[str], doc: Mapping[str, Any], image: NDArray[Any]
+    path: str | os.PathLike[str], found: Explanation | Mapping[str, Any], image: NDArray[Any]
 ) -> Path:
-    """Write the report of one ``explanation.json`` document and its image ``H x W x 3``."""
-    return write_report(path, explanation_report(doc, image))
+    """Write the report of one explanation (or its ``explanation.json`` document) and its
+    image ``H x W x 3``."""
+    return write_report(path, explanation_report(found, image))
