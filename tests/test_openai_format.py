@@ -13,13 +13,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from blackbox_vqa.adapters.http_endpoint import HttpAdapter
 from blackbox_vqa.adapters.http_formats import OTHER_ANSWER
-from blackbox_vqa.adapters.http_openai import DEFAULT_PROMPT, render_prompt, token_key
+from blackbox_vqa.adapters.http_openai import (
+    DEFAULT_PROMPT,
+    ChatFormat,
+    render_prompt,
+    token_key,
+)
 from blackbox_vqa.adapters.http_ratelimit import parse_duration, rate_limit_wait
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.masks import grid_boxes, occlusion_evaluations
@@ -416,3 +422,35 @@ def test_cli_reports_a_failing_chat_endpoint_in_one_line(
     assert err.startswith(f"bbvqa: error: HTTP endpoint {url}/v1/chat/completions answered "
                           "HTTP 500 (scripted 500); gave up after 4 attempts")
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ the test server itself
+
+
+def test_the_test_server_is_as_strict_as_the_real_api(image: np.ndarray,
+                                                      server: tuple[str, ChatServer]) -> None:
+    """What the adapter sends passes; what the hosted API refuses is refused here too."""
+    url, chat = server
+    good = ChatFormat("toy-vlm").request(image, QUESTION)
+    part = good["messages"][0]["content"]
+
+    def refused(body: dict[str, Any]) -> str:
+        response = httpx.post(url + "/chat/completions", json=body, timeout=5)
+        assert response.status_code == 400, response.text
+        return str(response.json()["error"]["message"])
+
+    assert httpx.post(url + "/chat/completions", json=good, timeout=5).status_code == 200
+    assert "model" in refused({k: v for k, v in good.items() if k != "model"})
+    assert "extra" in refused({**good, "temprature": 0}).lower()
+    assert "role" in refused({**good, "messages": [{"role": "robot", "content": part}]})
+    assert "top_logprobs requires logprobs" in refused({**good, "logprobs": False})
+    bad_part = [part[0], {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    assert "data URL" in refused({**good, "messages": [{"role": "user", "content": bad_part}]})
+    bad_b64 = [part[0], {"type": "image_url",
+                         "image_url": {"url": "data:image/png;base64,@@@"}}]
+    assert "invalid image" in refused({**good, "messages": [{"role": "user",
+                                                             "content": bad_b64}]})
+    unknown = [part[0], {"type": "audio", "audio": "x"}]
+    refused({**good, "messages": [{"role": "user", "content": unknown}]})
+    assert "top_logprobs" in refused({**good, "top_logprobs": 21})
+    assert chat.answered == 1
