@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -292,12 +291,11 @@ def test_requests_in_flight_stay_within_the_concurrency(image: np.ndarray) -> No
     chat = ChatServer(always="slow", sleep=0.15)
     images = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(6)]
     with scripted_server(chat) as url, adapter(url + "/v1", concurrency=3) as remote:
-        started = time.perf_counter()
         remote.answer_probs_batch(images, [QUESTION] * 6)
-        elapsed = time.perf_counter() - started
     starts = sorted(chat.posts)
-    assert len(starts) == 6 and 2 * 0.15 <= elapsed < 6 * 0.15
-    assert starts[3] - starts[0] >= 0.14  # the 4th waited for a free slot
+    assert len(starts) == 6
+    assert starts[2] - starts[0] < 0.15  # three at once, before the first was answered ...
+    assert starts[3] - starts[0] >= 0.14  # ... and the 4th waited for a free slot
 
 
 # ------------------------------------------------------------------ faults
