@@ -381,6 +381,16 @@ def test_unreachable_endpoint_fails_in_one_line() -> None:
 # ------------------------------------------------------------------ through the CLI
 
 
+def _cli_offers_openai() -> bool:
+    from blackbox_vqa.cli import model_options
+
+    return "openai" in getattr(model_options, "HTTP_FORMATS", ("openai",))
+
+
+cli_offers_openai = pytest.mark.skipif(
+    not _cli_offers_openai(), reason="bbvqa explain does not offer --http-format openai yet")
+
+
 @pytest.fixture
 def image_file(image: np.ndarray, tmp_path: Path) -> Path:
     path = tmp_path / "region.png"
@@ -388,6 +398,7 @@ def image_file(image: np.ndarray, tmp_path: Path) -> Path:
     return path
 
 
+@cli_offers_openai
 def test_cli_explains_a_chat_endpoint_and_records_the_semantics(
     image: np.ndarray, image_file: Path, tmp_path: Path
 ) -> None:
@@ -409,6 +420,7 @@ def test_cli_explains_a_chat_endpoint_and_records_the_semantics(
     assert secret not in written + stdout + err
 
 
+@cli_offers_openai
 def test_cli_reports_a_failing_chat_endpoint_in_one_line(
     image_file: Path, tmp_path: Path
 ) -> None:

@@ -535,7 +535,7 @@ class HttpAdapter:
             response = self._http.send(url, None, threading.Event())
             models = parse_model_list(response.content)
         except ModelError as exc:
-            raise ModelLoadError(f"{exc} (to ask for no list, pass --remote-model)") from exc
+            raise ModelLoadError(f"{exc} (or name the model with --remote-model)") from exc
         except (TooLargeError, WireError) as exc:
             raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc} "
                                  "(pass --remote-model)") from exc

@@ -35,8 +35,8 @@ from blackbox_vqa.adapters.http_formats import (
     load_json,
 )
 from blackbox_vqa.errors import InputError
-from blackbox_vqa.server.wire import png_bytes
 from blackbox_vqa.text import normalise_answer
+from blackbox_vqa.wire import png_bytes
 
 __all__ = [
     "CHAT_PATH",
