@@ -313,20 +313,29 @@ def test_a_failed_request_is_retried(first: str, image: np.ndarray,
     assert scores[0] == first_token_score(image, QUESTION, "yes")
 
 
-def test_retry_after_and_timeouts(image: np.ndarray, server: tuple[str, ChatServer]) -> None:
+def test_retry_after_is_honoured_and_a_far_one_fails_at_once(
+    image: np.ndarray, server: tuple[str, ChatServer]
+) -> None:
     url, chat = server
     chat.faults = ["429", "429"]
     with adapter(url) as remote:
         remote.answer_probs(image, QUESTION)
         assert remote.delays == [0.05, 0.05]  # type: ignore[attr-defined]
-    chat.faults, chat.posts, chat.sleep = ["ok", "slow"], [chat.posts[0]], 0.6
-    with adapter(url, timeout=0.2, remote_model="toy-vlm") as remote:
-        remote.answer_probs(image, "is it red?")
     assert len(chat.posts) == 3
-    with adapter(url, max_retry_after=0.01) as remote:
-        chat.always = "429"
-        with pytest.raises(ModelError, match=r"asked to retry after 0.05 s \(more than 0.01 s\)"):
-            remote.answer_probs(image, QUESTION)
+    chat.always = "429"
+    with adapter(url, max_retry_after=0.01) as remote, \
+            pytest.raises(ModelError, match=r"asked to retry after 0.05 s \(more than 0.01 s\)"):
+        remote.answer_probs(image, "is it red?")
+    assert len(chat.posts) == 4
+
+
+def test_a_slow_answer_is_retried_after_the_read_timeout(image: np.ndarray) -> None:
+    chat = ChatServer(faults=["slow"], sleep=0.6)
+    with scripted_server(chat) as url, adapter(url + "/v1", timeout=0.2,
+                                               remote_model="toy-vlm") as remote:
+        scores = remote.answer_probs(image, QUESTION)
+    assert len(chat.posts) == 2 and len(remote.delays) == 1  # type: ignore[attr-defined]
+    assert scores[0] == first_token_score(image, QUESTION, "yes")
 
 
 @pytest.mark.parametrize(
