@@ -12,6 +12,7 @@ from blackbox_vqa.explainers.masks import (
     gaussian_blur,
     grid_boxes,
     occluded_batch,
+    occlusion_evaluations,
     parse_baseline,
     window_boxes,
     window_map,
@@ -137,3 +138,26 @@ def test_gaussian_blur_kernel_reaches_ceil_three_sigma_with_reflected_edges() ->
     padded = np.pad(edge[:, 0, 0].astype(np.float64), 3, mode="symmetric")
     profile = [weights @ padded[i:i + 7] / weights.sum() for i in range(9)]
     np.testing.assert_allclose(gaussian_blur(edge, 0.8)[:, 4, 2], profile, rtol=1e-6)
+
+
+def test_occlusion_evaluations_count_the_inputs_an_explanation_scores() -> None:
+    from blackbox_vqa.explainers.occlusion import Occlusion
+
+    from toys import BrightnessModel
+
+    assert occlusion_evaluations(480, 640, 5) == 1 + 256 + 5  # the paper's 16 x 16 grid
+    assert occlusion_evaluations(64, 64, 3, grid=4) == 1 + 16 + 3
+    assert occlusion_evaluations(64, 64, 3, image=False) == 4
+    # Windows: as many as window_boxes makes (the last one flush with the edge).
+    assert occlusion_evaluations(64, 64, 2, window=(16, 16)) == 1 + 16 + 2
+    assert occlusion_evaluations(64, 64, 2, window=(24, 24), stride=(16, 16)) == 1 + 16 + 2
+    # ... and what an explanation really scores.
+    image = np.zeros((40, 30, 3), dtype=np.uint8)
+    for settings in ({"grid": 5}, {"window": (8, 6), "stride": (5, 4)}):
+        result = Occlusion(BrightnessModel(), **settings).explain(image, "is it not bright?")
+        counted = occlusion_evaluations(40, 30, 4, **settings)  # type: ignore[arg-type]
+        assert result.evaluations == counted
+    with pytest.raises(InputError, match="words must be an integer >= 0, got -1"):
+        occlusion_evaluations(64, 64, -1)
+    with pytest.raises(InputError, match="cannot be split into a 16-cell grid"):
+        occlusion_evaluations(8, 64, 1)

@@ -21,6 +21,7 @@ __all__ = [
     "UNK_ID",
     "WordTokenizer",
     "drop_word",
+    "normalise_answer",
     "split_words",
     "validate_question",
     "word_spans",
@@ -32,6 +33,16 @@ _SPACE = " \t\r\n\f\v"
 
 PAD_ID = 0
 UNK_ID = 1
+
+
+def normalise_answer(answer: str) -> str:
+    """Lower-case, trimmed, inner white space collapsed, a final period dropped.
+
+    How answers are compared: the evaluation's accuracy, and the answers read from a
+    chat model's generated text.
+    """
+    text = " ".join(str(answer).lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text
 
 
 def word_spans(question: str) -> list[tuple[int, int]]:

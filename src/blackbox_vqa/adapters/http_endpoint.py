@@ -7,10 +7,12 @@ and goes on. An input already
 answered (same pixels, same question) is not sent again. Every response is validated, and
 every failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the endpoint.
 
-Three wire formats (see :mod:`blackbox_vqa.adapters.http_formats`): ``ours`` (what
-``bbvqa serve`` speaks), ``hf`` (Hugging Face VQA inference, top-k lists) and
-``answer-only``. With the last two the answer vocabulary is learned from the endpoint's
-answers (:meth:`HttpAdapter.prepare`) plus an ``(other)`` column, and
+Four wire formats (see :mod:`blackbox_vqa.adapters.http_formats`): ``ours`` (what
+``bbvqa serve`` speaks), ``hf`` (Hugging Face VQA inference, top-k lists),
+``answer-only`` and ``openai`` (chat completions with logprobs,
+:mod:`blackbox_vqa.adapters.http_openai`). With the last three the answer vocabulary is
+learned from the endpoint's answers (:meth:`HttpAdapter.prepare`; an ``openai`` adapter
+also learns it from the first input it is asked about) plus an ``(other)`` column, and
 :attr:`HttpAdapter.score_semantics` says what the scores mean.
 """
 
@@ -42,6 +44,20 @@ from blackbox_vqa.adapters.http_formats import (
     parse_info,
     vocabulary_row,
 )
+from blackbox_vqa.adapters.http_openai import (
+    CHAT_PATH,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PROMPT,
+    DEFAULT_SEED,
+    DEFAULT_TOP_LOGPROBS,
+    MODELS_PATH,
+    ChatAnswer,
+    ChatFormat,
+    ChatVocabulary,
+    chat_semantics,
+    check_chat_options,
+    parse_model_list,
+)
 from blackbox_vqa.adapters.http_transport import (
     AbortedError,
     RetryingClient,
@@ -72,9 +88,17 @@ OPTION_KEYS = {
     "http_headers": "headers",
     "http_concurrency": "concurrency",
     "http_timeout": "timeout",
+    "remote_model": "remote_model",
+    "prompt": "prompt",
+    "max_tokens": "max_tokens",
 }
+# Options of the openai format alone (None: the format's default).
+_CHAT_OPTIONS = {"remote_model": "--remote-model", "prompt": "--prompt",
+                 "max_tokens": "--max-tokens", "top_logprobs": "top_logprobs"}
 _CACHE_BYTES = 64 * 2**20
 _BODY_FILL = 0.9
+# What one input's answer is before it becomes a score row (see http_formats.Raw).
+Answer = Raw | ChatAnswer
 
 
 def _image_key(image: NDArray[Any]) -> bytes:
@@ -104,8 +128,9 @@ class HttpAdapter:
 
     Args:
         url: ``http(s)://host:port[/path]``; for ``ours`` the base of ``/v1/...``, for
-            ``hf`` and ``answer-only`` the URL to POST to.
-        wire_format: ``"ours"``, ``"hf"`` or ``"answer-only"``.
+            ``hf`` and ``answer-only`` the URL to POST to, for ``openai`` the API's base
+            (``.../v1``, to which ``/chat/completions`` is added).
+        wire_format: ``"ours"``, ``"hf"``, ``"answer-only"`` or ``"openai"``.
         headers: extra headers (``{"Name": "value"}`` or ``["Name: value"]``), e.g. an API
             key; never shown in messages or outputs.
         concurrency: most requests in flight at once.
@@ -119,6 +144,14 @@ class HttpAdapter:
             limits).
         top_k: ``top_k`` asked of an ``hf`` endpoint.
         answers: a known vocabulary for ``hf``/``answer-only`` (else learned).
+        remote_model: ``openai``: the request's ``model`` (default: the only model the
+            server lists at ``GET {url}/models``).
+        prompt: ``openai``: the text sent with the image; ``{question}`` is replaced by
+            the question (default :data:`~blackbox_vqa.adapters.http_openai.DEFAULT_PROMPT`).
+        max_tokens: ``openai``: most tokens generated (default 8).
+        top_logprobs: ``openai``: alternatives asked for at each position (default 20,
+            OpenAI's maximum; a server may allow more).
+        remote_seed: ``openai``: the request's ``seed`` (None: none sent).
         cache: do not send an input already answered.
         transport: an ``httpx`` transport (the I/O seam for tests and proxies).
         sleep: called with each retry wait in seconds (default: wait on an event).
@@ -142,6 +175,11 @@ class HttpAdapter:
         batch_size: int | None = None,
         top_k: int = 10,
         answers: Sequence[str] | None = None,
+        remote_model: str | None = None,
+        prompt: str | None = None,
+        max_tokens: int | None = None,
+        top_logprobs: int | None = None,
+        remote_seed: int | None = DEFAULT_SEED,
         cache: bool = True,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] | None = None,
@@ -167,21 +205,36 @@ class HttpAdapter:
         self.cache = cache
         self.name = name or display_url(self.url)
         self._lock = threading.Lock()
-        self._cache: dict[tuple[bytes, str], Raw] = {}
+        self._cache: dict[tuple[bytes, str], Answer] = {}
         self._http = RetryingClient(
             headers=parse_headers(headers), timeout=self.timeout,
             connect_timeout=self.connect_timeout, connections=self.concurrency,
             policy=self.policy, transport=transport, sleep=sleep, seed=seed,
             tls=self.url.scheme == "https",
-            hint=f"is the URL right, and does it speak the '{wire_format}' format "
-            "(--http-format)?",
+            hint=_hint(wire_format),
         )
         self._image_bytes: int | None = None
         self._vocab: list[str] = []
         self._index: dict[str, int] = {}
         self.info: ServerInfo | None = None
-        self._format: WireFormat
-        if wire_format == "ours":
+        self._chat: ChatVocabulary | None = None
+        self._format: WireFormat | ChatFormat
+        chat = {"remote_model": remote_model, "prompt": prompt, "max_tokens": max_tokens,
+                "top_logprobs": top_logprobs}
+        if wire_format != "openai":
+            for key, value in chat.items():
+                if value is not None:
+                    raise InputError(f"{key} ({_CHAT_OPTIONS[key]}) is only for "
+                                     "--http-format openai")
+        if wire_format == "openai":
+            if answers is not None:
+                raise InputError("answers= is not for the openai format: its answers are "
+                                 "identified by their first token, learned from the endpoint")
+            self._format = self._chat_format(remote_model, prompt, max_tokens, top_logprobs,
+                                             remote_seed)
+            self._chat = ChatVocabulary()
+            self._max_items = 1
+        elif wire_format == "ours":
             if answers is not None:
                 raise InputError("answers= is only for the hf and answer-only formats; "
                                  "an 'ours' endpoint announces its answers")
@@ -194,10 +247,25 @@ class HttpAdapter:
             for answer in answers or ():
                 self._learn(answer)
 
+    def _chat_format(self, remote_model: str | None, prompt: str | None,
+                     max_tokens: int | None, top_logprobs: int | None,
+                     seed: int | None) -> ChatFormat:
+        prompt = DEFAULT_PROMPT if prompt is None else prompt
+        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+        top_logprobs = DEFAULT_TOP_LOGPROBS if top_logprobs is None else top_logprobs
+        check_chat_options(prompt, max_tokens, top_logprobs, seed)
+        if remote_model is None:
+            remote_model = self._only_model()
+        elif not isinstance(remote_model, str) or not remote_model.strip():
+            raise InputError(f"remote model (--remote-model) must be a model name, "
+                             f"got {remote_model!r}")
+        return ChatFormat(remote_model, prompt, max_tokens, top_logprobs, seed)
+
     @classmethod
     def from_options(cls, url: str, extra: Mapping[str, Any]) -> HttpAdapter:
         """Build from a model spec's options: ``http_format``, ``http_headers``,
-        ``http_concurrency``, ``http_timeout`` (a missing or None value keeps the default)."""
+        ``http_concurrency``, ``http_timeout``, and for ``openai`` ``remote_model``,
+        ``prompt``, ``max_tokens`` (a missing or None value keeps the default)."""
         settings: dict[str, Any] = {}
         for key, param in OPTION_KEYS.items():
             if extra.get(key) is not None:
@@ -218,14 +286,19 @@ class HttpAdapter:
 
     @property
     def answers(self) -> Sequence[str]:
-        """The answer vocabulary; for ``hf``/``answer-only`` the learned one plus ``(other)``."""
+        """The answer vocabulary; for ``hf``/``answer-only``/``openai`` the learned one plus
+        ``(other)``."""
         if self.info is not None:
             return self.info.answers
+        if self._chat is not None:
+            return (*self._chat.names, OTHER_ANSWER)
         return (*self._vocab, OTHER_ANSWER)
 
     @property
     def score_semantics(self) -> dict[str, Any] | None:
         """What the scores mean when they are not the model's own (None for ``ours``)."""
+        if isinstance(self._format, ChatFormat) and self._chat is not None:
+            return chat_semantics(self._format.top_logprobs, self._chat.logprobs)
         if self.wire_format == "hf":
             return {
                 "kind": "top_k",
@@ -261,6 +334,8 @@ class HttpAdapter:
     ) -> NDArray[np.float64]:
         """Scores ``[B, A]`` (``float64``, finite, >= 0) for ``B`` images and questions."""
         check_pairs(images, questions)
+        if self._chat is not None:
+            return self._chat_scores(self._chat, images, questions)
         width = len(self.answers)
         if self.info is None and not self._vocab:
             raise InputError(
@@ -272,10 +347,30 @@ class HttpAdapter:
         raws = self._raw(arrays, [str(q) for q in questions])
         if not raws:
             return np.zeros((0, width), dtype=np.float64)
-        if self.info is not None:
-            rows = raws
-        else:
-            rows = [vocabulary_row(raw, self._index, width) for raw in raws]
+        rows: list[Any] = raws  # full rows (ours), or:
+        if self.info is None:
+            rows = [vocabulary_row(raw, self._index, width) for raw in raws]  # type: ignore[arg-type]
+        return check_scores(np.stack(rows), len(raws), width, source=f"HTTP endpoint {self.name}")
+
+    def _chat_scores(
+        self, chat: ChatVocabulary, images: Sequence[ImageInput], questions: Sequence[str]
+    ) -> NDArray[np.float64]:
+        """``openai``: with no answers learned yet, the first input learns them (as
+        :meth:`prepare` does) before any row is built."""
+        arrays = [to_rgb_array(img) for img in images]
+        self._note_sizes(arrays)
+        raws = [raw for raw in self._raw(arrays, [str(q) for q in questions])
+                if isinstance(raw, ChatAnswer)]
+        if not chat.names and raws:
+            chat.learn(raws[0])
+        width = len(self.answers)
+        if not raws:
+            return np.zeros((0, width), dtype=np.float64)
+        try:
+            rows = [chat.row(raw, width) for raw in raws]
+        except WireError as exc:
+            url = display_url(self._endpoint(CHAT_PATH))
+            raise ModelOutputError(f"HTTP endpoint {url} {exc}") from exc
         return check_scores(np.stack(rows), len(raws), width, source=f"HTTP endpoint {self.name}")
 
     def prepare(self, image: ImageInput, question: str) -> None:
@@ -284,14 +379,18 @@ class HttpAdapter:
         Notes the image size, which sizes :attr:`preferred_batch_size`; for ``hf`` and
         ``answer-only``, adds the answers the endpoint gives for this input to the
         vocabulary (which does not grow otherwise, so score rows keep one width through an
-        explanation). Sends nothing for ``ours``.
+        explanation). For ``openai``, adds the answer generated for this input and the
+        alternatives to its first token. Sends nothing for ``ours``.
         """
         array = to_rgb_array(image)
         self._note_sizes([array])
         if self.info is not None:
             return
         (raw,) = self._raw([array], [str(question)])
-        if isinstance(raw, str):
+        if isinstance(raw, ChatAnswer):
+            if self._chat is not None:
+                self._chat.learn(raw)
+        elif isinstance(raw, str):
             self._learn(raw)
         else:
             for answer, _ in raw:  # type: ignore[misc]
@@ -340,10 +439,10 @@ class HttpAdapter:
             self._index[answer] = len(self._vocab)
             self._vocab.append(answer)
 
-    def _raw(self, arrays: list[NDArray[Any]], questions: list[str]) -> list[Raw]:
+    def _raw(self, arrays: list[NDArray[Any]], questions: list[str]) -> list[Answer]:
         """The endpoint's answer for each input, from the cache or by asking."""
         keys = [(_image_key(a), q) for a, q in zip(arrays, questions, strict=True)]
-        found: dict[tuple[bytes, str], Raw] = {}
+        found: dict[tuple[bytes, str], Answer] = {}
         todo: dict[tuple[bytes, str], Item] = {}
         for key, array, question in zip(keys, arrays, questions, strict=True):
             if self.cache and key in self._cache:
@@ -358,7 +457,7 @@ class HttpAdapter:
                     self._remember(key, raw)
         return [found[key] for key in keys]
 
-    def _remember(self, key: tuple[bytes, str], raw: Raw) -> None:
+    def _remember(self, key: tuple[bytes, str], raw: Answer) -> None:
         width = len(self.info.answers) if self.info is not None else 16
         limit = max(1024, _CACHE_BYTES // (8 * width + 100))
         while len(self._cache) >= limit:
@@ -376,7 +475,7 @@ class HttpAdapter:
             per = min(per, max(1, int(self.info.max_body_bytes * _BODY_FILL) // largest))
         return [items[i:i + per] for i in range(0, len(items), per)]
 
-    def _fetch_all(self, items: list[Item]) -> list[Raw]:
+    def _fetch_all(self, items: list[Item]) -> list[Answer]:
         chunks = self._chunks(items)
         abort = threading.Event()
         if len(chunks) == 1:
@@ -400,12 +499,12 @@ class HttpAdapter:
                 raise failed
         return [raw for future in futures for raw in future.result()]
 
-    def _fetch_chunk(self, items: list[Item], abort: threading.Event) -> list[Raw]:
+    def _fetch_chunk(self, items: list[Item], abort: threading.Event) -> list[Answer]:
         limit = self._max_items
         if len(items) > limit:
             return [raw for i in range(0, len(items), limit)
                     for raw in self._fetch_chunk(items[i:i + limit], abort)]
-        url = self._endpoint(ANSWER_PROBS_PATH)
+        url = self._endpoint(CHAT_PATH if self._chat is not None else ANSWER_PROBS_PATH)
         try:
             response = self._http.send(url, self._format.body(items), abort)
         except TooLargeError as exc:
@@ -417,14 +516,35 @@ class HttpAdapter:
             return self._fetch_chunk(items, abort)
         content_type = response.headers.get("content-type", "")
         try:
-            return self._format.parse(response.content, content_type, len(items))
+            return list(self._format.parse(response.content, content_type, len(items)))
         except WireError as exc:
             raise ModelOutputError(f"HTTP endpoint {display_url(url)} {exc}") from exc
 
     def _endpoint(self, path: str) -> httpx.URL:
-        if self.wire_format != "ours":
+        if self.wire_format in ("hf", "answer-only"):
             return self.url
-        return self.url.copy_with(path=self.url.path.rstrip("/") + path)
+        base = self.url.path.rstrip("/")
+        if self.wire_format == "openai" and base.endswith(CHAT_PATH):
+            base = base[: -len(CHAT_PATH)]  # the chat URL itself was given
+        return self.url.copy_with(path=base + path)
+
+    def _only_model(self) -> str:
+        """The one model an ``openai`` server lists, when no ``remote_model`` is given."""
+        url = self._endpoint(MODELS_PATH)
+        try:
+            response = self._http.send(url, None, threading.Event())
+            models = parse_model_list(response.content)
+        except ModelError as exc:
+            raise ModelLoadError(f"{exc} (or name the model with --remote-model)") from exc
+        except (TooLargeError, WireError) as exc:
+            raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc} "
+                                 "(pass --remote-model)") from exc
+        if len(models) != 1:
+            listed = ", ".join(models[:10]) + (", ..." if len(models) > 10 else "")
+            raise ModelLoadError(
+                f"HTTP endpoint {display_url(url)} serves {len(models)} models"
+                f"{': ' + listed if models else ''}; choose one with --remote-model")
+        return models[0]
 
     def _fetch_info(self) -> ServerInfo:
         url = self._endpoint(INFO_PATH)
@@ -439,7 +559,14 @@ class HttpAdapter:
         except WireError as exc:
             raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc}") from exc
 
-def _first_failure(futures: list[Future[list[Raw]]], done: set[Future[list[Raw]]]) \
+def _hint(wire_format: str) -> str:
+    """What a 404/405 answer probably means."""
+    base = ", the API's base (ending in /v1)" if wire_format == "openai" else ""
+    return f"is the URL right{base}, and does it speak the '{wire_format}' format " \
+        "(--http-format)?"
+
+
+def _first_failure(futures: list[Future[list[Answer]]], done: set[Future[list[Answer]]]) \
         -> BaseException | None:
     """The first real error among finished futures (an abort is a consequence, not a cause)."""
     errors = [f.exception() for f in futures if f in done and f.exception() is not None]

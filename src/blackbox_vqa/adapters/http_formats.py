@@ -1,10 +1,11 @@
-"""The three wire formats the HTTP adapter speaks: request bodies and response parsing.
+"""The wire formats the HTTP adapter speaks: request bodies and response parsing.
 
 - ``ours``: the ``blackbox_vqa.http/1`` protocol that ``bbvqa serve`` speaks (batches,
   full score rows, exact float images as ``.npy``).
 - ``hf``: the Hugging Face visual-question-answering inference format, one input per
   request, answering a top-k list of ``{"answer", "score"}``.
 - ``answer-only``: an endpoint that answers only the answer text.
+- ``openai``: a chat-completions endpoint, in :mod:`blackbox_vqa.adapters.http_openai`.
 
 Parsers raise :class:`WireError` with a message about the response; the adapter adds the
 endpoint's name and turns it into a :class:`~blackbox_vqa.errors.ModelOutputError`.
@@ -45,7 +46,7 @@ __all__ = [
     "vocabulary_row",
 ]
 
-FORMATS = ("ours", "hf", "answer-only")
+FORMATS = ("ours", "hf", "answer-only", "openai")
 OTHER_ANSWER = "(other)"
 _SNIPPET = 120
 JSON_CONTENT_TYPE = "application/json"

@@ -2,9 +2,11 @@
 
 :class:`RetryingClient` sends one request at a time per caller over a shared keep-alive
 ``httpx`` client with finite timeouts. Connection errors, timeouts, 5xx and 429 answers are
-retried with exponential backoff and jitter (a ``Retry-After`` is honoured); other 4xx
-answers are not. Every failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming
-the URL (without credentials or query) and what went wrong.
+retried with exponential backoff and jitter (a ``Retry-After`` is honoured, and on a 429
+without one, the ``x-ratelimit-reset-*`` headers); other 4xx answers are not. An answer
+saying a rate-limit bucket is empty holds every request back until it refills. Every
+failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the URL
+(without credentials or query) and what went wrong.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 import random
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from email.utils import parsedate_to_datetime
 import httpx
 
 from blackbox_vqa.adapters.http_formats import WireError, load_json
+from blackbox_vqa.adapters.http_ratelimit import rate_limit_wait
 from blackbox_vqa.errors import InputError, ModelError
 
 __all__ = [
@@ -186,6 +190,7 @@ class RetryingClient:
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._not_before = 0.0  # time.monotonic() before which no request goes out
         self._client = httpx.Client(
             headers={"User-Agent": "blackbox-vqa", **headers},
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
@@ -215,6 +220,7 @@ class RetryingClient:
         while True:
             attempt += 1
             retry_after: float | None = None
+            self._hold(abort)
             try:
                 if body is None:
                     response = self._client.get(url)
@@ -228,6 +234,7 @@ class RetryingClient:
             else:
                 status = response.status_code
                 if status < 300:
+                    self._note_limits(response.headers)
                     return response
                 if status == 413:
                     raise TooLargeError(error_message(response))
@@ -235,6 +242,8 @@ class RetryingClient:
                     raise ModelError(f"{where} {_refusal(response, self.hint)}")
                 problem = f"answered HTTP {status} ({error_message(response)})"
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
+                if retry_after is None and status == 429:
+                    retry_after = rate_limit_wait(response.headers, refused=True)
             if attempt > self.policy.retries:
                 tries = "attempt" if attempt == 1 else "attempts"
                 raise ModelError(f"{where} {problem}; gave up after {attempt} {tries}")
@@ -251,6 +260,24 @@ class RetryingClient:
                 raise AbortedError()
             if abort.is_set():
                 raise AbortedError()
+
+    def _note_limits(self, headers: httpx.Headers) -> None:
+        """An answer saying a rate-limit bucket is empty holds later requests back."""
+        wait = rate_limit_wait(headers, refused=False)
+        if wait:
+            wait = min(wait, self.policy.max_retry_after)
+            with self._lock:
+                self._not_before = max(self._not_before, time.monotonic() + wait)
+
+    def _hold(self, abort: threading.Event) -> None:
+        with self._lock:
+            wait = self._not_before - time.monotonic()
+        if wait <= 0:
+            return
+        if self._sleep is not None:
+            self._sleep(wait)
+        elif abort.wait(wait):
+            raise AbortedError()
 
     def _timeout_problem(self, exc: httpx.TimeoutException) -> str:
         if isinstance(exc, httpx.ConnectTimeout):

@@ -56,6 +56,9 @@ def explain_command(
                                         "explanation.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print explanation.json to "
                                           "stdout.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print how many model calls "
+                                          "(HTTP requests at most) occlusion needs, and "
+                                          "exit.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
@@ -82,6 +85,10 @@ def explain_command(
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
+    if dry_run or ("occlusion" in names and _is_http(model) and not as_json):
+        _print_cost(pixels, question, grid, window_hw, stride_hw)
+        if dry_run:
+            return
     folder = out if out is not None else new_output_dir(
         Path.cwd(), f"bbvqa-{slugify(question)}")
     check_output_dir(folder, force=force, marker=MARKER)
@@ -101,6 +108,28 @@ def explain_command(
         console = _console()
         _print(console, found)
         console.print(f"written to {escape(str(folder))}/ ({', '.join(written)})")
+
+
+def _is_http(text: str) -> bool:
+    return text.strip().lower().startswith(("http://", "https://"))
+
+
+def _print_cost(pixels: Any, question: str, grid: int, window: Any, stride: Any) -> None:
+    """Print the number of model calls occlusion makes, before any is made (HTTP models,
+    where calls cost, and ``--dry-run``)."""
+    from blackbox_vqa.explainers.masks import occlusion_evaluations
+    from blackbox_vqa.text import split_words
+
+    words = len(split_words(question))
+    count = occlusion_evaluations(int(pixels.shape[0]), int(pixels.shape[1]), words,
+                                  grid=grid, window=window, stride=stride)
+    cells = count - 1 - words
+    what = f"{grid}x{grid} grid" if window is None else "windows"
+    line = (f"occlusion: {count} model inputs (1 original + {cells} cells of the {what} + "
+            f"{words} words); an endpoint that takes one input per request gets at most "
+            f"{count} requests")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _label(loaded: Any, text: str) -> str:

@@ -58,7 +58,8 @@ _ONNX_FLAGS = {
 }
 _HTTP_FLAGS = {
     "http_format": "http-format", "header": "header", "http_concurrency": "http-concurrency",
-    "http_timeout": "http-timeout",
+    "http_timeout": "http-timeout", "remote_model": "remote-model", "prompt": "prompt",
+    "max_tokens": "max-tokens",
 }
 
 
@@ -70,6 +71,9 @@ class ModelSettings:
     header: tuple[str, ...] = ()
     http_concurrency: int | None = None
     http_timeout: float | None = None
+    remote_model: str | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
     answers_file: Path | None = None
     vocab: Path | None = None
     image_size: str | None = None
@@ -98,6 +102,8 @@ class ModelSettings:
                 "http_format": self.http_format or "ours", "http_headers": list(self.header),
                 "http_concurrency": self.http_concurrency,
                 "http_timeout": 60.0 if self.http_timeout is None else self.http_timeout,
+                "remote_model": self.remote_model, "prompt": self.prompt,
+                "max_tokens": self.max_tokens,
             })
         if kind == "onnx":
             names = {"answers_file": "answers_file", "vocab": "vocab_file",
@@ -138,8 +144,8 @@ def _check(settings: ModelSettings) -> ModelSettings:
 
 _PARAMETERS: list[tuple[str, Any, Any]] = [
     ("http_format", Annotated[str | None, typer.Option(
-        help="Wire format of an http:// model: ours, hf (top-k lists) or answer-only "
-        "(default ours).", rich_help_panel="Model options")], None),
+        help="Wire format of an http:// model: ours, hf (top-k lists), answer-only or openai "
+        "(chat completions; default ours).", rich_help_panel="Model options")], None),
     ("header", Annotated[list[str] | None, typer.Option(
         help="Extra HTTP header 'Name: value' (repeatable; never printed).",
         rich_help_panel="Model options")], None),
@@ -149,6 +155,16 @@ _PARAMETERS: list[tuple[str, Any, Any]] = [
     ("http_timeout", Annotated[float | None, typer.Option(
         help="HTTP read timeout, seconds (default 60).", rich_help_panel="Model options")],
      None),
+    ("remote_model", Annotated[str | None, typer.Option(
+        help="--http-format openai: the endpoint's model name (default: the only one it "
+        "lists).", rich_help_panel="Model options")], None),
+    ("prompt", Annotated[str | None, typer.Option(
+        help="--http-format openai: prompt template with {question} (default: the question "
+        "and 'Answer the question with a single word or number.').",
+        rich_help_panel="Model options")], None),
+    ("max_tokens", Annotated[int | None, typer.Option(
+        help="--http-format openai: most tokens generated (default 8).",
+        rich_help_panel="Model options")], None),
     ("answers_file", Annotated[Path | None, typer.Option(
         "--answers", help="ONNX file without metadata: its answers, one per line (or a "
         "JSON list).", rich_help_panel="Model options")], None),

@@ -11,15 +11,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from blackbox_vqa.text import normalise_answer  # re-exported: it lives in text.py
+
 __all__ = ["DatasetListing", "Item", "MapKind", "normalise_answer"]
 
 MapKind = Literal["files", "shape", "none"]
-
-
-def normalise_answer(answer: str) -> str:
-    """Lower-case, trimmed, inner white space collapsed, a final period dropped."""
-    text = " ".join(str(answer).lower().split())
-    return text[:-1].rstrip() if text.endswith(".") else text
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ __all__ = [
     "gaussian_blur",
     "grid_boxes",
     "occluded_batch",
+    "occlusion_evaluations",
     "parse_baseline",
     "window_boxes",
     "window_map",
@@ -100,6 +101,37 @@ def window_map(
         total[top:bottom, left:right] += score
         count[top:bottom, left:right] += 1.0
     return total / np.maximum(count, 1.0)
+
+
+def occlusion_evaluations(
+    height: int,
+    width: int,
+    words: int,
+    *,
+    grid: int = 16,
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    image: bool = True,
+) -> int:
+    """How many inputs an occlusion explanation scores: the original, one per patch, one
+    per word (``1 + 16*16 + words`` on the default grid, whatever the image size).
+
+    With ``window`` (and ``stride``, default ``window``) the patches are the sliding windows
+    of :func:`window_boxes` on an ``height x width`` image; ``image=False`` occludes words
+    only. For an endpoint taking one input per request (``hf``, ``answer-only``,
+    ``openai``) this is the number of requests at most: an input already answered (a cell
+    that already has the fill colour) is not sent again.
+    """
+    if isinstance(words, bool) or not isinstance(words, int) or words < 0:
+        raise InputError(f"words must be an integer >= 0, got {words!r}")
+    patches = 0
+    if image and window is not None:
+        patches = len(window_boxes(height, width, window, stride or window))
+    elif image:
+        cell_edges(height, grid)
+        cell_edges(width, grid)
+        patches = grid * grid
+    return 1 + patches + words
 
 
 def parse_baseline(spec: str) -> str | tuple[float, float, float]:

@@ -1,0 +1,283 @@
+"""The ``openai`` wire format: a vision-language model behind a chat-completions endpoint.
+
+Each input is one ``POST {base}/chat/completions`` (OpenAI, vLLM, TGI, llama.cpp's server,
+Ollama...) with one user message: the prompt (the question in a template) and the image as
+a ``data:image/png;base64,...`` URL, asked with ``temperature: 0``, ``logprobs: true`` and
+``top_logprobs``. The answer is the generated text, normalised as the evaluation normalises
+answers (:func:`blackbox_vqa.text.normalise_answer`).
+
+**Scores.** An answer is identified by its *first token*: the score of an answer is the
+probability of that token at the first generated position (the first one that is not white
+space), read from the position's ``top_logprobs`` list. Tokens are compared after the same
+normalisation (``" Yes"`` and ``"yes"`` are one key; the larger probability counts). A token
+missing from the list scores 0, so scores are lower bounds. :class:`ChatVocabulary` learns
+the answers (columns) from the original input's answer and its first-position alternatives.
+A server that returns no logprobs is read as answer-only: the answer scores 1.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from blackbox_vqa.adapters.http_formats import (
+    JSON_CONTENT_TYPE,
+    OTHER_ANSWER,
+    Item,
+    WireError,
+    load_json,
+)
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.text import normalise_answer
+from blackbox_vqa.wire import png_bytes
+
+__all__ = [
+    "CHAT_PATH",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_PROMPT",
+    "DEFAULT_SEED",
+    "DEFAULT_TOP_LOGPROBS",
+    "MODELS_PATH",
+    "ChatAnswer",
+    "ChatFormat",
+    "ChatVocabulary",
+    "chat_semantics",
+    "check_chat_options",
+    "parse_model_list",
+    "render_prompt",
+    "token_key",
+]
+
+CHAT_PATH = "/chat/completions"
+MODELS_PATH = "/models"
+DEFAULT_PROMPT = "{question}\nAnswer the question with a single word or number."
+DEFAULT_MAX_TOKENS = 8
+DEFAULT_TOP_LOGPROBS = 20
+DEFAULT_SEED = 0
+_SNIPPET = 120
+_LOGPROB_SLACK = 1e-6  # a logprob a hair above 0 is rounding, not an error
+
+
+def render_prompt(template: str, question: str) -> str:
+    """``template`` with every ``{question}`` replaced by ``question`` (other braces kept)."""
+    return template.replace("{question}", question)
+
+
+def token_key(token: str) -> str:
+    """What identifies an answer's first token: the token normalised as answers are
+    (``" Yes"`` -> ``"yes"``), or the token stripped when that leaves nothing."""
+    return normalise_answer(token) or token.strip() or token
+
+
+@dataclass(frozen=True)
+class ChatAnswer:
+    """One chat completion, read: ``text`` is the normalised answer; ``first`` pairs each
+    key (:func:`token_key`) listed at the first generated position with its probability,
+    the generated token's key first; None when the server sent no logprobs."""
+
+    text: str
+    first: tuple[tuple[str, float], ...] | None
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """``POST {base}/chat/completions``, one input a request."""
+
+    remote_model: str
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    top_logprobs: int = DEFAULT_TOP_LOGPROBS
+    seed: int | None = DEFAULT_SEED
+    name: str = "openai"
+
+    def request(self, image: NDArray[Any], question: str) -> dict[str, Any]:
+        """The request object for one input."""
+        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+        payload: dict[str, Any] = {
+            "model": self.remote_model,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": render_prompt(self.prompt, question)},
+                {"type": "image_url", "image_url": {"url": url}},
+            ]}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+        }
+        if self.seed is not None:
+            payload["seed"] = self.seed
+        return payload
+
+    def body(self, items: Sequence[Item]) -> tuple[bytes, str]:
+        """The request body and its content type."""
+        (image, question), = items
+        return json.dumps(self.request(image, question)).encode("utf-8"), JSON_CONTENT_TYPE
+
+    def parse(self, content: bytes, content_type: str, n: int) -> list[ChatAnswer]:
+        """Read one chat completion (``n`` is 1)."""
+        data = load_json(content)
+        if isinstance(data, dict) and "error" in data:
+            raise WireError(f"answered with an error: {str(data['error'])[:_SNIPPET]}")
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            raise WireError("answered without a 'choices' list")
+        choice = choices[0]
+        message = choice.get("message")
+        text = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(text, str):
+            refusal = message.get("refusal") if isinstance(message, dict) else None
+            why = f" (refusal: {str(refusal)[:_SNIPPET]!r})" if refusal else ""
+            raise WireError(f"answered without message content{why}")
+        answer = normalise_answer(text)
+        if not answer:
+            raise WireError("answered with an empty answer")
+        return [ChatAnswer(answer, _first_position(choice.get("logprobs")))]
+
+
+def _logprob(value: object, where: str) -> float:
+    number = float(value) if isinstance(value, (int, float)) and \
+        not isinstance(value, bool) else math.nan
+    if math.isnan(number) or number > _LOGPROB_SLACK:
+        raise WireError(f"{where} has a logprob that is not a number <= 0: {value!r}")
+    return math.exp(min(number, 0.0))
+
+
+def _first_position(logprobs: object) -> tuple[tuple[str, float], ...] | None:
+    """Key -> probability at the first generated position that is not white space."""
+    if logprobs is None:
+        return None
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if content is None:
+        return None
+    if not isinstance(content, list):
+        raise WireError("answered with 'logprobs' whose 'content' is not a list")
+    for i, entry in enumerate(content):
+        where = f"logprobs position {i}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("token"), str):
+            raise WireError(f"{where} has no 'token' string")
+        if entry["token"].strip():
+            break
+    else:
+        return None  # nothing but white space was scored
+    found: dict[str, float] = {token_key(entry["token"]): _logprob(entry.get("logprob"), where)}
+    alternatives = entry.get("top_logprobs") or []
+    if not isinstance(alternatives, list):
+        raise WireError(f"{where} has a 'top_logprobs' that is not a list")
+    for j, alt in enumerate(alternatives):
+        if not isinstance(alt, dict) or not isinstance(alt.get("token"), str):
+            raise WireError(f"{where}, top_logprobs entry {j} has no 'token' string")
+        key = token_key(alt["token"])
+        found[key] = max(found.get(key, 0.0), _logprob(alt.get("logprob"), f"{where}.{j}"))
+    return tuple(found.items())
+
+
+def parse_model_list(content: bytes) -> list[str]:
+    """The model ids of a ``GET {base}/models`` answer (``{"data": [{"id": ...}]}``)."""
+    data = load_json(content)
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise WireError("/models answered without a 'data' list")
+    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+
+
+@dataclass
+class ChatVocabulary:
+    """The answers (columns) of a chat endpoint, learned from its answers.
+
+    With logprobs, :meth:`learn` adds the answer's text as a column identified by its
+    first token's key, then each first-position alternative's key as a column of its own
+    (named by the key). Without (``logprobs`` False, fixed by the first answer learned),
+    columns are whole normalised answers. Columns never move; :meth:`row` puts everything
+    else in one last ``(other)`` column.
+    """
+
+    names: list[str] = field(default_factory=list)
+    columns: dict[str, int] = field(default_factory=dict)  # first-token key or text -> column
+    logprobs: bool | None = None
+
+    def learn(self, answer: ChatAnswer) -> None:
+        """Add the columns ``answer`` brings (none when they are known already)."""
+        if self.logprobs is None:
+            self.logprobs = answer.first is not None
+        if not self.logprobs or answer.first is None:
+            self._add(answer.text, answer.text)
+            return
+        (key, _), *others = answer.first
+        self._add(answer.text, key)
+        for key, _ in sorted(others, key=lambda pair: -pair[1]):
+            self._add(key, key)
+
+    def _add(self, name: str, key: str) -> None:
+        if key in self.columns or name == OTHER_ANSWER:
+            return
+        if name in self.names:  # another token starting the same answer: same column
+            self.columns[key] = self.names.index(name)
+            return
+        self.columns[key] = len(self.names)
+        self.names.append(name)
+
+    def row(self, answer: ChatAnswer, width: int) -> NDArray[np.float64]:
+        """Scores ``[width]``: each listed key's probability in its column, the best of the
+        others in the last; without logprobs, 1 in the answer's column."""
+        row = np.zeros(width, dtype=np.float64)
+        if not self.logprobs:
+            row[self.columns.get(answer.text, width - 1)] = 1.0
+            return row
+        if answer.first is None:
+            raise WireError("answered without logprobs, after answering with them "
+                            "(the scores of one explanation would not be comparable)")
+        for key, probability in answer.first:
+            column = self.columns.get(key, width - 1)
+            row[column] = max(row[column], probability)
+        return row
+
+
+def chat_semantics(top_logprobs: int, logprobs: bool | None) -> dict[str, Any]:
+    """``score_semantics`` of an ``openai`` endpoint (``logprobs`` False: flip maps)."""
+    if logprobs is False:
+        return {
+            "kind": "answer_only",
+            "format": "openai",
+            "maps": "flip",
+            "other_answer": OTHER_ANSWER,
+            "note": "The chat endpoint returned no logprobs, so only its answer is known: "
+            "the answer scores 1 (every other answer 0), and an importance is 1 where the "
+            "perturbation changed the normalised answer text and 0 where it did not: the "
+            "maps are flip maps.",
+        }
+    return {
+        "kind": "first_token",
+        "format": "openai",
+        "top_logprobs": top_logprobs,
+        "scores": "lower_bounds",
+        "maps": "upper_bounds",
+        "other_answer": OTHER_ANSWER,
+        "note": "An answer is identified by its first token: its score is the probability "
+        "of that token (normalised as answers are) at the first generated position, from "
+        "the endpoint's top_logprobs list. A token missing from the list scores 0, so every "
+        "score is a lower bound, and an importance p(a|original) - p(a|perturbed) is an "
+        "upper bound wherever the token fell out of the list. The answers are the one "
+        "generated for the original input and the alternatives to its first token; "
+        "'(other)' holds the best score of any other token.",
+    }
+
+
+def check_chat_options(prompt: str, max_tokens: int, top_logprobs: int,
+                       seed: int | None) -> None:
+    """Raise :class:`InputError` naming the option when one is out of range."""
+    if not isinstance(prompt, str) or "{question}" not in prompt:
+        raise InputError("prompt (--prompt) must contain the placeholder {question}, "
+                         f"got {prompt!r}")
+    for value, name, low in ((max_tokens, "max tokens (--max-tokens)", 1),
+                             (top_logprobs, "top_logprobs", 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InputError(f"remote seed must be an integer or None, got {seed!r}")
