@@ -12,13 +12,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blackbox_vqa.adapters.graph import GraphAdapter
+from blackbox_vqa.adapters.graph import GraphAdapter, load_graph
 from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
 from blackbox_vqa.adapters.pytorch import TorchAdapter
 from blackbox_vqa.errors import ModelLoadError, NotSupportedError
 from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
 from blackbox_vqa.explainers.occlusion import Occlusion
-from blackbox_vqa.exporters.graph import load_graph
 from blackbox_vqa.exporters.onnx import export_model, exporter_reason
 from blackbox_vqa.metadata import EXPORT_SCHEMA, KEYS, ExportMetadata
 from cli_runner import run_cli

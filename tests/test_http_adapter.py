@@ -213,9 +213,10 @@ def test_hf_scores_are_lower_bounds_over_a_learned_vocabulary() -> None:
     with scripted_server(handle) as url:
         remote = HttpAdapter(url + "/models/vqa", wire_format="hf", top_k=2)
         assert list(remote.answers) == [OTHER_ANSWER]
-        with pytest.raises(InputError, match="call prepare"):
-            remote.answer_probs(image, "q1")
-        remote.prepare(image, "q1")
+        # No prepare call: the first input teaches the vocabulary, then it stays fixed.
+        np.testing.assert_array_equal(remote.answer_probs(image, "q1"), [0.6, 0.3, 0.0])
+        assert list(remote.answers) == ["cat", "dog", OTHER_ANSWER]
+        remote.prepare(image, "q1")  # the same input again: nothing is sent or learned
         assert list(remote.answers) == ["cat", "dog", OTHER_ANSWER]
         scores = remote.answer_probs_batch([image, image, image], ["q1", "q2", "q3"])
     # cat and dog in their columns, a missing answer scores 0, others go to (other).

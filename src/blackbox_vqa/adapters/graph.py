@@ -13,16 +13,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, TorchAdapter
-from blackbox_vqa.errors import ModelLoadError
-from blackbox_vqa.exporters.graph import load_graph
-from blackbox_vqa.metadata import ExportMetadata
+from blackbox_vqa.errors import InputError, ModelLoadError
+from blackbox_vqa.metadata import KEYS, ExportMetadata
 
-__all__ = ["GraphAdapter"]
+__all__ = ["GraphAdapter", "load_graph"]
 
 
 class _GraphModule(nn.Module):
@@ -119,3 +119,39 @@ class GraphAdapter(TorchAdapter):
                 return self.logits(image_tensor, tokens)
             with module.offsets(offsets):
                 return self.logits(image_tensor, tokens)
+
+
+def load_graph(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[nn.Module, dict[str, str]]:
+    """Load a graph written by :func:`save_graph`: ``(module, metadata props)``.
+
+    Raises :class:`ModelLoadError` for a missing or unreadable file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"exported graph not found: {file}")
+    extra: dict[str, Any] = dict.fromkeys(KEYS, "")
+    try:
+        if file.suffix == ".pt2":
+            program = torch.export.load(str(file), extra_files=extra)
+            module: nn.Module = program.module().to(device)
+        else:
+            module = torch.jit.load(  # type: ignore[no-untyped-call]
+                str(file), map_location=device, _extra_files=extra
+            )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load exported graph {file}: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
+    props = {
+        key: value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        for key, value in extra.items()
+        if value
+    }
+    return module, props
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -336,12 +336,11 @@ class HttpAdapter:
         check_pairs(images, questions)
         if self._chat is not None:
             return self._chat_scores(self._chat, images, questions)
+        if self.info is None and not self._vocab and images:
+            # Prepares itself on first use: the first input (an explanation's original)
+            # gives the vocabulary, which stays fixed from here on.
+            self.prepare(images[0], str(questions[0]))
         width = len(self.answers)
-        if self.info is None and not self._vocab:
-            raise InputError(
-                f"the answers of {self.name} are not known yet: call "
-                "prepare(image, question) first (bbvqa explain does) or pass answers="
-            )
         arrays = [to_rgb_array(img) for img in images]
         self._note_sizes(arrays)
         raws = self._raw(arrays, [str(q) for q in questions])

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError
 
 __all__ = ["export_command"]
@@ -29,6 +30,7 @@ class OnnxExporterChoice(str, Enum):
     torchscript = "torchscript"
 
 
+@with_model_options
 def export_command(
     out: Annotated[Path, typer.Option(help="Output folder for model.onnx and the graph.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa or "
@@ -52,12 +54,14 @@ def export_command(
                                                        "question (repeatable).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    *,
+    model_settings: ModelSettings,
 ) -> None:
     """Export a PyTorch model to ONNX and a PyTorch graph, verified against the model."""
+    from blackbox_vqa.cli.model_options import load
     from blackbox_vqa.cli.progress import stderr_console
     from blackbox_vqa.exporters.onnx import export_model
     from blackbox_vqa.images import load_image
-    from blackbox_vqa.specs import load_model
 
     images, questions = list(image or []), list(question or [])
     if len(images) != len(questions):
@@ -67,7 +71,7 @@ def export_command(
         )
     samples = [(load_image(path), text) for path, text in zip(images, questions, strict=True)]
     console = stderr_console()
-    vqa = load_model(model)
+    vqa = load(model, model_settings).model
     result = export_model(
         vqa, out, graph=graph.value, onnx_exporter=onnx_exporter.value, opset=opset,
         tolerance=tolerance, samples=samples or None, force=force,

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, NotSupportedError
 
 __all__ = ["TOKEN_ENV", "bind_socket", "is_loopback", "serve_command"]
@@ -48,6 +49,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+@with_model_options
 def serve_command(
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, PATH.onnx, "
                                        "package.module:factory, http://...")] = "easyvqa",
@@ -63,6 +65,8 @@ def serve_command(
     max_pixels: Annotated[int, typer.Option(help="Most pixels per image (422 above).")]
     = 4096 * 4096,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and request logs.")] = False,
+    *,
+    model_settings: ModelSettings,
 ) -> None:
     """Serve a model over HTTP so `bbvqa explain --model http://HOST:PORT` can explain it."""
     try:
@@ -73,7 +77,7 @@ def serve_command(
         raise NotSupportedError(f"bbvqa serve needs FastAPI and uvicorn ({exc}); install the "
                                 "extra: pip install 'blackbox-vqa[serve]'") from exc
     from blackbox_vqa.adapters.base import model_name
-    from blackbox_vqa.specs import load_model
+    from blackbox_vqa.cli.model_options import load
 
     if token is not None and not token.strip():
         raise InputError(f"--token (or {TOKEN_ENV}) must not be empty")
@@ -84,7 +88,7 @@ def serve_command(
             raise InputError(f"{option} must be >= 1, got {value}")
     sock = bind_socket(host, port)
     try:
-        vqa = load_model(model)
+        vqa = load(model, model_settings).model
         app = create_app(vqa, token=token.strip() if token else None, max_batch=max_batch,
                          max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels)
         bound_host, bound_port = sock.getsockname()[:2]

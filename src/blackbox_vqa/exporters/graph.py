@@ -21,15 +21,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from blackbox_vqa.adapters.gradients import embedding_offsets
-from blackbox_vqa.errors import InputError, ModelLoadError
-from blackbox_vqa.metadata import KEYS
+from blackbox_vqa.adapters.graph import load_graph
 
 __all__ = [
     "GRAPH_FORMATS",
@@ -103,39 +101,3 @@ def _dynamic_shapes(n_inputs: int) -> tuple[dict[int, Any], ...]:
     if n_inputs == 3:
         shapes.append({0: batch, 1: tokens})
     return tuple(shapes)
-
-
-def load_graph(
-    path: str | os.PathLike[str], device: torch.device | str = "cpu"
-) -> tuple[nn.Module, dict[str, str]]:
-    """Load a graph written by :func:`save_graph`: ``(module, metadata props)``.
-
-    Raises :class:`ModelLoadError` for a missing or unreadable file.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"exported graph not found: {file}")
-    extra: dict[str, Any] = dict.fromkeys(KEYS, "")
-    try:
-        if file.suffix == ".pt2":
-            program = torch.export.load(str(file), extra_files=extra)
-            module: nn.Module = program.module().to(device)
-        else:
-            module = torch.jit.load(  # type: ignore[no-untyped-call]
-                str(file), map_location=device, _extra_files=extra
-            )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot load exported graph {file}: {type(exc).__name__}: {_first_line(exc)}"
-        ) from exc
-    props = {
-        key: value.decode("utf-8") if isinstance(value, bytes) else str(value)
-        for key, value in extra.items()
-        if value
-    }
-    return module, props
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
