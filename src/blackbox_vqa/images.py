@@ -77,8 +77,12 @@ def _decode(file: IO[bytes], *, max_pixels: int, name: str,
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(file, formats=formats)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name} has more pixels than Pillow's safety limit "
-                                 f"({exc}); the limit is {max_pixels} pixels") from exc
+        # Pillow refuses past twice its own MAX_IMAGE_PIXELS before telling the size.
+        cap = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        limit = min(max_pixels, cap) if cap else max_pixels
+        source = "" if limit == max_pixels else " (Pillow's own cap)"
+        raise ImageTooLargeError(f"{name} has more than {limit} pixels; the limit is "
+                                 f"{limit} pixels{source}") from exc
     with img:
         width, height = img.size
         if width * height > max_pixels:
