@@ -75,7 +75,7 @@ def _decode(file: IO[bytes], *, max_pixels: int, name: str,
         with warnings.catch_warnings():
             # Our own limit is checked below; Pillow's warning would only reach stderr raw.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(file, formats=formats)
+            img = Image.open(file, formats=None if formats is None else list(formats))
     except Image.DecompressionBombError as exc:
         # Pillow refuses past twice its own MAX_IMAGE_PIXELS before telling the size.
         cap = 2 * (Image.MAX_IMAGE_PIXELS or 0)

@@ -200,8 +200,10 @@ class _Inflater:
         finally:
             self._first = False
 
-    def finish(self, room: int) -> bytes:
-        return self._inflate.flush(room + 1) if room >= 0 else b""
+    def finish(self) -> bytes:
+        """What is left once every piece was fed (little: :meth:`feed` stops short only
+        when over budget)."""
+        return self._inflate.flush()
 
 
 def _decoder(headers: httpx.Headers) -> _Inflater | None:
@@ -247,7 +249,7 @@ def read_bounded(response: httpx.Response, limits: ResponseLimits, deadline: flo
                 f"did not finish its answer within the {limits.total:g} s total time "
                 "per request (--http-total-timeout)")
     if decoder is not None:
-        tail = decoder.finish(limits.max_bytes - size)
+        tail = decoder.finish()
         size += len(tail)
         if size > limits.max_bytes:
             raise ResponseBoundError(too_large)
