@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 from blackbox_vqa.errors import InputError
 
 __all__ = [
+    "StagedOutputDir",
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
@@ -89,3 +92,72 @@ def prepare_output_dir(path: str | os.PathLike[str], *, force: bool, marker: str
     except OSError as exc:
         raise InputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
     return out
+
+
+class StagedOutputDir:
+    """An output folder that appears whole or not at all.
+
+    Made at the start of a command, before any computation, so a refused or unwritable
+    ``target`` fails at once (:class:`InputError`): ``target`` must be a folder or absent,
+    and must not hold ``marker`` unless ``force``. Files go into :attr:`path`, a hidden
+    staging folder ``.NAME.XXXX.tmp`` beside ``target``. Leaving the ``with`` block normally
+    calls :meth:`commit`: the staging folder is renamed to ``target`` when ``target`` does
+    not exist (atomic), else its entries are moved in one by one with ``marker`` last, so an
+    interrupted commit leaves no marker and the next run is not refused. Leaving by an
+    exception (Ctrl-C included) calls :meth:`discard`: the staging folder is removed and
+    ``target`` is left as it was. Only a process killed outright (SIGKILL) leaves the hidden
+    staging folder behind.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, force: bool, marker: str) -> None:
+        self.target = Path(target)
+        self.marker = marker
+        if self.target.exists() and not self.target.is_dir():
+            raise InputError(f"output path {self.target} exists and is not a folder")
+        if (self.target / marker).exists() and not force:
+            raise InputError(f"{self.target} already holds {marker}; choose another --out "
+                             "or pass --force")
+        parent = self.target.absolute().parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp",
+                                              dir=parent))
+            os.chmod(self.path, 0o777 & ~_umask())
+        except OSError as exc:
+            raise InputError(f"cannot create output folder {self.target}: "
+                             f"{exc.strerror or exc}") from exc
+
+    def commit(self) -> Path:
+        """Move the staged files into ``target``; return ``target``."""
+        if not self.path.exists():
+            raise InputError(f"staged output for {self.target} was already committed or "
+                             "discarded")
+        try:
+            os.rename(self.path, self.target)  # atomic when target is absent or empty
+            return self.target
+        except OSError:
+            pass
+        self.target.mkdir(parents=True, exist_ok=True)
+        entries = sorted(self.path.iterdir(), key=lambda e: e.name == self.marker)
+        for entry in entries:
+            destination = self.target / entry.name
+            if entry.is_dir() and destination.is_dir():
+                shutil.rmtree(destination)
+            os.replace(entry, destination)
+        self.path.rmdir()
+        return self.target
+
+    def discard(self) -> None:
+        """Remove the staging folder and everything in it; ``target`` is left as it was."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagedOutputDir:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
+
