@@ -78,7 +78,7 @@ class FaultyServer:
             handler.close_connection = True
             return
         if fault in HOSTILE:
-            HOSTILE[fault](handler, self)
+            HOSTILE[fault](handler, self, len(items))
             return
         if fault in ("500", "503", "400", "413", "429"):
             status = int(fault)
@@ -134,7 +134,7 @@ def compress(body: bytes, how: str) -> bytes:
     return packer.compress(body) + packer.flush()
 
 
-def _endless(handler: Any, server: FaultyServer) -> None:
+def _endless(handler: Any, server: FaultyServer, n: int) -> None:
     handler.send_response(200)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Transfer-Encoding", "chunked")
@@ -146,7 +146,7 @@ def _endless(handler: Any, server: FaultyServer) -> None:
     handler.close_connection = True
 
 
-def _drip(handler: Any, server: FaultyServer) -> None:
+def _drip(handler: Any, server: FaultyServer, n: int) -> None:
     handler.send_response(200)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", "1000")
@@ -158,23 +158,24 @@ def _drip(handler: Any, server: FaultyServer) -> None:
         time.sleep(0.1)
 
 
-def _bomb(handler: Any, server: FaultyServer) -> None:
+def _bomb(handler: Any, server: FaultyServer, n: int) -> None:
     body = GZIP_BOMB()
     send_json(handler, 200, body, {"Content-Encoding": "gzip"})
     server.sent += len(body)
 
 
-def _nested(handler: Any, server: FaultyServer) -> None:
+def _nested(handler: Any, server: FaultyServer, n: int) -> None:
     send_json(handler, 200, b"[" * 100_000 + b"]" * 100_000)
 
 
-def _overflow(handler: Any, server: FaultyServer) -> None:
+def _overflow(handler: Any, server: FaultyServer, n: int) -> None:
     huge = "1" + "0" * 400  # a JSON integer no float holds
-    body = f'{{"scores": [[{huge}, 0.5]], "answers_sha256": "{server.digest()}"}}'
+    rows = ", ".join([f"[{huge}, 0.5]"] * n)
+    body = f'{{"scores": [{rows}], "answers_sha256": "{server.digest()}"}}'
     send_json(handler, 200, body.encode())
 
 
-def _brotli(handler: Any, server: FaultyServer) -> None:
+def _brotli(handler: Any, server: FaultyServer, n: int) -> None:
     send_json(handler, 200, b"\x00" * 64, {"Content-Encoding": "br"})
 
 
@@ -427,6 +428,11 @@ def explain(square_image: Path, tmp_path: Path) -> Any:
          "returned 2 score rows for 3 inputs"),
         (FaultyServer(always="nan"), [], "returned NaN or infinite scores"),
         (FaultyServer(always="drop"), [], "closed the connection without a complete answer"),
+        # The default bounds: 64 MiB after decompression, JSON Python can read.
+        (FaultyServer(always="bomb"), [], "answered with more than 64 MiB of body (after "
+         "decompression)"),
+        (FaultyServer(always="nested"), [], "returned JSON nested too deeply to read"),
+        (FaultyServer(always="overflow"), [], "returned a score too large for a 64-bit float"),
     ],
 )
 def test_cli_reports_faults_in_one_line_with_exit_1_and_no_files(
