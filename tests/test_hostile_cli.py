@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from blackbox_vqa.adapters.base import BaseAdapter
-from blackbox_vqa.terminal import terminal_safe
+from blackbox_vqa.text import terminal_safe
 from cli_runner import run_cli
 from live_server import uvicorn_server
 
@@ -59,7 +59,7 @@ class SlowModel(BrightnessModel):
 
     def _predict_batch(self, images: list[Any], questions: list[str]) -> np.ndarray:
         Path(os.environ["SLOW_MODEL_STARTED"]).touch()
-        time.sleep(0.5)
+        time.sleep(float(os.environ.get("SLOW_MODEL_SECONDS", "0.5")))
         return super()._predict_batch(images, questions)
 
 
@@ -158,3 +158,52 @@ def test_ctrl_c_exits_130_and_leaves_no_folder(square_image: Path, tmp_path: Pat
     assert err.strip().splitlines()[-1] == "bbvqa: error: interrupted", err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["square.png", "started"]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_evaluate_workers_end_when_the_command_is_killed(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    # Each model call takes a minute: only the fix ends the workers within seconds.
+    env = {**os.environ, "SLOW_MODEL_STARTED": str(started), "SLOW_MODEL_SECONDS": "60",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blackbox_vqa", "evaluate", "-m", "test_hostile_cli:slow_model",
+         "--dataset", "easyvqa:test", "--limit", "40", "--workers", "2", "--grid", "4",
+         "--methods", "occlusion", "--out", str(tmp_path / "run")], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert started.exists()
+        workers = [pid for pid in _children(process.pid) if _alive(pid)]
+        assert workers
+        process.kill()  # SIGKILL: no chance to clean up
+        process.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -12,6 +12,7 @@ __all__ = [
     "BlackboxVQAError",
     "GradientUnavailableError",
     "ImageError",
+    "ImageTooLargeError",
     "InputError",
     "ModelError",
     "ModelLoadError",
@@ -35,6 +36,10 @@ class InputError(BlackboxVQAError, ValueError):
 
 class ImageError(InputError):
     """An image is missing, unreadable, or of an unusable size."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (refused from its header, before decoding)."""
 
 
 class QuestionError(InputError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from blackbox_vqa.adapters.base import VQAModel, check_model
 from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
 
-__all__ = ["LOADERS", "ModelOptions", "display_spec", "load_model", "spec_kind"]
+__all__ = ["LOADERS", "ModelOptions", "load_model", "public_spec", "spec_kind"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 GRAPH_SUFFIXES = (".pt2", ".ts", ".torchscript")
@@ -31,6 +32,27 @@ class ModelOptions:
     """
 
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def public_spec(spec: str) -> str:
+    """``spec`` as it may be shown or written to an output: an ``http(s)://`` spec without
+    user name, password, query or fragment (any may hold a secret); others unchanged.
+
+    ``http://user:tok@host:8000/m?key=k`` -> ``http://host:8000/m``. A URL too broken to
+    split loses everything before its last ``@`` and after its first ``?`` or ``#``.
+    """
+    text = spec.strip()
+    if not text.lower().startswith(("http://", "https://")):
+        return spec
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        scheme, _, rest = text.partition("://")
+        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+        authority, slash, path = rest.partition("/")
+        return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def spec_kind(spec: str) -> str:
@@ -51,25 +73,6 @@ def spec_kind(spec: str) -> str:
         f"model spec {spec!r} is not one of: easyvqa, PATH.onnx, PATH.pt2/.ts (exported "
         "graph), http://host:port[/path], package.module:factory"
     )
-
-
-def display_spec(spec: str) -> str:
-    """``spec`` fit to show and write: an URL loses its user name, password, query and
-    fragment; other specs are unchanged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    text = spec.strip()
-    if not text.lower().startswith(("http://", "https://")):
-        return text
-    try:
-        parts = urlsplit(text)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host if parts.port is None else f"{host}:{parts.port}"
-    except ValueError:
-        return text.split("@")[-1].split("?")[0]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _load_easyvqa(spec: str, options: ModelOptions) -> object:

@@ -31,7 +31,7 @@ app = typer.Typer(
 
 
 def _error(message: str) -> None:
-    from blackbox_vqa.terminal import terminal_safe
+    from blackbox_vqa.text import terminal_safe
 
     first = terminal_safe(" ".join(str(message).split())) or "unknown error"
     print(f"bbvqa: error: {first}", file=sys.stderr)

@@ -416,7 +416,7 @@ def _text(value: object) -> Any:
     escaped."""
     from rich.text import Text
 
-    from blackbox_vqa.terminal import terminal_safe
+    from blackbox_vqa.text import terminal_safe
 
     return Text(terminal_safe(str(value)))
 

@@ -134,6 +134,8 @@ def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[s
     done = store.done_keys()
     pending = [item for item in chosen if item.key not in done]
     console = stderr_console()
+    for note in store.rejected:
+        console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"{len(chosen)} items: {len(chosen) - len(pending)} stored earlier, "
                   f"{len(pending)} to evaluate in {store.root}/")
     evaluator = None

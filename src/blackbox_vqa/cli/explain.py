@@ -181,7 +181,7 @@ def terminal_text(text: object) -> str:
     terminal) and Rich markup escaped."""
     from rich.markup import escape as rich_escape
 
-    from blackbox_vqa.terminal import terminal_safe
+    from blackbox_vqa.text import terminal_safe
 
     return rich_escape(terminal_safe(str(text)))
 

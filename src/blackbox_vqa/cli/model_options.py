@@ -59,7 +59,8 @@ _ONNX_FLAGS = {
 _HTTP_FLAGS = {
     "http_format": "http-format", "header": "header", "http_concurrency": "http-concurrency",
     "http_timeout": "http-timeout", "remote_model": "remote-model", "prompt": "prompt",
-    "max_tokens": "max-tokens",
+    "max_tokens": "max-tokens", "http_total_timeout": "http-total-timeout",
+    "http_max_response_mb": "http-max-response-mb",
 }
 
 
@@ -71,6 +72,8 @@ class ModelSettings:
     header: tuple[str, ...] = ()
     http_concurrency: int | None = None
     http_timeout: float | None = None
+    http_total_timeout: float | None = None
+    http_max_response_mb: float | None = None
     remote_model: str | None = None
     prompt: str | None = None
     max_tokens: int | None = None
@@ -102,6 +105,9 @@ class ModelSettings:
                 "http_format": self.http_format or "ours", "http_headers": list(self.header),
                 "http_concurrency": self.http_concurrency,
                 "http_timeout": 60.0 if self.http_timeout is None else self.http_timeout,
+                "http_total_timeout": self.http_total_timeout,
+                "http_max_response_bytes": None if self.http_max_response_mb is None
+                else int(self.http_max_response_mb * 2**20),
                 "remote_model": self.remote_model, "prompt": self.prompt,
                 "max_tokens": self.max_tokens,
             })
@@ -155,6 +161,12 @@ _PARAMETERS: list[tuple[str, Any, Any]] = [
     ("http_timeout", Annotated[float | None, typer.Option(
         help="HTTP read timeout, seconds (default 60).", rich_help_panel="Model options")],
      None),
+    ("http_total_timeout", Annotated[float | None, typer.Option(
+        help="Most seconds one HTTP request may take in all (default 300).",
+        rich_help_panel="Model options")], None),
+    ("http_max_response_mb", Annotated[float | None, typer.Option(
+        help="Largest HTTP answer in MiB, after decompression (default 64).",
+        rich_help_panel="Model options")], None),
     ("remote_model", Annotated[str | None, typer.Option(
         help="--http-format openai: the endpoint's model name (default: the only one it "
         "lists).", rich_help_panel="Model options")], None),
@@ -316,12 +328,12 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
 def resolve(text: str, settings: ModelSettings) -> tuple[str, str, ModelSettings]:
     """``(spec, label, settings)`` of ``--model TEXT`` (a spec, or ``@FILE:NAME``); the
     label never holds credentials."""
-    from blackbox_vqa.specs import display_spec, spec_kind
+    from blackbox_vqa.specs import public_spec, spec_kind
 
     if text.strip().startswith("@"):
         spec, label, settings = _from_file(text.strip(), settings)
     else:
-        spec, label = text.strip(), display_spec(text.strip())
+        spec, label = text.strip(), public_spec(text.strip())
     spec_kind(spec)
     return spec, label, settings
 

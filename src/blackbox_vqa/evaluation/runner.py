@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -38,7 +39,7 @@ from blackbox_vqa.explain import Explainer
 from blackbox_vqa.explainers.registry import MethodSettings
 from blackbox_vqa.explanation import Explanation, top_answers
 from blackbox_vqa.images import load_image
-from blackbox_vqa.specs import display_spec
+from blackbox_vqa.specs import public_spec
 
 __all__ = ["EvalConfig", "ItemEvaluator", "item_rng", "load_evaluator", "run_items"]
 
@@ -108,7 +109,7 @@ class ItemEvaluator:
         self.model = model
         self.config = config
         self.explainer = Explainer(model, methods=config.methods, settings=config.options,
-                                   label=display_spec(config.model))
+                                   label=public_spec(config.model))
         self.unavailable = {name: gone.reason
                             for name, gone in self.explainer.unavailable.items()}
         if not self.explainer.available:
@@ -260,7 +261,11 @@ def _run_parallel(
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(items))
     pending: set[Future[ItemRecord]] = set()
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context)
+    from blackbox_vqa.evaluation.workers import die_with_parent
+
+    # Workers end with this process, even when it is killed outright (SIGKILL).
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
+                               initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         while queue or pending:
             while queue and len(pending) < 2 * workers:
