@@ -157,7 +157,8 @@ def embedding_replaced(
                 f"the model's word embedding returned shape {tuple(output.shape)}, expected "
                 f"{tuple(values.shape)} (batch, tokens, embedding size)"
             )
-        return values.to(output.dtype)
+        # a copy: models may add to the embedding output in place (BLIP does)
+        return values.to(output.dtype).clone()
 
     handle = embedding.register_forward_hook(hook)
     try:

@@ -261,7 +261,7 @@ class TorchAdapter(BaseAdapter):
                 raise ModelOutputError(f"{self.name} returned NaN or infinite scores")
             predicted = int(np.argmax(values))
             index = answer_index(self.answers, answer, predicted)
-            grads = self._backward(scores[index], wrt, guided)
+            grads, relus = self._backward(scores[index], wrt, guided)
         words = None if offsets is None else _numpy32(grads[1])[0]
         return InputGradients(
             image=_numpy32(grads[0])[0],
@@ -272,6 +272,7 @@ class TorchAdapter(BaseAdapter):
             scores=values,
             guided=guided,
             words_note=note,
+            relus_guided=relus,
         )
 
     # -- path-gradient protocol (integrated gradients) -----------------------------------
@@ -357,10 +358,11 @@ class TorchAdapter(BaseAdapter):
 
     def _backward(
         self, score: torch.Tensor, wrt: list[torch.Tensor], guided: bool
-    ) -> list[torch.Tensor]:
-        """``d score / d wrt`` (zeros where unused), every ReLU guided when ``guided``."""
+    ) -> tuple[list[torch.Tensor], int | None]:
+        """``d score / d wrt`` (zeros where unused), every ReLU guided when ``guided``, and
+        the number of ReLU backwards guided (``None`` for plain gradients)."""
         try:
-            with guided_relu(guided):
+            with guided_relu(guided) as mode:
                 grads = torch.autograd.grad(score, wrt, allow_unused=True)
         except BlackboxVQAError:
             raise
@@ -368,7 +370,8 @@ class TorchAdapter(BaseAdapter):
             raise ModelError(
                 f"{self.name}: backward pass failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
+        filled = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
+        return filled, None if mode is None else mode.calls
 
 
 def _numpy32(tensor: torch.Tensor) -> NDArray[np.float32]:

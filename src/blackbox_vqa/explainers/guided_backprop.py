@@ -54,6 +54,9 @@ class GuidedBackpropResult:
             tokenizer gives one token per word, else ``"#id"``).
         word_map: ``float64 [T]`` L2 norm of each token's embedding gradient; empty when
             the model offers no word gradients (``words_note`` says why).
+        relus_guided: in guided mode, how many ReLU backwards were guided; ``0`` means the
+            model has no ReLU on the path (GELU transformers) and the map equals the plain
+            gradient (``guided_note`` says so); ``None`` in plain mode or when not counted.
     """
 
     answer: str
@@ -66,6 +69,14 @@ class GuidedBackpropResult:
     tokens: tuple[str, ...]
     word_map: NDArray[np.float64]
     words_note: str = ""
+    relus_guided: int | None = None
+
+    @property
+    def guided_note(self) -> str:
+        """Says when guided mode met no ReLU (the map is the plain gradient); else empty."""
+        if self.mode == "guided" and self.relus_guided == 0:
+            return "no ReLU on the gradient's path: the guided map equals the plain gradient"
+        return ""
 
     @property
     def probability(self) -> float:
@@ -107,7 +118,8 @@ class GuidedBackprop:
 
 
 def _token_labels(grads: InputGradients, words: list[str]) -> tuple[str, ...]:
-    if len(words) == len(grads.token_ids):
+    rows = 0 if grads.words is None else len(grads.words)
+    if len(words) == rows:
         return tuple(words)
     return tuple(f"#{t}" for t in grads.token_ids)
 
@@ -131,6 +143,7 @@ def _result(grads: InputGradients, answers: list[str], words: list[str]) -> Guid
         tokens=tokens,
         word_map=word_map,
         words_note=grads.words_note,
+        relus_guided=grads.relus_guided,
     )
 
 

@@ -188,15 +188,17 @@ class Occlusion:
         batch = self.batch_size or auto_batch_size(
             self.model, pixels.shape, total, memory_budget=self.memory_budget
         )
-        n_answers = len(self.model.answers)
         dropped = [drop_word(question, i) for i in range(len(words))]
-        out = np.empty((total, n_answers), dtype=np.float64)
+        out = np.empty((0, 0), dtype=np.float64)
         name = model_name(self.model)
         for start in range(0, total, batch):
             stop = min(total, start + batch)
             images, questions = self._items(pixels, fill, boxes, question, dropped, start, stop)
             result = self.model.answer_probs_batch(images, questions)
-            out[start:stop] = check_scores(result, stop - start, n_answers, source=name)
+            if start == 0:  # answers are read after the first call: a generative model
+                # (HfAdapter with BLIP) adds the answer it generates on its first input
+                out = np.empty((total, len(self.model.answers)), dtype=np.float64)
+            out[start:stop] = check_scores(result, stop - start, out.shape[1], source=name)
             if self.progress is not None:
                 self.progress(stop, total)
         return out, batch
