@@ -15,15 +15,8 @@ processor), or a hub id where the hub can be reached. Two kinds are supported:
   total log-likelihood of its tokens plus the end-of-sequence token under teacher forcing
   (``score_semantics == "candidate-normalised"``).
 
-Images go through the model's own image processor, without rounding: every image (uint8
-or float32 on the 0-255 scale) is resized in 32-bit float with the processor's filter and
-output size (Pillow's ``"F"`` mode for Pillow-based processors), then the processor
-rescales, normalises and pads it (``do_resize=False``). Pillow resizes in two passes
-(width, then height); each pass is clipped to 0-255 here as Pillow's 8-bit passes clip
-the filter's overshoot, so on uint8 images
-this differs from the processor's own pipeline only by its rounding to whole 0-255 levels
-(half a level per pass, about one level at most); images already at the model's size are identical.
-Processors that are not Pillow-based get float tensors and resize them themselves.
+Images go through the model's own image processor, without rounding (float32 images are
+scored exactly); see :mod:`blackbox_vqa.adapters.hf_processing`.
 """
 
 from __future__ import annotations
@@ -48,6 +41,7 @@ from blackbox_vqa.adapters.gradients import (
     embedding_offsets,
     guided_relu,
 )
+from blackbox_vqa.adapters.hf_processing import HfProcessing, word_positions
 from blackbox_vqa.adapters.path_gradients import (
     GradientInputs,
     PathGradients,
@@ -62,10 +56,8 @@ from blackbox_vqa.errors import (
     ModelError,
     ModelLoadError,
     NotSupportedError,
-    QuestionError,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import validate_question, word_spans
 
 __all__ = ["SUPPORTED_CLASSES", "HfAdapter", "hub_reachable", "word_positions"]
 
@@ -76,27 +68,6 @@ _SUPPORTED_TEXT = (
     "ViltForQuestionAnswering (or another classifier-style AutoModelForVisualQuestion"
     "Answering model) and BlipForQuestionAnswering"
 )
-
-
-def word_positions(
-    question: str, offsets: Sequence[tuple[int, int]]
-) -> tuple[tuple[int, ...], ...]:
-    """For each word of ``question`` (``text.word_spans``), the token positions inside it.
-
-    ``offsets`` are the tokenizer's character spans per token (``(0, 0)`` for special
-    tokens). A token belongs to the word its span overlaps; punctuation and special tokens
-    belong to none.
-    """
-    out: list[list[int]] = [[] for _ in word_spans(question)]
-    spans = word_spans(question)
-    for position, (start, end) in enumerate(offsets):
-        if end <= start:
-            continue
-        for index, (w_start, w_end) in enumerate(spans):
-            if start < w_end and end > w_start:
-                out[index].append(position)
-                break
-    return tuple(tuple(p) for p in out)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -178,13 +149,15 @@ class HfAdapter(BaseAdapter):
         super().__init__(answers, name=name or cls_name)
         self.module: Any = model  # a transformers PreTrainedModel (untyped)
         self.processor = processor
-        self.tokenizer: Any = getattr(processor, "tokenizer", None)
-        self.image_processor: Any = getattr(processor, "image_processor", None)
-        if self.tokenizer is None or self.image_processor is None:
-            raise ModelLoadError(
-                f"{self.name}: the processor {type(processor).__name__} lacks a tokenizer or "
-                "an image processor"
-            )
+        text_names: tuple[str, ...] = ("input_ids", "attention_mask")
+        if self.kind == "classifier":
+            text_names = ("input_ids", "attention_mask", "token_type_ids")
+        self.processing = HfProcessing(
+            processor, max_text_tokens=_max_positions(config, self.kind),
+            text_names=text_names, name=self.name,
+        )
+        self.tokenizer: Any = self.processing.tokenizer
+        self.image_processor: Any = self.processing.image_processor
         self.device = torch.device(device) if device is not None else (
             torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.module.to(self.device)
@@ -195,8 +168,6 @@ class HfAdapter(BaseAdapter):
         self.include_generated = bool(include_generated) and self.kind == "generative"
         self.max_answer_tokens = int(max_answer_tokens)
         self.generated_answer: str | None = None
-        self.max_text_tokens = _max_positions(config, self.kind)
-        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
 
     # -- loading -----------------------------------------------------------------------
 
@@ -250,39 +221,24 @@ class HfAdapter(BaseAdapter):
 
     # -- inputs --------------------------------------------------------------------------
 
+    # -- inputs --------------------------------------------------------------------------
+
     def validate_question(self, question: str) -> str:
         """The stripped question; :class:`QuestionError` if it is longer than the model takes."""
-        question = validate_question(question)
-        count = len(self.tokenizer(question)["input_ids"])
-        if self.max_text_tokens and count > self.max_text_tokens:
-            raise QuestionError(
-                f"question has {count} tokens but {self.name} takes at most "
-                f"{self.max_text_tokens} (its maximum text positions)"
-            )
-        return question
+        return self.processing.validate_question(question)
 
     def pixel_inputs(self, images: Sequence[ImageArray]) -> dict[str, torch.Tensor]:
-        """``pixel_values float32 [B, 3, H, W]`` (and ``pixel_mask`` where the model takes
-        one) for RGB arrays on the 0-255 scale; see the module docstring."""
-        floats = [np.asarray(image, dtype=np.float32) for image in images]
-        if _pillow_backend(self.image_processor):
-            floats = [self._resized(image) for image in floats]
-            kwargs: dict[str, Any] = {"do_resize": False, "input_data_format": "channels_last"}
-            batch: list[Any] = floats
-        else:
-            kwargs = {"input_data_format": "channels_first"}
-            batch = [torch.from_numpy(image).permute(2, 0, 1).contiguous() for image in floats]
-        try:
-            encoded = self.image_processor(images=batch, return_tensors="pt", **kwargs)
-        except Exception as exc:
-            raise ModelError(
-                f"{self.name}: the image processor failed: {type(exc).__name__}: "
-                f"{_first_line(exc)}"
-            ) from exc
+        """``pixel_values [B, 3, H, W]`` in the model's dtype (and ``pixel_mask`` where the
+        model takes one) on the adapter's device; see :mod:`.hf_processing`."""
+        encoded = self.processing.pixels(images)
         out = {"pixel_values": encoded["pixel_values"].to(self.device, self.dtype)}
         if "pixel_mask" in encoded:
             out["pixel_mask"] = encoded["pixel_mask"].to(self.device)
         return out
+
+    def text_inputs(self, questions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` (and ``token_type_ids``) ``[B, T]``, padded."""
+        return {k: v.to(self.device) for k, v in self.processing.text(questions).items()}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,42 +247,6 @@ class HfAdapter(BaseAdapter):
             if param.is_floating_point():
                 return param.dtype  # type: ignore[no-any-return]
         return torch.float32
-
-    def text_inputs(self, questions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``attention_mask`` (and ``token_type_ids``) ``[B, T]``, padded."""
-        encoded = self.tokenizer(list(questions), padding="longest", return_tensors="pt")
-        names: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
-        if self.kind == "generative":
-            names = ("input_ids", "attention_mask")
-        return {k: v.to(self.device) for k, v in encoded.items() if k in names}
-
-    def _resized(self, image: NDArray[np.float32]) -> NDArray[np.float32]:
-        """``image`` resized in float32 to the processor's output size with its filter."""
-        from PIL import Image
-
-        height, width = image.shape[:2]
-        size = self._output_size(height, width)
-        if size == (height, width):
-            return image
-        resample = getattr(self.image_processor, "resample", None)
-        filter_ = int(resample) if resample is not None else int(Image.Resampling.BILINEAR)
-        return np.stack([_resize_channel(image[..., c], size, filter_)
-                         for c in range(image.shape[2])], axis=-1)
-
-    def _output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The processor's resized ``(H, W)`` for an ``H x W`` image (asked once per size)."""
-        if (height, width) not in self._sizes:
-            probe = np.zeros((height, width, 3), dtype=np.uint8)
-            out = self.image_processor(images=[probe], return_tensors="np")
-            mask = out.get("pixel_mask")
-            if mask is not None:
-                rows, cols = np.asarray(mask[0]).nonzero()
-                size = (int(rows.max()) + 1, int(cols.max()) + 1)
-            else:
-                shape = np.asarray(out["pixel_values"]).shape
-                size = (int(shape[-2]), int(shape[-1]))
-            self._sizes[(height, width)] = size
-        return self._sizes[(height, width)]
 
     # -- scores ---------------------------------------------------------------------------
 
@@ -463,10 +383,6 @@ class HfAdapter(BaseAdapter):
             raise ModelError(f"{self.name}: get_input_embeddings() returned no module")
         return embedding
 
-    def _word_positions(self, question: str) -> tuple[tuple[int, ...], ...]:
-        encoded = self.tokenizer(question, return_offsets_mapping=True)
-        return word_positions(question, encoded["offset_mapping"])
-
     def input_gradients(
         self,
         image: ImageInput,
@@ -503,7 +419,8 @@ class HfAdapter(BaseAdapter):
         image_grad, word_grad = (torch.zeros_like(w) if g is None else g
                                  for g, w in zip(grads, [leaf, offsets], strict=True))
         per_token = word_grad[0].detach().float().cpu().numpy()
-        words = np.stack([per_token[list(p)].sum(axis=0) for p in self._word_positions(question)])
+        positions = self.processing.word_positions(question)
+        words = np.stack([per_token[list(p)].sum(axis=0) for p in positions])
         return InputGradients(
             image=image_grad[0].detach().float().cpu().numpy(),
             words=words.astype(np.float32),
@@ -535,7 +452,7 @@ class HfAdapter(BaseAdapter):
             image=pixels["pixel_values"][0].float().cpu().numpy(),
             embeddings=vectors.float().cpu().numpy(),
             pad_embedding=pad.float().cpu().numpy(),
-            word_positions=self._word_positions(question),
+            word_positions=self.processing.word_positions(question),
             token_ids=tuple(int(t) for t in text["input_ids"][0].tolist()),
             scores=scores,
         )
@@ -554,7 +471,7 @@ class HfAdapter(BaseAdapter):
         text = {k: v.expand(count, -1) for k, v in self.text_inputs([inputs.question]).items()}
         height, width = images.shape[-2:]
         extra = {}
-        if "pixel_mask" in self.image_processor.model_input_names:
+        if self.processing.takes_pixel_mask:
             extra["pixel_mask"] = torch.ones((count, height, width), dtype=torch.long,
                                              device=self.device)
         embedding = self._embedding()
@@ -609,14 +526,6 @@ def _embedding_width(embedding: nn.Module, ids: torch.Tensor) -> int:
         return int(embedding(ids[:, :1]).shape[-1])
 
 
-def _pillow_backend(image_processor: Any) -> bool:
-    try:
-        from transformers.image_processing_backends import PilBackend
-    except ImportError:  # transformers < 5: every slow image processor resizes with Pillow
-        return not type(image_processor).__name__.endswith("Fast")
-    return isinstance(image_processor, PilBackend)
-
-
 def _load_config(transformers: Any, location: str) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(location)
@@ -644,25 +553,6 @@ def _model_class(transformers: Any, config: Any, location: str) -> Any:
             f"{location!r} is a {found} model; supported: {_SUPPORTED_TEXT}"
         )
     return getattr(transformers, name)
-
-
-def _resize_channel(
-    channel: NDArray[np.float32], size: tuple[int, int], resample: int
-) -> NDArray[np.float32]:
-    """Pillow's two-pass resize of one ``H x W`` channel in 32-bit float: columns first,
-    then rows, each pass clipped to 0-255 as Pillow's 8-bit passes are (without their
-    rounding to whole levels)."""
-    from PIL import Image
-
-    height, width = channel.shape
-    out = np.ascontiguousarray(channel, dtype=np.float32)
-    if width != size[1]:
-        out = np.asarray(Image.fromarray(out, mode="F").resize((size[1], height), resample))
-        out = np.clip(out, 0.0, 255.0)
-    if height != size[0]:
-        out = np.asarray(Image.fromarray(out, mode="F").resize((size[1], size[0]), resample))
-        out = np.clip(out, 0.0, 255.0)
-    return out.astype(np.float32, copy=False)
 
 
 def _first_line(exc: BaseException) -> str:
