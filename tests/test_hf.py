@@ -367,3 +367,48 @@ def test_readme_python_example_runs(
         code = code.replace(f'"{old}"', repr(str(new)))
     exec(compile(code, "README.md", "exec"), {})
     assert "what" in capsys.readouterr().out
+
+
+# -- ONNX export ---------------------------------------------------------------------------
+
+
+def test_all_patches_path_equals_vilt_forward(vilt: HfAdapter) -> None:
+    from blackbox_vqa.exporters.hf_onnx import _export_copy, _patch_path_diff, default_samples
+
+    copy_ = _export_copy(vilt)
+    assert copy_ is not vilt.module
+    assert "visual_embed" not in vars(vilt.module.vilt.embeddings)  # the user's model as it was
+    assert _patch_path_diff(vilt, copy_, default_samples()) <= 1e-4
+
+
+def test_vilt_onnx_export_round_trip(vilt: HfAdapter, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter
+    from blackbox_vqa.exporters.hf_onnx import export_hf_model
+
+    result = export_hf_model(vilt, tmp_path / "out")
+    assert result.inputs == ("input_ids", "attention_mask", "token_type_ids", "pixel_values",
+                             "pixel_mask")
+    assert result.onnx_max_diff <= 1e-4 and result.patch_path_max_diff <= 1e-4
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= files
+    assert not [f for f in files if f.startswith(".export-")]
+    exported = load_model(str(result.onnx_path))
+    assert isinstance(exported, HfOnnxAdapter)
+    assert list(exported.answers) == VILT_ANSWERS
+    image = _image()
+    ours = Occlusion(exported, grid=4).explain(image, QUESTION)
+    theirs = Occlusion(vilt, grid=4).explain(image, QUESTION)
+    assert ours.answer == theirs.answer
+    np.testing.assert_allclose(ours.image_map, theirs.image_map, atol=1e-4)
+    np.testing.assert_allclose(ours.word_map, theirs.word_map, atol=1e-4)
+    with pytest.raises(InputError, match="already holds"):
+        export_hf_model(vilt, tmp_path / "out")
+
+
+def test_generative_models_are_not_exported(blip: HfAdapter, tmp_path: Path) -> None:
+    from blackbox_vqa.exporters.hf_onnx import export_hf_model
+
+    with pytest.raises(NotSupportedError, match="generative"):
+        export_hf_model(blip, tmp_path / "blip-out")
+    assert not (tmp_path / "blip-out").exists()

@@ -147,8 +147,11 @@ def _load_http(spec: str, options: ModelOptions) -> object:
 
 
 def _load_onnx(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter, is_hf_export
     from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
 
+    if is_hf_export(spec.strip()):  # a multi-input graph described by its metadata
+        return HfOnnxAdapter.from_options(spec.strip(), options.extra)
     return OnnxAdapter.from_options(spec.strip(), options.extra)
 
 
