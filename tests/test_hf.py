@@ -240,27 +240,34 @@ def test_vilt_integrated_gradients_equal_captum(vilt: HfAdapter) -> None:
 # -- BLIP: candidate-normalised scores -----------------------------------------------------
 
 
-def _blip_direct(adapter: HfAdapter, image: np.ndarray, question: str) -> np.ndarray:
-    """Softmax over candidates of teacher-forced log-likelihoods, one candidate at a time."""
+def _blip_scores(adapter: HfAdapter, pixels: torch.Tensor, words: torch.Tensor,
+                 question: str) -> torch.Tensor:
+    """Softmax over candidates of teacher-forced log-likelihoods, one candidate at a time,
+    from ``pixel_values`` and the question's token embeddings (differentiable)."""
     model = adapter.module
     cfg = model.config.text_config
     text = adapter.tokenizer(question, return_tensors="pt")
+    image_states = model.vision_model(pixel_values=pixels)[0]
+    states = model.text_encoder(inputs_embeds=words.clone(),  # BLIP adds to it in place
+                                attention_mask=text["attention_mask"],
+                                encoder_hidden_states=image_states)[0]
+    totals = []
+    for answer in adapter.answers:
+        ids = [cfg.bos_token_id, *adapter.tokenizer(answer, add_special_tokens=False)["input_ids"],
+               cfg.sep_token_id]
+        logits = model.text_decoder(input_ids=torch.tensor([ids]),
+                                    encoder_hidden_states=states).logits[0]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        totals.append(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
+    return torch.softmax(torch.stack(totals), dim=0)
+
+
+def _blip_direct(adapter: HfAdapter, image: np.ndarray, question: str) -> np.ndarray:
+    ids = adapter.tokenizer(question, return_tensors="pt")["input_ids"]
     with torch.no_grad():
+        words = adapter.module.get_input_embeddings()(ids)
         pixels = _pixel_values(adapter, image).to(adapter.dtype)
-        image_states = model.vision_model(pixel_values=pixels)[0]
-        states = model.text_encoder(input_ids=text["input_ids"],
-                                    attention_mask=text["attention_mask"],
-                                    encoder_hidden_states=image_states)[0]
-        totals = []
-        for answer in adapter.answers:
-            ids = [cfg.bos_token_id,
-                   *adapter.tokenizer(answer, add_special_tokens=False)["input_ids"],
-                   cfg.sep_token_id]
-            logits = model.text_decoder(input_ids=torch.tensor([ids]),
-                                        encoder_hidden_states=states).logits[0]
-            logp = torch.log_softmax(logits.double(), dim=-1)
-            totals.append(sum(float(logp[t, ids[t + 1]]) for t in range(len(ids) - 1)))
-    return torch.softmax(torch.tensor(totals, dtype=torch.float64), dim=0).numpy()
+        return _blip_scores(adapter, pixels, words, question).numpy()
 
 
 def test_blip_scores_candidates_and_adds_its_own_answer(blip: HfAdapter) -> None:
@@ -293,6 +300,22 @@ def test_blip_occlusion_equals_direct_transformers_calls(blip64: HfAdapter) -> N
     np.testing.assert_allclose(result.image_map, expected, rtol=0, atol=1e-6)
     words = [base[a] - _blip_direct(blip, image, drop_word(QUESTION, i))[a] for i in range(5)]
     np.testing.assert_allclose(result.word_map, words, rtol=0, atol=1e-6)
+
+
+def test_blip_gradients_equal_autograd(blip64: HfAdapter) -> None:
+    blip = blip64
+    image = _image(32, 32)
+    result = GuidedBackprop(blip, guided=True).explain(image, QUESTION, answer="blue")
+    ids = blip.tokenizer(QUESTION, return_tensors="pt")["input_ids"]
+    pixels = _pixel_values(blip, image).to(blip.dtype).requires_grad_(True)
+    words = blip.module.get_input_embeddings()(ids).detach().requires_grad_(True)
+    score = _blip_scores(blip, pixels, words, QUESTION)[list(blip.answers).index("blue")]
+    pix, emb = (g[0].numpy() for g in torch.autograd.grad(score, [pixels, words]))
+    np.testing.assert_allclose(result.gradient, pix, rtol=1e-4, atol=1e-7)
+    per_word = [emb[[1]], emb[[2]], emb[[3]], emb[[4]], emb[[5, 6]]]
+    expected = [np.linalg.norm(e.sum(axis=0)) for e in per_word]
+    np.testing.assert_allclose(result.word_map, expected, rtol=1e-4, atol=1e-7)
+    assert result.relus_guided == 0  # BLIP uses GELU
 
 
 def test_blip_gradients_and_integrated_gradients_run(blip: HfAdapter) -> None:
