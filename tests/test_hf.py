@@ -20,7 +20,13 @@ from captum.attr import IntegratedGradients as CaptumIG
 
 from blackbox_vqa.adapters import huggingface
 from blackbox_vqa.adapters.huggingface import HfAdapter, word_positions
-from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError, QuestionError
+from blackbox_vqa.errors import (
+    InputError,
+    ModelError,
+    ModelLoadError,
+    NotSupportedError,
+    QuestionError,
+)
 from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
 from blackbox_vqa.explainers.integrated_gradients import IntegratedGradients
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -204,6 +210,32 @@ def test_vilt_gradients_equal_autograd(vilt: HfAdapter, guided: bool) -> None:
         assert result.relus_guided is None and result.guided_note == ""
     assert not any(p.grad is not None for p in vilt.module.parameters())
     assert not vilt.module.get_input_embeddings()._forward_hooks
+
+
+def test_training_flags_hooks_and_rng_are_restored_also_on_errors(vilt: HfAdapter) -> None:
+    image = _image()
+    expected = vilt.answer_probs(image, QUESTION)
+    vilt.module.train()
+    try:
+        np.testing.assert_allclose(vilt.answer_probs(image, QUESTION), expected, atol=1e-6)
+        assert vilt.module.training and vilt.module.vilt.training
+
+        def fail(*args: object) -> None:
+            raise RuntimeError("boom")
+
+        handle = vilt.module.classifier.register_forward_hook(fail)
+        try:
+            with pytest.raises(ModelError, match="boom"):
+                vilt.input_gradients(image, QUESTION, guided=True)
+            with pytest.raises(ModelError, match="boom"):
+                IntegratedGradients(vilt, steps=2).explain(image, QUESTION)
+        finally:
+            handle.remove()
+        assert vilt.module.training and vilt.module.vilt.training
+        assert not vilt.module.get_input_embeddings()._forward_hooks
+        assert not any(p.grad is not None for p in vilt.module.parameters())
+    finally:
+        vilt.module.eval()
 
 
 def test_vilt_integrated_gradients_equal_captum(vilt: HfAdapter) -> None:
