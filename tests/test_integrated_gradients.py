@@ -16,6 +16,7 @@ from blackbox_vqa.errors import GradientUnavailableError, InputError
 from blackbox_vqa.explainers.integrated_gradients import (
     IntegratedGradients,
     baseline_embeddings,
+    integrated_gradients_dict,
     path_points,
 )
 from blackbox_vqa.models.reference import reference_adapter
@@ -93,6 +94,16 @@ def test_completeness_is_reported_and_small_with_enough_steps(adapter: TorchAdap
     assert check["score_difference"] == pytest.approx(
         result.score_input - result.score_baseline)
     assert abs(result.completeness_gap) < 0.05 * max(abs(check["score_difference"]), 1e-3)
+
+
+def test_json_section(adapter: TorchAdapter) -> None:
+    import json
+
+    result = IntegratedGradients(adapter, steps=4).explain(_image(), QUESTION)
+    section = integrated_gradients_dict(result, attribution_file="ig.npy")
+    assert json.loads(json.dumps(section))["image_size"] == [64, 64]
+    assert len(section["words"]) == 5 and section["completeness"]["gap"] == pytest.approx(
+        result.completeness_gap)
 
 
 def test_another_answer_and_state_left_untouched(adapter: TorchAdapter) -> None:

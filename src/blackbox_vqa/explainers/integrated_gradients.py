@@ -38,6 +38,8 @@ __all__ = [
     "RULES",
     "IntegratedGradients",
     "IntegratedGradientsResult",
+    "baseline_embeddings",
+    "integrated_gradients_dict",
     "path_points",
 ]
 
@@ -119,6 +121,11 @@ class IntegratedGradientsResult:
     def completeness_gap(self) -> float:
         """``attribution_sum - (score_input - score_baseline)``: 0 for an exact integral."""
         return self.attribution_sum - (self.score_input - self.score_baseline)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the model's input."""
+        return int(self.attributions.shape[1]), int(self.attributions.shape[2])
 
     def completeness(self) -> dict[str, float]:
         """JSON-ready completeness check."""
@@ -286,3 +293,33 @@ def _labels(inputs: GradientInputs, words: list[str]) -> tuple[str, ...]:
     if len(words) == len(inputs.word_positions):
         return tuple(words)
     return tuple(f"#{inputs.token_ids[p[0]]}" if p else "#" for p in inputs.word_positions)
+
+
+def integrated_gradients_dict(
+    result: IntegratedGradientsResult, *, attribution_file: str
+) -> dict[str, Any]:
+    """A JSON-ready section for ``explanation.json`` (the integrator may rename keys).
+
+    ``image`` is the signed ``H x W`` map (channels summed) at the model's resolution;
+    the raw ``[3, H, W]`` attributions are meant to be saved beside the JSON as
+    ``attribution_file``; ``words`` one signed value per word; ``completeness`` the check.
+    """
+    height, width = result.image_size
+    return {
+        "available": True,
+        "answer": result.answer,
+        "answer_index": result.answer_index,
+        "probability": result.probability,
+        "baseline": result.baseline,
+        "word_baseline": "padding-token embedding",
+        "steps": result.steps,
+        "rule": result.rule,
+        "image_size": [height, width],
+        "image": result.image_map.tolist(),
+        "attribution_file": attribution_file,
+        "attribution_shape": [3, height, width],
+        "tokens": list(result.tokens),
+        "words": result.word_map.tolist(),
+        "words_note": result.words_note or None,
+        "completeness": result.completeness(),
+    }
