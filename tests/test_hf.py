@@ -393,6 +393,11 @@ def test_hub_id_without_network_says_so(monkeypatch: pytest.MonkeyPatch) -> None
         load_model("hf:dandelin/vilt-b32-finetuned-vqa")
 
 
+def test_missing_local_folder_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="model folder not found"):
+        load_model(f"hf:{tmp_path / 'no-such-model'}")
+
+
 def test_offline_setting_means_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert huggingface.hub_reachable() is False

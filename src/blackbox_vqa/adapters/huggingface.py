@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -64,6 +64,8 @@ __all__ = ["SUPPORTED_CLASSES", "HfAdapter", "hub_reachable", "word_positions"]
 SUPPORTED_CLASSES = ("ViltForQuestionAnswering", "BlipForQuestionAnswering")
 GENERATIVE_CLASSES = ("BlipForQuestionAnswering",)
 Kind = Literal["classifier", "generative"]
+# makes the context (a hook on get_input_embeddings()) active around the text embedding
+WordHook = Callable[[], AbstractContextManager[Any]]
 _SUPPORTED_TEXT = (
     "ViltForQuestionAnswering (or another classifier-style AutoModelForVisualQuestion"
     "Answering model) and BlipForQuestionAnswering"
@@ -195,6 +197,9 @@ class HfAdapter(BaseAdapter):
             ) from exc
         text = os.fspath(source)
         local = Path(text).expanduser()
+        if not local.exists() and _looks_like_path(text):
+            raise InputError(f"model folder not found: {text} (hf:PATH needs a folder "
+                             "written by save_pretrained)")
         if not local.exists() and not hub_reachable():
             raise ModelLoadError(
                 f"{text!r} is not a local folder and the Hugging Face hub cannot be reached; "
@@ -218,8 +223,6 @@ class HfAdapter(BaseAdapter):
             candidates = [*(candidates or []), *read_answers(answers_file)]
         return cls(model, processor, candidates=candidates, device=device,
                    name=name or f"hf:{text}")
-
-    # -- inputs --------------------------------------------------------------------------
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -267,7 +270,7 @@ class HfAdapter(BaseAdapter):
         pixels: Mapping[str, torch.Tensor],
         text: Mapping[str, torch.Tensor],
         *,
-        words: Any = None,
+        words: WordHook | None = None,
     ) -> torch.Tensor:
         """Scores ``[B, A]`` (differentiable) for encoded inputs.
 
@@ -276,7 +279,7 @@ class HfAdapter(BaseAdapter):
         """
         with _wrapped(self.name, "forward pass"):
             if self.kind == "classifier":
-                with words() if words is not None else _nothing():
+                with words() if words is not None else nullcontext():
                     logits = self.module(**pixels, **text).logits
                 if tuple(logits.shape) != (text["input_ids"].shape[0], len(self.answers)):
                     raise ModelError(
@@ -289,14 +292,15 @@ class HfAdapter(BaseAdapter):
             return torch.softmax(self._candidate_loglik(pixels, text, words), dim=-1)
 
     def _question_states(
-        self, pixels: Mapping[str, torch.Tensor], text: Mapping[str, torch.Tensor], words: Any
+        self, pixels: Mapping[str, torch.Tensor], text: Mapping[str, torch.Tensor],
+        words: WordHook | None,
     ) -> torch.Tensor:
         """BLIP: the question encoder's states ``[B, T, D]`` attending to the image."""
         vision = self.module.vision_model(pixel_values=pixels["pixel_values"])
         image_states = vision.last_hidden_state
         image_mask = torch.ones(image_states.shape[:-1], dtype=torch.long,
                                 device=image_states.device)
-        with words() if words is not None else _nothing():
+        with words() if words is not None else nullcontext():
             encoded = self.module.text_encoder(
                 input_ids=text["input_ids"], attention_mask=text["attention_mask"],
                 encoder_hidden_states=image_states, encoder_attention_mask=image_mask,
@@ -304,7 +308,8 @@ class HfAdapter(BaseAdapter):
         return encoded.last_hidden_state
 
     def _candidate_loglik(
-        self, pixels: Mapping[str, torch.Tensor], text: Mapping[str, torch.Tensor], words: Any
+        self, pixels: Mapping[str, torch.Tensor], text: Mapping[str, torch.Tensor],
+        words: WordHook | None,
     ) -> torch.Tensor:
         """BLIP: ``[B, C]`` total log-likelihood of each candidate's tokens plus ``[SEP]``."""
         states = self._question_states(pixels, text, words)
@@ -494,6 +499,11 @@ class HfAdapter(BaseAdapter):
 # -- helpers -------------------------------------------------------------------------------
 
 
+def _looks_like_path(text: str) -> bool:
+    """A local path rather than a hub id (``name`` or ``org/name``)."""
+    return text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+
+
 def _id2label_answers(config: Any, cls_name: str) -> list[str]:
     id2label = getattr(config, "id2label", None) or {}
     try:
@@ -558,11 +568,6 @@ def _model_class(transformers: Any, config: Any, location: str) -> Any:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextmanager
