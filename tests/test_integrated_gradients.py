@@ -96,6 +96,15 @@ def test_completeness_is_reported_and_small_with_enough_steps(adapter: TorchAdap
     assert abs(result.completeness_gap) < 0.05 * max(abs(check["score_difference"]), 1e-3)
 
 
+def test_batch_size_does_not_change_the_result(adapter: TorchAdapter) -> None:
+    one = IntegratedGradients(adapter, steps=3, batch_size=1).explain(_image(), QUESTION)
+    many = IntegratedGradients(adapter, steps=3, batch_size=8).explain(_image(), QUESTION)
+    np.testing.assert_allclose(one.attributions, many.attributions, atol=1e-6)
+    assert one.score_input == pytest.approx(many.score_input, abs=1e-6)
+    assert one.score_baseline == pytest.approx(many.score_baseline, abs=1e-6)
+    assert one.score_input != one.score_baseline
+
+
 def test_json_section(adapter: TorchAdapter) -> None:
     import json
 

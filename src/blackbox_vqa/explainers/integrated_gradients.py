@@ -221,7 +221,7 @@ class IntegratedGradients:
         word_delta = inputs.embeddings - word_start
         image_sum = np.zeros(inputs.image.shape, dtype=np.float64)
         word_sum = np.zeros(inputs.embeddings.shape, dtype=np.float64)
-        ends: list[float] = []
+        scores: list[float] = []
         for first in range(0, len(alphas), self.batch_size):
             a = alphas[first : first + self.batch_size]
             w = weights[first : first + self.batch_size]
@@ -230,9 +230,8 @@ class IntegratedGradients:
             grads = self.model.path_gradients(inputs, images, words, index)
             image_sum += np.tensordot(w, grads.image.astype(np.float64), axes=1)
             word_sum += np.tensordot(w, grads.embeddings.astype(np.float64), axes=1)
-            if first == 0:
-                ends = [float(grads.scores[0]), float(grads.scores[min(1, len(a) - 1)])]
-        return image_sum, word_sum, (ends[0], ends[1])
+            scores.extend(float(v) for v in grads.scores)
+        return image_sum, word_sum, (scores[0], scores[1])
 
     def _result(
         self,
