@@ -180,6 +180,12 @@ def test_word_positions_group_sub_words_and_skip_punctuation() -> None:
     assert word_positions(QUESTION, offsets) == ((1,), (2,), (3,), (4,), (5, 6))
 
 
+def test_word_positions_without_offsets_agree(vilt: HfAdapter) -> None:
+    for question in (QUESTION, "how many red squares are there", "is the circle's color blue?"):
+        assert vilt.processing._prefix_positions(question) == \
+            vilt.processing.word_positions(question)
+
+
 def _autograd_vilt(
     adapter: HfAdapter, image: np.ndarray, question: str, index: int
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -124,9 +124,28 @@ class HfProcessing:
         return {k: v.long() for k, v in encoded.items() if k in self.text_names}
 
     def word_positions(self, question: str) -> tuple[tuple[int, ...], ...]:
-        """For each word of ``question``, its token positions (see :func:`word_positions`)."""
-        encoded = self.tokenizer(question, return_offsets_mapping=True)
-        return word_positions(question, encoded["offset_mapping"])
+        """For each word of ``question``, its token positions (see :func:`word_positions`).
+
+        From the tokenizer's character offsets; a tokenizer without them (a slow, Python
+        one) is asked for the tokens of each prefix of the question instead: the tokens
+        between the prefix ending before a word and the one ending after it are the word's.
+        """
+        try:
+            offsets = self.tokenizer(question, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, KeyError, TypeError, ValueError):
+            return self._prefix_positions(question)
+        return word_positions(question, offsets)
+
+    def _prefix_positions(self, question: str) -> tuple[tuple[int, ...], ...]:
+        ids = list(self.tokenizer(question)["input_ids"])
+        special = set(getattr(self.tokenizer, "all_special_ids", ()))
+        lead = next((i for i, t in enumerate(ids) if t not in special), len(ids))
+        out = []
+        for start, end in word_spans(question):
+            first = len(self.tokenizer.tokenize(question[:start]))
+            last = len(self.tokenizer.tokenize(question[:end]))
+            out.append(tuple(range(lead + first, lead + last)))
+        return tuple(out)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The processor's resized ``(H, W)`` for an ``H x W`` image (asked once per size)."""
