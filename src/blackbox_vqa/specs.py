@@ -1,15 +1,23 @@
 """Model specs on the command line: which adapter a ``--model SPEC`` string means.
 
 Kinds: ``easyvqa`` (the built-in reference model), ``path.onnx``, an exported PyTorch
-graph file, ``http://host:port[/path]``, and ``package.module:factory`` (a callable that
-returns any object with the model protocol). Each kind has one loader in ``LOADERS``.
+graph file, ``http://host:port[/path]``, ``hf:PATH_OR_ID`` (a Hugging Face
+``transformers`` VQA model: a ``save_pretrained`` folder, or a hub id where the hub is
+reachable), and ``package.module:factory`` (a callable that returns any object with the
+model protocol; the current directory is importable, as uvicorn does for apps). A factory
+takes keyword arguments after ``?``: ``pkg.mod:make?size=64&name=small`` calls
+``make(size=64, name="small")`` (values that read as an int, a float, ``true``/``false``
+or ``none`` are converted; anything else is a string). Each kind has one loader in
+``LOADERS``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import re
+import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -18,9 +26,16 @@ from typing import Any
 from blackbox_vqa.adapters.base import VQAModel, check_model
 from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
 
-__all__ = ["LOADERS", "ModelOptions", "load_model", "public_spec", "spec_kind"]
+__all__ = [
+    "LOADERS",
+    "ModelOptions",
+    "factory_arguments",
+    "load_model",
+    "public_spec",
+    "spec_kind",
+]
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*(\?.*)?$")
 GRAPH_SUFFIXES = (".pt2", ".ts", ".torchscript")
 
 
@@ -56,11 +71,16 @@ def public_spec(spec: str) -> str:
 
 
 def spec_kind(spec: str) -> str:
-    """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"`` or ``"factory"``; else InputError."""
+    """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"``, ``"hf"`` or ``"factory"``; else
+    InputError."""
     text = spec.strip()
     lower = text.lower()
     if lower == "easyvqa":
         return "easyvqa"
+    if lower.startswith("hf:"):
+        if not text[3:].strip():
+            raise InputError(f"model spec {spec!r} names no model; use hf:PATH_OR_ID")
+        return "hf"
     if lower.startswith(("http://", "https://")):
         return "http"
     if lower.endswith(".onnx"):
@@ -71,7 +91,7 @@ def spec_kind(spec: str) -> str:
         return "factory"
     raise InputError(
         f"model spec {spec!r} is not one of: easyvqa, PATH.onnx, PATH.pt2/.ts (exported "
-        "graph), http://host:port[/path], package.module:factory"
+        "graph), http://host:port[/path], hf:PATH_OR_ID, package.module:factory[?key=value]"
     )
 
 
@@ -81,8 +101,44 @@ def _load_easyvqa(spec: str, options: ModelOptions) -> object:
     return reference_adapter()
 
 
+def factory_arguments(query: str) -> dict[str, Any]:
+    """``"size=64&name=small"`` -> ``{"size": 64, "name": "small"}`` (see the module doc)."""
+    arguments: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise InputError(
+                f"factory argument {part!r} is not key=value with a Python name as the key"
+            )
+        arguments[key] = _argument_value(value.strip())
+    return arguments
+
+
+def _argument_value(text: str) -> Any:
+    lower = text.lower()
+    if lower in ("true", "false"):
+        return lower == "true"
+    if lower == "none":
+        return None
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
+def _cwd_importable() -> None:
+    """Put the current directory first on ``sys.path`` (as uvicorn does for app specs)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _load_factory(spec: str, options: ModelOptions) -> object:
-    module_name, _, attr_path = spec.strip().partition(":")
+    target_text, _, query = spec.strip().partition("?")
+    arguments = factory_arguments(query)
+    module_name, _, attr_path = target_text.partition(":")
+    _cwd_importable()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -101,7 +157,7 @@ def _load_factory(spec: str, options: ModelOptions) -> object:
     if not callable(target):
         raise ModelLoadError(f"{spec!r} is not callable; a factory returning a model is needed")
     try:
-        model = target()
+        model = target(**arguments)
     except Exception as exc:
         raise ModelLoadError(f"factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     if not getattr(model, "name", None):
@@ -120,8 +176,11 @@ def _load_http(spec: str, options: ModelOptions) -> object:
 
 
 def _load_onnx(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter, is_hf_export
     from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
 
+    if is_hf_export(spec.strip()):  # a multi-input graph described by its metadata
+        return HfOnnxAdapter.from_options(spec.strip(), options.extra)
     return OnnxAdapter.from_options(spec.strip(), options.extra)
 
 
@@ -129,6 +188,16 @@ def _load_graph(spec: str, options: ModelOptions) -> object:
     from blackbox_vqa.adapters.graph import GraphAdapter
 
     return GraphAdapter(spec.strip())
+
+
+def _load_hf(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.huggingface import HfAdapter
+
+    return HfAdapter.from_pretrained(
+        spec.strip()[3:].strip(),
+        answers_file=options.extra.get("answers_file"),
+        device=options.extra.get("device"),
+    )
 
 
 def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:
@@ -144,6 +213,7 @@ LOADERS: dict[str, Callable[[str, ModelOptions], object]] = {
     "onnx": _load_onnx,
     "graph": _load_graph,
     "http": _load_http,
+    "hf": _load_hf,
 }
 
 
