@@ -118,7 +118,7 @@ def _vilt_direct(adapter: HfAdapter, image: np.ndarray, question: str) -> np.nda
 def test_vilt_loads_with_id2label_answers_and_sigmoid_scores(vilt: HfAdapter) -> None:
     assert spec_kind("hf:anything") == "hf"
     assert list(vilt.answers) == VILT_ANSWERS
-    assert vilt.score_semantics == "sigmoid"
+    assert vilt.score_semantics["kind"] == "sigmoid"
     assert vilt.kind == "classifier"
     assert not vilt.module.training
 
@@ -315,7 +315,7 @@ def test_blip_scores_candidates_and_adds_its_own_answer(blip: HfAdapter) -> None
     scores = blip.answer_probs(image, QUESTION)
     generated = blip.generated_answer
     assert generated is not None
-    assert blip.score_semantics == "candidate-normalised"
+    assert blip.score_semantics["kind"] == "candidate-normalised"
     if generated:
         assert generated in blip.answers
         assert generated == blip.generate_answer(image, QUESTION)

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.adapters.hf_processing import HfProcessing
+from blackbox_vqa.adapters.hf_processing import HfProcessing, hf_score_semantics
 from blackbox_vqa.adapters.onnx_runtime import onnx_session
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, NotSupportedError
 
@@ -95,7 +95,7 @@ class HfOnnxAdapter(BaseAdapter):
             raise ModelLoadError(f"{file}: malformed metadata: {exc}") from exc
         source = props.get(_PREFIX + "source_model", "")
         super().__init__(answers, name=name or (f"{source} (onnx)" if source else file.name))
-        self.score_semantics = self.output
+        self.score_semantics = hf_score_semantics(self.output)
         declared = {i.name for i in self.session.get_inputs()}
         if set(self.input_names) != declared:
             raise ModelLoadError(

@@ -26,7 +26,7 @@ from blackbox_vqa.adapters.base import ImageArray
 from blackbox_vqa.errors import ModelError, QuestionError
 from blackbox_vqa.text import validate_question, word_spans
 
-__all__ = ["HfProcessing", "word_positions"]
+__all__ = ["HfProcessing", "hf_score_semantics", "word_positions"]
 
 
 def word_positions(
@@ -201,3 +201,18 @@ def _resize_channel(
         out = np.asarray(Image.fromarray(out, mode="F").resize((size[1], size[0]), resample))
         out = np.clip(out, 0.0, 255.0)
     return out.astype(np.float32, copy=False)
+
+
+def hf_score_semantics(output: str) -> dict[str, str]:
+    """What an HF model's scores are, for ``explanation.json``: ``{"kind": "sigmoid" |
+    "softmax" | "candidate-normalised", "note": ...}``."""
+    notes = {
+        "sigmoid": "independent sigmoids of the classifier's logits (multi-label, as the "
+        "model was trained); they need not sum to 1",
+        "softmax": "softmax of the classifier's logits",
+        "candidates": "softmax over the candidate answers of each candidate's total "
+        "log-likelihood (answer tokens plus end-of-sequence) under teacher forcing; "
+        "probabilities relative to the candidates, not the model's own",
+    }
+    kind = "candidate-normalised" if output == "candidates" else output
+    return {"kind": kind, "note": notes[output]}

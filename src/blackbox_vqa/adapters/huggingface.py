@@ -13,7 +13,7 @@ processor), or a hub id where the hub can be reached. Two kinds are supported:
   file) plus the answer the model generates on the first input it sees (added so it can
   be explained). The score of a candidate is the softmax, over the candidates, of the
   total log-likelihood of its tokens plus the end-of-sequence token under teacher forcing
-  (``score_semantics == "candidate-normalised"``).
+  (``score_semantics["kind"] == "candidate-normalised"``).
 
 Images go through the model's own image processor, without rounding (float32 images are
 scored exactly); see :mod:`blackbox_vqa.adapters.hf_processing`.
@@ -41,7 +41,7 @@ from blackbox_vqa.adapters.gradients import (
     embedding_offsets,
     guided_relu,
 )
-from blackbox_vqa.adapters.hf_processing import HfProcessing, word_positions
+from blackbox_vqa.adapters.hf_processing import HfProcessing, hf_score_semantics, word_positions
 from blackbox_vqa.adapters.path_gradients import (
     GradientInputs,
     PathGradients,
@@ -164,9 +164,7 @@ class HfAdapter(BaseAdapter):
             torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.module.to(self.device)
         self.output = _output_kind(config) if self.kind == "classifier" else "candidates"
-        self.score_semantics = {
-            "sigmoid": "sigmoid", "softmax": "softmax", "candidates": "candidate-normalised"
-        }[self.output]
+        self.score_semantics: dict[str, str] = hf_score_semantics(self.output)
         self.include_generated = bool(include_generated) and self.kind == "generative"
         self.max_answer_tokens = int(max_answer_tokens)
         self.generated_answer: str | None = None
@@ -257,8 +255,7 @@ class HfAdapter(BaseAdapter):
         self, images: list[ImageArray], questions: list[str]
     ) -> NDArray[np.floating[Any]]:
         questions = [self.validate_question(q) for q in questions]
-        if self.include_generated and self.generated_answer is None:
-            self.add_generated_answer(images[0], questions[0])
+        self.prepare(images[0], questions[0])
         pixels = self.pixel_inputs(images)
         text = self.text_inputs(questions)
         with eval_mode(self.module), torch.inference_mode(), _rng_kept():
@@ -380,6 +377,13 @@ class HfAdapter(BaseAdapter):
             self._answers = (*self._answers, answer)
         return answer
 
+    def prepare(self, image: ImageInput, question: str) -> None:
+        """Get ready to explain this input (the preparation capability): a generative
+        model adds the answer it generates here to its candidates, so that it can be
+        explained and the answer list stays fixed through the explanation."""
+        if self.include_generated and self.generated_answer is None:
+            self.add_generated_answer(image, question)
+
     # -- gradient protocol ---------------------------------------------------------------
 
     def _embedding(self) -> nn.Module:
@@ -403,8 +407,7 @@ class HfAdapter(BaseAdapter):
         ``relus_guided`` counts them (0: the gradient is the plain one)."""
         question = self.validate_question(question)
         pixels_in = to_rgb_array(image)
-        if self.include_generated and self.generated_answer is None:
-            self.add_generated_answer(pixels_in, question)
+        self.prepare(pixels_in, question)
         pixels = self.pixel_inputs([pixels_in])
         text = self.text_inputs([question])
         embedding = self._embedding()
@@ -588,3 +591,4 @@ def _wrapped(name: str, what: str) -> Iterator[None]:
     except Exception as exc:
         raise ModelError(f"{name}: {what} failed: {type(exc).__name__}: {_first_line(exc)}") \
             from exc
+

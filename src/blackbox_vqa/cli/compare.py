@@ -41,6 +41,8 @@ class _Options:
     batch_size: str
     answer: str | None
     k: int
+    ig_steps: int = 32
+    ig_baseline: str = "black"
 
 
 @with_model_options
@@ -69,6 +71,10 @@ def compare_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
+                                          "integral.")] = 32,
+    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
+                                             "black, blur or imagenet-mean.")] = "black",
     top_k: Annotated[int, typer.Option(help="Cells (of 14x14) in the top-k overlap.")] = 10,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
@@ -97,7 +103,7 @@ def compare_command(
     parse_batch_size(batch_size)
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
     settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
-                        answer=answer, k=top_k)
+                        answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline)
     resolved = _resolve(specs, model_settings)
     if single and image is not None and question is not None:
         doc = _compare_image(resolved, image, question, settings, out, force, show=not as_json)
@@ -170,7 +176,8 @@ def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
     from blackbox_vqa.explainers.registry import MethodSettings
 
     settings = MethodSettings(grid=options.grid, baseline=options.baseline,
-                              batch_size=options.batch_size)
+                              batch_size=options.batch_size, ig_steps=options.ig_steps,
+                              ig_baseline=options.ig_baseline)
     explainers = {}
     for text, label, model_settings in resolved:
         loaded = load(text, model_settings, strict=False)

@@ -59,6 +59,10 @@ def evaluate_command(
                         ] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
+                                          "integral.")] = 32,
+    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
+                                             "black, blur or imagenet-mean.")] = "black",
     folds: Annotated[int, typer.Option(help="Cross-validation folds for failure "
                                        "prediction.")] = 5,
     tagger: Annotated[str, typer.Option(help="Part-of-speech tagger: auto, nltk or "
@@ -101,10 +105,12 @@ def evaluate_command(
         "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
         "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
         "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
+        "ig_steps": ig_steps, "ig_baseline": ig_baseline,
     }
     config = EvalConfig(model=spec, methods=method_names,
                         options=MethodSettings(grid=grid, baseline=baseline,
-                                               batch_size=batch_size), seed=seed,
+                                               batch_size=batch_size, ig_steps=ig_steps,
+                                               ig_baseline=ig_baseline), seed=seed,
                         threads=threads, model_options=model_extra)
     with RunStore.open(out, settings) as store:
         run = _run(store, chosen, config, workers)

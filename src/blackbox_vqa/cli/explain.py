@@ -50,6 +50,10 @@ def explain_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
+                                          "integral.")] = 32,
+    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
+                                             "black, blur or imagenet-mean.")] = "black",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
     force: Annotated[bool, typer.Option(help="Allow --out to hold an earlier "
@@ -94,7 +98,8 @@ def explain_command(
     check_output_dir(folder, force=force, marker=MARKER)
     loaded = load(model, model_settings)
     settings = MethodSettings(grid=grid, window=window_hw, stride=stride_hw,
-                              baseline=baseline, batch_size=batch_size)
+                              baseline=baseline, batch_size=batch_size, ig_steps=ig_steps,
+                              ig_baseline=ig_baseline)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)
@@ -265,7 +270,7 @@ def _print(console: Any, found: Explanation) -> None:
     for attribution in found.attributions.values():
         if attribution.key == "occlusion":
             _print_occlusion(console, attribution)
-        elif "source" in attribution.extras:
+        elif attribution.key in ("guided_backprop", "gradient"):
             _print_gradient(console, attribution)
         else:
             _print_generic(console, attribution)
@@ -319,7 +324,13 @@ def _print_gradient(console: Any, found: Attribution) -> None:
 
 
 def _print_generic(console: Any, found: Attribution) -> None:
-    """Any other method: its most important cell and words."""
+    """Any other method: its most important cell and words (and integrated gradients'
+    completeness check)."""
+    check = found.extras.get("completeness")
+    if isinstance(check, dict):
+        console.print(f"{found.method}: attributions sum to {check['attribution_sum']:+.4g}, "
+                      f"score difference {check['score_difference']:+.4g} "
+                      f"(gap {check['gap']:+.2g}; more --ig-steps narrow it)")
     if found.image_map.size:
         row, col = np.unravel_index(int(np.argmax(np.abs(found.image_map))),
                                     found.image_map.shape)

@@ -111,6 +111,8 @@ class ModelSettings:
                 "remote_model": self.remote_model, "prompt": self.prompt,
                 "max_tokens": self.max_tokens,
             })
+        if kind == "hf" and self.answers_file is not None:
+            found["answers_file"] = self.answers_file
         if kind == "onnx":
             names = {"answers_file": "answers_file", "vocab": "vocab_file",
                      "output_kind": "output"}
@@ -126,7 +128,8 @@ class ModelSettings:
 
         kinds = {spec_kind(spec) for spec in specs}
         what = specs[0] if len(specs) == 1 else "any of the models"
-        onnx = [k for k in _ONNX_FLAGS if getattr(self, k) is not None]
+        onnx = [k for k in _ONNX_FLAGS if getattr(self, k) is not None
+                and not (k == "answers_file" and "hf" in kinds)]
         http = [k for k in _HTTP_FLAGS if k in self.given and getattr(self, k) not in (None, ())]
         if onnx and "onnx" not in kinds:
             flags = ", ".join("--" + _ONNX_FLAGS[k] for k in onnx)
@@ -178,8 +181,8 @@ _PARAMETERS: list[tuple[str, Any, Any]] = [
         help="--http-format openai: most tokens generated (default 8).",
         rich_help_panel="Model options")], None),
     ("answers_file", Annotated[Path | None, typer.Option(
-        "--answers", help="ONNX file without metadata: its answers, one per line (or a "
-        "JSON list).", rich_help_panel="Model options")], None),
+        "--answers", help="ONNX file without metadata: its answers; hf: BLIP's candidate "
+        "answers (one per line, or a JSON list).", rich_help_panel="Model options")], None),
     ("vocab", Annotated[Path | None, typer.Option(
         help="ONNX file without metadata: its vocabulary (JSON word->id, or one word per "
         "line, ids from 2).", rich_help_panel="Model options")], None),

@@ -12,7 +12,7 @@ from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
 from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
 from blackbox_vqa.explanation import Attribution
 
-__all__ = ["GRADIENT", "GUIDED_BACKPROP", "OCCLUSION"]
+__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION"]
 
 
 class _OcclusionMethod:
@@ -46,6 +46,12 @@ def _gradient_available(context: ModelContext) -> str | None:
     return gradient_source_reason(context.label, context.model)
 
 
+def _path_gradients_available(context: ModelContext) -> str | None:
+    reason = _gradient_available(context)
+    return None if reason is None else reason.replace("guided backpropagation",
+                                                      "integrated gradients")
+
+
 class _GradientMethod:
     """Guided (or plain) gradients bound to one model's gradient source."""
 
@@ -70,6 +76,34 @@ class _GradientMethod:
                                          answer=request.answer)
         return gradient_attribution(result, method=self.name, key=self.key,
                                     source=self.source, seconds=time.perf_counter() - started)
+
+
+class _IntegratedGradientsMethod:
+    """Integrated gradients bound to one model's gradient source (path gradients)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        from blackbox_vqa.explainers.integrated_gradients import IntegratedGradients
+        from blackbox_vqa.gradient_source import find_gradient_source
+
+        model, self.source, reason = find_gradient_source(context.label, context.model)
+        if model is None:
+            raise NotSupportedError(reason.replace("guided backpropagation",
+                                                   "integrated gradients"))
+        settings = context.settings
+        try:
+            self._explainer = IntegratedGradients(model, steps=settings.ig_steps,
+                                                  baseline=settings.ig_baseline)
+        except GradientUnavailableError as exc:
+            raise NotSupportedError(str(exc)) from exc
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.integrated_gradients import ig_attribution
+
+        started = time.perf_counter()
+        result = self._explainer.explain(request.image, request.question,
+                                         answer=request.answer)
+        return ig_attribution(result, source=self.source,
+                              seconds=time.perf_counter() - started)
 
 
 OCCLUSION = Method(
@@ -107,5 +141,18 @@ GRADIENT = Method(
     kind="white-box",
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT):
+INTEGRATED_GRADIENTS = Method(
+    name="integrated-gradients",
+    key="integrated_gradients",
+    signed=True,
+    help="integrated gradients (Sundararajan et al. 2017) from a black, blurred or mean "
+    "image and padding-token words: signed, channels summed, at the model's input size",
+    bind=_IntegratedGradientsMethod,
+    available=_path_gradients_available,
+    image_label="integrated gradients (sum over channels)",
+    kind="white-box",
+    default=False,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS):
     register(_method, replace=True)

@@ -31,6 +31,7 @@ from blackbox_vqa.adapters.path_gradients import (
 )
 from blackbox_vqa.errors import GradientUnavailableError, InputError, ModelError
 from blackbox_vqa.explainers.masks import baseline_image, parse_baseline
+from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import split_words, validate_question
 
@@ -39,6 +40,7 @@ __all__ = [
     "IntegratedGradients",
     "IntegratedGradientsResult",
     "baseline_embeddings",
+    "ig_attribution",
     "integrated_gradients_dict",
     "path_points",
 ]
@@ -322,3 +324,29 @@ def integrated_gradients_dict(
         "words_note": result.words_note or None,
         "completeness": result.completeness(),
     }
+
+
+def ig_attribution(
+    result: IntegratedGradientsResult, *, source: str = "model", seconds: float = 0.0
+) -> Attribution:
+    """``result`` as the ``integrated_gradients`` attribution: its section of
+    ``explanation.json``, the raw attributions as ``integrated_gradients.npy`` beside it."""
+    file_name = "integrated_gradients.npy"
+    section = integrated_gradients_dict(result, attribution_file=file_name)
+    extras = {k: v for k, v in section.items() if k not in ("image", "words")}
+    extras["source"] = source
+    return Attribution(
+        method="integrated-gradients",
+        key="integrated_gradients",
+        signed=True,
+        answer=result.answer,
+        answer_index=result.answer_index,
+        probability=result.probability,
+        image_map=np.asarray(result.image_map, dtype=np.float64),
+        word_map=np.asarray(result.word_map, dtype=np.float64),
+        tokens=tuple(result.tokens),
+        extras=extras,
+        stats={"completeness_gap": float(result.completeness_gap)},
+        arrays={file_name: np.asarray(result.attributions, dtype=np.float32)},
+        seconds=seconds,
+    )
