@@ -89,7 +89,7 @@ def test_masks_are_seeded_smooth_shifted_and_kept_with_probability_p() -> None:
 def test_upsampling_and_cropping_by_hand() -> None:
     # 2 -> 4 pixels: centres at -0.25, 0.25, 0.75, 1.25 of the grid -> clamped
     np.testing.assert_allclose(bilinear_weights(2, 4),
-                               [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+                               np.array([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]]))
     np.testing.assert_allclose(upsample(np.array([[[0.0, 1.0]]]), 1, 4)[0, 0],
                                [0, 0.25, 0.75, 1])
     grids = np.array([[[True, False], [False, False]]])
