@@ -80,14 +80,20 @@ def rise_masks(
     grids: NDArray[np.bool_], shifts: NDArray[np.int64], height: int, width: int
 ) -> NDArray[np.float32]:
     """``float32 [N, H, W]`` masks from binary ``[N, s, s]`` grids and ``[N, 2]`` shifts
-    ``(dy, dx)``: upsample to ``(s + 1) * ceil(H / s)`` by ``(s + 1) * ceil(W / s)`` and crop."""
+    ``(dy, dx)``: upsample to ``(s + 1) * ceil(H / s)`` by ``(s + 1) * ceil(W / s)`` and crop.
+
+    Only the cropped rows and columns are computed: ``R[dy:dy+H] @ grid @ C[dx:dx+W].T``
+    with the bilinear weight matrices ``R`` and ``C`` (:func:`bilinear_weights`).
+    """
     cells = grids.shape[1]
     ch, cw = math.ceil(height / cells), math.ceil(width / cells)
-    big = upsample(grids, (cells + 1) * ch, (cells + 1) * cw)
-    out = np.empty((len(grids), height, width), dtype=np.float32)
-    for k, (dy, dx) in enumerate(shifts):
-        out[k] = big[k, dy : dy + height, dx : dx + width]
-    return out
+    rows = bilinear_weights(cells, (cells + 1) * ch).astype(np.float32)
+    cols = bilinear_weights(grids.shape[2], (cells + 1) * cw).astype(np.float32)
+    dy, dx = shifts[:, 0], shifts[:, 1]
+    row_w = rows[dy[:, None] + np.arange(height)[None, :]]  # [N, H, s]
+    col_w = cols[dx[:, None] + np.arange(width)[None, :]]  # [N, W, s]
+    out = np.matmul(np.matmul(row_w, grids.astype(np.float32)), col_w.transpose(0, 2, 1))
+    return np.asarray(out, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -207,8 +213,7 @@ class Rise:
         for start in range(0, self.n_masks, batch):
             stop = min(self.n_masks, start + batch)
             masks = rise_masks(grids[start:stop], shifts[start:stop], height, width)
-            weights = masks[..., None]
-            images = weights * pixels + (1.0 - weights) * fill
+            images = fill + masks[..., None] * (pixels - fill)
             scores = self._scores(list(images), question)
             values = answer_score(scores[:, index], self.score)
             saliency += np.tensordot(values, masks.astype(np.float64), axes=1)
