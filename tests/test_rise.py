@@ -57,6 +57,9 @@ def test_map_equals_the_closed_form(score: str) -> None:
     assert result.settings == {"masks": 50, "cells": 3, "p": 0.4, "seed": 7,
                                "baseline": "imagenet-mean", "score": score, "batch_size": 16}
     assert result.probability == pytest.approx(1 - image.mean() / 255)
+    data = result.to_dict()
+    assert data["image_size"] == [12, 10] and data["evaluations"] == 51
+    np.testing.assert_array_equal(np.array(data["image"]), result.image_map)
 
 
 def test_another_answer_and_batch_size_independence() -> None:

@@ -124,6 +124,20 @@ class RiseResult:
         """Score of the explained answer on the original image."""
         return float(self.scores[self.answer_index])
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: the answer, its probability, the ``H x W`` map as nested lists,
+        the settings and the number of inputs evaluated."""
+        return {
+            "answer": self.answer,
+            "answer_index": self.answer_index,
+            "predicted_index": self.predicted_index,
+            "probability": self.probability,
+            "image": self.image_map.tolist(),
+            "image_size": list(self.image_map.shape),
+            "settings": dict(self.settings),
+            "evaluations": self.evaluations,
+        }
+
 
 class Rise:
     """RISE explainer for any object with the model protocol.
