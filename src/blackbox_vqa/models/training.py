@@ -7,8 +7,16 @@ random, each with its own image. (Batches of a few images with all their questio
 were tried first: cheaper per step, but the correlated batches left the image path
 barely trained: 85% test accuracy after 4 epochs, against 100% after 3 this way.)
 
+By default 80% of the training images get 1-3 distractor squares (4-6 px, half in the
+occlusion baseline's grey, half in random colours) on their background, and the loss
+uses label smoothing 0.1. Without them the model was saturated (p = 0.9995) and took a
+grey occlusion patch on the flat background for a new shape, so grey-fill occlusion maps
+were at chance against the shape (rank correlation 0.002 on 300 test items); with them
+that correlation is 0.52 at 100% test accuracy (README, "The reference model").
+
 Everything random is drawn from the seed: weight initialisation and dropout
-(``torch.manual_seed``), question order and flips (a NumPy generator). Training uses
+(``torch.manual_seed``), question order and flips (a NumPy generator), distractors (a
+second NumPy generator seeded with ``[seed, 1]``). Training uses
 deterministic torch algorithms, so the same seed, thread count and torch build give the
 same weights.
 """
@@ -58,9 +66,9 @@ __all__ = [
 Split = Literal["train", "test"]
 
 DEFAULT_SEED = 0
-DEFAULT_EPOCHS = 4
-DEFAULT_DISTRACTORS = 0.0
-DEFAULT_LABEL_SMOOTHING = 0.0
+DEFAULT_EPOCHS = 6
+DEFAULT_DISTRACTORS = 0.8
+DEFAULT_LABEL_SMOOTHING = 0.1
 # Distractor squares: side in pixels (one 16 x 16 grid cell of a 64 x 64 image is 4),
 # how many per image, and the occlusion baseline colour (ImageNet mean RGB) half of
 # them are filled with; the other half get a uniform random colour.
