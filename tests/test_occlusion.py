@@ -112,6 +112,26 @@ def test_word_occlusion_and_flips() -> None:
     assert result.image_flips == 0
 
 
+def test_log_probability_score_compares_logs() -> None:
+    image = hand_image()
+    brightness = image.astype(np.float64).mean() / 255.0
+    rise = hand_grid_map(image, 4, MEAN_RGB)  # rise in brightness when a cell is filled
+    plain = Occlusion(BrightnessModel(), grid=4, score="log-probability").explain(image, "q?")
+    assert plain.answer == "dark" and plain.score == "log-probability"
+    # p(dark) = 1 - brightness before, 1 - brightness - rise after
+    np.testing.assert_allclose(
+        plain.image_map, np.log(1 - brightness) - np.log(1 - brightness - rise), rtol=0, atol=1e-12)
+    # 'not' swaps the scores: p(dark) = brightness, and dropping 'not' makes it 1 - brightness
+    swapped = Occlusion(BrightnessModel(), grid=4, score="log-probability").explain(
+        image, "is it not bright?", answer="dark")
+    np.testing.assert_allclose(
+        swapped.image_map, np.log(brightness) - np.log(brightness + rise), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        swapped.word_map, [0.0, 0.0, math.log(brightness) - math.log(1 - brightness), 0.0],
+        rtol=0, atol=1e-12)
+    assert Occlusion(BrightnessModel(), grid=4).explain(image, "q?").score == "probability"
+
+
 def test_image_flips_are_counted() -> None:
     image = np.zeros((4, 4, 3), dtype=np.uint8)
     image[:2, :2] = 255  # mean 63.75: p(bright) = 0.25
@@ -190,6 +210,7 @@ def test_bad_model_outputs_are_refused(output: object, message: str) -> None:
         ({"batch_size": "many"}, "batch size must be 'auto'"),
         ({"blur_sigma": -1.0}, "blur_sigma must be > 0"),
         ({"image": False, "words": False}, "nothing to occlude"),
+        ({"score": "logit"}, "score must be one of probability, log-probability"),
     ],
 )
 def test_bad_options_name_the_parameter(kwargs: dict[str, object], message: str) -> None:

@@ -9,6 +9,7 @@ long tensor ``[B, T]`` of token ids, right-padded with ``0``, and returns answer
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import platform
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ from blackbox_vqa.adapters.path_gradients import (
     score_gradients,
 )
 from blackbox_vqa.adapters.questions import QuestionTokens
+from blackbox_vqa.adapters.randomisation import parameter_layers, randomised_module
 from blackbox_vqa.errors import (
     BlackboxVQAError,
     InputError,
@@ -211,6 +213,21 @@ class TorchAdapter(BaseAdapter):
         with eval_mode(self.module), torch.inference_mode():
             scores = scores_from_logits(self.logits(image_tensor, tokens), self.output)
         return scores.double().cpu().numpy()
+
+    # -- weight randomisation capability ------------------------------------------------
+
+    def randomisable_layers(self) -> list[str]:
+        """The module's layers with parameters of their own, output first (reverse
+        registration order); see :mod:`blackbox_vqa.adapters.randomisation`."""
+        return parameter_layers(self.module)
+
+    def randomised_copy(self, layers: int, seed: int) -> TorchAdapter:
+        """An adapter over a deep copy of the module with its first ``layers``
+        :meth:`randomisable_layers` re-initialised from ``seed``; this adapter and its
+        module are left unchanged."""
+        clone = copy.copy(self)
+        clone.module = randomised_module(self.module, layers, seed)
+        return clone
 
     # -- gradient protocol -------------------------------------------------------------
 
