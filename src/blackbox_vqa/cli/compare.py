@@ -43,6 +43,9 @@ class _Options:
     k: int
     ig_steps: int = 32
     ig_baseline: str = "black"
+    score: str = "probability"
+    masks: int = 2000
+    metrics: bool = False
 
 
 @with_model_options
@@ -71,6 +74,11 @@ def compare_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
+                                       "(the paper's) or log-probability.")] = "probability",
+    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
+                                          "faithfulness, per model.")] = False,
     ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
                                           "integral.")] = 32,
     ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
@@ -103,7 +111,8 @@ def compare_command(
     parse_batch_size(batch_size)
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
     settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
-                        answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline)
+                        answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline,
+                        score=score, masks=masks, metrics=metrics)
     resolved = _resolve(specs, model_settings)
     if single and image is not None and question is not None:
         doc = _compare_image(resolved, image, question, settings, out, force, show=not as_json)
@@ -177,7 +186,8 @@ def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
 
     settings = MethodSettings(grid=options.grid, baseline=options.baseline,
                               batch_size=options.batch_size, ig_steps=options.ig_steps,
-                              ig_baseline=options.ig_baseline)
+                              ig_baseline=options.ig_baseline, score=options.score,
+                              rise_masks=options.masks)
     explainers = {}
     for text, label, model_settings in resolved:
         loaded = load(text, model_settings, strict=False)
@@ -213,9 +223,26 @@ def _run_all(
 ) -> list[Any]:
     from blackbox_vqa.comparison import explain_model
 
-    return [explain_model(spec, explainer, pixels, question, image_path=image_path,
+    runs = [explain_model(spec, explainer, pixels, question, image_path=image_path,
                           answer=options.answer, progress=_progress(f"{label}{spec}"))
             for spec, explainer in models.items()]
+    if options.metrics:
+        runs = [_with_metrics(run, models[run.spec], pixels, options) for run in runs]
+    return runs
+
+
+def _with_metrics(run: Any, explainer: Any, pixels: Any, options: _Options) -> Any:
+    """The run with its explanation's ``metrics`` section (a failed run as it is)."""
+    from dataclasses import replace
+
+    from blackbox_vqa.evaluation.metrics import explanation_metrics
+
+    if run.explanation is None:
+        return run
+    metrics = explanation_metrics(explainer.model, pixels, run.explanation,
+                                  baseline=options.baseline, batch_size=options.batch_size)
+    sections = {**run.explanation.sections, "metrics": metrics}
+    return replace(run, explanation=replace(run.explanation, sections=sections))
 
 
 def _progress(prefix: str) -> Callable[[str], Any]:
@@ -238,7 +265,8 @@ def _header(settings: Any) -> dict[str, Any]:
         "schema": SCHEMA,
         "settings": {"methods": list(settings.methods), "grid": settings.grid,
                      "baseline": settings.baseline, "batch_size": settings.batch_size,
-                     "answer": settings.answer, "top_k": settings.k},
+                     "answer": settings.answer, "top_k": settings.k,
+                     "score": settings.score, "metrics": settings.metrics},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }

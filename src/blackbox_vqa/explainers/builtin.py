@@ -12,7 +12,7 @@ from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
 from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
 from blackbox_vqa.explanation import Attribution
 
-__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION"]
+__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION", "RISE"]
 
 
 class _OcclusionMethod:
@@ -29,7 +29,8 @@ class _OcclusionMethod:
     def _explainer(self, progress: Any) -> Any:
         s = self.settings
         return self._build(self.model, grid=s.grid, window=s.window, stride=s.stride,
-                           baseline=s.baseline, batch_size=s.batch_size, progress=progress)
+                           baseline=s.baseline, batch_size=s.batch_size,
+                           score=s.score, progress=progress)  # type: ignore[arg-type]
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.occlusion import occlusion_attribution
@@ -106,6 +107,31 @@ class _IntegratedGradientsMethod:
                               seconds=time.perf_counter() - started)
 
 
+class _RiseMethod:
+    """RISE bound to one model (see :mod:`blackbox_vqa.explainers.rise`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        self.model = context.model
+        self.settings = context.settings
+        self._rise(None)  # validates the settings now
+
+    def _rise(self, progress: Any) -> Any:
+        from blackbox_vqa.explainers.rise import Rise
+
+        s = self.settings
+        return Rise(self.model, masks=s.rise_masks, baseline=s.baseline,
+                    batch_size=s.batch_size, score=s.score,  # type: ignore[arg-type]
+                    progress=progress)
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.rise import rise_attribution
+
+        started = time.perf_counter()
+        result = self._rise(request.progress).explain(request.image, request.question,
+                                                      answer=request.answer)
+        return rise_attribution(result, seconds=time.perf_counter() - started)
+
+
 OCCLUSION = Method(
     name="occlusion",
     key="occlusion",
@@ -154,5 +180,17 @@ INTEGRATED_GRADIENTS = Method(
     default=False,
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS):
+RISE = Method(
+    name="rise",
+    key="rise",
+    signed=False,
+    help="RISE (Petsiuk et al. 2018): mean score under random masks, weighted by each "
+    "pixel's visibility; higher supports the answer",
+    bind=_RiseMethod,
+    image_label="mask-weighted mean score",
+    kind="black-box",
+    default=False,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE):
     register(_method, replace=True)

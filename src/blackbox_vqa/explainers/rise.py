@@ -27,12 +27,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
+from blackbox_vqa.adapters.capabilities import check_question, prepare_model
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import baseline_image, parse_baseline
 from blackbox_vqa.explainers.occlusion import Score, answer_score, parse_score
+from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import validate_question
 
 __all__ = [
     "DEFAULT_CELLS",
@@ -210,9 +211,9 @@ class Rise:
         self, image: ImageInput, question: str, *, answer: str | None = None
     ) -> RiseResult:
         """Explain the answer to ``question`` on ``image``; see :class:`RiseResult`."""
-        validate = getattr(self.model, "validate_question", None)
-        question = validate(question) if callable(validate) else validate_question(question)
+        question = check_question(self.model, question)
         pixels = to_rgb_array(image).astype(np.float32)
+        prepare_model(self.model, pixels, question)
         height, width = pixels.shape[:2]
         grids, shifts = self._draw(height, width)
         sigma = max(1.0, max(height, width) / self.cells)
@@ -259,3 +260,23 @@ class Rise:
         if answer not in self.model.answers:
             raise InputError(f"answer {answer!r} is not one of the model's answers")
         return list(self.model.answers).index(answer)
+
+
+def rise_attribution(result: RiseResult, *, seconds: float = 0.0) -> Attribution:
+    """``result`` as the ``rise`` attribution (an image map at the image's size; no word
+    map)."""
+    return Attribution(
+        method="rise",
+        key="rise",
+        signed=False,
+        answer=result.answer,
+        answer_index=result.answer_index,
+        probability=result.probability,
+        image_map=np.asarray(result.image_map, dtype=np.float64),
+        word_map=np.zeros(0, dtype=np.float64),
+        tokens=(),
+        extras={"image_size": list(result.image_map.shape), "settings": dict(result.settings),
+                "evaluations": result.evaluations},
+        stats={"evaluations": float(result.evaluations)},
+        seconds=seconds,
+    )
