@@ -352,6 +352,8 @@ def occlusion_attribution(result: OcclusionResult, *, seconds: float = 0.0) -> A
         "batch_size": result.batch_size,
         "evaluations": result.evaluations,
     }
+    if result.score != "probability":
+        extras["score"] = result.score
     return Attribution(
         method="occlusion",
         key="occlusion",
