@@ -44,15 +44,28 @@ def fit_starts(starts: torch.Tensor, length: int, size: int) -> torch.Tensor:
 
 
 def output_range(
-    start: torch.Tensor, stop: torch.Tensor, spec: WindowSpec, out_size: int
+    start: torch.Tensor, stop: torch.Tensor, spec: WindowSpec, out_size: int, in_size: int
 ) -> tuple[torch.Tensor, int]:
     """Output positions whose window reads any input position in ``[start, stop)``.
 
     Returns the per-item first output position ``[N]`` and one common length: the
     longest item's, every range shifted to fit ``[0, out_size)`` (a longer range than an
     item needs is still exact, only recomputed). Output ``o`` reads inputs
-    ``o * stride - padding + j * dilation`` for ``j < kernel``.
+    ``o * stride - padding + j * dilation`` for ``j < kernel``. With ``reflect`` or
+    ``replicate`` padding a range within ``padding`` of a border is first extended to
+    it (the padding copies those positions); with ``circular`` padding it spans the
+    whole axis (the copies land at the opposite border).
     """
+    if spec.mode != "constant" and spec.padding > 0:
+        near_start = start <= spec.padding
+        near_stop = stop >= in_size - spec.padding
+        if spec.mode == "circular":
+            near = near_start | near_stop
+            start = torch.where(near, 0, start)
+            stop = torch.where(near, in_size, stop)
+        else:
+            start = torch.where(near_start, 0, start)
+            stop = torch.where(near_stop, in_size, stop)
     first = -torch.div(-(start + spec.padding - spec.reach + 1), spec.stride,
                        rounding_mode="floor")
     last = torch.div(stop - 1 + spec.padding, spec.stride, rounding_mode="floor")

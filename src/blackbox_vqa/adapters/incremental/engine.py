@@ -498,8 +498,8 @@ class IncrementalEngine:
         in_h, in_w = value.base.shape[2:]
         out_h, out_w = base.shape[2:]
         ph, pw = value.patch.shape[2:]
-        top, h = output_range(value.top, value.top + ph, op.rows, out_h)
-        left, w = output_range(value.left, value.left + pw, op.cols, out_w)
+        top, h = output_range(value.top, value.top + ph, op.rows, out_h, in_h)
+        left, w = output_range(value.left, value.left + pw, op.cols, out_w, in_w)
         if h * w > self.threshold * out_h * out_w:
             return None
         rows = source_index(top, h, op.rows, in_h)

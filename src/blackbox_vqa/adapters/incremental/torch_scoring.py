@@ -29,7 +29,7 @@ from blackbox_vqa.adapters.incremental.protocol import (
     IncrementalScores,
     parse_incremental,
 )
-from blackbox_vqa.errors import InputError
+from blackbox_vqa.errors import BlackboxVQAError, InputError
 from blackbox_vqa.images import to_rgb_array
 
 if TYPE_CHECKING:
@@ -96,6 +96,13 @@ class TorchIncremental:
                     return self._incremental(adapter, original, question, images, questions)
                 except EngineUnsupported as exc:
                     self._unsupported = str(exc)
+                    reason = self._unsupported
+                except BlackboxVQAError:
+                    raise
+                except Exception as exc:  # the plain path reports the model's own errors
+                    self._unsupported = (
+                        f"incremental path failed ({type(exc).__name__}: {exc})"
+                    )
                     reason = self._unsupported
         plain = adapter.answer_probs_batch([original, *images], [question, *questions])
         return IncrementalScores(plain[0], plain[1:], "off", reason)
