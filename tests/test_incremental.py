@@ -106,6 +106,19 @@ class Residual(nn.Module):
         return torch.relu(out + self.short(x))
 
 
+class Inception(nn.Module):
+    """Three branches of different reach concatenated along channels."""
+
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(cin, 4, 1)
+        self.b = nn.Conv2d(cin, 4, 5, padding=2)
+        self.c = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), nn.Conv2d(cin, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.a(x), F.relu(self.b(x)), self.c(x)], dim=1)
+
+
 def _features(kind: str) -> nn.Module:
     if kind == "padding-modes":
         return nn.Sequential(
@@ -131,6 +144,11 @@ def _features(kind: str) -> nn.Module:
             nn.MaxPool2d(2, dilation=2), nn.Conv2d(8, 8, 3, padding=1), nn.SiLU(),
             nn.AvgPool2d(2), nn.Conv2d(8, 12, 3), nn.Sigmoid(),
             nn.MaxPool2d(2),
+        )
+    if kind == "concat":
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), Inception(8),
+            nn.Conv2d(12, 12, 3, stride=2), nn.GELU(), Inception(12),
         )
     raise ValueError(kind)
 
@@ -175,13 +193,13 @@ def _both(adapter: TorchAdapter, image: np.ndarray, **kwargs: Any) -> tuple[Any,
     return fast, plain
 
 
-@pytest.mark.parametrize("kind", ["padding-modes", "residual", "pools"])
+@pytest.mark.parametrize("kind", ["padding-modes", "residual", "pools", "concat"])
 @pytest.mark.parametrize(("shape", "grid"), [((40, 40), 6), ((50, 45), 7)])
 def test_occlusion_maps_equal_the_plain_path(
     kind: str, shape: tuple[int, int], grid: int
 ) -> None:
     """Strides, dilation, padding modes, groups, residual adds, batch norm, max and average
-    pools, uneven cells, and (50 x 45 -> 40 x 40) a resize that spreads each cell."""
+    pools, channel concatenation, uneven cells, and (50 x 45 -> 40 x 40) a resize that spreads each cell."""
     adapter = _adapter(SpatialVQA(kind))
     fast, plain = _both(adapter, _image(*shape), grid=grid, batch_size=16)
     assert fast.incremental == "exact", fast.incremental_note

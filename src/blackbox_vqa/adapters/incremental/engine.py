@@ -434,6 +434,8 @@ class IncrementalEngine:
             isinstance(a, torch.Tensor | _Patched) for a in (*args[1:], *kwargs.values())
         ):
             return self._pointwise(node, None, first, args, kwargs, base)
+        if node.op == "call_function" and target in (torch.cat, torch.concat):
+            return self._concat(node, args, kwargs, base)
         binary = (node.op == "call_function" and target in _BINARY_FUNCTIONS) or (
             node.op == "call_method" and target in _BINARY_METHODS)
         if binary and len(args) == 2 and not kwargs:
@@ -471,28 +473,51 @@ class IncrementalEngine:
             return self._checked(self._call(node, (a, b.patch), {}), b, base)
         return None
 
+    def _concat(
+        self, node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any], base: torch.Tensor
+    ) -> _Patched | None:
+        """``torch.cat`` of perturbed maps along channels: the union of their boxes."""
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        parts = args[0] if args else kwargs.get("tensors")
+        if dim not in (1, -3) or not isinstance(parts, list | tuple) or not parts:
+            return None
+        if not all(isinstance(p, _Patched) for p in parts):
+            return None
+        if any(p.base.shape[2:] != base.shape[2:] for p in parts):
+            return None
+        aligned = self._aligned(list(parts), base)
+        if aligned is None:
+            return None
+        out = torch.cat([p.patch for p in aligned], dim=1)
+        return self._checked(out, aligned[0], base)
+
     def _union(
         self, a: _Patched, b: _Patched, base: torch.Tensor
     ) -> tuple[_Patched | None, _Patched | None]:
+        aligned = self._aligned([a, b], base)
+        return (None, None) if aligned is None else (aligned[0], aligned[1])
+
+    def _aligned(self, values: list[_Patched], base: torch.Tensor) -> list[_Patched] | None:
+        """``values`` re-cut to one common box per item (the union of theirs), or ``None``
+        when that box passes the threshold."""
         height, width = base.shape[2:]
-        ah, aw = a.patch.shape[2:]
-        bh, bw = b.patch.shape[2:]
-        top = torch.minimum(a.top, b.top)
-        bottom = torch.maximum(a.top + ah, b.top + bh)
-        left = torch.minimum(a.left, b.left)
-        right = torch.maximum(a.left + aw, b.left + bw)
+        top = torch.stack([v.top for v in values]).amin(dim=0)
+        left = torch.stack([v.left for v in values]).amin(dim=0)
+        bottom = torch.stack([v.top + v.patch.shape[2] for v in values]).amax(dim=0)
+        right = torch.stack([v.left + v.patch.shape[3] for v in values]).amax(dim=0)
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
         if h * w > self.threshold * height * width:
-            return None, None
+            return None
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
         rows = top[:, None] + torch.arange(h)[None, :]
         cols = left[:, None] + torch.arange(w)[None, :]
-        same = (ah, aw) == (h, w) and bool((a.top == top).all()) and bool((a.left == left).all())
-        pa = a if same else _Patched(a.base, a.window(rows, cols, 0.0), top, left)
-        same = (bh, bw) == (h, w) and bool((b.top == top).all()) and bool((b.left == left).all())
-        pb = b if same else _Patched(b.base, b.window(rows, cols, 0.0), top, left)
-        return pa, pb
+        out = []
+        for v in values:
+            same = tuple(v.patch.shape[2:]) == (h, w) and bool((v.top == top).all()) \
+                and bool((v.left == left).all())
+            out.append(v if same else _Patched(v.base, v.window(rows, cols, 0.0), top, left))
+        return out
 
     def _window_node(self, op: _Windowed, value: _Patched, base: torch.Tensor) -> _Patched | None:
         in_h, in_w = value.base.shape[2:]

@@ -157,9 +157,13 @@ class TorchIncremental:
             self._self_check(adapter, logits, run, images, questions,
                              [*image_items[:1], *word_items[:1]])
         scores = _scores(adapter, torch.cat([run.logits, logits]))
-        note = f"image branch {'cached' if word_items else 'unused'}; " \
-               f"{engine.stats.get('patched', 0)} ops on patches, " \
-               f"{engine.stats.get('full', 0)} on full tensors"
+        note = (
+            "exact incremental: question branch once for image perturbations, image branch "
+            "once for word perturbations"
+        )
+        if image_items:
+            note += (f"; {engine.stats['patched']} image operators on patches, "
+                     f"{engine.stats['full']} on full tensors")
         return IncrementalScores(scores[0], scores[1:], "exact", note)
 
     def _self_check(
