@@ -33,6 +33,7 @@ import os
 import random
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ from occlusion import (
 )
 
 MODELS = ("reference", "resnet18", "vgg16")
+# The floor's and Captum's best settings measured in BENCHMARKS.md ("Occlusion"): the
+# small reference model runs best in large batches, the 224 x 224 models in 8-16.
+FLOOR_BATCHES = {"reference": (64, 128), "resnet18": (8, 16), "vgg16": (8, 16)}
+CAPTUM_BEST_OF = {"reference": (64,), "resnet18": (16,), "vgg16": (16,)}
 
 
 class VGGVQA(nn.Module):
@@ -138,7 +143,7 @@ def _explain(case: BenchModel, grid: int, threshold: float | None, *, image: boo
 
 def benchmark_model(name: str, *, grid: int, repeats: int, thresholds: tuple[float, ...],
                     floor_batches: tuple[int, ...], captum: tuple[int, ...],
-                    memory: bool) -> dict[str, Any]:
+                    memory: bool, use_cpu: bool) -> dict[str, Any]:
     case = _case(name)
     work = build_workload(case, grid)
     print(f"\n== {name}: {case.description}; {work.total} evaluations", flush=True)
@@ -177,14 +182,20 @@ def benchmark_model(name: str, *, grid: int, repeats: int, thresholds: tuple[flo
     for fn in methods.values():
         fn()
 
-    timings = Timings()
+    timings, cpu = Timings(), Timings()
     for rep in range(repeats):
         order = list(methods)
         random.Random(rep).shuffle(order)
         for label in order:
+            start = time.process_time()
             timings.add(label, timed(methods[label]), 0)
+            cpu.add(label, time.process_time() - start, 0)
         print(f"   repeat {rep + 1}/{repeats} (load {os.getloadavg()[0]:.2f}): " + ", ".join(
             f"{label} {timings.runs[label][-1]:.2f}" for label in methods), flush=True)
+    if use_cpu:  # one thread on a shared machine: this process's CPU time is steadier
+        timings, wall = cpu, timings
+    else:
+        wall = timings
     med = {label: timings.median(label) for label in methods}
     incr = min((f"incr@{t:g}" for t in thresholds), key=med.__getitem__)
     floor = min((f"floor@{b}" for b in floor_batches), key=med.__getitem__)
@@ -208,6 +219,8 @@ def benchmark_model(name: str, *, grid: int, repeats: int, thresholds: tuple[flo
             with peak_memory(mem[label]):
                 methods[label]()
     return {"model": name, "description": case.description, "evaluations": work.total,
+            "clock": "cpu" if use_cpu else "wall",
+            "wall_medians_s": {label: wall.median(label) for label in methods},
             "repeats": repeats, "medians_s": med, "runs_s": timings.runs, "best_incr": incr,
             "floor": floor, "captum_best": best_captum, "ratios": ratios,
             "paired_ratios": paired, "memory_mib": mem, "exactness": exactness,
@@ -220,12 +233,15 @@ def _paired(num: list[float], den: list[float]) -> float:
 
 def report(r: dict[str, Any]) -> str:
     lines = [f"### {r['model']}: {r['description']}", "",
-             f"{r['evaluations']} evaluations, {r['repeats']} repeats; best incremental: "
+             f"{r['evaluations']} evaluations, {r['repeats']} repeats, {r['clock']} clock; "
+             f"best incremental: "
              f"{r['best_incr']}, floor: {r['floor']}, Captum best: {r['captum_best']}", "",
-             "| method | median s | min s | peak RSS MiB |", "|---|---:|---:|---:|"]
+             "| method | median s | min s | median wall s | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|"]
     for label, seconds in r["medians_s"].items():
         rss = r["memory_mib"].get(label, {}).get("rss_mib")
         lines.append(f"| {label} | {seconds:.2f} | {min(r['runs_s'][label]):.2f} | "
+                     f"{r['wall_medians_s'][label]:.2f} | "
                      f"{'' if rss is None else f'{rss:.0f}'} |")
     lines += ["", "| ratio | of medians | median per repeat |", "|---|---:|---:|"]
     for key, value in r["ratios"].items():
@@ -249,8 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--thresholds", type=_floats, default=(0.5, 1.0))
-    parser.add_argument("--floor-batches", type=_ints, default=(16, 64))
-    parser.add_argument("--captum", type=_ints, default=(16, 64))
+    parser.add_argument("--floor-batches", type=_ints, default=None,
+                        help="default: per model, see FLOOR_BATCHES")
+    parser.add_argument("--captum", type=_ints, default=None,
+                        help="default: per model, see CAPTUM_BEST_OF")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu (default; only with --threads 1) or wall")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -258,10 +278,14 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     info["allocator_pinned"] = pin_allocator()
     print(f"machine: {info}", flush=True)
-    results = [benchmark_model(m.strip(), grid=args.grid, repeats=args.repeats,
-                               thresholds=args.thresholds, floor_batches=args.floor_batches,
-                               captum=args.captum, memory=not args.no_memory)
-               for m in args.models.split(",")]
+    use_cpu = args.clock == "cpu" and args.threads == 1
+    results = []
+    for m in (m.strip() for m in args.models.split(",")):
+        results.append(benchmark_model(
+            m, grid=args.grid, repeats=args.repeats, thresholds=args.thresholds,
+            floor_batches=args.floor_batches or FLOOR_BATCHES[m],
+            captum=args.captum or CAPTUM_BEST_OF[m], memory=not args.no_memory,
+            use_cpu=use_cpu))
     info["load_average_after"] = os.getloadavg()
     print(f"\nload average after: {info['load_average_after']}\n")
     for r in results:

@@ -115,7 +115,7 @@ def changed_boxes(
 
 
 def _extent(mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = torch.arange(size)
+    positions = torch.arange(size, device=mask.device)
     some = mask.any(dim=1)
     first = torch.where(mask, positions, size).amin(dim=1)
     last = torch.where(mask, positions, -1).amax(dim=1)

@@ -127,15 +127,18 @@ class _Patched:
         """Values at rows ``[N, R]`` x columns ``[N, S]`` of each item: ``[N, C, R, S]``;
         index ``-1`` reads ``fill``."""
         height, width = self.base.shape[2:]
+        device = self.base.device
+        rows, cols = rows.to(device), cols.to(device)
+        top, left = self.top.to(device), self.left.to(device)
         extended = F.pad(self.base[0], (0, 1, 0, 1), value=fill)
         r = torch.where(rows < 0, height, rows)
         c = torch.where(cols < 0, width, cols)
         out = extended[:, r[:, :, None], c[:, None, :]].permute(1, 0, 2, 3)
         ph, pw = self.patch.shape[2:]
-        local_r, local_c = rows - self.top[:, None], cols - self.left[:, None]
+        local_r, local_c = rows - top[:, None], cols - left[:, None]
         inside_r = (rows >= 0) & (local_r >= 0) & (local_r < ph)
         inside_c = (cols >= 0) & (local_c >= 0) & (local_c < pw)
-        items = torch.arange(self.count)[:, None, None]
+        items = torch.arange(self.count, device=device)[:, None, None]
         values = self.patch[items, :, local_r.clamp(0, ph - 1)[:, :, None],
                             local_c.clamp(0, pw - 1)[:, None, :]].permute(0, 3, 1, 2)
         mask = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
@@ -382,16 +385,14 @@ class IncrementalEngine:
         """Logits ``[N, A]`` for each image of ``images`` ``[N, 3, H, W]`` with the original
         question."""
         count = images.shape[0]
-        top, bottom, left, right = changed_boxes(run.image, images)
+        top, bottom, left, right = (v.cpu() for v in changed_boxes(run.image, images))
         height, width = images.shape[2:]
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
-        rows = top[:, None] + torch.arange(h)[None, :]
-        cols = left[:, None] + torch.arange(w)[None, :]
-        items = torch.arange(count)[:, None, None]
-        patch = images[items, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-        start = _Patched(run.image, patch.contiguous(), top, left)
+        patch = torch.stack([images[n, :, t : t + h, l_ : l_ + w] for n, (t, l_) in
+                             enumerate(zip(top.tolist(), left.tolist(), strict=True))])
+        start = _Patched(run.image, patch, top, left)
         values: dict[fx.Node, Any] = {}
         self.stats = {"patched": 0, "full": 0}
 
