@@ -60,6 +60,10 @@ class TorchIncremental:
         self._unsupported = ""
         self._run: OriginalRun | None = None
 
+    def forget(self) -> None:
+        """Drop the cached original input (the next call recomputes and re-checks it)."""
+        self._run = None
+
     def reason_off(self, adapter: TorchAdapter) -> str:
         """Why the plain path must run for ``adapter`` (empty when the incremental may)."""
         if self.mode == "off":
