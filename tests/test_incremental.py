@@ -199,7 +199,8 @@ def test_occlusion_maps_equal_the_plain_path(
     kind: str, shape: tuple[int, int], grid: int
 ) -> None:
     """Strides, dilation, padding modes, groups, residual adds, batch norm, max and average
-    pools, channel concatenation, uneven cells, and (50 x 45 -> 40 x 40) a resize that spreads each cell."""
+    pools, channel concatenation, uneven cells, and (50 x 45 -> 40 x 40) a resize that
+    spreads each cell."""
     adapter = _adapter(SpatialVQA(kind))
     fast, plain = _both(adapter, _image(*shape), grid=grid, batch_size=16)
     assert fast.incremental == "exact", fast.incremental_note
@@ -285,6 +286,25 @@ def test_untraceable_module_falls_back_and_says_why() -> None:
     assert fast.incremental == "off"
     assert "torch.fx" in fast.incremental_note
     assert np.array_equal(fast.image_map, plain.image_map)
+
+
+class BatchCoupled(SpatialVQA):
+    """Breaks the protocol's contract (items depend on their batch): the incremental path
+    cannot reproduce it, and the self-check must notice."""
+
+    def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        features = self.features(image).mean(dim=(2, 3))
+        features = features - features.mean(dim=0, keepdim=True) * 0.5
+        words = torch.tanh(self.question(self.embedding(tokens).sum(dim=1)))
+        return self.head(features * words) * 4.0
+
+
+def test_self_check_failure_falls_back_to_the_plain_path() -> None:
+    adapter = _adapter(BatchCoupled("pools"))
+    fast, plain = _both(adapter, _image(40, 40), grid=4, batch_size=8)
+    assert fast.incremental == "off"
+    assert "self-check failed" in fast.incremental_note
+    assert plain.incremental == "off"  # (the maps differ: this model depends on batching)
 
 
 def _state(module: nn.Module) -> tuple[Any, ...]:

@@ -5,7 +5,8 @@ image perturbations (same question) and word perturbations (same image), scores 
 with :class:`~blackbox_vqa.adapters.incremental.engine.IncrementalEngine`, and falls back
 to the adapter's plain forward pass -- saying why -- when the module cannot be traced,
 carries hooks, or fails the self-check: for every new original input the first image
-and the first word perturbation are also scored the plain way and must agree.
+perturbation is also scored the plain way, and the word path reproduces the original's
+own logits from two copies of its question; both must agree.
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ class TorchIncremental:
                                   [str(questions[i]) for i in plain_items])
             logits[plain_items] = adapter.logits(x, t).to(logits.dtype)
         if fresh:
-            self._self_check(adapter, logits, run, images, questions,
-                             [*image_items[:1], *word_items[:1]])
+            self._self_check(adapter, engine, logits, run, images, questions,
+                             image_items[:1], bool(word_items))
         scores = _scores(adapter, torch.cat([run.logits, logits]))
         note = (
             "exact incremental: question branch once for image perturbations, image branch "
@@ -171,16 +172,24 @@ class TorchIncremental:
         return IncrementalScores(scores[0], scores[1:], "exact", note)
 
     def _self_check(
-        self, adapter: TorchAdapter, logits: torch.Tensor, run: OriginalRun,
-        images: Sequence[NDArray[Any]], questions: Sequence[str], items: list[int],
+        self, adapter: TorchAdapter, engine: IncrementalEngine, logits: torch.Tensor,
+        run: OriginalRun, images: Sequence[NDArray[Any]], questions: Sequence[str],
+        items: list[int], words: bool,
     ) -> None:
-        if not items:
-            return
-        x, t = adapter.inputs([to_rgb_array(images[i]) for i in items],
-                              [str(questions[i]) for i in items])
-        plain = torch.cat([adapter.logits(x[k : k + 1], t[k : k + 1]) for k in range(len(items))])
+        """Image perturbation ``items`` scored the plain way must match ``logits``; with
+        ``words``, the word path on two copies of the original question must reproduce the
+        original's logits (that path reuses the image branch; no extra image forward)."""
+        diffs = [0.0]
+        if items:
+            x, t = adapter.inputs([to_rgb_array(images[i]) for i in items],
+                                  [str(questions[i]) for i in items])
+            plain = adapter.logits(x, t).to(logits.dtype)
+            diffs.append(float((plain - logits[items]).abs().max()))
+        if words:
+            again = engine.word_logits(run, run.tokens.expand(2, -1)).to(logits.dtype)
+            diffs.append(float((again - run.logits.to(logits.dtype)).abs().max()))
         scale = max(1.0, float(run.logits.max() - run.logits.min()))
-        diff = float((plain.to(logits.dtype) - logits[items]).abs().max())
+        diff = max(diffs)
         if not diff <= SELF_CHECK_TOLERANCE * scale:
             self._run = None
             raise EngineUnsupported(
