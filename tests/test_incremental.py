@@ -362,3 +362,11 @@ class OneAtATime(SpatialVQA):
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return super().forward(image, tokens).view(1, -1)
+
+
+def test_window_mode_and_blur_baseline_equal_the_plain_path() -> None:
+    adapter = _adapter(SpatialVQA("residual"))
+    fast, plain = _both(adapter, _image(44, 40, seed=5), window=(12, 10), stride=(8, 7),
+                        baseline="blur", words=False)
+    assert fast.incremental == "exact", fast.incremental_note
+    assert np.abs(fast.image_map - plain.image_map).max() <= 1e-5
