@@ -223,6 +223,8 @@ def benchmark_model(name: str, *, grid: int, repeats: int, thresholds: tuple[flo
             np.abs(plain_other.image_map - plain.image_map).max()),
     }
     print(f"   exactness: {json.dumps(exactness)}", flush=True)
+    if repeats == 0:  # exactness only
+        return {"model": name, "description": case.description, "exactness": exactness}
     for fn in methods.values():
         fn()
 
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="0: exactness only")
     parser.add_argument("--grid", type=int, default=16)
     parser.add_argument("--thresholds", type=_floats, default=(0.5, 1.0))
     parser.add_argument("--floor-batches", type=_ints, default=None,
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     info["load_average_after"] = os.getloadavg()
     print(f"\nload average after: {info['load_average_after']}\n")
     for r in results:
-        print(report(r) + "\n")
+        print((report(r) if "medians_s" in r else json.dumps(r)) + "\n")
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": info, "argv": sys.argv, "results": results},
                                         indent=2), encoding="utf-8")
