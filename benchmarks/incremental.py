@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="0: exactness only")
     parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--thresholds", type=_floats, default=(0.5, 1.0))
+    parser.add_argument("--thresholds", type=_floats, default=(0.75, 0.5, 1.0),
+                        help="the first is also used for words-incr")
     parser.add_argument("--floor-batches", type=_ints, default=None,
                         help="default: per model, see FLOOR_BATCHES")
     parser.add_argument("--captum", type=_ints, default=None,

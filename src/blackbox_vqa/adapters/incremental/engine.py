@@ -46,7 +46,7 @@ __all__ = ["DEFAULT_THRESHOLD", "EngineUnsupported", "IncrementalEngine", "Origi
 
 # Share of a feature map past which a box is computed in full (benchmarks/BENCHMARKS.md,
 # "Incremental occlusion").
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = 0.75
 
 IMAGE, TOKENS = "image", "tokens"
 
