@@ -29,6 +29,8 @@ from blackbox_vqa.adapters.gradients import (
     find_embedding,
     guided_relu,
 )
+from blackbox_vqa.adapters.incremental.protocol import IncrementalScores, IncrementalScoring
+from blackbox_vqa.adapters.incremental.torch_scoring import TorchIncremental
 from blackbox_vqa.adapters.path_gradients import (
     GradientInputs,
     PathGradients,
@@ -126,7 +128,7 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
                 mod.training = flag
 
 
-class TorchAdapter(BaseAdapter):
+class TorchAdapter(BaseAdapter, IncrementalScoring):
     """Wrap ``module`` (``forward(image [B,3,H,W], tokens [B,T]) -> logits [B,A]``).
 
     Args:
@@ -141,6 +143,9 @@ class TorchAdapter(BaseAdapter):
         output: ``"softmax"``, ``"sigmoid"`` or ``"probs"`` (logits already probabilities).
         device: torch device; default CUDA when available, else CPU.
         name: display name.
+        incremental: ``"exact"`` (default) scores occlusion perturbations incrementally
+            where the module's graph allows (see :meth:`incremental_scores`); ``"off"``
+            always runs the plain forward pass.
     """
 
     def __init__(
@@ -155,6 +160,7 @@ class TorchAdapter(BaseAdapter):
         output: OutputKind = "softmax",
         device: str | torch.device | None = None,
         name: str | None = None,
+        incremental: str = "exact",
     ) -> None:
         super().__init__(answers, name=name)
         if not isinstance(module, nn.Module):
@@ -169,6 +175,7 @@ class TorchAdapter(BaseAdapter):
         self.device = torch.device(device) if device is not None else _default_device()
         self.module = module.to(self.device)
         self._questions = QuestionTokens(self.tokenizer)
+        self.incremental = TorchIncremental(incremental)
         if self.device.type == "cpu":
             _settle_allocator()
 
@@ -227,7 +234,25 @@ class TorchAdapter(BaseAdapter):
         module are left unchanged."""
         clone = copy.copy(self)
         clone.module = randomised_module(self.module, layers, seed)
+        # The incremental engine traced this module: the copy gets its own.
+        clone.incremental = TorchIncremental(self.incremental.mode,
+                                             threshold=self.incremental.threshold)
         return clone
+    # -- incremental scoring capability ------------------------------------------------
+
+    def incremental_scores(
+        self,
+        image: NDArray[Any],
+        question: str,
+        images: Sequence[NDArray[Any]],
+        questions: Sequence[str],
+    ) -> IncrementalScores:
+        """Scores of perturbations of ``(image, question)``, as ``answer_probs_batch``
+        gives them, computed incrementally (exact Krypton-style inference over the traced
+        module, question branch once for image perturbations, image branch once for word
+        perturbations); the plain path runs, with the reason in ``note``, when the module
+        cannot be traced, carries hooks, fails the self-check, or ``incremental="off"``."""
+        return self.incremental.scores(self, image, question, images, questions)
 
     # -- gradient protocol -------------------------------------------------------------
 

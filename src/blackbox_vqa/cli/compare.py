@@ -45,6 +45,7 @@ class _Options:
     ig_baseline: str = "black"
     score: str = "probability"
     masks: int = 2000
+    incremental: str = "exact"
     metrics: bool = False
 
 
@@ -77,6 +78,9 @@ def compare_command(
     score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
                                        "(the paper's) or log-probability.")] = "probability",
     masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    incremental: Annotated[str, typer.Option(help="Occlusion on a PyTorch model: exact "
+                                             "(compute only what each patch changes; same "
+                                             "maps) or off.")] = "exact",
     metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
                                           "faithfulness, per model.")] = False,
     ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
@@ -112,7 +116,7 @@ def compare_command(
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
     settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
                         answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline,
-                        score=score, masks=masks, metrics=metrics)
+                        score=score, masks=masks, metrics=metrics, incremental=incremental)
     resolved = _resolve(specs, model_settings)
     if single and image is not None and question is not None:
         doc = _compare_image(resolved, image, question, settings, out, force, show=not as_json)
@@ -187,7 +191,8 @@ def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
     settings = MethodSettings(grid=options.grid, baseline=options.baseline,
                               batch_size=options.batch_size, ig_steps=options.ig_steps,
                               ig_baseline=options.ig_baseline, score=options.score,
-                              rise_masks=options.masks)
+                              rise_masks=options.masks,
+                              incremental=options.incremental)
     explainers = {}
     for text, label, model_settings in resolved:
         loaded = load(text, model_settings, strict=False)

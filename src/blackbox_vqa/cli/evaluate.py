@@ -62,6 +62,9 @@ def evaluate_command(
     score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
                                        "(the paper's) or log-probability.")] = "probability",
     masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    incremental: Annotated[str, typer.Option(help="Occlusion on a PyTorch model: exact "
+                                             "(compute only what each patch changes; same "
+                                             "maps) or off.")] = "exact",
     metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
                                           "faithfulness (deletion/insertion, "
                                           "comprehensiveness/sufficiency); writes "
@@ -117,13 +120,14 @@ def evaluate_command(
         "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
         "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
         "ig_steps": ig_steps, "ig_baseline": ig_baseline, "score": score, "masks": masks,
-        "metrics": metrics, "sanity": sanity,
+        "incremental": incremental, "metrics": metrics, "sanity": sanity,
     }
     config = EvalConfig(model=spec, methods=method_names,
                         options=MethodSettings(grid=grid, baseline=baseline,
                                                batch_size=batch_size, ig_steps=ig_steps,
                                                ig_baseline=ig_baseline, score=score,
-                                               rise_masks=masks), seed=seed,
+                                               rise_masks=masks, incremental=incremental),
+                        seed=seed,
                         threads=threads, model_options=model_extra, metrics=metrics,
                         sanity_keys=frozenset(item.key for item in chosen[:sanity]))
     with RunStore.open(out, settings) as store:

@@ -53,6 +53,9 @@ def explain_command(
     score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
                                        "(the paper's) or log-probability.")] = "probability",
     masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    incremental: Annotated[str, typer.Option(help="Occlusion on a PyTorch model: exact "
+                                             "(compute only what each patch changes; same "
+                                             "maps) or off.")] = "exact",
     metrics: Annotated[bool, typer.Option("--metrics", help="Also measure faithfulness: "
                                           "deletion/insertion AUC of each image map, "
                                           "comprehensiveness/sufficiency of each word map, "
@@ -109,7 +112,8 @@ def explain_command(
     loaded = load(model, model_settings)
     settings = MethodSettings(grid=grid, window=window_hw, stride=stride_hw,
                               baseline=baseline, batch_size=batch_size, ig_steps=ig_steps,
-                              ig_baseline=ig_baseline, score=score, rise_masks=masks)
+                              ig_baseline=ig_baseline, score=score, rise_masks=masks,
+                              incremental=incremental)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)

@@ -30,7 +30,8 @@ class _OcclusionMethod:
         s = self.settings
         return self._build(self.model, grid=s.grid, window=s.window, stride=s.stride,
                            baseline=s.baseline, batch_size=s.batch_size,
-                           score=s.score, progress=progress)  # type: ignore[arg-type]
+                           incremental=s.incremental, score=s.score,  # type: ignore[arg-type]
+                           progress=progress)
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.occlusion import occlusion_attribution

@@ -10,7 +10,7 @@ perturbed input goes through the model in batches; the original input is evaluat
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
 from blackbox_vqa.adapters.capabilities import check_question, prepare_model
+from blackbox_vqa.adapters.incremental import IncrementalScoring, parse_incremental
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import (
@@ -67,6 +68,9 @@ def answer_score(values: NDArray[np.floating[Any]], score: Score) -> NDArray[np.
     if score == "log-probability":
         return np.log(np.maximum(array, LOG_FLOOR))
     return array
+# Perturbations per incremental call: patches of many small windows batch well, and the
+# full tensors past the first global operator stay small (benchmarks/BENCHMARKS.md).
+INCREMENTAL_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,9 @@ class OcclusionResult:
         baseline: the baseline's name (``"imagenet-mean"``, ``"black"``, ``"blur"``) or
             ``"rgb"``; ``baseline_rgb`` holds the fill colour when it is one.
         score: ``"probability"`` or ``"log-probability"``: what the importances compare.
+        incremental: ``"exact"`` when the model scored the perturbations incrementally
+            (its ``IncrementalScoring`` capability), else ``"off"``; ``incremental_note``
+            says why the plain path ran, or what the incremental path reused.
     """
 
     answer: str
@@ -109,6 +116,8 @@ class OcclusionResult:
     batch_size: int
     evaluations: int
     score: Score = "probability"
+    incremental: str = "off"
+    incremental_note: str = ""
 
     @property
     def probability(self) -> float:
@@ -144,6 +153,9 @@ class Occlusion:
         score: ``"probability"`` (default, the paper's) or ``"log-probability"``: the
             importances compare the answer's score or its natural log (a saturated model,
             p near 1, shows structure in log space that probabilities round away).
+        incremental: ``"exact"`` (default): a model with the ``IncrementalScoring``
+            capability scores the perturbations incrementally (same scores, less work);
+            ``"off"``: always through ``answer_probs_batch``.
     """
 
     def __init__(
@@ -161,6 +173,7 @@ class Occlusion:
         words: bool = True,
         progress: ProgressCallback | None = None,
         score: Score = "probability",
+        incremental: str = "exact",
     ) -> None:
         self.model = check_model(model)
         self.score = parse_score(score)
@@ -186,6 +199,7 @@ class Occlusion:
         self.occlude_image = image
         self.occlude_words = words
         self.progress = progress
+        self.incremental = parse_incremental(incremental)
 
     def boxes(self, height: int, width: int) -> list[Box]:
         """The patches this explainer occludes on an ``height x width`` image."""
@@ -204,8 +218,17 @@ class Occlusion:
         boxes = self.boxes(height, width) if self.occlude_image else []
         words = split_words(question) if self.occlude_words else []
         fill = self._fill(pixels)
-        scores, batch = self._run(pixels, fill, boxes, question, words)
-        return self._result(scores, batch, boxes, words, (height, width), answer)
+        mode, note = "off", ""
+        if self.incremental == "exact" and isinstance(self.model, IncrementalScoring):
+            scores, batch, mode, note = self._run_incremental(
+                self.model, pixels, fill, boxes, question, words
+            )
+        else:
+            scores, batch = self._run(pixels, fill, boxes, question, words)
+            if self.incremental == "off":
+                note = "incremental scoring turned off"
+        result = self._result(scores, batch, boxes, words, (height, width), answer)
+        return replace(result, incremental=mode, incremental_note=note)
 
     def _fill(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
         sigma = self.blur_sigma
@@ -241,6 +264,39 @@ class Occlusion:
             if self.progress is not None:
                 self.progress(stop, total)
         return out, batch
+
+    def _run_incremental(
+        self,
+        model: IncrementalScoring,
+        pixels: NDArray[np.float32],
+        fill: NDArray[np.float32],
+        boxes: list[Box],
+        question: str,
+        words: list[str],
+    ) -> tuple[NDArray[np.float64], int, str, str]:
+        """:meth:`_run` through the model's incremental scoring: the original input once,
+        the perturbations in batches of ``batch_size`` (default :data:`INCREMENTAL_BATCH`).
+        Also returns the mode (``"exact"`` only if every batch was) and the model's note."""
+        total = 1 + len(boxes) + len(words)
+        batch = self.batch_size or min(INCREMENTAL_BATCH, total - 1)
+        n_answers = len(self.model.answers)
+        dropped = [drop_word(question, i) for i in range(len(words))]
+        out = np.empty((total, n_answers), dtype=np.float64)
+        name = model_name(self.model)
+        modes: set[str] = set()
+        note = ""
+        for start in range(1, total, batch):
+            stop = min(total, start + batch)
+            images, questions = self._items(pixels, fill, boxes, question, dropped, start, stop)
+            result = model.incremental_scores(pixels, question, images, questions)
+            out[0] = check_scores(np.asarray(result.original)[None], 1, n_answers, source=name)[0]
+            out[start:stop] = check_scores(result.scores, stop - start, n_answers, source=name)
+            modes.add(result.mode)
+            if result.note and (result.mode == "off" or not note):
+                note = result.note
+            if self.progress is not None:
+                self.progress(stop, total)
+        return out, batch, ("exact" if modes == {"exact"} else "off"), note
 
     @staticmethod
     def _items(
@@ -354,6 +410,8 @@ def occlusion_attribution(result: OcclusionResult, *, seconds: float = 0.0) -> A
     }
     if result.score != "probability":
         extras["score"] = result.score
+    extras["incremental"] = result.incremental
+    extras["incremental_note"] = result.incremental_note or None
     return Attribution(
         method="occlusion",
         key="occlusion",
