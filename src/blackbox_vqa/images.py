@@ -7,6 +7,7 @@ composited on white first.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import TypeVar
@@ -33,16 +34,20 @@ def _pil_to_rgb(img: Image.Image) -> NDArray[np.uint8]:
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(source: str | os.PathLike[str]) -> NDArray[np.uint8]:
+def load_image(
+    source: str | os.PathLike[str], *, content: bytes | None = None
+) -> NDArray[np.uint8]:
     """Read an image file as an ``H x W x 3`` ``uint8`` RGB array.
 
-    Raises :class:`ImageError` for a missing, unreadable or too small image.
+    ``content``: the file's bytes, read elsewhere (on another machine); ``source`` then
+    only names the file in messages. Raises :class:`ImageError` for a missing, unreadable
+    or too small image.
     """
     path = Path(source)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise ImageError(f"image file not found: {path}")
     try:
-        with Image.open(path) as img:
+        with Image.open(path if content is None else io.BytesIO(content)) as img:
             img.load()
             array = _pil_to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

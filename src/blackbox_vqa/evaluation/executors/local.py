@@ -1,0 +1,91 @@
+"""The local executor: items run in this process, or in ``workers`` spawned processes.
+
+Each process loads the model once from the spec (the first item it gets) and runs torch
+with ``config.threads`` CPU threads; records come back to this process as they finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+from blackbox_vqa.datasets import Item
+from blackbox_vqa.errors import InputError
+from blackbox_vqa.evaluation.runner import (
+    EvalConfig,
+    ItemEvaluator,
+    load_evaluator,
+    set_torch_threads,
+)
+from blackbox_vqa.evaluation.runstore import ItemRecord
+
+__all__ = ["LocalExecutor"]
+
+_WORKER: ItemEvaluator | None = None
+
+
+def _worker_evaluate(config: EvalConfig, item: Item) -> ItemRecord:
+    global _WORKER
+    if _WORKER is None:
+        _WORKER = load_evaluator(config)
+        set_torch_threads(config.threads)
+    return _WORKER.evaluate(item)
+
+
+class LocalExecutor:
+    """``workers == 1``: items run here (with ``evaluator`` if given, else one loaded from
+    the spec); ``workers > 1``: in that many spawned processes."""
+
+    def __init__(self, *, workers: int = 1, evaluator: ItemEvaluator | None = None) -> None:
+        if workers < 1:
+            raise InputError(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.evaluator = evaluator
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"executor": "local", "workers": self.workers}
+
+    def run(
+        self,
+        items: Sequence[Item],
+        config: EvalConfig,
+        on_record: Callable[[ItemRecord], None],
+    ) -> None:
+        """Evaluate ``items``, calling ``on_record`` here as each one finishes. Torch runs
+        with ``config.threads`` threads in every process (restored here afterwards)."""
+        if not items:
+            return
+        if self.workers == 1:
+            local = self.evaluator or load_evaluator(config)
+            previous = set_torch_threads(config.threads)
+            try:
+                for item in items:
+                    on_record(local.evaluate(item))
+            finally:
+                set_torch_threads(previous)
+            return
+        _run_processes(items, config, on_record, self.workers)
+
+
+def _run_processes(
+    items: Sequence[Item],
+    config: EvalConfig,
+    on_record: Callable[[ItemRecord], None],
+    workers: int,
+) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = list(reversed(items))
+    pending: set[Future[ItemRecord]] = set()
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context)
+    try:
+        while queue or pending:
+            while queue and len(pending) < 2 * workers:
+                pending.add(pool.submit(_worker_evaluate, config, queue.pop()))
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                on_record(future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
