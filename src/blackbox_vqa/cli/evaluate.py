@@ -50,7 +50,25 @@ def evaluate_command(
                                               "(seeded) instead of all.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the item sample, the random maps and "
                                       "the cross-validation folds.")] = 0,
-    workers: Annotated[int, typer.Option(help="Items evaluated in parallel processes.")] = 1,
+    workers: Annotated[int, typer.Option(help="Items evaluated in parallel: local "
+                                         "processes, or Ray actors.")] = 1,
+    executor: Annotated[str, typer.Option(help="Where items run: local (this machine's "
+                                          "processes) or ray (Ray actors).")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a Ray "
+        "instance on this machine, loopback only).")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each Ray actor "
+                                                   "reserves.")] = 1.0,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray actor "
+                                                   "reserves.")] = 0.0,
+    ray_working_dir: Annotated[Path | None, typer.Option(
+        help="Folder shipped to the Ray workers (their working directory, importable): "
+        "where a package.module:factory spec's module lives.")] = None,
+    shared_fs: Annotated[bool, typer.Option(
+        help="Ray workers read the image and map paths themselves (valid on every node); "
+        "otherwise each item travels with its files' bytes.")] = False,
+    ray_node_ip: Annotated[str | None, typer.Option(
+        help="This machine's IP address as the Ray cluster sees it.")] = None,
     threads: Annotated[int, typer.Option(help="Torch CPU threads per process (equal counts "
                                          "give bit-identical results).")] = 1,
     grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
@@ -83,6 +101,10 @@ def evaluate_command(
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
+    run_on = _executor(executor, workers, {
+        "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
+        "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
+        "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
     method_names = parse_methods(methods, parameter="--methods")
     parse_batch_size(batch_size)
     parse_baseline(baseline)
@@ -107,7 +129,7 @@ def evaluate_command(
                                                batch_size=batch_size), seed=seed,
                         threads=threads, model_options=model_extra)
     with RunStore.open(out, settings) as store:
-        run = _run(store, chosen, config, workers)
+        run = _run(store, chosen, config, run_on)
         records = list(store.records([item.key for item in chosen]))
     _report(out, records, settings, listing.skipped, pos_tagger, folds, run)
 
@@ -127,19 +149,60 @@ def _check_numbers(
         raise InputError(f"--folds must be >= 2, got {folds}")
 
 
-def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[str, Any]:
+_RAY_DEFAULTS: dict[str, Any] = {
+    "--ray-address": None, "--cpus-per-worker": 1.0, "--gpus-per-worker": 0.0,
+    "--ray-working-dir": None, "--shared-fs": False, "--ray-node-ip": None,
+}
+
+
+def _executor(name: str, workers: int, ray_options: dict[str, Any]) -> Any:
+    """The executor named by ``--executor``, its options checked before any work."""
+    from blackbox_vqa.evaluation.executors import EXECUTORS
+
+    choice = name.strip().lower()
+    if choice not in EXECUTORS:
+        raise InputError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
+    if choice == "local":
+        given = [option for option, value in ray_options.items()
+                 if value != _RAY_DEFAULTS[option]]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply with --executor ray")
+        from blackbox_vqa.evaluation.executors.local import LocalExecutor
+
+        return LocalExecutor(workers=workers)
+    from blackbox_vqa.errors import NotSupportedError
+    from blackbox_vqa.evaluation.executors.ray_cluster import (
+        RayExecutor,
+        RaySettings,
+        ray_available,
+    )
+
+    if not ray_available():
+        raise NotSupportedError("--executor ray needs Ray: pip install 'blackbox-vqa[ray]'")
+    folder = ray_options["--ray-working-dir"]
+    executor = RayExecutor(RaySettings(
+        address=ray_options["--ray-address"], workers=workers,
+        cpus_per_worker=ray_options["--cpus-per-worker"],
+        gpus_per_worker=ray_options["--gpus-per-worker"],
+        working_dir=None if folder is None else str(folder),
+        shared_fs=ray_options["--shared-fs"], node_ip=ray_options["--ray-node-ip"]))
+    executor.check_cluster()
+    return executor
+
+
+def _run(store: Any, chosen: Sequence[Any], config: Any, executor: Any) -> dict[str, Any]:
     from blackbox_vqa.cli.progress import stderr_console
-    from blackbox_vqa.evaluation.runner import load_evaluator, run_items
+    from blackbox_vqa.evaluation.executors.local import LocalExecutor
+    from blackbox_vqa.evaluation.runner import load_evaluator
 
     done = store.done_keys()
     pending = [item for item in chosen if item.key not in done]
     console = stderr_console()
     console.print(f"{len(chosen)} items: {len(chosen) - len(pending)} stored earlier, "
                   f"{len(pending)} to evaluate in {store.root}/")
-    evaluator = None
-    if pending and workers == 1:
-        evaluator = load_evaluator(config)
-        for name, reason in evaluator.unavailable.items():
+    if pending and isinstance(executor, LocalExecutor) and executor.workers == 1:
+        executor.evaluator = load_evaluator(config)
+        for name, reason in executor.evaluator.unavailable.items():
             console.print(f"note: {name} skipped: {reason}")
     started = time.perf_counter()
     with _items_bar(len(chosen), len(chosen) - len(pending)) as advance:
@@ -147,10 +210,15 @@ def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[s
             store.write(record)
             advance()
 
-        run_items(pending, config, on_record, workers=workers, evaluator=evaluator)
+        executor.run(pending, config, on_record)
     seconds = time.perf_counter() - started
+    facts = dict(executor.describe())
+    failed = facts.get("items_failed")
+    if failed:
+        console.print(f"note: {failed} items failed (their Ray workers kept dying); they are "
+                      "stored as failed: delete their files under items/ and rerun to redo them")
     return {
-        "workers": workers,
+        **facts,
         "threads": config.threads,
         "items_this_run": len(pending),
         "seconds_this_run": round(seconds, 3),
