@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -43,9 +44,26 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+_TOKEN: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def auth_token() -> Iterator[str]:
+    """Ray's token authentication for every node and driver the tests start, with a token
+    of their own: Ray's gRPC servers listen on every interface whatever the node address,
+    and a token that a default ``ray.init()`` left in ~/.ray must not leak in."""
+    folder = Path(tempfile.mkdtemp(prefix="bbvqa-ray-token-"))
+    path = folder / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    _TOKEN["path"] = str(path)
+    yield str(path)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join([str(ROOT / "src"), str(TESTS)])
-    return {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0", **extra}
+    return {**os.environ, "PYTHONPATH": path, "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": _TOKEN["path"], **extra}
 
 
 @dataclass
@@ -84,7 +102,7 @@ def _stop_groups(groups: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(auth_token: str) -> Iterator[Cluster]:
     folder = Path(tempfile.mkdtemp(prefix="bbvqa-ray-", dir="/tmp"))  # short: socket paths
     env = _env(**{PID_DIR_ENV: str(folder)})
     port = _free_port(HEAD_IP)
@@ -188,6 +206,84 @@ def test_a_worker_killed_mid_run_loses_only_its_item(cluster: Cluster, tmp_path:
                             "--methods", "occlusion", "--out", str(serial)])
     assert code == 0, err
     assert _load_run(serial) == records
+
+
+def test_an_item_that_kills_every_worker_is_recorded_as_failed(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from blackbox_vqa.datasets import select_items
+    from blackbox_vqa.datasets.easyvqa import list_easyvqa
+
+    chosen = select_items(list_easyvqa("test").items, limit=4, seed=3)
+    questions = [item.question for item in chosen]
+    victim = next(item for item in chosen if questions.count(item.question) == 1)
+    poison = cluster.folder / "poison"
+    poison.write_text(victim.question)
+    run = tmp_path / "run"
+    try:
+        result = _bbvqa([*BASE, "--model", "ray_toys:poisoned_brightness", "--limit", "4",
+                         "--methods", "occlusion", *cluster.options(), "--workers", "2",
+                         "--out", str(run)])
+    finally:
+        poison.unlink()
+    assert result.returncode == 0, result.stderr
+    assert "1 items failed (their Ray workers kept dying)" in result.stderr
+    records = _load_run(run)
+    assert len(records) == 4
+    failed = records[f"{victim.key}.npz"][0]
+    assert failed["status"] == "failed"
+    assert failed["reason"].startswith("its Ray worker died on each of 3 tries (")
+    assert all(meta["status"] == "done" for name, (meta, _) in records.items()
+               if name != f"{victim.key}.npz")
+    results = json.loads((run / "results.json").read_text())
+    assert results["timing"]["worker_deaths"] == 3
+    assert results["timing"]["items_failed"] == 1
+    assert list(results["items"]["skipped_in_run"].values()) == [1]
+
+
+def _item_files(run: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (run / "items").glob("*.npz")}
+
+
+def test_a_driver_killed_with_sigkill_resumes_on_the_cluster(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = [*BASE, "--model", "eval_toys:slow_brightness", "--limit", "8", "--methods",
+            "occlusion", *cluster.options(), "--workers", "2", "--out", str(run)]
+    child = subprocess.Popen([sys.executable, "-m", "blackbox_vqa", *args], env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while len(_stored(run)) < 2:
+            assert child.poll() is None, "the run ended before it was killed"
+            assert time.monotonic() < deadline, "no items stored in time"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    before = _item_files(run)
+    assert 2 <= len(before) < 8
+    again = _bbvqa(args)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(before)} stored earlier, {8 - len(before)} to evaluate" in again.stderr
+    after = _item_files(run)
+    assert len(after) == 8 and {k: after[k] for k in before} == before
+    assert not [p for p in (run / "items").iterdir() if p.suffix != ".npz"]
+
+
+def test_without_an_address_a_local_ray_instance_runs_the_items(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = _bbvqa([*BASE, "--model", "eval_toys:slow_brightness", "--limit", "2",
+                     "--methods", "occlusion", "--executor", "ray", "--out", str(run)])
+    assert result.returncode == 0, result.stderr
+    assert len(_stored(run)) == 2
+    timing = json.loads((run / "results.json").read_text())["timing"]
+    assert timing["executor"] == "ray" and timing["address"] == "local"
 
 
 def test_an_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:

@@ -265,7 +265,8 @@ class RayExecutor:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             cpus = max(os.cpu_count() or 1,
                        int(-(-settings.workers * settings.cpus_per_worker // 1)))
-            options.update(include_dashboard=False, num_cpus=cpus,
+            # "local": a new instance, never one found through RAY_ADDRESS or /tmp/ray.
+            options.update(address="local", include_dashboard=False, num_cpus=cpus,
                            _node_ip_address=settings.node_ip or LOCAL_NODE_IP)
             where = "a local Ray instance"
         else:
@@ -366,8 +367,11 @@ class _Run:
         flight = slot.flight.popleft()
         if flight[0] != ref:  # an actor runs its calls in order
             raise ClusterError("a Ray worker answered out of order")
+        self._deliver(flight[1], value)
+
+    def _deliver(self, item: Item, value: Any) -> None:
         if isinstance(value, _Failure):
-            raise value.error(f" (item {flight[1].key})")
+            raise value.error(f" (item {item.key})")
         self.on_record(value)
 
     def _started(self, slot: _Slot, value: Any) -> None:
@@ -399,7 +403,7 @@ class _Run:
             if self.start_deaths > self.settings.workers + self.settings.max_retries:
                 raise ClusterError(f"Ray workers keep dying while loading the model "
                                    f"({self.start_deaths} so far; last: {_first_line(exc)})")
-        flights = list(slot.flight)
+        flights = self._finished_before_death(list(slot.flight))
         if flights:
             _, item, tries = flights[0]
             if tries + 1 > self.settings.max_retries:
@@ -412,6 +416,20 @@ class _Run:
                 self.queue.appendleft((queued, queued_tries))
         if self.queue or any(s.flight for s in self.slots):
             self._start_actor()
+
+    def _finished_before_death(self, flights: list[tuple[Any, Item, int]]) \
+            -> list[tuple[Any, Item, int]]:
+        """Deliver the results the actor finished before it died (its calls run in order,
+        so they lead); return the rest, the one it was running first."""
+        while flights:
+            ref, item, _ = flights[0]
+            try:
+                value = self.ray.get(ref, timeout=_POLL_S)
+            except Exception:  # lost with the actor (or not finished): send it again
+                return flights
+            flights.pop(0)
+            self._deliver(item, value)
+        return flights
 
     def _no_worker_message(self, waited: float) -> str:
         resources = self.ray.cluster_resources()
