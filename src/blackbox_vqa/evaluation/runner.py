@@ -69,6 +69,16 @@ class EvalConfig:
     threads: int | None = 1
     model_options: Mapping[str, Any] = field(default_factory=dict)
 
+    def load(self) -> ItemEvaluator:
+        """Load the model and build its methods (what each worker does once)."""
+        return load_evaluator(self)
+
+    def failed(self, item: Item, reason: str, detail: str) -> ItemRecord:
+        """The record of an item no worker could finish: status ``"failed"``."""
+        return ItemRecord(item.key, {"key": item.key, "question": item.question,
+                                     "status": "failed", "reason": reason,
+                                     "detail": detail})
+
 
 def item_rng(seed: int, key: str) -> np.random.Generator:
     """The random generator of item ``key``: depends on nothing but ``seed`` and ``key``."""

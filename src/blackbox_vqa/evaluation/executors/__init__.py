@@ -1,14 +1,18 @@
-"""Where items are evaluated: an executor runs :class:`~blackbox_vqa.evaluation.runner.
-ItemEvaluator` over items and hands each record back to the caller's process as it
-finishes, in any order.
+"""Where items are evaluated: an executor runs a piece of per-item work over items and
+hands each result back to the caller's process as it finishes, in any order.
+
+The work is described by a picklable :class:`WorkConfig` (``bbvqa evaluate``'s
+:class:`~blackbox_vqa.evaluation.runner.EvalConfig`, ``bbvqa compare``'s
+:class:`~blackbox_vqa.comparison.CompareConfig`): each worker calls its ``load()`` once
+(loading the models) and then ``evaluate(item, files=...)`` per item.
 
 - ``local`` (:mod:`.local`): here, or in ``--workers`` spawned processes;
 - ``ray`` (:mod:`.ray_cluster`): in Ray actors on a cluster (or a Ray instance started
-  here), each loading the model once.
+  here), each loading the models once.
 
-The caller (``bbvqa evaluate``) writes each record to the run store; the executors know
-nothing of it. Every record depends only on the item, the model and the settings, so the
-executor never changes a result. A new executor is one module here that satisfies
+The caller writes the results (``bbvqa evaluate``: to the run store); the executors know
+nothing of it. A result depends only on the item, the models and the settings, so the
+executor never changes one. A new executor is one module here that satisfies
 :class:`Executor`.
 """
 
@@ -19,22 +23,51 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from blackbox_vqa.datasets import Item
-    from blackbox_vqa.evaluation.runner import EvalConfig
-    from blackbox_vqa.evaluation.runstore import ItemRecord
 
-__all__ = ["EXECUTORS", "Executor"]
+__all__ = ["EXECUTORS", "Executor", "ItemWork", "WorkConfig"]
 
 EXECUTORS = ("local", "ray")
 
 
+class ItemWork(Protocol):
+    """The loaded work of one worker."""
+
+    @property
+    def unavailable(self) -> Mapping[str, str]:
+        """Methods that cannot run, with the reason (reported once)."""
+        ...
+
+    def evaluate(self, item: Item, *, files: Mapping[str, bytes] | None = None) -> Any:
+        """The result of ``item`` (``files``: its files' bytes, read on another machine).
+        Must be picklable and must raise only for a failure that stops the run."""
+        ...
+
+
+class WorkConfig(Protocol):
+    """Picklable description of the work; ``threads``: torch CPU threads per worker."""
+
+    @property
+    def threads(self) -> int | None:
+        ...
+
+    def load(self) -> ItemWork:
+        """Load the models (once per worker)."""
+        ...
+
+    def failed(self, item: Item, reason: str, detail: str) -> Any:
+        """The result of an item that no worker could finish (every worker evaluating it
+        died): ``reason`` is the same for every such item, ``detail`` is this one's."""
+        ...
+
+
 class Executor(Protocol):
-    """Runs items; ``on_record`` is called in the caller's process, once per item."""
+    """Runs items; ``on_result`` is called in the caller's process, once per item."""
 
     def run(
         self,
         items: Sequence[Item],
-        config: EvalConfig,
-        on_record: Callable[[ItemRecord], None],
+        config: WorkConfig,
+        on_result: Callable[[Any], None],
     ) -> None:
         """Evaluate ``items``; raise the typed error of a failure that stops the run."""
         ...

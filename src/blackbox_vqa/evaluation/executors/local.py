@@ -1,7 +1,8 @@
 """The local executor: items run in this process, or in ``workers`` spawned processes.
 
-Each process loads the model once from the spec (the first item it gets) and runs torch
-with ``config.threads`` CPU threads; records come back to this process as they finish.
+Each process loads the work once (``config.load()``, at the first item it gets) and runs
+torch with ``config.threads`` CPU threads; results come back to this process as they
+finish.
 """
 
 from __future__ import annotations
@@ -12,23 +13,18 @@ from typing import Any
 
 from blackbox_vqa.datasets import Item
 from blackbox_vqa.errors import InputError
-from blackbox_vqa.evaluation.runner import (
-    EvalConfig,
-    ItemEvaluator,
-    load_evaluator,
-    set_torch_threads,
-)
-from blackbox_vqa.evaluation.runstore import ItemRecord
+from blackbox_vqa.evaluation.executors import ItemWork, WorkConfig
+from blackbox_vqa.evaluation.runner import set_torch_threads
 
 __all__ = ["LocalExecutor"]
 
-_WORKER: ItemEvaluator | None = None
+_WORKER: ItemWork | None = None
 
 
-def _worker_evaluate(config: EvalConfig, item: Item) -> ItemRecord:
+def _worker_evaluate(config: WorkConfig, item: Item) -> Any:
     global _WORKER
     if _WORKER is None:
-        _WORKER = load_evaluator(config)
+        _WORKER = config.load()
         set_torch_threads(config.threads)
     return _WORKER.evaluate(item)
 
@@ -37,7 +33,7 @@ class LocalExecutor:
     """``workers == 1``: items run here (with ``evaluator`` if given, else one loaded from
     the spec); ``workers > 1``: in that many spawned processes."""
 
-    def __init__(self, *, workers: int = 1, evaluator: ItemEvaluator | None = None) -> None:
+    def __init__(self, *, workers: int = 1, evaluator: ItemWork | None = None) -> None:
         if workers < 1:
             raise InputError(f"--workers must be >= 1, got {workers}")
         self.workers = workers
@@ -49,36 +45,36 @@ class LocalExecutor:
     def run(
         self,
         items: Sequence[Item],
-        config: EvalConfig,
-        on_record: Callable[[ItemRecord], None],
+        config: WorkConfig,
+        on_result: Callable[[Any], None],
     ) -> None:
-        """Evaluate ``items``, calling ``on_record`` here as each one finishes. Torch runs
+        """Evaluate ``items``, calling ``on_result`` here as each one finishes. Torch runs
         with ``config.threads`` threads in every process (restored here afterwards)."""
         if not items:
             return
         if self.workers == 1:
-            local = self.evaluator or load_evaluator(config)
+            local = self.evaluator or config.load()
             previous = set_torch_threads(config.threads)
             try:
                 for item in items:
-                    on_record(local.evaluate(item))
+                    on_result(local.evaluate(item))
             finally:
                 set_torch_threads(previous)
             return
-        _run_processes(items, config, on_record, self.workers)
+        _run_processes(items, config, on_result, self.workers)
 
 
 def _run_processes(
     items: Sequence[Item],
-    config: EvalConfig,
-    on_record: Callable[[ItemRecord], None],
+    config: WorkConfig,
+    on_result: Callable[[Any], None],
     workers: int,
 ) -> None:
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(items))
-    pending: set[Future[ItemRecord]] = set()
+    pending: set[Future[Any]] = set()
     pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context)
     try:
         while queue or pending:
@@ -86,6 +82,6 @@ def _run_processes(
                 pending.add(pool.submit(_worker_evaluate, config, queue.pop()))
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
-                on_record(future.result())
+                on_result(future.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -3,9 +3,9 @@
 The driver (this process) connects to a cluster (``address``: ``auto``, ``HOST:PORT`` or
 ``ray://HOST:PORT``) or starts a Ray instance here (``address=None``), starts
 ``workers`` actors (``cpus_per_worker``, ``gpus_per_worker`` each), keeps two items in
-flight per actor and hands each record to ``on_record`` as it finishes. Actors run the
-same :class:`~blackbox_vqa.evaluation.runner.ItemEvaluator` as the local executor, with
-the same torch thread count, so they store the same results.
+flight per actor and hands each result to ``on_result`` as it finishes. Actors do the
+same work as the local executor (``config.load()``, then ``evaluate`` per item), with the
+same torch thread count, so they give the same results.
 
 No shared file system is assumed: unless ``shared_fs``, each item travels with the bytes
 of its image and human-map files (read here just before it is sent). The factory module
@@ -14,8 +14,9 @@ shipped to them through Ray's runtime environment.
 
 Faults: an actor whose process dies (killed, out of memory, its node lost) loses only the
 item it was running: that item is retried on a fresh actor, up to ``max_retries`` times,
-then recorded with status ``"failed"`` and the reason; items queued behind it are sent
-again without counting a try. A model error stops the run, as it does locally.
+then its result is ``config.failed(item, reason, detail)`` (``bbvqa evaluate``: a record
+with status ``"failed"``); items queued behind it are sent again without counting a try.
+A model error stops the run, as it does locally.
 """
 
 from __future__ import annotations
@@ -40,13 +41,8 @@ from blackbox_vqa.errors import (
     ModelError,
     NotSupportedError,
 )
-from blackbox_vqa.evaluation.runner import (
-    EvalConfig,
-    ItemEvaluator,
-    load_evaluator,
-    set_torch_threads,
-)
-from blackbox_vqa.evaluation.runstore import ItemRecord
+from blackbox_vqa.evaluation.executors import ItemWork, WorkConfig
+from blackbox_vqa.evaluation.runner import set_torch_threads
 
 __all__ = ["LOCAL_NODE_IP", "RayExecutor", "RaySettings", "ray_available"]
 
@@ -129,20 +125,20 @@ class _Failure:
 class _Worker:
     """The body of one Ray actor: loads the model once, then evaluates items."""
 
-    def __init__(self, config: EvalConfig) -> None:
+    def __init__(self, config: WorkConfig) -> None:
         self._config = config
-        self._evaluator: ItemEvaluator | None = None
+        self._evaluator: ItemWork | None = None
 
     def start(self) -> tuple[int, dict[str, str]] | _Failure:
         """Load the model: ``(pid, methods not available)``, or the failure."""
         try:
-            self._evaluator = load_evaluator(self._config)
+            self._evaluator = self._config.load()
             set_torch_threads(self._config.threads)
         except Exception as exc:
             return _Failure.of(exc)
         return os.getpid(), dict(self._evaluator.unavailable)
 
-    def evaluate(self, item: Item, files: Mapping[str, bytes]) -> ItemRecord | _Failure:
+    def evaluate(self, item: Item, files: Mapping[str, bytes]) -> Any:
         """The record of ``item`` (``files``: its files' bytes, when sent along)."""
         if self._evaluator is None:
             return _Failure("ModelError", "the worker has no model (start() was not called)")
@@ -224,14 +220,14 @@ class RayExecutor:
     def run(
         self,
         items: Sequence[Item],
-        config: EvalConfig,
-        on_record: Callable[[ItemRecord], None],
+        config: WorkConfig,
+        on_result: Callable[[Any], None],
     ) -> None:
-        """Evaluate ``items`` on the actors; ``on_record`` is called here, once per item."""
+        """Evaluate ``items`` on the actors; ``on_result`` is called here, once per item."""
         if not items:
             return
         with self._session() as ray:
-            _Run(ray, self.settings, config, on_record, self._facts).run(items)
+            _Run(ray, self.settings, config, on_result, self._facts).run(items)
 
     @contextmanager
     def _session(self) -> Iterator[Any]:
@@ -290,13 +286,13 @@ class _Run:
     """One run's bookkeeping on the driver: actors, items in flight, retries."""
 
     def __init__(
-        self, ray: Any, settings: RaySettings, config: EvalConfig,
-        on_record: Callable[[ItemRecord], None], facts: dict[str, Any],
+        self, ray: Any, settings: RaySettings, config: WorkConfig,
+        on_result: Callable[[Any], None], facts: dict[str, Any],
     ) -> None:
         self.ray = ray
         self.settings = settings
         self.config = config
-        self.on_record = on_record
+        self.on_result = on_result
         self.facts = facts
         self.remote = ray.remote(_Worker).options(
             num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker,
@@ -372,7 +368,7 @@ class _Run:
     def _deliver(self, item: Item, value: Any) -> None:
         if isinstance(value, _Failure):
             raise value.error(f" (item {item.key})")
-        self.on_record(value)
+        self.on_result(value)
 
     def _started(self, slot: _Slot, value: Any) -> None:
         slot.started = None
@@ -408,7 +404,9 @@ class _Run:
             _, item, tries = flights[0]
             if tries + 1 > self.settings.max_retries:
                 self.failed += 1
-                self.on_record(_failed_record(item, tries + 1, exc))
+                reason = (f"its Ray worker died on each of {tries + 1} tries "
+                          f"({type(exc).__name__})")
+                self.on_result(self.config.failed(item, reason, _first_line(exc)))
             else:
                 self.retried += 1
                 self.queue.appendleft((item, tries + 1))
@@ -437,12 +435,3 @@ class _Run:
                 f"{self.settings.cpus_per_worker:g} CPU and {self.settings.gpus_per_worker:g} "
                 f"GPU; the cluster has {resources.get('CPU', 0):g} CPU and "
                 f"{resources.get('GPU', 0):g} GPU")
-
-
-def _failed_record(item: Item, tries: int, exc: BaseException) -> ItemRecord:
-    """Status ``failed``; ``reason`` is the same for every such item (the results count
-    items by reason), ``detail`` is Ray's account of the last death."""
-    reason = f"its Ray worker died on each of {tries} tries ({type(exc).__name__})"
-    return ItemRecord(item.key, {"key": item.key, "question": item.question,
-                                 "status": "failed", "reason": reason,
-                                 "detail": _first_line(exc)})
