@@ -82,8 +82,9 @@ class _Remote:
 class FakeRay:
     exceptions = _Exceptions
 
-    def __init__(self, poison: Sequence[str] = ()) -> None:
+    def __init__(self, poison: Sequence[str] = (), *, latest_first: bool = False) -> None:
         self.poison = set(poison)
+        self.latest_first = latest_first
         self.refs: list[_Ref] = []
         self.deaths: list[str] = []
         self.actors = 0
@@ -94,6 +95,8 @@ class FakeRay:
     def wait(self, refs: list[_Ref], num_returns: int, timeout: float) \
             -> tuple[list[_Ref], list[_Ref]]:
         ordered = sorted(refs, key=lambda ref: ref.error is None)  # failures first
+        if self.latest_first:  # Ray does not promise to report results in call order
+            ordered.reverse()
         return ordered[:num_returns], ordered[num_returns:]
 
     def get(self, ref: _Ref, timeout: float | None = None) -> Any:
@@ -129,8 +132,11 @@ def _run(fake: FakeRay, items: list[Item], **settings: Any) \
     return records, facts
 
 
-def test_every_item_is_delivered_once_without_faults(items: list[Item]) -> None:
-    fake = FakeRay()
+@pytest.mark.parametrize("latest_first", [False, True])
+def test_every_item_is_delivered_once_without_faults(
+    items: list[Item], latest_first: bool
+) -> None:
+    fake = FakeRay(latest_first=latest_first)
     records, facts = _run(fake, items)
     assert sorted(r.key for r in records) == [item.key for item in items]
     assert all(r.meta["status"] == "done" for r in records)

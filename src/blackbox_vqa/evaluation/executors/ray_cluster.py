@@ -360,10 +360,11 @@ class _Run:
         if ref == slot.started:
             self._started(slot, value)
             return
-        flight = slot.flight.popleft()
-        if flight[0] != ref:  # an actor runs its calls in order
-            raise ClusterError("a Ray worker answered out of order")
-        self._deliver(flight[1], value)
+        # An actor runs its calls in order, but ray.wait may report them out of order.
+        index = next(i for i, flight in enumerate(slot.flight) if flight[0] == ref)
+        _, item, _ = slot.flight[index]
+        del slot.flight[index]
+        self._deliver(item, value)
 
     def _deliver(self, item: Item, value: Any) -> None:
         if isinstance(value, _Failure):
