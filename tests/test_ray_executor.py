@@ -286,6 +286,23 @@ def test_without_an_address_a_local_ray_instance_runs_the_items(tmp_path: Path) 
     assert timing["executor"] == "ray" and timing["address"] == "local"
 
 
+def test_compare_on_the_cluster_gives_the_serial_comparison(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    from test_compare_executors import BASE as COMPARE
+    from test_compare_executors import without_timings
+
+    serial = _bbvqa([*COMPARE, "--out", str(tmp_path / "serial")])
+    assert serial.returncode == 0, serial.stderr
+    remote = _bbvqa([*COMPARE, *cluster.options(), "--workers", "2",
+                     "--out", str(tmp_path / "ray")])
+    assert remote.returncode == 0, remote.stderr
+    docs = [json.loads((tmp_path / run / "comparison.json").read_text())
+            for run in ("serial", "ray")]
+    assert len(docs[0]["items"]) == 3
+    assert without_timings(docs[1]) == without_timings(docs[0])
+
+
 def test_an_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:
     port = _free_port(HEAD_IP)  # nothing listens there
     code, out, err = run_cli([*BASE, "--model", "toys:brightness_model", "--limit", "1",

@@ -20,6 +20,16 @@ from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.executor_options import (
+    CpusPerWorker,
+    ExecutorName,
+    GpusPerWorker,
+    RayAddress,
+    RayNodeIp,
+    RayWorkingDir,
+    SharedFs,
+    build_executor,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, ModelError
 
@@ -76,6 +86,15 @@ def compare_command(
                                         "comparison.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print comparison.json to "
                                           "stdout.")] = False,
+    workers: Annotated[int, typer.Option(help="--dataset: items compared in parallel: "
+                                         "local processes, or Ray actors.")] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_working_dir: RayWorkingDir = None,
+    shared_fs: SharedFs = False,
+    ray_node_ip: RayNodeIp = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
@@ -99,13 +118,27 @@ def compare_command(
     settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
                         answer=answer, k=top_k)
     resolved = _resolve(specs, model_settings)
+    run_on = None
+    if executor.strip().lower() != "local" or workers != 1:
+        if single:
+            raise InputError("--executor and --workers only apply with --dataset")
+        run_on = build_executor(executor, workers, {
+            "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
+            "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
+            "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
+    else:
+        build_executor(executor, workers, {  # refuses Ray options without --executor ray
+            "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
+            "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
+            "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
     if single and image is not None and question is not None:
         doc = _compare_image(resolved, image, question, settings, out, force, show=not as_json)
     else:
         doc = _compare_dataset(resolved, dataset or "", (limit or DEFAULT_LIMIT, seed),
                                settings, out, force,
                                {"questions": questions, "annotations": annotations,
-                                "images": images, "hat": hat}, show=not as_json)
+                                "images": images, "hat": hat}, show=not as_json,
+                               executor=run_on, model_threads=model_settings.threads)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     _raise_failures(doc)
@@ -274,7 +307,7 @@ def _compare_image(
 def _compare_dataset(
     resolved: list[tuple[str, str, Any]], dataset: str, sample: tuple[int, int],
     settings: _Options, out: Path | None, force: bool, files: dict[str, Path | None], *,
-    show: bool,
+    show: bool, executor: Any = None, model_threads: int | None = None,
 ) -> dict[str, Any]:
     from blackbox_vqa.comparison import (
         dataset_summary,
@@ -291,23 +324,36 @@ def _compare_dataset(
     listing = open_dataset(dataset, **files)
     count, seed = sample
     folder = _output_folder(out, dataset, force)
-    models = _load_models(resolved, settings)
-    specs = list(models)
+    chosen = select_items(listing.items, limit=count, seed=seed)
     results: list[Any] = []
     shown: list[tuple[Any, Any]] = []
     unreadable = 0
-    for item in select_items(listing.items, limit=count, seed=seed):
-        try:
-            pixels = load_image(item.image)
-        except ImageError:
-            unreadable += 1
-            continue
-        runs = _run_all(models, pixels, item.question, str(item.image), settings,
-                        f"{item.key} ")
-        result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
-        results.append(result)
-        if len(shown) < REPORT_ITEMS:
-            shown.append((result, pixels))
+    if executor is not None:
+        specs = [label for _, label, _ in resolved]
+        found = _run_executor(executor, resolved, settings, chosen, model_threads)
+        for item in chosen:
+            result = found[item.key]
+            if result is None:
+                unreadable += 1
+                continue
+            results.append(result)
+            if len(shown) < REPORT_ITEMS:
+                shown.append((result, load_image(item.image)))
+    else:
+        models = _load_models(resolved, settings)
+        specs = list(models)
+        for item in chosen:
+            try:
+                pixels = load_image(item.image)
+            except ImageError:
+                unreadable += 1
+                continue
+            runs = _run_all(models, pixels, item.question, str(item.image), settings,
+                            f"{item.key} ")
+            result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
+            results.append(result)
+            if len(shown) < REPORT_ITEMS:
+                shown.append((result, pixels))
     summary = dataset_summary(results, specs)
     skipped = dict(listing.skipped)
     if unreadable:
@@ -334,6 +380,33 @@ def _compare_dataset(
     if show:
         _print_dataset(summary, folder)
     return doc
+
+
+def _run_executor(
+    executor: Any, resolved: Sequence[tuple[str, str, Any]], options: _Options,
+    items: Sequence[Any], threads: int | None,
+) -> dict[str, Any]:
+    """key -> ItemResult (None: unreadable image), every model loaded once per worker."""
+    from blackbox_vqa.cli.model_options import resolve
+    from blackbox_vqa.comparison import CompareConfig, CompareModel
+    from blackbox_vqa.explainers.registry import MethodSettings
+
+    models = []
+    for text, label, model_settings in resolved:
+        spec = resolve(text, model_settings)[0]
+        models.append(CompareModel(label, spec, model_settings.extra(spec, strict=False)))
+    config = CompareConfig(
+        models=tuple(models), methods=options.methods,
+        settings=MethodSettings(grid=options.grid, baseline=options.baseline,
+                                batch_size=options.batch_size),
+        answer=options.answer, k=options.k, threads=threads)
+    found: dict[str, Any] = {}
+
+    def on_result(result: tuple[str, Any]) -> None:
+        found[result[0]] = result[1]
+
+    executor.run(items, config, on_result)
+    return found
 
 
 def _raise_failures(doc: dict[str, Any]) -> None:

@@ -17,6 +17,16 @@ from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.executor_options import (
+    CpusPerWorker,
+    ExecutorName,
+    GpusPerWorker,
+    RayAddress,
+    RayNodeIp,
+    RayWorkingDir,
+    SharedFs,
+    build_executor,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options_except
 from blackbox_vqa.errors import InputError
 
@@ -52,23 +62,13 @@ def evaluate_command(
                                       "the cross-validation folds.")] = 0,
     workers: Annotated[int, typer.Option(help="Items evaluated in parallel: local "
                                          "processes, or Ray actors.")] = 1,
-    executor: Annotated[str, typer.Option(help="Where items run: local (this machine's "
-                                          "processes) or ray (Ray actors).")] = "local",
-    ray_address: Annotated[str | None, typer.Option(
-        help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a Ray "
-        "instance on this machine, loopback only).")] = None,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each Ray actor "
-                                                   "reserves.")] = 1.0,
-    gpus_per_worker: Annotated[float, typer.Option(help="GPUs each Ray actor "
-                                                   "reserves.")] = 0.0,
-    ray_working_dir: Annotated[Path | None, typer.Option(
-        help="Folder shipped to the Ray workers (their working directory, importable): "
-        "where a package.module:factory spec's module lives.")] = None,
-    shared_fs: Annotated[bool, typer.Option(
-        help="Ray workers read the image and map paths themselves (valid on every node); "
-        "otherwise each item travels with its files' bytes.")] = False,
-    ray_node_ip: Annotated[str | None, typer.Option(
-        help="This machine's IP address as the Ray cluster sees it.")] = None,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_working_dir: RayWorkingDir = None,
+    shared_fs: SharedFs = False,
+    ray_node_ip: RayNodeIp = None,
     threads: Annotated[int, typer.Option(help="Torch CPU threads per process (equal counts "
                                          "give bit-identical results).")] = 1,
     grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
@@ -101,7 +101,7 @@ def evaluate_command(
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
-    run_on = _executor(executor, workers, {
+    run_on = build_executor(executor, workers, {
         "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
         "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
         "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
@@ -147,47 +147,6 @@ def _check_numbers(
         raise InputError(f"--grid must be >= 1, got {grid}")
     if folds < 2:
         raise InputError(f"--folds must be >= 2, got {folds}")
-
-
-_RAY_DEFAULTS: dict[str, Any] = {
-    "--ray-address": None, "--cpus-per-worker": 1.0, "--gpus-per-worker": 0.0,
-    "--ray-working-dir": None, "--shared-fs": False, "--ray-node-ip": None,
-}
-
-
-def _executor(name: str, workers: int, ray_options: dict[str, Any]) -> Any:
-    """The executor named by ``--executor``, its options checked before any work."""
-    from blackbox_vqa.evaluation.executors import EXECUTORS
-
-    choice = name.strip().lower()
-    if choice not in EXECUTORS:
-        raise InputError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
-    if choice == "local":
-        given = [option for option, value in ray_options.items()
-                 if value != _RAY_DEFAULTS[option]]
-        if given:
-            raise InputError(f"{', '.join(given)} only apply with --executor ray")
-        from blackbox_vqa.evaluation.executors.local import LocalExecutor
-
-        return LocalExecutor(workers=workers)
-    from blackbox_vqa.errors import NotSupportedError
-    from blackbox_vqa.evaluation.executors.ray_cluster import (
-        RayExecutor,
-        RaySettings,
-        ray_available,
-    )
-
-    if not ray_available():
-        raise NotSupportedError("--executor ray needs Ray: pip install 'blackbox-vqa[ray]'")
-    folder = ray_options["--ray-working-dir"]
-    executor = RayExecutor(RaySettings(
-        address=ray_options["--ray-address"], workers=workers,
-        cpus_per_worker=ray_options["--cpus-per-worker"],
-        gpus_per_worker=ray_options["--gpus-per-worker"],
-        working_dir=None if folder is None else str(folder),
-        shared_fs=ray_options["--shared-fs"], node_ip=ray_options["--ray-node-ip"]))
-    executor.check_cluster()
-    return executor
 
 
 def _run(store: Any, chosen: Sequence[Any], config: Any, executor: Any) -> dict[str, Any]:
