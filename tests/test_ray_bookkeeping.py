@@ -1,5 +1,6 @@
 """The Ray executor's bookkeeping (retries, failed items, results kept from a dying actor)
-against a scripted stand-in for Ray: exact, fast, and runs where Ray is not installed.
+against a scripted stand-in for Ray: exact, fast, and runs where Ray is not installed;
+with one item in flight per actor (the executor's setting) and with two.
 
 The stand-in runs each actor call at once, in this process, with the real actor body
 (``_Worker``); an actor "dies" on the items named in ``poison``, failing that call and
@@ -18,6 +19,7 @@ from PIL import Image
 
 from blackbox_vqa.datasets import Item
 from blackbox_vqa.errors import ModelLoadError
+from blackbox_vqa.evaluation.executors import ray_cluster
 from blackbox_vqa.evaluation.executors.ray_cluster import RaySettings, _Run
 from blackbox_vqa.evaluation.runner import EvalConfig
 from blackbox_vqa.evaluation.runstore import ItemRecord
@@ -109,6 +111,13 @@ class FakeRay:
 
     def cluster_resources(self) -> dict[str, float]:
         return {"CPU": 2.0}
+
+
+@pytest.fixture(autouse=True, params=[1, 2], ids=["one-in-flight", "two-in-flight"])
+def in_flight(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The executor sends one item at a time; the bookkeeping must also hold for more."""
+    monkeypatch.setattr(ray_cluster, "IN_FLIGHT_PER_WORKER", request.param)
+    return int(request.param)
 
 
 CONFIG = EvalConfig(model="toys:brightness_model", methods=("occlusion",),

@@ -2,7 +2,7 @@
 
 The driver (this process) connects to a cluster (``address``: ``auto``, ``HOST:PORT`` or
 ``ray://HOST:PORT``) or starts a Ray instance here (``address=None``), starts
-``workers`` actors (``cpus_per_worker``, ``gpus_per_worker`` each), keeps two items in
+``workers`` actors (``cpus_per_worker``, ``gpus_per_worker`` each), keeps one item in
 flight per actor and hands each result to ``on_result`` as it finishes. Actors do the
 same work as the local executor (``config.load()``, then ``evaluate`` per item), with the
 same torch thread count, so they give the same results.
@@ -15,8 +15,7 @@ shipped to them through Ray's runtime environment.
 Faults: an actor whose process dies (killed, out of memory, its node lost) loses only the
 item it was running: that item is retried on a fresh actor, up to ``max_retries`` times,
 then its result is ``config.failed(item, reason, detail)`` (``bbvqa evaluate``: a record
-with status ``"failed"``); items queued behind it are sent again without counting a try.
-A model error stops the run, as it does locally.
+with status ``"failed"``). A model error stops the run, as it does locally.
 """
 
 from __future__ import annotations
@@ -51,7 +50,10 @@ LOCAL_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
 whole 127/8 is loopback, and Ray treats 127.0.0.1 specially (it swaps in the machine's
 interface address), so 127.0.0.2 is used there."""
 
-IN_FLIGHT_PER_WORKER = 2
+IN_FLIGHT_PER_WORKER = 1
+"""Items sent to an actor at a time. One, so that when an actor dies the item it was
+running is known: with two, Ray can fail a call the actor had finished (its reply not yet
+in) together with the one that killed it, and the wrong item would be charged the try."""
 START_TIMEOUT_S = 300.0
 _POLL_S = 1.0
 _REASON_CHARS = 300
