@@ -306,7 +306,6 @@ class _Run:
         self.retried = 0
         self.failed = 0
         self.start_deaths = 0
-        self.notes: dict[str, str] = {}
 
     def run(self, items: Sequence[Item]) -> None:
         self.queue.extend((item, 0) for item in items)
@@ -319,7 +318,7 @@ class _Run:
                 with suppress(Exception):  # already gone, or the cluster is: nothing to do
                     self.ray.kill(slot.handle, no_restart=True)
             self.facts.update(worker_deaths=self.deaths, items_retried=self.retried,
-                              items_failed=self.failed, unavailable=self.notes)
+                              items_failed=self.failed)
 
     def _start_actor(self) -> None:
         handle = self.remote.remote(self.config)
@@ -381,8 +380,7 @@ class _Run:
                 suffix = (" on the Ray workers; ship the module's folder with "
                           "--ray-working-dir DIR, or install it on every node")
             raise value.error(suffix)
-        slot.pid, unavailable = value
-        self.notes.update(unavailable)
+        slot.pid = value[0]  # value[1]: methods not available (in every record too)
 
     def _lost_worker_errors(self) -> tuple[type[BaseException], ...]:
         found = self.ray.exceptions
