@@ -58,3 +58,19 @@ def test_workers_are_refused_for_one_image(tmp_path: Path, square_image: Path) -
     code, _, err = run_cli(["compare", *MODELS, "--image", str(square_image), "--question",
                             "is it bright?", "--workers", "2", "--out", str(tmp_path / "r")])
     assert code == 2 and "--executor and --workers only apply with --dataset" in err
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_the_ray_executor_without_ray_installed_is_one_line_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from blackbox_vqa.evaluation.executors import ray_cluster
+
+    monkeypatch.setattr(ray_cluster, "ray_available", lambda: False)
+    args = BASE if command == "compare" else [
+        "evaluate", "--model", "toys:brightness_model", "--dataset", "easyvqa:test",
+        "--limit", "1"]
+    code, out, err = run_cli([*args, "--executor", "ray", "--out", str(tmp_path / "run")])
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "--executor ray needs Ray: pip install 'blackbox-vqa[ray]'" in err
+    assert not (tmp_path / "run").exists()
