@@ -162,13 +162,31 @@ def test_rerunning_with_other_settings_is_refused(
     assert again == 0 and "2 stored earlier, 0 to evaluate" in err
 
 
+def assert_close(got: object, expected: object, *, atol: float = 1e-6) -> None:
+    """``got == expected`` for JSON-like values, floats within ``atol`` (float32 round-off
+    between computations ordered differently); everything else exactly."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected)
+        for key, value in expected.items():
+            assert_close(got[key], value, atol=atol)
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            assert_close(a, b, atol=atol)
+    elif isinstance(expected, float) and not isinstance(got, bool):
+        assert got == pytest.approx(expected, rel=0, abs=atol, nan_ok=True)
+    else:
+        assert got == expected
+
+
 def _load_run(run: Path) -> dict[str, tuple[dict[str, object], dict[str, np.ndarray]]]:
     out = {}
     for path in sorted((run / "items").glob("*.npz")):
         with np.load(path) as archive:
             meta = json.loads(str(archive["meta"][()]))
             meta.pop("seconds")
-            out[path.name] = (meta, {k: archive[k] for k in archive.files if k != "meta"})
+            out[path.name] = (meta, {k: archive[k] for k in archive.files
+                                    if k not in ("meta", "item_key")})
     return out
 
 
@@ -182,15 +200,17 @@ def test_parallel_workers_give_results_identical_to_a_serial_run(
     assert code == 0, err
     serial, parallel = _load_run(tmp_path / "serial"), _load_run(tmp_path / "parallel")
     assert list(serial) == list(parallel) and len(serial) == 4
+    # Same items, answers and words; numbers equal to float32 round-off: a worker process
+    # may run torch with another thread count, whose kernels sum in another order.
     for name, (meta, arrays) in serial.items():
-        assert parallel[name][0] == meta
+        assert_close(parallel[name][0], meta)
         assert set(arrays) == {"occlusion.image", "occlusion.words"}
         for key, array in arrays.items():
-            np.testing.assert_array_equal(parallel[name][1][key], array)
+            np.testing.assert_allclose(parallel[name][1][key], array, rtol=0, atol=1e-6)
     results = [json.loads((tmp_path / r / "results.json").read_text())
                for r in ("serial", "parallel")]
     for key in ("human_attention", "pos", "accuracy", "failure_prediction"):
-        assert results[0][key] == results[1][key]
+        assert_close(results[1][key], results[0][key])
     assert results[1]["timing"]["workers"] == 2
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.evaluation.runstore import ItemRecord, RunStore
+from cli_runner import run_cli
 
 SETTINGS = {"model": "m", "methods": ["occlusion"], "limit": 3, "seed": 0}
 
@@ -87,3 +88,54 @@ def test_keys_must_be_file_names(tmp_path: Path) -> None:
     with RunStore.open(tmp_path, SETTINGS) as store, \
             pytest.raises(InputError, match="not usable as a file name"):
         store.write(_record("../escape", 0.0))
+
+
+def test_an_item_file_copied_over_another_is_not_trusted(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        store.write(_record("q1", 0.5))
+        store.write(_record("q2", -1.0))
+        store.path("q1").write_bytes(store.path("q2").read_bytes())  # q2's result as q1's
+        assert store.done_keys() == {"q2"}  # q1 is done again
+        assert len(store.rejected) == 1
+        assert "q1.npz holds item 'q2' (copied over?); item 'q1' will be computed again" \
+            in store.rejected[0]
+        with pytest.raises(InputError, match=r"q1\.npz holds item 'q2'.*delete it"):
+            store.read("q1")
+        store.write(_record("q1", 0.5))  # redone: trusted again
+        assert store.done_keys() == {"q1", "q2"} and store.rejected == []
+        assert store.read("q1").meta["value"] == 0.5
+
+
+def test_item_files_of_earlier_versions_are_checked_by_their_meta_key(tmp_path: Path) -> None:
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        for key, named in (("q1", "q1"), ("q2", "q1"), ("q3", None)):
+            meta = {"status": "done"} if named is None else {"key": named, "status": "done"}
+            np.savez(store.path(key), meta=np.asarray(json.dumps(meta)),
+                     **{"occlusion.image": np.zeros((2, 2))})
+        assert store.done_keys() == {"q1"}
+        assert [m.split("items/")[1] for m in store.rejected] == [
+            "q2.npz holds item 'q1' (copied over?); item 'q2' will be computed again",
+            "q3.npz does not say which item it holds; item 'q3' will be computed again"]
+        assert store.read("q1").meta == {"key": "q1", "status": "done"}
+
+
+def test_evaluate_recomputes_an_item_whose_file_was_replaced(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["evaluate", "--model", "toys:brightness_model", "--dataset", "easyvqa:test",
+            "--limit", "3", "--grid", "4", "--methods", "occlusion", "--out", str(run)]
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    honest = json.loads((run / "results.json").read_text())
+    first, second, _ = sorted((run / "items").glob("*.npz"))
+    first.write_bytes(second.read_bytes())
+    (run / "results.json").unlink()
+    code, _, err = run_cli(args)
+    assert code == 0, err
+    assert "2 stored earlier, 1 to evaluate" in err
+    again = json.loads((run / "results.json").read_text())
+    assert again["human_attention"] == honest["human_attention"]
+    assert again["accuracy"] == honest["accuracy"]
+    settings = json.loads((run / "settings.json").read_text())
+    settings.pop("schema")
+    with RunStore.open(run, settings) as store:
+        assert store.read(first.name[:-4]).meta["key"] == first.name[:-4]

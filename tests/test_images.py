@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import os
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.errors import ImageError
-from blackbox_vqa.images import load_image, to_rgb_array
+from blackbox_vqa.errors import ImageError, ImageTooLargeError, InputError
+from blackbox_vqa.images import MAX_IMAGE_PIXELS, decode_image_bytes, load_image, to_rgb_array
+from cli_runner import run_cli
 
 
 def test_png_and_jpeg_load_as_rgb(tmp_path: Path) -> None:
@@ -87,3 +91,92 @@ def test_bad_arrays(array: np.ndarray, message: str) -> None:
 def test_unsupported_type() -> None:
     with pytest.raises(ImageError, match="got int"):
         to_rgb_array(5)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ hostile files
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` RGB pixels, with no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_16_bit_grayscale_pngs_are_scaled_not_white(tmp_path: Path) -> None:
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # a real 16-bit grayscale PNG
+    with Image.open(tmp_path / "deep.png") as opened:
+        assert opened.mode.startswith("I")
+    loaded = load_image(tmp_path / "deep.png")
+    expected = np.rint(ramp / 257.0).astype(np.uint8)
+    assert loaded.dtype == np.uint8 and loaded.shape == (64, 64, 3)
+    np.testing.assert_array_equal(loaded[:, :, 0], expected)
+    assert (loaded[:, :, 0] == loaded[:, :, 2]).all()
+    assert loaded.min() == 0 and 250 <= loaded.max() <= 255 and len(np.unique(loaded)) > 200
+    # 32-bit integer grayscale (mode I) follows the same 0-65535 scale, clipped.
+    wide = np.array([[0, 257, 65535, 70000], [-5, 514, 0, 0]], dtype=np.int32)
+    assert to_rgb_array(Image.fromarray(wide, mode="I"))[:, :, 1].tolist() == \
+        [[0, 1, 255, 255], [0, 2, 0, 0]]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    stored = np.zeros((32, 64, 3), dtype=np.uint8)  # 64 wide, 32 high as stored
+    stored[:, :32] = (255, 0, 0)  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright = load_image(tmp_path / "photo.jpg")
+    assert upright.shape == (64, 32, 3)  # as a viewer shows it: portrait
+    assert upright[8, 16, 0] > 200 and upright[56, 16, 0] < 50  # red on top now
+    data = (tmp_path / "photo.jpg").read_bytes()
+    np.testing.assert_array_equal(decode_image_bytes(data), upright)
+
+
+@pytest.mark.parametrize(("width", "height"), [(50_000, 50_000), (10_000, 10_000)],
+                         ids=["past-pillow-error", "past-pillow-warning"])
+def test_a_huge_image_is_refused_from_its_header(tmp_path: Path, width: int, height: int) -> None:
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(width, height))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw DecompressionBombWarning
+        with pytest.raises(ImageTooLargeError, match=f"limit is {MAX_IMAGE_PIXELS} pixels"):
+            load_image(path)
+    if width * height > 2 * Image.MAX_IMAGE_PIXELS:  # Pillow's own cap stays a cap
+        with pytest.raises(ImageTooLargeError, match="Pillow's own cap"):
+            load_image(path, max_pixels=width * height)
+        return
+    # A limit of one's own; the file has no pixel data, so only the header was read.
+    with pytest.raises(ImageTooLargeError, match=f"{width}x{height}"):
+        load_image(path, max_pixels=width * height - 1)
+    with pytest.raises(ImageError, match="cannot read image"):  # within the limit: decoded
+        load_image(tmp_path / "bomb.png", max_pixels=width * height)
+
+
+def test_a_directory_or_a_device_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="is a directory, not an image file"):
+        load_image(tmp_path)
+    with pytest.raises(ImageError, match="is not a regular file"):
+        load_image(os.devnull)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="is not a regular file"):
+        load_image(fifo)  # returns at once: a pipe is never opened
+
+
+@pytest.mark.parametrize("kind", ["bomb", "directory", "device"])
+def test_cli_refuses_bad_image_paths_with_exit_2(tmp_path: Path, kind: str) -> None:
+    path = {"bomb": tmp_path / "bomb.png", "directory": tmp_path,
+            "device": Path(os.devnull)}[kind]
+    if kind == "bomb":
+        path.write_bytes(png_declaring(50_000, 50_000))
+    code, _, err = run_cli(["explain", "-i", str(path), "-q", "is it bright?",
+                            "--out", str(tmp_path / "out")])
+    assert code == InputError.exit_code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err and "unexpected" not in err
+    words = {"bomb": "pixels; the limit is", "directory": "is a directory",
+             "device": "is not a regular file"}[kind]
+    assert words in err

@@ -21,7 +21,10 @@ from blackbox_vqa.models.reference import (
     reference_adapter,
 )
 from blackbox_vqa.models.training import (
+    DISTRACTOR_GREY,
     TrainConfig,
+    add_distractors,
+    background_masks,
     load_split,
     normalise,
     pad_questions,
@@ -155,6 +158,27 @@ def test_training_smoke_run_writes_weights_that_load_back(tmp_path: Path) -> Non
     tokens = pad_questions(tokenizer, ["what color is the shape?"])
     with torch.no_grad():
         torch.testing.assert_close(module(images, tokens), result.model(images, tokens))
+
+
+def test_distractors_land_on_the_background_only() -> None:
+    images = np.full((6, 32, 32, 3), 240, dtype=np.uint8)
+    images[:, 4:12, 4:12] = (0, 0, 255)
+    background = background_masks(images)
+    assert background.shape == (6, 32, 32) and not background[:, 4:12, 4:12].any()
+    out = add_distractors(images, background, np.random.default_rng(0), 1.0)
+    changed = (out != images).any(axis=3)
+    assert changed.any(axis=(1, 2)).all()  # probability 1: every image got squares
+    assert not changed[:, 3:13, 3:13].any()  # never the shape nor its 1-pixel margin
+    colours = {tuple(int(v) for v in out[i, r, c]) for i, r, c in np.argwhere(changed)}
+    assert DISTRACTOR_GREY in colours and len(colours) > 1
+    again = add_distractors(images, background, np.random.default_rng(0), 1.0)
+    np.testing.assert_array_equal(out, again)
+    unchanged = add_distractors(images, background, np.random.default_rng(0), 0.0)
+    np.testing.assert_array_equal(unchanged, images)
+    with pytest.raises(InputError, match="distractors must be in"):
+        TrainConfig(distractors=1.5)
+    with pytest.raises(InputError, match="label_smoothing must be in"):
+        TrainConfig(label_smoothing=1.0)
 
 
 def test_training_is_reproducible_from_the_seed() -> None:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -351,3 +352,84 @@ def test_serve_command_serves_with_a_token_from_the_environment() -> None:
     rest = proc.stderr.read() if proc.stderr else ""
     assert "server stopped" in rest
     assert "Traceback" not in rest and "env-t0ken" not in rest
+
+
+# ------------------------------------------------------------------ hostile requests
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` pixels (valid CRCs, no pixel data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data).to_bytes(4, "big")
+        return len(data).to_bytes(4, "big") + kind + data + crc
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def npy_declaring(shape: str) -> bytes:
+    """A ``.npy`` file of ``uint8`` whose header declares ``shape`` (12 bytes of data)."""
+    text = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"
+    text += " " * (63 - 10 - len(text)) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode() + bytes(12)
+
+
+@pytest.mark.parametrize(
+    ("file", "code", "words"),
+    [
+        # 50000 x 50000: past Pillow's decompression-bomb error limit, refused from the header.
+        (png_declaring(50_000, 50_000), "image_too_large", "limit is 1024 pixels"),
+        (png_declaring(20_000, 5_000), "image_too_large", "20000x5000"),
+        (npy_declaring("(-2, -2, 3)"), "invalid_image", "must be H x W x 3"),
+        (npy_declaring("(2, -2, 3)"), "invalid_image", "must be H x W x 3"),
+    ],
+    ids=["png-bomb", "png-over-limit", "npy-negative", "npy-one-negative"],
+)
+@pytest.mark.parametrize("binary", [False, True])
+def test_hostile_image_files_get_a_json_422(
+    server: str, file: bytes, code: str, words: str, binary: bool
+) -> None:
+    if binary:
+        response = httpx.post(server + "/v1/answer_probs",
+                              content=encode_binary_batch([file], ["bright?"]),
+                              headers={"Content-Type": BINARY_CONTENT_TYPE})
+    else:
+        response = httpx.post(server + "/v1/answer_probs",
+                              json={"items": [{"image": b64(file), "question": "bright?"}]})
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["code"] == code and words in error["message"]
+
+
+def test_a_deeply_nested_binary_header_gets_a_json_422(server: str) -> None:
+    body = b"[" * 15_000 + b"\n"
+    response = httpx.post(server + "/v1/answer_probs", content=body,
+                          headers={"Content-Type": BINARY_CONTENT_TYPE})
+    assert response.status_code == 422, response.text
+    assert "nested too deeply" in error_of(response)["message"]
+    nested_json = b'{"items": ' + b"[" * 9_000 + b"]" * 9_000 + b"}"
+    response = httpx.post(server + "/v1/answer_probs", content=nested_json,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert error_of(response)["code"] == "invalid_request"
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(server: str) -> None:
+    for path in ("/v1/info/", "/v1/health/", "/v1/answer_probs/"):
+        response = httpx.get(server + path, headers={"Host": "evil.example"})
+        assert response.status_code == 404, path
+        assert "location" not in response.headers
+        assert error_of(response)["code"] == "not_found"
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_post_without_a_json_content_type_gets_415(
+    server: str, content_type: str | None
+) -> None:
+    body = json.dumps({"items": [item(gray(200))]}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    response = httpx.post(server + "/v1/answer_probs", content=body, headers=headers)
+    assert response.status_code == 415
+    error = error_of(response)
+    assert error["code"] == "unsupported_media_type"
+    assert ("no Content-Type" if content_type is None else content_type) in error["message"]

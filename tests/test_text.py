@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from blackbox_vqa.errors import InputError, QuestionError
-from blackbox_vqa.text import WordTokenizer, drop_word, split_words, validate_question, word_spans
+from blackbox_vqa.text import (
+    WordTokenizer,
+    drop_word,
+    split_words,
+    terminal_safe,
+    validate_question,
+    word_spans,
+)
 
 
 def test_split_words_keeps_inner_apostrophes_and_hyphens() -> None:
@@ -63,3 +70,26 @@ def test_tokenizer_min_count_and_reserved_ids() -> None:
         WordTokenizer({"x": 1})
     with pytest.raises(InputError, match="kind 'word'"):
         WordTokenizer.from_dict({"kind": "bpe"})
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("yes", "yes"),
+        ("caf\u00e9 \u732b \\x1b", "caf\u00e9 \u732b \\x1b"),  # printable and backslashes kept
+        ("\x1b]0;pwned\x07", r"\x1b]0;pwned\x07"),  # OSC: retitle the terminal
+        ("\x1b[2J\x1b[Hok", r"\x1b[2J\x1b[Hok"),  # CSI: clear the screen
+        ("a\x9b31mb", r"a\x9b31mb"),  # C1 one-byte CSI
+        ("line\nfake prompt$ ", r"line\x0afake prompt$ "),
+        ("tab\there\r\x00\x7f", r"tab\x09here\x0d\x00\x7f"),
+        ("abc\u202edcba\u2066x\u2069\u2028", r"abc\u202edcba\u2066x\u2069\u2028"),
+    ],
+)
+def test_terminal_safe_escapes_every_control_visibly(text: str, shown: str) -> None:
+    safe = terminal_safe(text)
+    assert safe == shown
+    assert all(ch.isprintable() or ch == " " for ch in safe)
+
+
+def test_terminal_safe_can_keep_newlines() -> None:
+    assert terminal_safe("a\nb\x1b[1m", newlines=True) == "a\nb\\x1b[1m"

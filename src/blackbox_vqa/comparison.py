@@ -42,6 +42,7 @@ __all__ = [
     "run_dict",
     "shared_answers",
     "top_words",
+    "with_metrics",
 ]
 
 ProgressFactory = Callable[[str], Any]
@@ -383,6 +384,7 @@ class CompareConfig:
     answer: str | None = None
     k: int = 10
     threads: int | None = None
+    metrics: bool = False
 
     def load(self) -> CompareWorker:
         """Load every model and bind the methods."""
@@ -431,5 +433,25 @@ class CompareWorker:
         runs = [explain_model(label, explainer, pixels, item.question,
                               image_path=str(item.image), answer=self.config.answer)
                 for label, explainer in self.explainers.items()]
+        if self.config.metrics:
+            runs = [self._with_metrics(run, pixels) for run in runs]
         maps = human_maps(item, pixels, files=given)
         return str(item.key), item_result(item, runs, maps, k=self.config.k)
+
+    def _with_metrics(self, run: ModelRun, pixels: NDArray[Any]) -> ModelRun:
+        options = self.config.settings
+        return with_metrics(run, self.explainers[run.spec].model, pixels,
+                            baseline=options.baseline, batch_size=options.batch_size)
+
+
+def with_metrics(run: ModelRun, model: Any, pixels: NDArray[Any], *, baseline: str,
+                 batch_size: str) -> ModelRun:
+    """The run with its explanation's ``metrics`` section (a failed run as it is)."""
+    from blackbox_vqa.evaluation.metrics import explanation_metrics
+
+    if run.explanation is None:
+        return run
+    metrics = explanation_metrics(model, pixels, run.explanation, baseline=baseline,
+                                  batch_size=batch_size)
+    sections = {**run.explanation.sections, "metrics": metrics}
+    return replace(run, explanation=replace(run.explanation, sections=sections))

@@ -13,6 +13,7 @@ __all__ = [
     "ClusterError",
     "GradientUnavailableError",
     "ImageError",
+    "ImageTooLargeError",
     "InputError",
     "ModelError",
     "ModelLoadError",
@@ -36,6 +37,10 @@ class InputError(BlackboxVQAError, ValueError):
 
 class ImageError(InputError):
     """An image is missing, unreadable, or of an unusable size."""
+
+
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than allowed (refused from its header, before decoding)."""
 
 
 class QuestionError(InputError):

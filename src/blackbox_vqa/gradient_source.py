@@ -35,15 +35,24 @@ def graph_beside(vqa: Any) -> Path | None:
     return None
 
 
+_ADAPTER_KINDS = {
+    "blackbox_vqa.adapters.onnx_runtime": "onnx",
+    "blackbox_vqa.adapters.http_endpoint": "http",
+}
+"""Adapter module -> spec kind, for models whose label is not their spec."""
+
+
 def no_gradients_reason(spec: str, vqa: Any) -> str:
     """Why `spec` has no gradients, and how to get them (one line)."""
     from blackbox_vqa.errors import InputError
     from blackbox_vqa.specs import spec_kind
 
-    try:
-        kind = spec_kind(spec)
-    except InputError:  # a label, not a spec (a model object passed from Python)
-        kind = "object"
+    kind = _ADAPTER_KINDS.get(type(vqa).__module__, "")
+    if not kind:
+        try:
+            kind = spec_kind(spec)
+        except InputError:  # a label, not a spec (a model object passed from Python)
+            kind = "object"
     what = {
         "onnx": "an ONNX file with no exported PyTorch graph beside it (ONNX Runtime "
         "computes no gradients)",

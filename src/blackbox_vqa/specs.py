@@ -1,15 +1,24 @@
 """Model specs on the command line: which adapter a ``--model SPEC`` string means.
 
 Kinds: ``easyvqa`` (the built-in reference model), ``path.onnx``, an exported PyTorch
-graph file, ``http://host:port[/path]``, and ``package.module:factory`` (a callable that
-returns any object with the model protocol). Each kind has one loader in ``LOADERS``.
+graph file, ``http://host:port[/path]``, ``hf:PATH_OR_ID`` (a Hugging Face
+``transformers`` VQA model: a ``save_pretrained`` folder, or a hub id where the hub is
+reachable), and ``package.module:factory`` (a callable that returns any object with the
+model protocol; the current directory is importable, as uvicorn does for apps). A factory
+takes keyword arguments after ``?``: ``pkg.mod:make?size=64&name=small`` calls
+``make(size=64, name="small")`` (values that read as an int, a float, ``true``/``false``
+or ``none`` are converted; anything else is a string). Each kind has one loader in
+``LOADERS``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import re
+import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +26,16 @@ from typing import Any
 from blackbox_vqa.adapters.base import VQAModel, check_model
 from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
 
-__all__ = ["LOADERS", "ModelOptions", "display_spec", "load_model", "spec_kind"]
+__all__ = [
+    "LOADERS",
+    "ModelOptions",
+    "factory_arguments",
+    "load_model",
+    "public_spec",
+    "spec_kind",
+]
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*(\?.*)?$")
 GRAPH_SUFFIXES = (".pt2", ".ts", ".torchscript")
 
 
@@ -33,12 +49,38 @@ class ModelOptions:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def public_spec(spec: str) -> str:
+    """``spec`` as it may be shown or written to an output: an ``http(s)://`` spec without
+    user name, password, query or fragment (any may hold a secret); others unchanged.
+
+    ``http://user:tok@host:8000/m?key=k`` -> ``http://host:8000/m``. A URL too broken to
+    split loses everything before its last ``@`` and after its first ``?`` or ``#``.
+    """
+    text = spec.strip()
+    if not text.lower().startswith(("http://", "https://")):
+        return spec
+    try:
+        parts = urllib.parse.urlsplit(text)
+        host = parts.netloc.rpartition("@")[2]
+        return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+    except ValueError:
+        scheme, _, rest = text.partition("://")
+        rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+        authority, slash, path = rest.partition("/")
+        return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
 def spec_kind(spec: str) -> str:
-    """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"`` or ``"factory"``; else InputError."""
+    """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"``, ``"hf"`` or ``"factory"``; else
+    InputError."""
     text = spec.strip()
     lower = text.lower()
     if lower == "easyvqa":
         return "easyvqa"
+    if lower.startswith("hf:"):
+        if not text[3:].strip():
+            raise InputError(f"model spec {spec!r} names no model; use hf:PATH_OR_ID")
+        return "hf"
     if lower.startswith(("http://", "https://")):
         return "http"
     if lower.endswith(".onnx"):
@@ -49,27 +91,8 @@ def spec_kind(spec: str) -> str:
         return "factory"
     raise InputError(
         f"model spec {spec!r} is not one of: easyvqa, PATH.onnx, PATH.pt2/.ts (exported "
-        "graph), http://host:port[/path], package.module:factory"
+        "graph), http://host:port[/path], hf:PATH_OR_ID, package.module:factory[?key=value]"
     )
-
-
-def display_spec(spec: str) -> str:
-    """``spec`` fit to show and write: an URL loses its user name, password, query and
-    fragment; other specs are unchanged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    text = spec.strip()
-    if not text.lower().startswith(("http://", "https://")):
-        return text
-    try:
-        parts = urlsplit(text)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = host if parts.port is None else f"{host}:{parts.port}"
-    except ValueError:
-        return text.split("@")[-1].split("?")[0]
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _load_easyvqa(spec: str, options: ModelOptions) -> object:
@@ -78,8 +101,44 @@ def _load_easyvqa(spec: str, options: ModelOptions) -> object:
     return reference_adapter()
 
 
+def factory_arguments(query: str) -> dict[str, Any]:
+    """``"size=64&name=small"`` -> ``{"size": 64, "name": "small"}`` (see the module doc)."""
+    arguments: dict[str, Any] = {}
+    for part in filter(None, query.split("&")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise InputError(
+                f"factory argument {part!r} is not key=value with a Python name as the key"
+            )
+        arguments[key] = _argument_value(value.strip())
+    return arguments
+
+
+def _argument_value(text: str) -> Any:
+    lower = text.lower()
+    if lower in ("true", "false"):
+        return lower == "true"
+    if lower == "none":
+        return None
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
+def _cwd_importable() -> None:
+    """Put the current directory first on ``sys.path`` (as uvicorn does for app specs)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def _load_factory(spec: str, options: ModelOptions) -> object:
-    module_name, _, attr_path = spec.strip().partition(":")
+    target_text, _, query = spec.strip().partition("?")
+    arguments = factory_arguments(query)
+    module_name, _, attr_path = target_text.partition(":")
+    _cwd_importable()
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -98,7 +157,7 @@ def _load_factory(spec: str, options: ModelOptions) -> object:
     if not callable(target):
         raise ModelLoadError(f"{spec!r} is not callable; a factory returning a model is needed")
     try:
-        model = target()
+        model = target(**arguments)
     except Exception as exc:
         raise ModelLoadError(f"factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     if not getattr(model, "name", None):
@@ -117,8 +176,11 @@ def _load_http(spec: str, options: ModelOptions) -> object:
 
 
 def _load_onnx(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter, is_hf_export
     from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
 
+    if is_hf_export(spec.strip()):  # a multi-input graph described by its metadata
+        return HfOnnxAdapter.from_options(spec.strip(), options.extra)
     return OnnxAdapter.from_options(spec.strip(), options.extra)
 
 
@@ -126,6 +188,16 @@ def _load_graph(spec: str, options: ModelOptions) -> object:
     from blackbox_vqa.adapters.graph import GraphAdapter
 
     return GraphAdapter(spec.strip())
+
+
+def _load_hf(spec: str, options: ModelOptions) -> object:
+    from blackbox_vqa.adapters.huggingface import HfAdapter
+
+    return HfAdapter.from_pretrained(
+        spec.strip()[3:].strip(),
+        answers_file=options.extra.get("answers_file"),
+        device=options.extra.get("device"),
+    )
 
 
 def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:
@@ -141,6 +213,7 @@ LOADERS: dict[str, Callable[[str, ModelOptions], object]] = {
     "onnx": _load_onnx,
     "graph": _load_graph,
     "http": _load_http,
+    "hf": _load_hf,
 }
 
 

@@ -1,4 +1,5 @@
-"""Question text: splitting into words, dropping one word, and a vocabulary tokenizer.
+"""Question text: splitting into words, dropping one word, and a vocabulary tokenizer;
+and :func:`terminal_safe` for text from outside that is shown on a terminal.
 
 A *word* is a run of letters or digits, with inner apostrophes or hyphens kept
 (``what's``, ``t-shirt``); punctuation and white space are not words. The occlusion
@@ -23,6 +24,7 @@ __all__ = [
     "drop_word",
     "normalise_answer",
     "split_words",
+    "terminal_safe",
     "validate_question",
     "word_spans",
 ]
@@ -33,6 +35,28 @@ _SPACE = " \t\r\n\f\v"
 
 PAD_ID = 0
 UNK_ID = 1
+
+# C0 controls (ESC starts ANSI CSI/OSC sequences), DEL and C1 controls (0x9b is a one-byte
+# CSI); then Unicode's line/paragraph separators and bidirectional overrides/isolates, which
+# reorder what the terminal shows.
+_UNSAFE = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
+_UNSAFE_WIDE = [0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_TERMINAL_TABLE = {cp: f"\\x{cp:02x}" for cp in _UNSAFE} | \
+    {cp: f"\\u{cp:04x}" for cp in _UNSAFE_WIDE}
+_TERMINAL_TABLE_LINES = {cp: v for cp, v in _TERMINAL_TABLE.items() if cp != 0x0A}
+
+
+def terminal_safe(text: str, *, newlines: bool = False) -> str:
+    """``text`` with every control character escaped visibly, safe to print on a terminal.
+
+    Text from outside (a model's answer, an endpoint's error message, a file name) may
+    hold ANSI/OSC escape sequences that retitle or clear the terminal or fake output.
+    Each C0 control (tab and newline included), DEL and each C1 control becomes ``\\xNN``;
+    Unicode line separators and bidirectional overrides become ``\\uNNNN``. Escaped, not
+    stripped: the reader sees that something was there. Backslashes are kept as they are.
+    With ``newlines=True``, ``"\\n"`` is kept (for multi-line text).
+    """
+    return text.translate(_TERMINAL_TABLE_LINES if newlines else _TERMINAL_TABLE)
 
 
 def normalise_answer(answer: str) -> str:

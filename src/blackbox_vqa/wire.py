@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from blackbox_vqa.errors import ImageError, InputError
-from blackbox_vqa.images import MIN_SIDE, to_rgb_array
+from blackbox_vqa.errors import ImageError, ImageTooLargeError, InputError
+from blackbox_vqa.images import MIN_SIDE, decode_image_bytes
 
 __all__ = [
     "ANSWER_PROBS_PATH",
@@ -69,10 +69,6 @@ _NPY_MAGIC = b"\x93NUMPY"
 _NPY_MAX_HEADER = 4096
 
 Buffer = bytes | memoryview
-
-
-class ImageTooLargeError(ImageError):
-    """An image has more pixels than the server accepts."""
 
 
 class BatchFormatError(InputError):
@@ -141,6 +137,8 @@ def split_binary_batch(body: bytes) -> tuple[bytes, list[memoryview]]:
         lengths = [item["image_bytes"] for item in data["items"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise BatchFormatError(f"binary batch header is not the expected JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BatchFormatError("binary batch header is JSON nested too deeply") from exc
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
         raise BatchFormatError("binary batch header: every image_bytes must be an integer >= 0")
     view = memoryview(body)[newline + 1:]
@@ -163,15 +161,7 @@ def _check_pixels(height: int, width: int, max_pixels: int, name: str) -> None:
 
 
 def _decode_pil(data: Buffer, max_pixels: int, name: str) -> NDArray[Any]:
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG", "JPEG"]) as img:
-            _check_pixels(img.height, img.width, max_pixels, name)
-            img.load()
-            return to_rgb_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageError):
-            raise
-        raise ImageError(f"{name} cannot be decoded: {exc}") from exc
+    return decode_image_bytes(data, max_pixels=max_pixels, name=name, formats=["PNG", "JPEG"])
 
 
 @functools.lru_cache(maxsize=64)
@@ -202,11 +192,11 @@ def _header_prefix(data: Buffer) -> bytes:
 def _decode_npy(data: Buffer, max_pixels: int, name: str) -> NDArray[Any]:
     try:
         shape, fortran, dtype, offset = _npy_header(_header_prefix(data))
-    except (ValueError, OSError, SyntaxError, EOFError) as exc:
+    except (ValueError, OSError, SyntaxError, EOFError, RecursionError, MemoryError) as exc:
         raise ImageError(f"{name} is not a readable .npy file: {exc}") from exc
     if dtype.kind not in "uf" or dtype.name not in NPY_DTYPES:
         raise ImageError(f"{name} has dtype {dtype}; .npy images must be uint8 or float32")
-    if len(shape) != 3 or shape[2] != 3:
+    if len(shape) != 3 or shape[2] != 3 or min(shape) < 0:
         raise ImageError(f"{name} has shape {shape}; .npy images must be H x W x 3")
     _check_pixels(shape[0], shape[1], max_pixels, name)
     count = shape[0] * shape[1] * 3

@@ -51,17 +51,20 @@ class InputGradients:
     Attributes:
         image: ``float32 [3, H, W]``, gradient with respect to the preprocessed image
             tensor (model resolution, after normalisation).
-        words: ``float32 [T, D]``, gradient with respect to each token's embedding vector,
+        words: ``float32 [W, D]``, gradient with respect to each word's embedding vector,
             or ``None`` when the model has no single ``nn.Embedding`` (see ``words_note``).
-        token_ids: the ``T`` token ids the model saw.
+            For a model with one token per word (TorchAdapter) row ``i`` is token ``i``;
+            for sub-word tokenizers (HfAdapter) row ``i`` is the sum of the gradients of
+            the tokens of the question's ``i``-th word (``text.split_words``).
+        token_ids: the token ids the model saw (all of them, special tokens included).
         answer_index: index of the answer whose score was differentiated.
         predicted_index: index of the highest-scoring answer.
         scores: the model's scores ``[A]`` (``float64``) on the input.
         guided: whether every ReLU was guided.
         words_note: why ``words`` is ``None`` (empty otherwise).
-        relus_guided: in guided mode, how many ReLU backward steps were guided (0: the
-            model has no ReLU on the path, so the gradient is the plain one); None when
-            not guided or not counted.
+        relus_guided: with ``guided``, how many ReLU backward passes were guided (``0``:
+            the model has no ReLU on the path, e.g. GELU transformers, and the gradient is
+            the plain one); ``None`` for plain gradients or when not counted.
     """
 
     image: NDArray[np.float32]

@@ -59,7 +59,10 @@ from blackbox_vqa.adapters.http_openai import (
     parse_model_list,
 )
 from blackbox_vqa.adapters.http_transport import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_TOTAL_TIMEOUT,
     AbortedError,
+    ResponseLimits,
     RetryingClient,
     RetryPolicy,
     TooLargeError,
@@ -91,10 +94,14 @@ OPTION_KEYS = {
     "remote_model": "remote_model",
     "prompt": "prompt",
     "max_tokens": "max_tokens",
+    "http_total_timeout": "total_timeout",
+    "http_max_response_bytes": "max_response_bytes",
 }
 # Options of the openai format alone (None: the format's default).
 _CHAT_OPTIONS = {"remote_model": "--remote-model", "prompt": "--prompt",
                  "max_tokens": "--max-tokens", "top_logprobs": "top_logprobs"}
+# An upper estimate of one score's share of an 'ours' JSON answer ("1.2345678901234567e-05, ").
+_SCORE_JSON_BYTES = 25
 _CACHE_BYTES = 64 * 2**20
 _BODY_FILL = 0.9
 # What one input's answer is before it becomes a score row (see http_formats.Raw).
@@ -134,8 +141,14 @@ class HttpAdapter:
         headers: extra headers (``{"Name": "value"}`` or ``["Name: value"]``), e.g. an API
             key; never shown in messages or outputs.
         concurrency: most requests in flight at once.
-        timeout: read (and write) timeout per request, seconds; ``connect_timeout`` for
-            opening a connection.
+        timeout: read (and write) timeout per request, seconds: the longest wait for the
+            next piece of an answer; ``connect_timeout`` for opening a connection.
+        total_timeout: the longest one request may take, from sending it to the last byte
+            of its answer, seconds (checked as the answer arrives, so at most one read
+            timeout more); passed: an error, not retried.
+        max_response_bytes: the largest answer body accepted, counted after
+            decompression; larger: an error, not retried. For ``ours`` the adapter sends
+            few enough inputs per request that an honest answer fits in half of it.
         retries: retries after the first attempt, on connection errors, timeouts, 5xx and
             429; ``backoff`` and ``max_backoff`` shape the waits (seconds), and a
             ``Retry-After`` above ``max_retry_after`` seconds fails at once.
@@ -168,6 +181,8 @@ class HttpAdapter:
         concurrency: int = DEFAULT_CONCURRENCY,
         timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         retries: int = 3,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
@@ -194,6 +209,11 @@ class HttpAdapter:
         self.concurrency = _positive_int(concurrency, "http concurrency (--http-concurrency)")
         self.timeout = _seconds(timeout, "http timeout (--http-timeout)")
         self.connect_timeout = _seconds(connect_timeout, "connect timeout")
+        self.limits = ResponseLimits(
+            max_bytes=_positive_int(max_response_bytes,
+                                    "http max response bytes (--http-max-response-mb)"),
+            total=_seconds(total_timeout, "http total timeout (--http-total-timeout)"),
+        )
         self.policy = RetryPolicy(
             retries=_positive_int(retries, "retries", low=0),
             backoff=_seconds(backoff, "backoff", zero=True),
@@ -209,7 +229,8 @@ class HttpAdapter:
         self._http = RetryingClient(
             headers=parse_headers(headers), timeout=self.timeout,
             connect_timeout=self.connect_timeout, connections=self.concurrency,
-            policy=self.policy, transport=transport, sleep=sleep, seed=seed,
+            policy=self.policy, limits=self.limits, transport=transport, sleep=sleep,
+            seed=seed,
             tls=self.url.scheme == "https",
             hint=_hint(wire_format),
         )
@@ -264,8 +285,9 @@ class HttpAdapter:
     @classmethod
     def from_options(cls, url: str, extra: Mapping[str, Any]) -> HttpAdapter:
         """Build from a model spec's options: ``http_format``, ``http_headers``,
-        ``http_concurrency``, ``http_timeout``, and for ``openai`` ``remote_model``,
-        ``prompt``, ``max_tokens`` (a missing or None value keeps the default)."""
+        ``http_concurrency``, ``http_timeout``, ``http_total_timeout``,
+        ``http_max_response_bytes``, and for ``openai`` ``remote_model``, ``prompt``,
+        ``max_tokens`` (a missing or None value keeps the default)."""
         settings: dict[str, Any] = {}
         for key, param in OPTION_KEYS.items():
             if extra.get(key) is not None:
@@ -433,6 +455,12 @@ class HttpAdapter:
             return MIN_REQUEST_ITEMS
         return max(1, min(MIN_REQUEST_ITEMS, _REQUEST_BYTES // self._image_bytes))
 
+    def _max_answer_items(self) -> int:
+        """The most inputs whose 'ours' answer (JSON score rows) fills half of the
+        response limit at most."""
+        row = _SCORE_JSON_BYTES * len(self.answers) + 16
+        return max(1, self.limits.max_bytes // 2 // row)
+
     def _learn(self, answer: str) -> None:
         if answer != OTHER_ANSWER and answer not in self._index:
             self._index[answer] = len(self._vocab)
@@ -468,7 +496,7 @@ class HttpAdapter:
             return [[item] for item in items]
         per = self.batch_size or max(-(-len(items) // self.concurrency),
                                      self._min_request_items())
-        per = min(per, self._max_items)
+        per = min(per, self._max_items, self._max_answer_items())
         if self.info is not None and self.info.max_body_bytes:
             largest = max(self._format.item_bytes(image) for image, _ in items)
             per = min(per, max(1, int(self.info.max_body_bytes * _BODY_FILL) // largest))

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from blackbox_vqa.text import terminal_safe
 from blackbox_vqa.wire import (
     BINARY_CONTENT_TYPE,
     PROTOCOL,
@@ -62,12 +63,15 @@ class WireError(Exception):
 
 
 def load_json(content: bytes) -> Any:
-    """Parse a JSON body or raise :class:`WireError` quoting its start."""
+    """Parse a JSON body or raise :class:`WireError` quoting its start (escaped, so
+    the quote is safe on a terminal)."""
     try:
         return json.loads(content)
     except (ValueError, UnicodeDecodeError) as exc:
         snippet = content[:_SNIPPET].decode("utf-8", errors="replace")
         raise WireError(f"returned malformed JSON ({exc}): {snippet!r}") from exc
+    except RecursionError as exc:
+        raise WireError("returned JSON nested too deeply to read") from exc
 
 
 def _is_number(value: object) -> bool:
@@ -165,14 +169,20 @@ class OursFormat:
                                 "(one per answer)")
             if not all(_is_number(v) for v in row):
                 raise WireError(f"score row {i} holds something that is not a number")
-        array = np.asarray(scores, dtype=np.float64)
+        try:
+            array = np.asarray(scores, dtype=np.float64)
+        except OverflowError as exc:
+            raise WireError("returned a score too large for a 64-bit float") from exc
         return list(array)
 
 
 def _score(value: object, where: str) -> float:
     if not _is_number(value):
         raise WireError(f"{where} has a score that is not a number: {value!r}")
-    score = float(value)  # type: ignore[arg-type]
+    try:
+        score = float(value)  # type: ignore[arg-type]
+    except OverflowError as exc:
+        raise WireError(f"{where} has a score too large for a 64-bit float") from exc
     if not math.isfinite(score) or score < 0:
         raise WireError(f"{where} has a score of {score}; scores must be finite and >= 0")
     return score
@@ -200,7 +210,8 @@ class TopKFormat:
         if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
             data = data[0]
         if isinstance(data, dict) and "error" in data:
-            raise WireError(f"answered with an error: {str(data['error'])[:_SNIPPET]}")
+            message = terminal_safe(str(data["error"])[:_SNIPPET])
+            raise WireError(f"answered with an error: {message}")
         if not isinstance(data, list) or not data:
             raise WireError("answered with no list of {\"answer\", \"score\"} objects")
         pairs = []

@@ -7,6 +7,12 @@ without one, the ``x-ratelimit-reset-*`` headers); other 4xx answers are not. An
 saying a rate-limit bucket is empty holds every request back until it refills. Every
 failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the URL
 (without credentials or query) and what went wrong.
+
+Every answer is read as a stream under two bounds (:class:`ResponseLimits`): its size
+*after decompression* and the total time of the exchange. ``gzip`` and ``deflate`` bodies
+are inflated here, never more than the bytes still allowed; other content encodings are
+refused. A body over the size or past the time is not retried: the endpoint misbehaves.
+Text from the endpoint that reaches a message passes :func:`~blackbox_vqa.text.terminal_safe`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,9 +34,14 @@ import httpx
 from blackbox_vqa.adapters.http_formats import WireError, load_json
 from blackbox_vqa.adapters.http_ratelimit import rate_limit_wait
 from blackbox_vqa.errors import InputError, ModelError
+from blackbox_vqa.text import terminal_safe
 
 __all__ = [
+    "DEFAULT_MAX_RESPONSE_BYTES",
+    "DEFAULT_TOTAL_TIMEOUT",
     "AbortedError",
+    "ResponseBoundError",
+    "ResponseLimits",
     "RetryPolicy",
     "RetryingClient",
     "TooLargeError",
@@ -39,8 +51,16 @@ __all__ = [
     "parse_header",
     "parse_headers",
     "parse_retry_after",
+    "read_bounded",
 ]
 
+# 64 MiB holds an 'ours' answer of 64 inputs x 40k answers (<= 25 bytes per score); the
+# adapter sends fewer inputs per request when its vocabulary is larger. hf and answer-only
+# answers are a few kilobytes.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
+# Five minutes: a full batch on a slow CPU model takes about a minute.
+DEFAULT_TOTAL_TIMEOUT = 300.0
+_ACCEPT_ENCODING = "gzip, deflate"
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MESSAGE_CHARS = 200
 
@@ -131,8 +151,8 @@ def error_message(response: httpx.Response) -> str:
             text = str(found)
     if not text:
         text = response.content[:_MESSAGE_CHARS].decode("utf-8", errors="replace")
-    text = " ".join(text.split())[:_MESSAGE_CHARS]
-    return text or response.reason_phrase or "no details"
+    text = terminal_safe(" ".join(text.split())[:_MESSAGE_CHARS])
+    return text or terminal_safe(response.reason_phrase) or "no details"
 
 
 class TooLargeError(Exception):
@@ -141,6 +161,103 @@ class TooLargeError(Exception):
 
 class AbortedError(Exception):
     """Another request of the same call failed; this one stopped retrying."""
+
+
+class ResponseBoundError(Exception):
+    """An answer passed the size or time bound (the message says which)."""
+
+
+@dataclass(frozen=True)
+class ResponseLimits:
+    """Bounds on one answer: ``max_bytes`` of body after decompression, and ``total``
+    seconds from sending the request to the last byte of the answer.
+
+    The total time is checked as each piece of the body arrives, so an endpoint that
+    sends nothing at all is cut by the read timeout instead: an exchange lasts at most
+    ``total`` plus one read timeout.
+    """
+
+    max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    total: float = DEFAULT_TOTAL_TIMEOUT
+
+
+class _Inflater:
+    """Decodes a ``gzip``/``deflate`` body piece by piece, never past a byte budget."""
+
+    def __init__(self, encoding: str) -> None:
+        self.encoding = encoding
+        # gzip: a gzip header; deflate: a zlib stream, or raw deflate as some servers send.
+        wbits = 16 + zlib.MAX_WBITS if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+        self._inflate = zlib.decompressobj(wbits)
+        self._first = encoding == "deflate"
+
+    def feed(self, data: bytes, room: int) -> bytes:
+        """Up to ``room + 1`` decoded bytes of ``data`` (more than ``room``: over budget)."""
+        try:
+            return self._inflate.decompress(data, room + 1)
+        except zlib.error:
+            if not self._first:
+                raise
+            self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            return self._inflate.decompress(data, room + 1)
+        finally:
+            self._first = False
+
+    def finish(self) -> bytes:
+        """What is left once every piece was fed (little: :meth:`feed` stops short only
+        when over budget)."""
+        return self._inflate.flush()
+
+
+def _decoder(headers: httpx.Headers) -> _Inflater | None:
+    codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+        return _Inflater(codings[0])
+    raise ResponseBoundError(
+        f"answered with Content-Encoding {terminal_safe(', '.join(codings))!r}, which this "
+        f"client does not decode (it asks for {_ACCEPT_ENCODING})")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
+
+
+def read_bounded(response: httpx.Response, limits: ResponseLimits, deadline: float) -> bytes:
+    """The decoded body of a streamed ``response``, within ``limits``.
+
+    Raises :class:`ResponseBoundError` when the body (after decompression) passes
+    ``limits.max_bytes`` or the clock passes ``deadline`` (``time.monotonic()``), and
+    ``zlib.error`` for a corrupt compressed body.
+    """
+    too_large = (f"answered with more than {_mib(limits.max_bytes)} of body (after "
+                 "decompression), the limit (--http-max-response-mb)")
+    declared = response.headers.get("content-length", "")
+    decoder = _decoder(response.headers)
+    if decoder is None and declared.isdigit() and int(declared) > limits.max_bytes:
+        raise ResponseBoundError(too_large)
+    pieces: list[bytes] = []
+    size = 0
+    for raw in response.iter_raw():
+        room = limits.max_bytes - size
+        piece = raw if decoder is None else decoder.feed(raw, room)
+        size += len(piece)
+        if size > limits.max_bytes:
+            raise ResponseBoundError(too_large)
+        pieces.append(piece)
+        if time.monotonic() > deadline:
+            raise ResponseBoundError(
+                f"did not finish its answer within the {limits.total:g} s total time "
+                "per request (--http-total-timeout)")
+    if decoder is not None:
+        tail = decoder.finish()
+        size += len(tail)
+        if size > limits.max_bytes:
+            raise ResponseBoundError(too_large)
+        pieces.append(tail)
+    return b"".join(pieces)
 
 
 @dataclass(frozen=True)
@@ -163,6 +280,7 @@ class RetryingClient:
         timeout, connect_timeout: read/write and connect timeouts, seconds.
         connections: most connections open at once (one per request in flight).
         policy: the retry policy.
+        limits: bounds on each answer's size and total time.
         hint: what a 404/405 answer probably means (shown in its message).
         transport: an ``httpx`` transport (the I/O seam).
         sleep: called with each retry wait (default: wait on the abort event).
@@ -182,17 +300,20 @@ class RetryingClient:
         sleep: Callable[[float], None] | None = None,
         seed: int | None = None,
         tls: bool = True,
+        limits: ResponseLimits | None = None,
     ) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.policy = policy
+        self.limits = limits or ResponseLimits()
         self.hint = hint
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._not_before = 0.0  # time.monotonic() before which no request goes out
         self._client = httpx.Client(
-            headers={"User-Agent": "blackbox-vqa", **headers},
+            headers={"User-Agent": "blackbox-vqa", "Accept-Encoding": _ACCEPT_ENCODING,
+                     **headers},
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             limits=httpx.Limits(max_connections=connections,
                                 max_keepalive_connections=connections),
@@ -222,15 +343,16 @@ class RetryingClient:
             retry_after: float | None = None
             self._hold(abort)
             try:
-                if body is None:
-                    response = self._client.get(url)
-                else:
-                    response = self._client.post(
-                        url, content=body[0], headers={"Content-Type": body[1]})
+                response = self._exchange(url, body)
             except httpx.TimeoutException as exc:
                 problem = self._timeout_problem(exc)
             except httpx.TransportError as exc:
                 problem = _transport_problem(exc)
+            except ResponseBoundError as exc:
+                raise ModelError(f"{where} {exc}") from exc
+            except zlib.error as exc:
+                raise ModelError(f"{where} answered with a corrupt compressed body "
+                                 f"({exc})") from exc
             else:
                 status = response.status_code
                 if status < 300:
@@ -279,6 +401,27 @@ class RetryingClient:
         elif abort.wait(wait):
             raise AbortedError()
 
+    def _exchange(self, url: httpx.URL, body: tuple[bytes, str] | None) -> httpx.Response:
+        """One request; the answer read within :attr:`limits` and returned whole (decoded)."""
+        deadline = time.monotonic() + self.limits.total
+        timeout = httpx.Timeout(min(self.timeout, self.limits.total),
+                                connect=min(self.connect_timeout, self.limits.total))
+        if body is None:
+            request = self._client.build_request("GET", url, timeout=timeout)
+        else:
+            request = self._client.build_request(
+                "POST", url, content=body[0], headers={"Content-Type": body[1]},
+                timeout=timeout)
+        response = self._client.send(request, stream=True)
+        try:
+            content = read_bounded(response, self.limits, deadline)
+        finally:
+            response.close()
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length")]
+        return httpx.Response(response.status_code, headers=headers, content=content,
+                              request=request, extensions=response.extensions)
+
     def _timeout_problem(self, exc: httpx.TimeoutException) -> str:
         if isinstance(exc, httpx.ConnectTimeout):
             return f"could not be connected to within {self.connect_timeout:g} s"
@@ -290,7 +433,7 @@ class RetryingClient:
 
 
 def _transport_problem(exc: httpx.TransportError) -> str:
-    detail = " ".join(str(exc).split()) or type(exc).__name__
+    detail = terminal_safe(" ".join(str(exc).split())) or type(exc).__name__
     if isinstance(exc, httpx.ConnectError):
         return f"cannot be connected to ({detail})"
     if isinstance(exc, httpx.RemoteProtocolError):
@@ -302,7 +445,7 @@ def _refusal(response: httpx.Response, hint: str) -> str:
     status = response.status_code
     message = error_message(response)
     if 300 <= status < 400:
-        location = response.headers.get("location", "?")
+        location = terminal_safe(response.headers.get("location", "?"))
         return f"answered with a redirect (HTTP {status} to {location}); use that URL"
     if status in (401, 403):
         return (f"refused the request: HTTP {status} ({message}); an API key or token is "

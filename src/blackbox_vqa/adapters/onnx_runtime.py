@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
 from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, pad_tokens
 from blackbox_vqa.adapters.questions import QuestionTokens
+from blackbox_vqa.adapters.vocab_files import read_json_vocab, tokenizer_from_words
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
 from blackbox_vqa.metadata import ExportMetadata
 from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
@@ -394,19 +395,17 @@ def read_answers(path: str | os.PathLike[str]) -> list[str]:
 
 def read_vocab(path: str | os.PathLike[str]) -> WordTokenizer:
     """A tokenizer from a file: a JSON ``{word: id}`` map, a ``WordTokenizer.to_dict()``
-    JSON, or one word per line (line ``i``, from 0, gets id ``i + 2``; 0 pads, 1 is
-    unknown)."""
+    JSON, a word-level Hugging Face ``tokenizer.json``, or one word per line (line ``i``,
+    from 0, gets id ``i + 2``; 0 pads, 1 is unknown). Files holding another tokenizer's
+    special tokens (``[PAD]``, ``[UNK]``...) are refused (see ``vocab_files``)."""
     text = _read_text(path, "--vocab")
     try:
         if text.lstrip().startswith("{"):
-            data = json.loads(text)
-            if isinstance(data, dict) and data.get("kind") == "word":
-                return WordTokenizer.from_dict(data)
-            if not isinstance(data, dict):
-                raise InputError("expected a JSON object")
-            return WordTokenizer({str(k): int(v) for k, v in data.items()})
+            return read_json_vocab(text, path)
         words = [line.strip() for line in text.splitlines() if line.strip()]
-        return WordTokenizer({w: i + 2 for i, w in enumerate(words)})
+        return tokenizer_from_words(words, path)
+    except InputError:
+        raise
     except (ValueError, TypeError) as exc:
         raise InputError(f"--vocab file {path} is not usable: {exc}") from exc
 

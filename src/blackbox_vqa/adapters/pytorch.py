@@ -9,6 +9,7 @@ long tensor ``[B, T]`` of token ids, right-padded with ``0``, and returns answer
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import platform
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,15 @@ from blackbox_vqa.adapters.gradients import (
     find_embedding,
     guided_relu,
 )
+from blackbox_vqa.adapters.path_gradients import (
+    GradientInputs,
+    PathGradients,
+    check_points,
+    embedding_replaced,
+    score_gradients,
+)
 from blackbox_vqa.adapters.questions import QuestionTokens
+from blackbox_vqa.adapters.randomisation import parameter_layers, randomised_module
 from blackbox_vqa.errors import (
     BlackboxVQAError,
     InputError,
@@ -205,6 +214,21 @@ class TorchAdapter(BaseAdapter):
             scores = scores_from_logits(self.logits(image_tensor, tokens), self.output)
         return scores.double().cpu().numpy()
 
+    # -- weight randomisation capability ------------------------------------------------
+
+    def randomisable_layers(self) -> list[str]:
+        """The module's layers with parameters of their own, output first (reverse
+        registration order); see :mod:`blackbox_vqa.adapters.randomisation`."""
+        return parameter_layers(self.module)
+
+    def randomised_copy(self, layers: int, seed: int) -> TorchAdapter:
+        """An adapter over a deep copy of the module with its first ``layers``
+        :meth:`randomisable_layers` re-initialised from ``seed``; this adapter and its
+        module are left unchanged."""
+        clone = copy.copy(self)
+        clone.module = randomised_module(self.module, layers, seed)
+        return clone
+
     # -- gradient protocol -------------------------------------------------------------
 
     def input_gradients(
@@ -268,6 +292,66 @@ class TorchAdapter(BaseAdapter):
             relus_guided=relus,
         )
 
+    # -- path-gradient protocol (integrated gradients) -----------------------------------
+
+    def gradient_inputs(self, image: ImageInput, question: str) -> GradientInputs:
+        """The preprocessed image, the token embeddings (output of the module's only
+        ``nn.Embedding``; one token per position, each its own "word"), the padding
+        token's embedding and the scores; see :mod:`~blackbox_vqa.adapters.path_gradients`.
+        """
+        question = self.validate_question(question)
+        image_tensor, tokens = self.inputs([to_rgb_array(image)], [question])
+        embedding, note = find_embedding(self.module)
+        with eval_mode(self.module), torch.inference_mode():
+            scores = scores_from_logits(self.logits(image_tensor, tokens), self.output)[0]
+            if embedding is None:
+                vectors = torch.zeros((tokens.shape[1], 0))
+                pad = torch.zeros(0)
+            else:
+                vectors = embedding(tokens)[0]
+                pad = embedding(torch.tensor([PAD_ID], device=self.device))[0]
+        return GradientInputs(
+            question=question,
+            image=_numpy32(image_tensor[0]),
+            embeddings=_numpy32(vectors),
+            pad_embedding=_numpy32(pad),
+            word_positions=tuple((i,) for i in range(tokens.shape[1])),
+            token_ids=tuple(int(t) for t in tokens[0].tolist()),
+            scores=scores.double().cpu().numpy(),
+            words_note=note,
+        )
+
+    def path_gradients(
+        self,
+        inputs: GradientInputs,
+        images: NDArray[np.float32],
+        embeddings: NDArray[np.float32],
+        answer_index: int,
+    ) -> PathGradients:
+        """Score of ``answer_index`` and its gradients at ``N`` points ``images
+        [N, 3, H, W]``, ``embeddings [N, T, D]`` (the embedding output is replaced)."""
+        check_points(inputs, images, embeddings)
+        count = images.shape[0]
+        tokens = torch.tensor(inputs.token_ids, dtype=torch.long, device=self.device)
+        tokens = tokens[None].expand(count, -1)
+        embedding = find_embedding(self.module)[0] if embeddings.shape[-1] else None
+
+        def score_fn(image_leaf: torch.Tensor, words: torch.Tensor | None) -> torch.Tensor:
+            with embedding_replaced(embedding, words):
+                logits = self.logits(image_leaf, tokens)
+            return scores_from_logits(logits, self.output)[:, answer_index]
+
+        words_in = None if embedding is None else torch.from_numpy(embeddings).to(self.device)
+        with eval_mode(self.module):
+            scores, image_grad, word_grad = score_gradients(
+                score_fn, torch.from_numpy(images).to(self.device), words_in, name=self.name
+            )
+        return PathGradients(
+            scores=scores,
+            image=image_grad,
+            embeddings=np.zeros_like(embeddings) if word_grad is None else word_grad,
+        )
+
     def _word_offsets(self, tokens: torch.Tensor) -> tuple[torch.Tensor | None, str]:
         """A zero leaf ``[B, T, D]`` added at the embedding output, or ``None`` and why."""
         embedding, note = find_embedding(self.module)
@@ -293,7 +377,7 @@ class TorchAdapter(BaseAdapter):
         self, score: torch.Tensor, wrt: list[torch.Tensor], guided: bool
     ) -> tuple[list[torch.Tensor], int | None]:
         """``d score / d wrt`` (zeros where unused), every ReLU guided when ``guided``, and
-        how many ReLU backward steps were guided (None when not guided)."""
+        the number of ReLU backwards guided (``None`` for plain gradients)."""
         try:
             with guided_relu(guided) as mode:
                 grads = torch.autograd.grad(score, wrt, allow_unused=True)
@@ -303,8 +387,8 @@ class TorchAdapter(BaseAdapter):
             raise ModelError(
                 f"{self.name}: backward pass failed: {type(exc).__name__}: {exc}"
             ) from exc
-        found = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
-        return found, None if mode is None else mode.calls
+        filled = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt, strict=True)]
+        return filled, None if mode is None else mode.calls
 
 
 def _numpy32(tensor: torch.Tensor) -> NDArray[np.float32]:

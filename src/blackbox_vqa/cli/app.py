@@ -17,6 +17,9 @@ from blackbox_vqa.errors import BlackboxVQAError
 
 __all__ = ["app", "main"]
 
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT)."""
+
 app = typer.Typer(
     name="bbvqa",
     help="Explain Visual Question Answering models: which image regions and which words "
@@ -28,7 +31,9 @@ app = typer.Typer(
 
 
 def _error(message: str) -> None:
-    first = " ".join(str(message).split()) or "unknown error"
+    from blackbox_vqa.text import terminal_safe
+
+    first = terminal_safe(" ".join(str(message).split())) or "unknown error"
     print(f"bbvqa: error: {first}", file=sys.stderr)
 
 
@@ -45,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         _error("interrupted")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except BlackboxVQAError as exc:
         if debug:
             traceback.print_exc()
@@ -59,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             traceback.print_exc()
         _error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         sys.exit(1)
-    # Typer returns the exit code instead of raising for --help and similar.
+    # Typer returns the exit code instead of raising for --help and similar, and turns
+    # Ctrl-C into exit code 130 without a word: say it.
+    if result == INTERRUPTED:
+        _error("interrupted")
     sys.exit(result if isinstance(result, int) else 0)
 
 

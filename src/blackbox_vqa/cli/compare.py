@@ -51,6 +51,11 @@ class _Options:
     batch_size: str
     answer: str | None
     k: int
+    ig_steps: int = 32
+    ig_baseline: str = "black"
+    score: str = "probability"
+    masks: int = 2000
+    metrics: bool = False
 
 
 @with_model_options
@@ -79,6 +84,15 @@ def compare_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
+                                       "(the paper's) or log-probability.")] = "probability",
+    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
+                                          "faithfulness, per model.")] = False,
+    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
+                                          "integral.")] = 32,
+    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
+                                             "black, blur or imagenet-mean.")] = "black",
     top_k: Annotated[int, typer.Option(help="Cells (of 14x14) in the top-k overlap.")] = 10,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
@@ -116,7 +130,8 @@ def compare_command(
     parse_batch_size(batch_size)
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
     settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
-                        answer=answer, k=top_k)
+                        answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline,
+                        score=score, masks=masks, metrics=metrics)
     resolved = _resolve(specs, model_settings)
     run_on = None
     if executor.strip().lower() != "local" or workers != 1:
@@ -194,16 +209,23 @@ def _resolve(texts: Sequence[str], settings: ModelSettings) -> list[tuple[str, s
     return found
 
 
+def _method_settings(options: _Options) -> Any:
+    from blackbox_vqa.explainers.registry import MethodSettings
+
+    return MethodSettings(grid=options.grid, baseline=options.baseline,
+                          batch_size=options.batch_size, ig_steps=options.ig_steps,
+                          ig_baseline=options.ig_baseline, score=options.score,
+                          rise_masks=options.masks)
+
+
 def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
         -> dict[str, Any]:
     """label -> an Explainer of that model with the comparison's methods and settings."""
     from blackbox_vqa.cli.model_options import load
     from blackbox_vqa.comparison import check_shared_answer
     from blackbox_vqa.explain import Explainer
-    from blackbox_vqa.explainers.registry import MethodSettings
 
-    settings = MethodSettings(grid=options.grid, baseline=options.baseline,
-                              batch_size=options.batch_size)
+    settings = _method_settings(options)
     explainers = {}
     for text, label, model_settings in resolved:
         loaded = load(text, model_settings, strict=False)
@@ -239,9 +261,20 @@ def _run_all(
 ) -> list[Any]:
     from blackbox_vqa.comparison import explain_model
 
-    return [explain_model(spec, explainer, pixels, question, image_path=image_path,
+    runs = [explain_model(spec, explainer, pixels, question, image_path=image_path,
                           answer=options.answer, progress=_progress(f"{label}{spec}"))
             for spec, explainer in models.items()]
+    if options.metrics:
+        runs = [_with_metrics(run, models[run.spec], pixels, options) for run in runs]
+    return runs
+
+
+def _with_metrics(run: Any, explainer: Any, pixels: Any, options: _Options) -> Any:
+    """The run with its explanation's ``metrics`` section (a failed run as it is)."""
+    from blackbox_vqa.comparison import with_metrics
+
+    return with_metrics(run, explainer.model, pixels, baseline=options.baseline,
+                        batch_size=options.batch_size)
 
 
 def _progress(prefix: str) -> Callable[[str], Any]:
@@ -264,7 +297,8 @@ def _header(settings: Any) -> dict[str, Any]:
         "schema": SCHEMA,
         "settings": {"methods": list(settings.methods), "grid": settings.grid,
                      "baseline": settings.baseline, "batch_size": settings.batch_size,
-                     "answer": settings.answer, "top_k": settings.k},
+                     "answer": settings.answer, "top_k": settings.k,
+                     "score": settings.score, "metrics": settings.metrics},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }
@@ -389,17 +423,14 @@ def _run_executor(
     """key -> ItemResult (None: unreadable image), every model loaded once per worker."""
     from blackbox_vqa.cli.model_options import resolve
     from blackbox_vqa.comparison import CompareConfig, CompareModel
-    from blackbox_vqa.explainers.registry import MethodSettings
 
     models = []
     for text, label, model_settings in resolved:
         spec = resolve(text, model_settings)[0]
         models.append(CompareModel(label, spec, model_settings.extra(spec, strict=False)))
     config = CompareConfig(
-        models=tuple(models), methods=options.methods,
-        settings=MethodSettings(grid=options.grid, baseline=options.baseline,
-                                batch_size=options.batch_size),
-        answer=options.answer, k=options.k, threads=threads)
+        models=tuple(models), methods=options.methods, settings=_method_settings(options),
+        answer=options.answer, k=options.k, threads=threads, metrics=options.metrics)
     found: dict[str, Any] = {}
 
     def on_result(result: tuple[str, Any]) -> None:
@@ -489,7 +520,7 @@ def _text(value: object) -> Any:
     escaped."""
     from rich.text import Text
 
-    from blackbox_vqa.terminal import terminal_safe
+    from blackbox_vqa.text import terminal_safe
 
     return Text(terminal_safe(str(value)))
 

@@ -77,6 +77,19 @@ def evaluate_command(
                         ] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
+                                       "(the paper's) or log-probability.")] = "probability",
+    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
+                                          "faithfulness (deletion/insertion, "
+                                          "comprehensiveness/sufficiency); writes "
+                                          "deletion.png.")] = False,
+    sanity: Annotated[int, typer.Option(help="Run the randomisation sanity check on the "
+                                        "first N items (0: none); writes sanity.png.")] = 0,
+    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
+                                          "integral.")] = 32,
+    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
+                                             "black, blur or imagenet-mean.")] = "black",
     folds: Annotated[int, typer.Option(help="Cross-validation folds for failure "
                                        "prediction.")] = 5,
     tagger: Annotated[str, typer.Option(help="Part-of-speech tagger: auto, nltk or "
@@ -101,6 +114,8 @@ def evaluate_command(
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
+    if sanity < 0:
+        raise InputError(f"--sanity must be >= 0 (items), got {sanity}")
     run_on = build_executor(executor, workers, {
         "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
         "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
@@ -123,11 +138,16 @@ def evaluate_command(
         "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
         "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
         "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
+        "ig_steps": ig_steps, "ig_baseline": ig_baseline, "score": score, "masks": masks,
+        "metrics": metrics, "sanity": sanity,
     }
     config = EvalConfig(model=spec, methods=method_names,
                         options=MethodSettings(grid=grid, baseline=baseline,
-                                               batch_size=batch_size), seed=seed,
-                        threads=threads, model_options=model_extra)
+                                               batch_size=batch_size, ig_steps=ig_steps,
+                                               ig_baseline=ig_baseline, score=score,
+                                               rise_masks=masks), seed=seed,
+                        threads=threads, model_options=model_extra, metrics=metrics,
+                        sanity_keys=frozenset(item.key for item in chosen[:sanity]))
     with RunStore.open(out, settings) as store:
         run = _run(store, chosen, config, run_on)
         records = list(store.records([item.key for item in chosen]))
@@ -157,6 +177,8 @@ def _run(store: Any, chosen: Sequence[Any], config: Any, executor: Any) -> dict[
     done = store.done_keys()
     pending = [item for item in chosen if item.key not in done]
     console = stderr_console()
+    for note in store.rejected:
+        console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"{len(chosen)} items: {len(chosen) - len(pending)} stored earlier, "
                   f"{len(pending)} to evaluate in {store.root}/")
     if pending and isinstance(executor, LocalExecutor) and executor.workers == 1:
@@ -246,6 +268,7 @@ def _report(
     from blackbox_vqa.evaluation.summary import markdown, summarize
     from blackbox_vqa.outputs import atomic_write_json, atomic_write_text
     from blackbox_vqa.report.figures import save_figure
+    from blackbox_vqa.text import terminal_safe
 
     results = summarize(records, settings=settings, dataset_skipped=dataset_skipped,
                         tagger=tagger, folds=folds, run=run)
@@ -259,5 +282,26 @@ def _report(
     save_figure(pos_figure([row["tag"] for row in pos["tags"]], probability, chance,
                            title=f"most important word by tag ({pos['tagger']})"),
                 out / POS_FIGURE)
-    sys.stdout.write(text)
-    sys.stdout.write(f"\nwritten to {out}/ ({RESULTS_FILE}, {MARKDOWN_FILE}, {POS_FIGURE})\n")
+    written = [RESULTS_FILE, MARKDOWN_FILE, POS_FIGURE, *_check_figures(out, results)]
+    sys.stdout.write(terminal_safe(text, newlines=True))
+    sys.stdout.write(f"\nwritten to {terminal_safe(str(out))}/ ({', '.join(written)})\n")
+
+
+def _check_figures(out: Path, results: dict[str, Any]) -> list[str]:
+    """deletion.png and sanity.png, when the run measured them."""
+    from blackbox_vqa.report.figures import deletion_figure, sanity_figure, save_figure
+
+    written = []
+    faith = results["faithfulness"]["methods"]
+    if faith:
+        save_figure(deletion_figure({m: e["curves"] for m, e in faith.items()},
+                                    title=f"mean of {results['faithfulness']['items']} items"),
+                    out / "deletion.png")
+        written.append("deletion.png")
+    sanity = results["sanity"]["methods"]
+    if sanity:
+        save_figure(sanity_figure({m: e["per_layer"] for m, e in sanity.items()},
+                                  title=f"randomisation, mean of {results['sanity']['items']} "
+                                  "items"), out / "sanity.png")
+        written.append("sanity.png")
+    return written

@@ -23,7 +23,7 @@ from blackbox_vqa.errors import GradientUnavailableError, InputError
 if TYPE_CHECKING:
     from blackbox_vqa.explanation import Attribution, Explanation
 
-__all__ = ["explain_command", "terminal_text"]
+__all__ = ["explain_command", "metric_lines", "terminal_text"]
 
 MARKER = "explanation.json"
 
@@ -50,6 +50,20 @@ def explain_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
+    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
+                                       "(the paper's) or log-probability.")] = "probability",
+    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
+    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure faithfulness: "
+                                          "deletion/insertion AUC of each image map, "
+                                          "comprehensiveness/sufficiency of each word map, "
+                                          "beside random orders.")] = False,
+    sanity: Annotated[bool, typer.Option("--sanity", help="Also run the model-parameter "
+                                         "randomisation test of each method (models whose "
+                                         "weights can be re-initialised).")] = False,
+    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
+                                          "integral.")] = 32,
+    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
+                                             "black, blur or imagenet-mean.")] = "black",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
     force: Annotated[bool, typer.Option(help="Allow --out to hold an earlier "
@@ -94,12 +108,14 @@ def explain_command(
     check_output_dir(folder, force=force, marker=MARKER)
     loaded = load(model, model_settings)
     settings = MethodSettings(grid=grid, window=window_hw, stride=stride_hw,
-                              baseline=baseline, batch_size=batch_size)
+                              baseline=baseline, batch_size=batch_size, ig_steps=ig_steps,
+                              ig_baseline=ig_baseline, score=score, rise_masks=masks)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)
     found = explainer.explain(pixels, question, answer=answer, progress=_progress)
     found = _with_image_path(found, image)
+    found = _checks(found, loaded.model, pixels, settings, metrics=metrics, sanity=sanity)
     doc = found.to_dict()
     written = _write(folder, force, found, doc, pixels)
     if as_json:
@@ -163,6 +179,26 @@ def _progress(method: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
+def _checks(found: Explanation, model: Any, pixels: Any, settings: Any, *, metrics: bool,
+            sanity: bool) -> Explanation:
+    """The explanation with its ``metrics`` and ``sanity`` sections, when asked for."""
+    from dataclasses import replace
+
+    from blackbox_vqa.cli.progress import stderr_console
+    from blackbox_vqa.evaluation.metrics import explanation_metrics, explanation_sanity
+
+    sections = dict(found.sections)
+    if metrics:
+        with stderr_console().status("faithfulness metrics"):
+            sections["metrics"] = explanation_metrics(
+                model, pixels, found, baseline=settings.baseline,
+                batch_size=settings.batch_size)
+    if sanity:
+        with stderr_console().status("randomisation sanity check"):
+            sections["sanity"] = explanation_sanity(model, pixels, found, settings)
+    return replace(found, sections=sections)
+
+
 def _with_image_path(found: Explanation, image: Path) -> Explanation:
     from dataclasses import replace
 
@@ -181,7 +217,7 @@ def terminal_text(text: object) -> str:
     terminal) and Rich markup escaped."""
     from rich.markup import escape as rich_escape
 
-    from blackbox_vqa.terminal import terminal_safe
+    from blackbox_vqa.text import terminal_safe
 
     return rich_escape(terminal_safe(str(text)))
 
@@ -265,12 +301,14 @@ def _print(console: Any, found: Explanation) -> None:
     for attribution in found.attributions.values():
         if attribution.key == "occlusion":
             _print_occlusion(console, attribution)
-        elif "source" in attribution.extras:
+        elif attribution.key in ("guided_backprop", "gradient"):
             _print_gradient(console, attribution)
         else:
             _print_generic(console, attribution)
     for name, gone in found.unavailable.items():
         console.print(f"{name}: unavailable: {escape(gone.reason)}")
+    for line in metric_lines(found.sections):
+        console.print(escape(line))
 
 
 def _print_occlusion(console: Any, occlusion: Attribution) -> None:
@@ -319,7 +357,13 @@ def _print_gradient(console: Any, found: Attribution) -> None:
 
 
 def _print_generic(console: Any, found: Attribution) -> None:
-    """Any other method: its most important cell and words."""
+    """Any other method: its most important cell and words (and integrated gradients'
+    completeness check)."""
+    check = found.extras.get("completeness")
+    if isinstance(check, dict):
+        console.print(f"{found.method}: attributions sum to {check['attribution_sum']:+.4g}, "
+                      f"score difference {check['score_difference']:+.4g} "
+                      f"(gap {check['gap']:+.2g}; more --ig-steps narrow it)")
     if found.image_map.size:
         row, col = np.unravel_index(int(np.argmax(np.abs(found.image_map))),
                                     found.image_map.shape)
@@ -330,3 +374,38 @@ def _print_generic(console: Any, found: Attribution) -> None:
         ranked = np.argsort(-np.abs(found.word_map), kind="stable")[:3]
         words = ", ".join(f"{found.tokens[i]} {found.word_map[i]:+.3g}" for i in ranked)
         console.print(f"{found.method}: top words: {escape(words)}")
+
+
+def _auc(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def metric_lines(sections: Any) -> list[str]:
+    """One line per method for the ``metrics`` and ``sanity`` sections (empty without)."""
+    lines: list[str] = []
+    for name, entry in (sections.get("metrics") or {}).items():
+        parts = []
+        if entry.get("image"):
+            image = entry["image"]
+            parts.append(f"deletion AUC {_auc(image['deletion_auc'])} (random "
+                         f"{_auc(image['random_deletion_auc'])}), insertion AUC "
+                         f"{_auc(image['insertion_auc'])} (random "
+                         f"{_auc(image['random_insertion_auc'])})")
+        if entry.get("words"):
+            words = entry["words"]
+            parts.append(f"comprehensiveness {_auc(words['comprehensiveness'])} (random "
+                         f"{_auc(words['random_comprehensiveness'])}), sufficiency "
+                         f"{_auc(words['sufficiency'])} (random "
+                         f"{_auc(words['random_sufficiency'])})")
+        if parts:
+            lines.append(f"{name} faithfulness: " + "; ".join(parts))
+    for name, entry in (sections.get("sanity") or {}).items():
+        if entry.get("available") is False:
+            lines.append(f"{name} sanity check: not available: {entry['reason']}")
+            continue
+        verdict = "passes" if entry["passes"] else "fails"
+        lines.append(f"{name} sanity check: rank correlation with the original map after "
+                     f"randomising {len(entry['steps'])} layers: "
+                     f"{_auc(entry['final_spearman'])} ({verdict}: threshold "
+                     f"{entry['threshold']})")
+    return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -33,8 +34,9 @@ class OnnxExporterChoice(str, Enum):
 @with_model_options
 def export_command(
     out: Annotated[Path, typer.Option(help="Output folder for model.onnx and the graph.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa or "
-                                       "package.module:factory (a TorchAdapter).")] = "easyvqa",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, "
+                                       "package.module:factory (a TorchAdapter) or hf:PATH "
+                                       "(a ViLT-style classifier).")] = "easyvqa",
     graph: Annotated[GraphChoice, typer.Option(help="PyTorch graph format: pt2 "
                                                "(torch.export), torchscript (traced), or "
                                                "auto (torchscript for LSTM/GRU/RNN "
@@ -72,6 +74,9 @@ def export_command(
     samples = [(load_image(path), text) for path, text in zip(images, questions, strict=True)]
     console = stderr_console()
     vqa = load(model, model_settings).model
+    if _is_hf(vqa):
+        _export_hf(vqa, out, samples, tolerance, force)
+        return
     result = export_model(
         vqa, out, graph=graph.value, onnx_exporter=onnx_exporter.value, opset=opset,
         tolerance=tolerance, samples=samples or None, force=force,
@@ -88,6 +93,25 @@ def export_command(
           f"{result.graph_max_diff:.3g} (tolerance {tolerance:g})")
     print(f"export {result.onnx_seconds + result.graph_seconds:.1f} s, verification "
           f"{result.verify_seconds:.1f} s, total {total:.1f} s")
+
+
+def _is_hf(vqa: object) -> bool:
+    return type(vqa).__module__ == "blackbox_vqa.adapters.huggingface"
+
+
+def _export_hf(vqa: object, out: Path, samples: Sequence[tuple[object, str]],
+               tolerance: float, force: bool) -> None:
+    """A Hugging Face classifier (ViLT...): model.onnx with the model's own inputs."""
+    from blackbox_vqa.exporters.hf_onnx import export_hf_model
+
+    result = export_hf_model(vqa, out, samples=samples or None,  # type: ignore[arg-type]
+                             tolerance=tolerance, force=force)
+    print(f"wrote {result.onnx_path} (inputs: {', '.join(result.inputs)}) and the processor "
+          f"and config beside it")
+    print(f"verified on {result.samples} inputs: max abs diff of answer scores ONNX Runtime "
+          f"vs PyTorch {result.onnx_max_diff:.3g}; deterministic all-patches path vs the "
+          f"model's own forward {result.patch_path_max_diff:.3g} (tolerance {tolerance:g}); "
+          f"{result.seconds:.1f} s")
 
 
 def _size(n_bytes: int) -> str:

@@ -59,7 +59,8 @@ _ONNX_FLAGS = {
 _HTTP_FLAGS = {
     "http_format": "http-format", "header": "header", "http_concurrency": "http-concurrency",
     "http_timeout": "http-timeout", "remote_model": "remote-model", "prompt": "prompt",
-    "max_tokens": "max-tokens",
+    "max_tokens": "max-tokens", "http_total_timeout": "http-total-timeout",
+    "http_max_response_mb": "http-max-response-mb",
 }
 
 
@@ -71,6 +72,8 @@ class ModelSettings:
     header: tuple[str, ...] = ()
     http_concurrency: int | None = None
     http_timeout: float | None = None
+    http_total_timeout: float | None = None
+    http_max_response_mb: float | None = None
     remote_model: str | None = None
     prompt: str | None = None
     max_tokens: int | None = None
@@ -102,9 +105,14 @@ class ModelSettings:
                 "http_format": self.http_format or "ours", "http_headers": list(self.header),
                 "http_concurrency": self.http_concurrency,
                 "http_timeout": 60.0 if self.http_timeout is None else self.http_timeout,
+                "http_total_timeout": self.http_total_timeout,
+                "http_max_response_bytes": None if self.http_max_response_mb is None
+                else int(self.http_max_response_mb * 2**20),
                 "remote_model": self.remote_model, "prompt": self.prompt,
                 "max_tokens": self.max_tokens,
             })
+        if kind == "hf" and self.answers_file is not None:
+            found["answers_file"] = self.answers_file
         if kind == "onnx":
             names = {"answers_file": "answers_file", "vocab": "vocab_file",
                      "output_kind": "output"}
@@ -120,7 +128,8 @@ class ModelSettings:
 
         kinds = {spec_kind(spec) for spec in specs}
         what = specs[0] if len(specs) == 1 else "any of the models"
-        onnx = [k for k in _ONNX_FLAGS if getattr(self, k) is not None]
+        onnx = [k for k in _ONNX_FLAGS if getattr(self, k) is not None
+                and not (k == "answers_file" and "hf" in kinds)]
         http = [k for k in _HTTP_FLAGS if k in self.given and getattr(self, k) not in (None, ())]
         if onnx and "onnx" not in kinds:
             flags = ", ".join("--" + _ONNX_FLAGS[k] for k in onnx)
@@ -155,6 +164,12 @@ _PARAMETERS: list[tuple[str, Any, Any]] = [
     ("http_timeout", Annotated[float | None, typer.Option(
         help="HTTP read timeout, seconds (default 60).", rich_help_panel="Model options")],
      None),
+    ("http_total_timeout", Annotated[float | None, typer.Option(
+        help="Most seconds one HTTP request may take in all (default 300).",
+        rich_help_panel="Model options")], None),
+    ("http_max_response_mb", Annotated[float | None, typer.Option(
+        help="Largest HTTP answer in MiB, after decompression (default 64).",
+        rich_help_panel="Model options")], None),
     ("remote_model", Annotated[str | None, typer.Option(
         help="--http-format openai: the endpoint's model name (default: the only one it "
         "lists).", rich_help_panel="Model options")], None),
@@ -166,8 +181,8 @@ _PARAMETERS: list[tuple[str, Any, Any]] = [
         help="--http-format openai: most tokens generated (default 8).",
         rich_help_panel="Model options")], None),
     ("answers_file", Annotated[Path | None, typer.Option(
-        "--answers", help="ONNX file without metadata: its answers, one per line (or a "
-        "JSON list).", rich_help_panel="Model options")], None),
+        "--answers", help="ONNX file without metadata: its answers; hf: BLIP's candidate "
+        "answers (one per line, or a JSON list).", rich_help_panel="Model options")], None),
     ("vocab", Annotated[Path | None, typer.Option(
         help="ONNX file without metadata: its vocabulary (JSON word->id, or one word per "
         "line, ids from 2).", rich_help_panel="Model options")], None),
@@ -316,12 +331,12 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
 def resolve(text: str, settings: ModelSettings) -> tuple[str, str, ModelSettings]:
     """``(spec, label, settings)`` of ``--model TEXT`` (a spec, or ``@FILE:NAME``); the
     label never holds credentials."""
-    from blackbox_vqa.specs import display_spec, spec_kind
+    from blackbox_vqa.specs import public_spec, spec_kind
 
     if text.strip().startswith("@"):
         spec, label, settings = _from_file(text.strip(), settings)
     else:
-        spec, label = text.strip(), display_spec(text.strip())
+        spec, label = text.strip(), public_spec(text.strip())
     spec_kind(spec)
     return spec, label, settings
 

@@ -38,7 +38,7 @@ from blackbox_vqa.explain import Explainer
 from blackbox_vqa.explainers.registry import MethodSettings
 from blackbox_vqa.explanation import Explanation, top_answers
 from blackbox_vqa.images import load_image
-from blackbox_vqa.specs import display_spec
+from blackbox_vqa.specs import public_spec
 
 __all__ = [
     "EvalConfig",
@@ -55,10 +55,11 @@ class EvalConfig:
     """What a worker needs to evaluate items: model spec, methods and their options.
 
     ``model_options``: the spec's loader options (``ModelOptions.extra``: HTTP format and
-    headers, ONNX metadata...). ``threads``: torch CPU threads per process while items run
-    (None: leave as is). Equal thread counts make serial and parallel runs give
-    bit-identical results; different counts can change the last bits of a CPU model's
-    scores.
+    headers, ONNX metadata...). ``metrics``: also measure each map's faithfulness;
+    ``sanity_keys``: the items that also get the randomisation sanity check.
+    ``threads``: torch CPU threads per process while items run (None: leave as is).
+    Equal thread counts make serial and parallel runs give bit-identical results on one
+    machine; different counts can change the last bits of a CPU model's scores.
     """
 
     model: str
@@ -68,6 +69,8 @@ class EvalConfig:
     map_size: int = MAP_SIZE
     threads: int | None = 1
     model_options: Mapping[str, Any] = field(default_factory=dict)
+    metrics: bool = False
+    sanity_keys: frozenset[str] = frozenset()
 
     def load(self) -> ItemEvaluator:
         """Load the model and build its methods (what each worker does once)."""
@@ -125,7 +128,7 @@ class ItemEvaluator:
         self.model = model
         self.config = config
         self.explainer = Explainer(model, methods=config.methods, settings=config.options,
-                                   label=display_spec(config.model))
+                                   label=public_spec(config.model))
         self.unavailable = {name: gone.reason
                             for name, gone in self.explainer.unavailable.items()}
         if not self.explainer.available:
@@ -171,6 +174,7 @@ class ItemEvaluator:
             arrays[f"{name}.image"] = attribution.image_map
             arrays[f"{name}.words"] = attribution.word_map
         human = self._human(item, pixels, arrays, tuple(found.attributions), files)
+        checks = self._checks(item, pixels, found, arrays)
         seconds["total"] = time.perf_counter() - started
         seconds["predict"] = max(0.0, seconds["total"] - sum(
             a.seconds for a in found.attributions.values()))
@@ -185,9 +189,38 @@ class ItemEvaluator:
             "methods": outputs,
             "unavailable": unavailable,
             "human": human,
+            **checks,
             "seconds": {k: round(v, 6) for k, v in seconds.items()},
         }
         return ItemRecord(item.key, meta, arrays)
+
+    def _checks(
+        self, item: Item, pixels: NDArray[Any], found: Explanation,
+        arrays: dict[str, NDArray[np.float64]],
+    ) -> dict[str, Any]:
+        """``faithfulness`` (numbers per method; resampled curves go into ``arrays``) and
+        ``sanity`` (rank correlation per randomised layer), when the config asks."""
+        from blackbox_vqa.evaluation.metrics import (
+            explanation_metrics,
+            explanation_sanity,
+            metric_rows,
+            sanity_rows,
+        )
+
+        found_checks: dict[str, Any] = {}
+        options = self.config.options
+        if self.config.metrics:
+            metrics = explanation_metrics(self.model, pixels, found, baseline=options.baseline,
+                                          batch_size=options.batch_size,
+                                          seed=self.config.seed)
+            numbers, curves = metric_rows(metrics)
+            found_checks["faithfulness"] = numbers
+            arrays.update({f"faith.{name}": curve for name, curve in curves.items()})
+        if item.key in self.config.sanity_keys:
+            sanity = explanation_sanity(self.model, pixels, found, options,
+                                        seed=self.config.seed)
+            found_checks["sanity"] = sanity_rows(sanity)
+        return found_checks
 
     def _human(
         self, item: Item, pixels: NDArray[Any], arrays: Mapping[str, NDArray[np.float64]],

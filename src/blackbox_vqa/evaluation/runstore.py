@@ -3,13 +3,21 @@
 Layout::
 
     RUNDIR/settings.json        the settings the run was started with (schema blackbox_vqa.run/1)
-    RUNDIR/items/KEY.npz        one finished item: ``meta`` (a JSON string) and its maps
+    RUNDIR/items/KEY.npz        one finished item: ``item_key`` (KEY again), ``meta`` (a
+                                JSON string) and its maps
     RUNDIR/.lock                held (flock) while a process works on the run
 
 Each item file is written to a temporary name, flushed to disk and renamed, so a process
 killed at any moment (even with SIGKILL) leaves finished items whole and at most a stray
 temporary file (removed on the next open); the items in flight are simply done again.
 Opening a folder that holds a run started with other settings is refused.
+
+An item file names its item inside (``item_key``; files of earlier versions: ``meta["key"]``),
+and that name must match the file's. A file whose content belongs to another item (copied
+or renamed over it) is not trusted: :meth:`RunStore.done_keys` leaves it out, so the item is
+computed again and the file replaced, and says so in :attr:`RunStore.rejected`;
+:meth:`RunStore.read` refuses it. (Recomputing is friendlier than stopping the run: the
+item's true result is one computation away.)
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ ITEMS_DIR = "items"
 LOCK_FILE = ".lock"
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _META = "meta"
+_KEY = "item_key"
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,29 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
             for name in names if old.get(name) != new.get(name)]
 
 
+def _meta_key(meta: object) -> str | None:
+    key = meta.get("key") if isinstance(meta, dict) else None
+    return key if isinstance(key, str) else None
+
+
+def _stored_key(path: Path) -> str | None:
+    """The item key written inside an item file (None when it names none)."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        entry = f"{_KEY}.npy" if f"{_KEY}.npy" in names else f"{_META}.npy"
+        if entry not in names:
+            return None
+        with archive.open(entry) as member:
+            value = str(np.lib.format.read_array(member, allow_pickle=False)[()])
+    return value if entry == f"{_KEY}.npy" else _meta_key(json.loads(value))
+
+
+def _belongs(stored: str | None) -> str:
+    if stored is None:
+        return "does not say which item it holds"
+    return f"holds item {stored!r} (copied over?)"
+
+
 class RunStore:
     """The store of one run folder; use :meth:`open` (a context manager holding the lock)."""
 
@@ -70,6 +102,9 @@ class RunStore:
         self.settings = dict(settings)
         self.items_dir = root / ITEMS_DIR
         self._lock = lock
+        self.rejected: list[str] = []
+        """One message per item file :meth:`done_keys` did not trust (it holds another
+        item, or names none); the items are computed again."""
 
     @classmethod
     def open(cls, rundir: str | os.PathLike[str], settings: Mapping[str, Any]) -> RunStore:
@@ -143,18 +178,39 @@ class RunStore:
         return self.items_dir / f"{_check_key(key)}.npz"
 
     def done_keys(self) -> set[str]:
-        """Keys of the items already stored."""
-        return {p.name[:-4] for p in self.items_dir.iterdir()
-                if p.suffix == ".npz" and not p.name.startswith(".")}
+        """Keys of the items already stored.
+
+        A file holding another item than its name says, or naming none, is left out (the
+        item is done again, which replaces the file) and noted in :attr:`rejected`. A file
+        too damaged to tell stays in: :meth:`read` reports it by name.
+        """
+        done: set[str] = set()
+        self.rejected = []
+        for path in sorted(self.items_dir.iterdir()):
+            if path.suffix != ".npz" or path.name.startswith("."):
+                continue
+            key = path.name[:-4]
+            try:
+                stored = _stored_key(path)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                done.add(key)
+                continue
+            if stored == key:
+                done.add(key)
+            else:
+                self.rejected.append(f"item file {path} {_belongs(stored)}; item {key!r} "
+                                     "will be computed again")
+        return done
 
     def write(self, record: ItemRecord) -> Path:
         """Store ``record`` atomically (replacing an earlier one with the same key)."""
         payload: dict[str, NDArray[Any]] = {
-            _META: np.asarray(json.dumps(record.meta, allow_nan=False))
+            _KEY: np.asarray(_check_key(record.key)),
+            _META: np.asarray(json.dumps(record.meta, allow_nan=False)),
         }
         for name, array in record.arrays.items():
-            if name == _META:
-                raise InputError(f"array name {_META!r} is reserved")
+            if name in (_META, _KEY):
+                raise InputError(f"array name {name!r} is reserved")
             payload[name] = np.asarray(array, dtype=np.float64)
         buffer = io.BytesIO()
         np.savez(buffer, **payload)  # type: ignore[arg-type]
@@ -162,19 +218,24 @@ class RunStore:
         return atomic_write(self.path(record.key), lambda f: f.write(data))
 
     def read(self, key: str) -> ItemRecord:
-        """The stored record of ``key``."""
+        """The stored record of ``key``; raises :class:`InputError` for a missing or damaged
+        file, or one that holds another item."""
         path = self.path(key)
         try:
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(str(archive[_META][()]))
+                stored = str(archive[_KEY][()]) if _KEY in archive.files else _meta_key(meta)
                 arrays = {name: np.asarray(archive[name], dtype=np.float64)
-                          for name in archive.files if name != _META}
+                          for name in archive.files if name not in (_META, _KEY)}
         except FileNotFoundError as exc:
             raise InputError(f"item {key!r} is not stored in {self.root}") from exc
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise InputError(
                 f"item file {path} is damaged ({exc}); delete it and rerun to redo the item"
             ) from exc
+        if stored != key:
+            raise InputError(f"item file {path} {_belongs(stored)}; delete it and rerun to "
+                             "redo the item")
         return ItemRecord(key, meta, arrays)
 
     def records(self, keys: list[str]) -> Iterator[ItemRecord]:

@@ -129,8 +129,64 @@ def summarize(
         "pos": {"tagger": tagger.name, "tags": [{"tag": t, "count": c} for t, c in tags],
                 "methods": {m: r.to_dict() for m, r in pos.items()}},
         "failure_prediction": _failure(done, folds, int(settings.get("seed", 0))),
+        "faithfulness": faithfulness_table(done, methods),
+        "sanity": sanity_table(done, methods),
         "timing": {**_timing(done, methods), **dict(run or {})},
     }
+
+
+FAITHFULNESS_KEYS = ("deletion_auc", "random_deletion_auc", "insertion_auc",
+                     "random_insertion_auc", "comprehensiveness", "random_comprehensiveness",
+                     "sufficiency", "random_sufficiency")
+
+
+def faithfulness_table(records: Sequence[ItemRecord], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method, each faithfulness number's mean and standard error over the items that
+    have it, and the mean resampled curves (for ``deletion.png``)."""
+    from blackbox_vqa.evaluation.metrics import mean_curves
+
+    having = [r for r in records if r.meta.get("faithfulness")]
+    table: dict[str, Any] = {}
+    for name in methods:
+        rows = [r.meta["faithfulness"][name] for r in having
+                if name in r.meta["faithfulness"]]
+        if not rows:
+            continue
+        entry: dict[str, Any] = {
+            key: mean_sem(float("nan") if row.get(key) is None else row[key]
+                          for row in rows).to_dict()
+            for key in FAITHFULNESS_KEYS if any(key in row for row in rows)}
+        entry["evaluations_mean"] = float(np.mean([row.get("evaluations", 0) for row in rows]))
+        curves = mean_curves([{k[len("faith."):]: v for k, v in r.arrays.items()
+                               if k.startswith("faith.")} for r in having], name)
+        entry["curves"] = {k: v.tolist() for k, v in curves.items()}
+        table[name] = entry
+    return {"items": len(having), "methods": table}
+
+
+def sanity_table(records: Sequence[ItemRecord], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method: the mean rank correlation after each randomised layer, the final one
+    (mean +- s.e.) and the share of items below the threshold (0.5)."""
+    from blackbox_vqa.evaluation.sanity import DEFAULT_THRESHOLD
+
+    having = [r for r in records if r.meta.get("sanity")]
+    table: dict[str, Any] = {}
+    for name in methods:
+        series = [r.meta["sanity"][name] for r in having if name in r.meta["sanity"]]
+        if not series:
+            continue
+        depth = min(len(s) for s in series)
+        values = np.array([[np.nan if v is None else v for v in s[:depth]] for s in series])
+        final = values[:, -1]
+        table[name] = {
+            "items": len(series),
+            "per_layer": [None if not np.isfinite(v) else float(v)
+                          for v in np.nanmean(values, axis=0)] if depth else [],
+            "final": mean_sem(final).to_dict(),
+            "passing": float(np.mean(~(final >= DEFAULT_THRESHOLD))),
+            "threshold": DEFAULT_THRESHOLD,
+        }
+    return {"items": len(having), "methods": table}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -159,7 +215,45 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines += ["", *markdown_human(results["human_attention"])]
     lines += ["", *markdown_pos(results["pos"])]
     lines += ["", *markdown_failure(results["failure_prediction"])]
+    lines += markdown_faithfulness(results.get("faithfulness") or {})
+    lines += markdown_sanity(results.get("sanity") or {})
     return "\n".join(lines) + "\n"
+
+
+def _estimate(entry: Mapping[str, Any], key: str) -> str:
+    found = entry.get(key)
+    if not found or found.get("mean") is None:
+        return "-"
+    return f"{found['mean']:.3f} ± {_fmt(found.get('sem'))}"
+
+
+def markdown_faithfulness(table: Mapping[str, Any]) -> list[str]:
+    """The faithfulness table (empty without ``--metrics``)."""
+    if not table.get("methods"):
+        return []
+    lines = ["", "## Faithfulness (deletion / insertion AUC, comprehensiveness / sufficiency)",
+             "", f"{table['items']} items; mean ± s.e.; 'random' is a random order's.", "",
+             "| method | deletion | random | insertion | random | comprehensiveness | random "
+             "| sufficiency | random |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, entry in table["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(_estimate(entry, key)
+                                                 for key in FAITHFULNESS_KEYS) + " |")
+    return lines
+
+
+def markdown_sanity(table: Mapping[str, Any]) -> list[str]:
+    """The randomisation sanity table (empty without ``--sanity``)."""
+    if not table.get("methods"):
+        return []
+    lines = ["", "## Sanity check (model-parameter randomisation, Adebayo et al. 2018)", "",
+             f"{table['items']} items; Spearman rank correlation of |map| with the original "
+             "after randomising every layer (output first); a method passes below 0.5.", "",
+             "| method | items | rank corr. after all layers | items passing |",
+             "|---|---|---|---|"]
+    for name, entry in table["methods"].items():
+        lines.append(f"| {name} | {entry['items']} | {_estimate(entry, 'final')} | "
+                     f"{entry['passing']:.2f} |")
+    return lines
 
 
 def markdown_human(table: Mapping[str, Any]) -> list[str]:

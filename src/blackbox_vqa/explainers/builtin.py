@@ -12,7 +12,7 @@ from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
 from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
 from blackbox_vqa.explanation import Attribution
 
-__all__ = ["GRADIENT", "GUIDED_BACKPROP", "OCCLUSION"]
+__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION", "RISE"]
 
 
 class _OcclusionMethod:
@@ -29,7 +29,8 @@ class _OcclusionMethod:
     def _explainer(self, progress: Any) -> Any:
         s = self.settings
         return self._build(self.model, grid=s.grid, window=s.window, stride=s.stride,
-                           baseline=s.baseline, batch_size=s.batch_size, progress=progress)
+                           baseline=s.baseline, batch_size=s.batch_size,
+                           score=s.score, progress=progress)  # type: ignore[arg-type]
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.occlusion import occlusion_attribution
@@ -44,6 +45,12 @@ def _gradient_available(context: ModelContext) -> str | None:
     from blackbox_vqa.gradient_source import gradient_source_reason
 
     return gradient_source_reason(context.label, context.model)
+
+
+def _path_gradients_available(context: ModelContext) -> str | None:
+    reason = _gradient_available(context)
+    return None if reason is None else reason.replace("guided backpropagation",
+                                                      "integrated gradients")
 
 
 class _GradientMethod:
@@ -70,6 +77,59 @@ class _GradientMethod:
                                          answer=request.answer)
         return gradient_attribution(result, method=self.name, key=self.key,
                                     source=self.source, seconds=time.perf_counter() - started)
+
+
+class _IntegratedGradientsMethod:
+    """Integrated gradients bound to one model's gradient source (path gradients)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        from blackbox_vqa.explainers.integrated_gradients import IntegratedGradients
+        from blackbox_vqa.gradient_source import find_gradient_source
+
+        model, self.source, reason = find_gradient_source(context.label, context.model)
+        if model is None:
+            raise NotSupportedError(reason.replace("guided backpropagation",
+                                                   "integrated gradients"))
+        settings = context.settings
+        try:
+            self._explainer = IntegratedGradients(model, steps=settings.ig_steps,
+                                                  baseline=settings.ig_baseline)
+        except GradientUnavailableError as exc:
+            raise NotSupportedError(str(exc)) from exc
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.integrated_gradients import ig_attribution
+
+        started = time.perf_counter()
+        result = self._explainer.explain(request.image, request.question,
+                                         answer=request.answer)
+        return ig_attribution(result, source=self.source,
+                              seconds=time.perf_counter() - started)
+
+
+class _RiseMethod:
+    """RISE bound to one model (see :mod:`blackbox_vqa.explainers.rise`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        self.model = context.model
+        self.settings = context.settings
+        self._rise(None)  # validates the settings now
+
+    def _rise(self, progress: Any) -> Any:
+        from blackbox_vqa.explainers.rise import Rise
+
+        s = self.settings
+        return Rise(self.model, masks=s.rise_masks, baseline=s.baseline,
+                    batch_size=s.batch_size, score=s.score,  # type: ignore[arg-type]
+                    progress=progress)
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.rise import rise_attribution
+
+        started = time.perf_counter()
+        result = self._rise(request.progress).explain(request.image, request.question,
+                                                      answer=request.answer)
+        return rise_attribution(result, seconds=time.perf_counter() - started)
 
 
 OCCLUSION = Method(
@@ -107,5 +167,30 @@ GRADIENT = Method(
     kind="white-box",
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT):
+INTEGRATED_GRADIENTS = Method(
+    name="integrated-gradients",
+    key="integrated_gradients",
+    signed=True,
+    help="integrated gradients (Sundararajan et al. 2017) from a black, blurred or mean "
+    "image and padding-token words: signed, channels summed, at the model's input size",
+    bind=_IntegratedGradientsMethod,
+    available=_path_gradients_available,
+    image_label="integrated gradients (sum over channels)",
+    kind="white-box",
+    default=False,
+)
+
+RISE = Method(
+    name="rise",
+    key="rise",
+    signed=False,
+    help="RISE (Petsiuk et al. 2018): mean score under random masks, weighted by each "
+    "pixel's visibility; higher supports the answer",
+    bind=_RiseMethod,
+    image_label="mask-weighted mean score",
+    kind="black-box",
+    default=False,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE):
     register(_method, replace=True)

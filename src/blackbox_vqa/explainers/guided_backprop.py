@@ -73,9 +73,9 @@ class GuidedBackpropResult:
     relus_guided: int | None = None
 
     @property
-    def equals_plain(self) -> bool:
-        """Guided mode that met no ReLU: the map is the plain gradient."""
-        return self.mode == "guided" and self.relus_guided == 0
+    def guided_note(self) -> str:
+        """Says when guided mode met no ReLU (the map is the plain gradient); else empty."""
+        return PLAIN_NOTE if self.mode == "guided" and self.relus_guided == 0 else ""
 
     @property
     def probability(self) -> float:
@@ -117,7 +117,8 @@ class GuidedBackprop:
 
 
 def _token_labels(grads: InputGradients, words: list[str]) -> tuple[str, ...]:
-    if len(words) == len(grads.token_ids):
+    rows = 0 if grads.words is None else len(grads.words)
+    if len(words) == rows:
         return tuple(words)
     return tuple(f"#{t}" for t in grads.token_ids)
 
@@ -179,8 +180,8 @@ def _guided_note(result: GuidedBackpropResult) -> dict[str, Any]:
     if result.mode != "guided" or result.relus_guided is None:
         return {}
     found: dict[str, Any] = {"relus_guided": result.relus_guided}
-    if result.equals_plain:
-        found["note"] = PLAIN_NOTE
+    if result.guided_note:
+        found["note"] = result.guided_note
     return found
 
 

@@ -34,9 +34,39 @@ from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import drop_word, split_words
 
-__all__ = ["Occlusion", "OcclusionResult", "ProgressCallback", "occlusion_attribution"]
+__all__ = [
+    "LOG_FLOOR",
+    "SCORES",
+    "Occlusion",
+    "OcclusionResult",
+    "ProgressCallback",
+    "Score",
+    "answer_score",
+    "occlusion_attribution",
+    "parse_score",
+]
 
 ProgressCallback = Callable[[int, int], None]
+Score = Literal["probability", "log-probability"]
+SCORES: tuple[str, ...] = ("probability", "log-probability")
+# Scores are clipped to this before the log, so a zero score gives a finite value.
+LOG_FLOOR = 1e-30
+
+
+def parse_score(score: str) -> Score:
+    """Check a ``score`` option: ``"probability"`` or ``"log-probability"``."""
+    if score not in SCORES:
+        raise InputError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    return score  # type: ignore[return-value]
+
+
+def answer_score(values: NDArray[np.floating[Any]], score: Score) -> NDArray[np.float64]:
+    """The model's scores as given (``"probability"``) or their natural log
+    (``"log-probability"``, scores clipped to ``1e-30`` first so zero stays finite)."""
+    array = np.asarray(values, dtype=np.float64)
+    if score == "log-probability":
+        return np.log(np.maximum(array, LOG_FLOOR))
+    return array
 
 
 @dataclass(frozen=True)
@@ -48,13 +78,15 @@ class OcclusionResult:
         predicted_index: the answer the model predicts on the original input.
         scores: the model's scores ``[A]`` on the original input (``float64``).
         image_map: ``grid x grid`` (mode ``"grid"``) or ``H x W`` (mode ``"window"``)
-            importances ``p(a|original) - p(a|occluded)``, row-major, top row first.
+            importances ``p(a|original) - p(a|occluded)``, row-major, top row first
+            (``log p`` in place of ``p`` when ``score == "log-probability"``).
         words, word_map: the question's words and one importance per word.
         image_flips, word_flips: perturbations that changed the predicted answer.
         image_perturbations: how many patches were occluded.
         batch_size, evaluations: the batch size used and the number of inputs evaluated.
         baseline: the baseline's name (``"imagenet-mean"``, ``"black"``, ``"blur"``) or
             ``"rgb"``; ``baseline_rgb`` holds the fill colour when it is one.
+        score: ``"probability"`` or ``"log-probability"``: what the importances compare.
     """
 
     answer: str
@@ -76,6 +108,7 @@ class OcclusionResult:
     image_perturbations: int
     batch_size: int
     evaluations: int
+    score: Score = "probability"
 
     @property
     def probability(self) -> float:
@@ -108,6 +141,9 @@ class Occlusion:
         memory_budget: bytes the automatic batch size may plan for.
         image, words: which parts to occlude.
         progress: called as ``progress(done, total)`` after each batch.
+        score: ``"probability"`` (default, the paper's) or ``"log-probability"``: the
+            importances compare the answer's score or its natural log (a saturated model,
+            p near 1, shows structure in log space that probabilities round away).
     """
 
     def __init__(
@@ -124,8 +160,10 @@ class Occlusion:
         image: bool = True,
         words: bool = True,
         progress: ProgressCallback | None = None,
+        score: Score = "probability",
     ) -> None:
         self.model = check_model(model)
+        self.score = parse_score(score)
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
             raise InputError(f"grid must be a positive integer, got {grid!r}")
         self.grid = grid
@@ -241,6 +279,7 @@ class Occlusion:
     ) -> OcclusionResult:
         original = scores[0]
         predicted = int(np.argmax(original))
+        compared = answer_score(scores, self.score)
         if answer is None:
             index = predicted
         elif answer in self.model.answers:
@@ -249,7 +288,7 @@ class Occlusion:
             raise InputError(f"answer {answer!r} is not one of the model's answers")
         image_scores = scores[1 : 1 + len(boxes)]
         word_scores = scores[1 + len(boxes) :]
-        image_deltas = original[index] - image_scores[:, index]
+        image_deltas = compared[0, index] - compared[1 : 1 + len(boxes), index]
         image_map, mode = self._image_map(image_deltas, boxes, shape)
         baseline = self.baseline
         return OcclusionResult(
@@ -266,12 +305,13 @@ class Occlusion:
             baseline_rgb=_baseline_rgb(baseline),
             image_shape=shape,
             words=tuple(words),
-            word_map=original[index] - word_scores[:, index],
+            word_map=compared[0, index] - compared[1 + len(boxes) :, index],
             image_flips=int((image_scores.argmax(axis=1) != predicted).sum()),
             word_flips=int((word_scores.argmax(axis=1) != predicted).sum()),
             image_perturbations=len(boxes),
             batch_size=batch,
             evaluations=len(scores),
+            score=self.score,
         )
 
     def _image_map(

@@ -59,6 +59,12 @@ class MethodSettings:
         window, stride: sliding-window occlusion instead of the grid, ``(h, w)`` pixels.
         baseline: patch fill: ``imagenet-mean``, ``black``, ``blur`` or ``"R,G,B"``.
         batch_size: perturbed inputs per model call, ``"auto"`` or a positive int.
+        score: what occlusion and RISE compare: ``probability`` (the paper's) or
+            ``log-probability`` (structure shows where a saturated model's p is ~1).
+        rise_masks: RISE: random masks (default 2000).
+        ig_steps: integrated gradients: points of the path integral (default 32).
+        ig_baseline: integrated gradients: the image baseline, ``black``, ``blur`` or
+            ``imagenet-mean`` (words: the padding token's embedding).
         extra: settings of methods registered from outside, by name.
     """
 
@@ -67,6 +73,10 @@ class MethodSettings:
     stride: tuple[int, int] | None = None
     baseline: str = "imagenet-mean"
     batch_size: int | str = "auto"
+    score: str = "probability"
+    rise_masks: int = 2000
+    ig_steps: int = 32
+    ig_baseline: str = "black"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +84,15 @@ class MethodSettings:
             raise InputError(f"grid must be a positive integer, got {self.grid!r}")
         if self.stride is not None and self.window is None:
             raise InputError("stride needs a window")
+        if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) \
+                or self.ig_steps < 1:
+            raise InputError(f"ig_steps must be a positive integer, got {self.ig_steps!r}")
+        if isinstance(self.rise_masks, bool) or not isinstance(self.rise_masks, int) \
+                or self.rise_masks < 1:
+            raise InputError(f"rise_masks must be a positive integer, got {self.rise_masks!r}")
+        if self.score not in ("probability", "log-probability"):
+            raise InputError("score must be one of probability, log-probability, got "
+                             f"{self.score!r}")
 
 
 @dataclass(frozen=True)

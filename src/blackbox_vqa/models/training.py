@@ -7,8 +7,16 @@ random, each with its own image. (Batches of a few images with all their questio
 were tried first: cheaper per step, but the correlated batches left the image path
 barely trained: 85% test accuracy after 4 epochs, against 100% after 3 this way.)
 
+By default 80% of the training images get 1-3 distractor squares (4-6 px, half in the
+occlusion baseline's grey, half in random colours) on their background, and the loss
+uses label smoothing 0.1. Without them the model was saturated (p = 0.9995) and took a
+grey occlusion patch on the flat background for a new shape, so grey-fill occlusion maps
+were at chance against the shape (rank correlation 0.002 on 300 test items); with them
+that correlation is 0.52 at 100% test accuracy (README, "The reference model").
+
 Everything random is drawn from the seed: weight initialisation and dropout
-(``torch.manual_seed``), question order and flips (a NumPy generator). Training uses
+(``torch.manual_seed``), question order and flips (a NumPy generator), distractors (a
+second NumPy generator seeded with ``[seed, 1]``). Training uses
 deterministic torch algorithms, so the same seed, thread count and torch build give the
 same weights.
 """
@@ -45,6 +53,8 @@ __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "add_distractors",
+    "background_masks",
     "evaluate",
     "load_split",
     "normalise",
@@ -56,7 +66,15 @@ __all__ = [
 Split = Literal["train", "test"]
 
 DEFAULT_SEED = 0
-DEFAULT_EPOCHS = 4
+DEFAULT_EPOCHS = 6
+DEFAULT_DISTRACTORS = 0.8
+DEFAULT_LABEL_SMOOTHING = 0.1
+# Distractor squares: side in pixels (one 16 x 16 grid cell of a 64 x 64 image is 4),
+# how many per image, and the occlusion baseline colour (ImageNet mean RGB) half of
+# them are filled with; the other half get a uniform random colour.
+DISTRACTOR_SIDES = (4, 6)
+DISTRACTOR_COUNT = 3
+DISTRACTOR_GREY = (124, 117, 104)
 IMAGE_SIZE = 64
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -173,6 +191,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     flip: bool = False
+    distractors: float = DEFAULT_DISTRACTORS
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING
     limit: int | None = None
     steps: int | None = None
     threads: int | None = None
@@ -189,6 +209,10 @@ class TrainConfig:
                 raise InputError(f"{name} must be a positive int or None, got {value!r}")
         if not self.lr > 0:
             raise InputError(f"lr must be positive, got {self.lr!r}")
+        if not 0.0 <= self.distractors <= 1.0:
+            raise InputError(f"distractors must be in [0, 1], got {self.distractors!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
 
 @dataclass(frozen=True)
@@ -230,6 +254,47 @@ def _seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def background_masks(images: NDArray[np.uint8]) -> NDArray[np.bool_]:
+    """``bool [N, H, W]``: True on the background of each easy-VQA image (not the shape)."""
+    from blackbox_vqa.datasets.easyvqa import shape_map
+
+    return np.stack([shape_map(image) == 0.0 for image in images])
+
+
+def add_distractors(
+    images: NDArray[np.uint8],
+    background: NDArray[np.bool_],
+    rng: np.random.Generator,
+    probability: float,
+) -> NDArray[np.uint8]:
+    """Copies of ``uint8 [B, H, W, 3]`` images, some with small squares on the background.
+
+    Each image, with ``probability``, gets 1 to ``DISTRACTOR_COUNT`` squares of side
+    ``DISTRACTOR_SIDES[0]..[1]`` pixels, each placed (up to 10 tries) where it and a
+    1-pixel margin lie on the background (``background``, ``bool [B, H, W]``), so the
+    shape and the answer stay unchanged. Half the squares are the occlusion baseline's
+    grey, half a uniform random colour: the model learns that a square of filled
+    background is not a shape, so occlusion maps stop lighting up the background.
+    """
+    out = images.copy()
+    height, width = images.shape[1:3]
+    low, high = DISTRACTOR_SIDES
+    for row in np.flatnonzero(rng.random(len(images)) < probability):
+        for _ in range(int(rng.integers(1, DISTRACTOR_COUNT + 1))):
+            side = int(rng.integers(low, high + 1))
+            grey = bool(rng.random() < 0.5)
+            colour = DISTRACTOR_GREY if grey else tuple(int(v) for v in rng.integers(0, 256, 3))
+            for _ in range(10):
+                top = int(rng.integers(0, height - side + 1))
+                left = int(rng.integers(0, width - side + 1))
+                region = background[row, max(0, top - 1) : top + side + 1,
+                                    max(0, left - 1) : left + side + 1]
+                if region.all():
+                    out[row, top : top + side, left : left + side] = colour
+                    break
+    return out
+
+
 def _train_step(
     model: EasyVQANet,
     optimiser: torch.optim.Optimizer,
@@ -237,8 +302,15 @@ def _train_step(
     tokens: torch.Tensor,
     questions: NDArray[np.int64],
     flips: NDArray[np.bool_],
+    config: TrainConfig,
+    background: NDArray[np.bool_] | None,
+    distractor_rng: np.random.Generator,
 ) -> tuple[float, int, int]:
-    images = torch.from_numpy(split.images[split.image_index[questions]])
+    rows = split.image_index[questions]
+    pixels = split.images[rows]
+    if background is not None and config.distractors > 0:
+        pixels = add_distractors(pixels, background[rows], distractor_rng, config.distractors)
+    images = torch.from_numpy(pixels)
     if flips.any():
         flip_rows = torch.from_numpy(np.flatnonzero(flips))
         images[flip_rows] = images[flip_rows].flip(2)
@@ -246,7 +318,7 @@ def _train_step(
     q_tokens = q_tokens[:, : max(1, int((q_tokens != PAD_ID).sum(1).max()))]
     target = torch.from_numpy(split.answers[questions])
     logits = model(normalise(images), q_tokens)
-    loss = F.cross_entropy(logits, target)
+    loss = F.cross_entropy(logits, target, label_smoothing=config.label_smoothing)
     optimiser.zero_grad(set_to_none=True)
     loss.backward()  # type: ignore[no-untyped-call]
     optimiser.step()
@@ -310,6 +382,8 @@ def _train(
     test = load_split("test", answers, limit=config.limit)
     tokenizer = WordTokenizer.build(train.questions)
     rng = _seed_everything(config.seed)
+    distractor_rng = np.random.default_rng([config.seed, 1])
+    background = background_masks(train.images) if config.distractors > 0 else None
     net_config = NetConfig.from_dict(
         {"vocab_size": len(tokenizer.vocab) + 2, "num_answers": len(answers), **config.net}
     )
@@ -342,7 +416,8 @@ def _train(
             end = (b + 1) * config.batch_size if b < per_epoch - 1 else n_questions
             batch = slice(b * config.batch_size, end)
             loss, right, count = _train_step(
-                model, optimiser, train, tokens, order[batch], flips[batch]
+                model, optimiser, train, tokens, order[batch], flips[batch],
+                config, background, distractor_rng,
             )
             schedule.step()
             step += 1
@@ -400,6 +475,8 @@ def metadata(result: TrainResult) -> dict[str, Any]:
             "schedule": "cosine",
             "weight_decay": cfg.weight_decay,
             "horizontal_flip": cfg.flip,
+            "distractors": cfg.distractors,
+            "label_smoothing": cfg.label_smoothing,
             "limit": cfg.limit,
             "threads": result.threads,
             "seconds": round(result.seconds, 1),

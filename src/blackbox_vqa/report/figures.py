@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,43 @@ def words_figure(
     axis.set_xlim(-bound, bound)
     axis.set_xlabel(label)
     axis.set_title(title)
+    return fig
+
+
+def deletion_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], *, title: str) \
+        -> Figure:
+    """Mean deletion (solid) and insertion (dashed) curves per method, each beside its
+    random order's (dotted), over the fraction of the image removed or inserted."""
+    fig = Figure(figsize=(9.6, 4.2), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    for axis, kind in ((left, "deletion"), (right, "insertion")):
+        for k, (method, found) in enumerate(curves.items()):
+            colour = f"C{k}"
+            for name, style in ((kind, "-"), (f"random_{kind}", ":")):
+                if name in found:
+                    values = np.asarray(found[name], dtype=np.float64)
+                    axis.plot(np.linspace(0, 1, values.size), values, style, color=colour,
+                              label=method if style == "-" else f"{method} (random)")
+        axis.set_xlabel(f"fraction of the image {'removed' if kind == 'deletion' else 'inserted'}")
+        axis.set_ylabel("score of the answer")
+        axis.set_title(f"{kind} ({title})")
+        axis.legend(fontsize=7)
+    return fig
+
+
+def sanity_figure(per_layer: Mapping[str, Sequence[float | None]], *, title: str) -> Figure:
+    """Mean rank correlation with the original map after each randomised layer."""
+    fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
+    axis = fig.subplots()
+    for method, values in per_layer.items():
+        ys = [np.nan if v is None else v for v in values]
+        axis.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=method)
+    axis.axhline(0.5, color="black", linestyle="dotted", linewidth=1.0, label="threshold")
+    axis.set_xlabel("layers randomised (from the output down)")
+    axis.set_ylabel("Spearman rank correlation of |map|")
+    axis.set_ylim(-0.2, 1.05)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
     return fig
 
 

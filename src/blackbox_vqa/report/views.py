@@ -198,8 +198,39 @@ def model_view(
         methods=method_views(explanation, unavailable),
         flips=_flips(explanation),
         seconds=_seconds(explanation),
-        facts=tuple(facts),
+        facts=(*facts, *_check_facts(explanation.sections)),
     )
+
+
+def _number(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def _check_facts(sections: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Facts from the ``metrics`` and ``sanity`` sections, if the explanation has them."""
+    facts: list[tuple[str, str]] = []
+    for name, entry in (sections.get("metrics") or {}).items():
+        image, words = entry.get("image"), entry.get("words")
+        if image:
+            facts.append((f"{name}: deletion / insertion AUC (random)",
+                          f"{_number(image['deletion_auc'])} / "
+                          f"{_number(image['insertion_auc'])} "
+                          f"({_number(image['random_deletion_auc'])} / "
+                          f"{_number(image['random_insertion_auc'])})"))
+        if words:
+            facts.append((f"{name}: comprehensiveness / sufficiency (random)",
+                          f"{_number(words['comprehensiveness'])} / "
+                          f"{_number(words['sufficiency'])} "
+                          f"({_number(words['random_comprehensiveness'])} / "
+                          f"{_number(words['random_sufficiency'])})"))
+    for name, entry in (sections.get("sanity") or {}).items():
+        if entry.get("available") is False:
+            facts.append((f"{name}: sanity check", f"not available: {entry['reason']}"))
+        else:
+            facts.append((f"{name}: rank corr. after randomising all layers",
+                          f"{_number(entry['final_spearman'])} "
+                          f"({'passes' if entry['passes'] else 'fails'})"))
+    return tuple(facts)
 
 
 def _matrix(

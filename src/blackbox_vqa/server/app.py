@@ -220,7 +220,10 @@ class _ModelRunner:
                 header, views = split_binary_batch(body)
                 parsed = BinaryHeader.model_validate_json(header)
                 return list(views), [item.question for item in parsed.items]
-            if media in ("", "application/json") or media.endswith("+json"):
+            # No Content-Type (or text/plain) is refused: a browser sends those cross-site
+            # without asking first, so reading them as JSON would let any web page drive
+            # a server without a token.
+            if media == "application/json" or media.endswith("+json"):
                 request = AnswerProbsRequest.model_validate_json(body)
                 return [item.image for item in request.items], \
                     [item.question for item in request.items]
@@ -228,8 +231,9 @@ class _ModelRunner:
             raise ApiError(422, "invalid_request", _pydantic_message(exc)) from exc
         except BatchFormatError as exc:
             raise ApiError(422, "invalid_request", str(exc)) from exc
+        got = f"Content-Type {media!r}" if media else "no Content-Type"
         raise ApiError(415, "unsupported_media_type",
-                       f"Content-Type {media!r}; send application/json or {BINARY_CONTENT_TYPE}")
+                       f"{got}; send application/json or {BINARY_CONTENT_TYPE}")
 
     def respond(self, body: bytes, content_type: str) -> Response:
         files, questions = self._parse(body, content_type)
@@ -305,6 +309,8 @@ def create_app(
     from blackbox_vqa.version import __version__
 
     app = FastAPI(
+        # A path with a trailing slash is a 404, not a redirect built from the Host header.
+        redirect_slashes=False,
         title="blackbox_vqa model server",
         version=__version__,
         description=f"A VQA model ({runner.name}) behind the `{PROTOCOL}` protocol.",

@@ -7,6 +7,7 @@ finish.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -72,10 +73,14 @@ def _run_processes(
 ) -> None:
     import multiprocessing
 
+    from blackbox_vqa.evaluation.workers import die_with_parent
+
     context = multiprocessing.get_context("spawn")
     queue = list(reversed(items))
     pending: set[Future[Any]] = set()
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context)
+    # Workers end with this process, even when it is killed outright (SIGKILL).
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
+                               initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         while queue or pending:
             while queue and len(pending) < 2 * workers:
