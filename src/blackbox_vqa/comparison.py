@@ -25,6 +25,9 @@ from blackbox_vqa.explain import Explainer
 from blackbox_vqa.explanation import Explanation
 
 __all__ = [
+    "CompareConfig",
+    "CompareModel",
+    "CompareWorker",
     "ItemResult",
     "ModelRun",
     "PairResult",
@@ -39,6 +42,7 @@ __all__ = [
     "run_dict",
     "shared_answers",
     "top_words",
+    "with_metrics",
 ]
 
 ProgressFactory = Callable[[str], Any]
@@ -356,3 +360,98 @@ def run_dict(run: ModelRun, shared: Sequence[str], *, full: bool = True) -> dict
     if full:
         entry["explanation"] = run.doc
     return entry
+
+
+@dataclass(frozen=True)
+class CompareModel:
+    """One model of a comparison as a worker loads it: label, spec, loader options
+    (``ModelOptions.extra``)."""
+
+    label: str
+    spec: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """A data-set comparison as an executor's work (picklable): each worker loads every
+    model once and returns ``(key, ItemResult or None)`` per item (None: the image cannot
+    be read). ``threads``: torch CPU threads per worker (None: leave as is)."""
+
+    models: tuple[CompareModel, ...]
+    methods: tuple[str, ...]
+    settings: Any  # MethodSettings
+    answer: str | None = None
+    k: int = 10
+    threads: int | None = None
+    metrics: bool = False
+
+    def load(self) -> CompareWorker:
+        """Load every model and bind the methods."""
+        from blackbox_vqa.specs import ModelOptions, load_model
+
+        explainers = {}
+        for model in self.models:
+            loaded = load_model(model.spec, ModelOptions(extra=model.options))
+            explainers[model.label] = Explainer(loaded, methods=self.methods,
+                                                settings=self.settings, label=model.label)
+        check_shared_answer(self.answer, {label: list(e.model.answers)
+                                          for label, e in explainers.items()})
+        return CompareWorker(explainers, self)
+
+    def failed(self, item: Any, reason: str, detail: str) -> tuple[str, ItemResult]:
+        """Every model's run of an item no worker could finish fails with ``reason``."""
+        runs = [ModelRun(model.label, (), np.zeros(0), None, error=reason)
+                for model in self.models]
+        return str(item.key), item_result(item, runs, [], k=self.k)
+
+
+class CompareWorker:
+    """Every model of a comparison, loaded: explains items one at a time."""
+
+    def __init__(self, explainers: Mapping[str, Explainer], config: CompareConfig) -> None:
+        self.explainers = dict(explainers)
+        self.config = config
+
+    @property
+    def unavailable(self) -> Mapping[str, str]:
+        return {}
+
+    def evaluate(
+        self, item: Any, *, files: Mapping[str, bytes] | None = None
+    ) -> tuple[str, ItemResult | None]:
+        """``(key, every model's run scored)``, or ``(key, None)`` for an unreadable image."""
+        from blackbox_vqa.datasets import human_maps
+        from blackbox_vqa.errors import ImageError
+        from blackbox_vqa.images import load_image
+
+        given = files or {}
+        try:
+            pixels = load_image(item.image, content=given.get(item.image))
+        except ImageError:
+            return str(item.key), None
+        runs = [explain_model(label, explainer, pixels, item.question,
+                              image_path=str(item.image), answer=self.config.answer)
+                for label, explainer in self.explainers.items()]
+        if self.config.metrics:
+            runs = [self._with_metrics(run, pixels) for run in runs]
+        maps = human_maps(item, pixels, files=given)
+        return str(item.key), item_result(item, runs, maps, k=self.config.k)
+
+    def _with_metrics(self, run: ModelRun, pixels: NDArray[Any]) -> ModelRun:
+        options = self.config.settings
+        return with_metrics(run, self.explainers[run.spec].model, pixels,
+                            baseline=options.baseline, batch_size=options.batch_size)
+
+
+def with_metrics(run: ModelRun, model: Any, pixels: NDArray[Any], *, baseline: str,
+                 batch_size: str) -> ModelRun:
+    """The run with its explanation's ``metrics`` section (a failed run as it is)."""
+    from blackbox_vqa.evaluation.metrics import explanation_metrics
+
+    if run.explanation is None:
+        return run
+    metrics = explanation_metrics(model, pixels, run.explanation, baseline=baseline,
+                                  batch_size=batch_size)
+    sections = {**run.explanation.sections, "metrics": metrics}
+    return replace(run, explanation=replace(run.explanation, sections=sections))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "BlackboxVQAError",
+    "ClusterError",
     "GradientUnavailableError",
     "ImageError",
     "ImageTooLargeError",
@@ -66,3 +67,9 @@ class ModelLoadError(ModelError):
 
 class ModelOutputError(ModelError):
     """A model returned scores of the wrong shape, NaN, infinite or negative values."""
+
+
+class ClusterError(BlackboxVQAError, RuntimeError):
+    """A compute cluster (Ray) cannot be reached or lost the run's workers (exit code 1)."""
+
+    exit_code = 1

@@ -125,18 +125,22 @@ def _check_regular_file(path: Path) -> None:
 
 
 def load_image(source: str | os.PathLike[str], *,
-               max_pixels: int = MAX_IMAGE_PIXELS) -> NDArray[np.uint8]:
+               max_pixels: int = MAX_IMAGE_PIXELS,
+               content: bytes | None = None) -> NDArray[np.uint8]:
     """Read an image file as an ``H x W x 3`` ``uint8`` RGB array, upright (EXIF orientation
     applied).
 
-    Raises :class:`ImageTooLargeError` for more than ``max_pixels`` pixels (read from the
-    header, before decoding), and :class:`ImageError` for a missing or unreadable file, a
+    ``content``: the file's bytes, read elsewhere (on another machine); ``source`` then
+    only names the file in messages, which are the same as for the file. Raises
+    :class:`ImageTooLargeError` for more than ``max_pixels`` pixels (read from the header,
+    before decoding), and :class:`ImageError` for a missing or unreadable file, a
     directory or device, or an image under 2x2 pixels.
     """
     path = Path(source)
-    _check_regular_file(path)
+    if content is None:
+        _check_regular_file(path)
     try:
-        with path.open("rb") as file:
+        with (path.open("rb") if content is None else io.BytesIO(content)) as file:
             array = _decode(file, max_pixels=max_pixels, name=f"image {path}", formats=None)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):

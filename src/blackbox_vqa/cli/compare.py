@@ -20,6 +20,16 @@ from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.executor_options import (
+    CpusPerWorker,
+    ExecutorName,
+    GpusPerWorker,
+    RayAddress,
+    RayNodeIp,
+    RayWorkingDir,
+    SharedFs,
+    build_executor,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, ModelError
 
@@ -94,6 +104,15 @@ def compare_command(
                                         "comparison.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print comparison.json to "
                                           "stdout.")] = False,
+    workers: Annotated[int, typer.Option(help="--dataset: items compared in parallel: "
+                                         "local processes, or Ray actors.")] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_working_dir: RayWorkingDir = None,
+    shared_fs: SharedFs = False,
+    ray_node_ip: RayNodeIp = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
@@ -118,13 +137,27 @@ def compare_command(
                         answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline,
                         score=score, masks=masks, metrics=metrics, incremental=incremental)
     resolved = _resolve(specs, model_settings)
+    run_on = None
+    if executor.strip().lower() != "local" or workers != 1:
+        if single:
+            raise InputError("--executor and --workers only apply with --dataset")
+        run_on = build_executor(executor, workers, {
+            "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
+            "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
+            "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
+    else:
+        build_executor(executor, workers, {  # refuses Ray options without --executor ray
+            "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
+            "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
+            "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
     if single and image is not None and question is not None:
         doc = _compare_image(resolved, image, question, settings, out, force, show=not as_json)
     else:
         doc = _compare_dataset(resolved, dataset or "", (limit or DEFAULT_LIMIT, seed),
                                settings, out, force,
                                {"questions": questions, "annotations": annotations,
-                                "images": images, "hat": hat}, show=not as_json)
+                                "images": images, "hat": hat}, show=not as_json,
+                               executor=run_on, model_threads=model_settings.threads)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     _raise_failures(doc)
@@ -180,19 +213,23 @@ def _resolve(texts: Sequence[str], settings: ModelSettings) -> list[tuple[str, s
     return found
 
 
+def _method_settings(options: _Options) -> Any:
+    from blackbox_vqa.explainers.registry import MethodSettings
+
+    return MethodSettings(grid=options.grid, baseline=options.baseline,
+                          batch_size=options.batch_size, ig_steps=options.ig_steps,
+                          ig_baseline=options.ig_baseline, score=options.score,
+                          rise_masks=options.masks, incremental=options.incremental)
+
+
 def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
         -> dict[str, Any]:
     """label -> an Explainer of that model with the comparison's methods and settings."""
     from blackbox_vqa.cli.model_options import load
     from blackbox_vqa.comparison import check_shared_answer
     from blackbox_vqa.explain import Explainer
-    from blackbox_vqa.explainers.registry import MethodSettings
 
-    settings = MethodSettings(grid=options.grid, baseline=options.baseline,
-                              batch_size=options.batch_size, ig_steps=options.ig_steps,
-                              ig_baseline=options.ig_baseline, score=options.score,
-                              rise_masks=options.masks,
-                              incremental=options.incremental)
+    settings = _method_settings(options)
     explainers = {}
     for text, label, model_settings in resolved:
         loaded = load(text, model_settings, strict=False)
@@ -238,16 +275,10 @@ def _run_all(
 
 def _with_metrics(run: Any, explainer: Any, pixels: Any, options: _Options) -> Any:
     """The run with its explanation's ``metrics`` section (a failed run as it is)."""
-    from dataclasses import replace
+    from blackbox_vqa.comparison import with_metrics
 
-    from blackbox_vqa.evaluation.metrics import explanation_metrics
-
-    if run.explanation is None:
-        return run
-    metrics = explanation_metrics(explainer.model, pixels, run.explanation,
-                                  baseline=options.baseline, batch_size=options.batch_size)
-    sections = {**run.explanation.sections, "metrics": metrics}
-    return replace(run, explanation=replace(run.explanation, sections=sections))
+    return with_metrics(run, explainer.model, pixels, baseline=options.baseline,
+                        batch_size=options.batch_size)
 
 
 def _progress(prefix: str) -> Callable[[str], Any]:
@@ -314,7 +345,7 @@ def _compare_image(
 def _compare_dataset(
     resolved: list[tuple[str, str, Any]], dataset: str, sample: tuple[int, int],
     settings: _Options, out: Path | None, force: bool, files: dict[str, Path | None], *,
-    show: bool,
+    show: bool, executor: Any = None, model_threads: int | None = None,
 ) -> dict[str, Any]:
     from blackbox_vqa.comparison import (
         dataset_summary,
@@ -331,23 +362,36 @@ def _compare_dataset(
     listing = open_dataset(dataset, **files)
     count, seed = sample
     folder = _output_folder(out, dataset, force)
-    models = _load_models(resolved, settings)
-    specs = list(models)
+    chosen = select_items(listing.items, limit=count, seed=seed)
     results: list[Any] = []
     shown: list[tuple[Any, Any]] = []
     unreadable = 0
-    for item in select_items(listing.items, limit=count, seed=seed):
-        try:
-            pixels = load_image(item.image)
-        except ImageError:
-            unreadable += 1
-            continue
-        runs = _run_all(models, pixels, item.question, str(item.image), settings,
-                        f"{item.key} ")
-        result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
-        results.append(result)
-        if len(shown) < REPORT_ITEMS:
-            shown.append((result, pixels))
+    if executor is not None:
+        specs = [label for _, label, _ in resolved]
+        found = _run_executor(executor, resolved, settings, chosen, model_threads)
+        for item in chosen:
+            result = found[item.key]
+            if result is None:
+                unreadable += 1
+                continue
+            results.append(result)
+            if len(shown) < REPORT_ITEMS:
+                shown.append((result, load_image(item.image)))
+    else:
+        models = _load_models(resolved, settings)
+        specs = list(models)
+        for item in chosen:
+            try:
+                pixels = load_image(item.image)
+            except ImageError:
+                unreadable += 1
+                continue
+            runs = _run_all(models, pixels, item.question, str(item.image), settings,
+                            f"{item.key} ")
+            result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
+            results.append(result)
+            if len(shown) < REPORT_ITEMS:
+                shown.append((result, pixels))
     summary = dataset_summary(results, specs)
     skipped = dict(listing.skipped)
     if unreadable:
@@ -374,6 +418,30 @@ def _compare_dataset(
     if show:
         _print_dataset(summary, folder)
     return doc
+
+
+def _run_executor(
+    executor: Any, resolved: Sequence[tuple[str, str, Any]], options: _Options,
+    items: Sequence[Any], threads: int | None,
+) -> dict[str, Any]:
+    """key -> ItemResult (None: unreadable image), every model loaded once per worker."""
+    from blackbox_vqa.cli.model_options import resolve
+    from blackbox_vqa.comparison import CompareConfig, CompareModel
+
+    models = []
+    for text, label, model_settings in resolved:
+        spec = resolve(text, model_settings)[0]
+        models.append(CompareModel(label, spec, model_settings.extra(spec, strict=False)))
+    config = CompareConfig(
+        models=tuple(models), methods=options.methods, settings=_method_settings(options),
+        answer=options.answer, k=options.k, threads=threads, metrics=options.metrics)
+    found: dict[str, Any] = {}
+
+    def on_result(result: tuple[str, Any]) -> None:
+        found[result[0]] = result[1]
+
+    executor.run(items, config, on_result)
+    return found
 
 
 def _raise_failures(doc: dict[str, Any]) -> None:

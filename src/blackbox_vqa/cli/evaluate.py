@@ -17,6 +17,16 @@ from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.executor_options import (
+    CpusPerWorker,
+    ExecutorName,
+    GpusPerWorker,
+    RayAddress,
+    RayNodeIp,
+    RayWorkingDir,
+    SharedFs,
+    build_executor,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options_except
 from blackbox_vqa.errors import InputError
 
@@ -50,7 +60,15 @@ def evaluate_command(
                                               "(seeded) instead of all.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the item sample, the random maps and "
                                       "the cross-validation folds.")] = 0,
-    workers: Annotated[int, typer.Option(help="Items evaluated in parallel processes.")] = 1,
+    workers: Annotated[int, typer.Option(help="Items evaluated in parallel: local "
+                                         "processes, or Ray actors.")] = 1,
+    executor: ExecutorName = "local",
+    ray_address: RayAddress = None,
+    cpus_per_worker: CpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = 0.0,
+    ray_working_dir: RayWorkingDir = None,
+    shared_fs: SharedFs = False,
+    ray_node_ip: RayNodeIp = None,
     threads: Annotated[int, typer.Option(help="Torch CPU threads per process (equal counts "
                                          "give bit-identical results).")] = 1,
     grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
@@ -101,6 +119,10 @@ def evaluate_command(
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
     if sanity < 0:
         raise InputError(f"--sanity must be >= 0 (items), got {sanity}")
+    run_on = build_executor(executor, workers, {
+        "--ray-address": ray_address, "--cpus-per-worker": cpus_per_worker,
+        "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
+        "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
     method_names = parse_methods(methods, parameter="--methods")
     parse_batch_size(batch_size)
     parse_baseline(baseline)
@@ -131,7 +153,7 @@ def evaluate_command(
                         threads=threads, model_options=model_extra, metrics=metrics,
                         sanity_keys=frozenset(item.key for item in chosen[:sanity]))
     with RunStore.open(out, settings) as store:
-        run = _run(store, chosen, config, workers)
+        run = _run(store, chosen, config, run_on)
         records = list(store.records([item.key for item in chosen]))
     _report(out, records, settings, listing.skipped, pos_tagger, folds, run)
 
@@ -151,9 +173,10 @@ def _check_numbers(
         raise InputError(f"--folds must be >= 2, got {folds}")
 
 
-def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[str, Any]:
+def _run(store: Any, chosen: Sequence[Any], config: Any, executor: Any) -> dict[str, Any]:
     from blackbox_vqa.cli.progress import stderr_console
-    from blackbox_vqa.evaluation.runner import load_evaluator, run_items
+    from blackbox_vqa.evaluation.executors.local import LocalExecutor
+    from blackbox_vqa.evaluation.runner import load_evaluator
 
     done = store.done_keys()
     pending = [item for item in chosen if item.key not in done]
@@ -162,10 +185,9 @@ def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[s
         console.print(f"note: {note}", markup=False, highlight=False)
     console.print(f"{len(chosen)} items: {len(chosen) - len(pending)} stored earlier, "
                   f"{len(pending)} to evaluate in {store.root}/")
-    evaluator = None
-    if pending and workers == 1:
-        evaluator = load_evaluator(config)
-        for name, reason in evaluator.unavailable.items():
+    if pending and isinstance(executor, LocalExecutor) and executor.workers == 1:
+        executor.evaluator = load_evaluator(config)
+        for name, reason in executor.evaluator.unavailable.items():
             console.print(f"note: {name} skipped: {reason}")
     started = time.perf_counter()
     with _items_bar(len(chosen), len(chosen) - len(pending)) as advance:
@@ -173,10 +195,15 @@ def _run(store: Any, chosen: Sequence[Any], config: Any, workers: int) -> dict[s
             store.write(record)
             advance()
 
-        run_items(pending, config, on_record, workers=workers, evaluator=evaluator)
+        executor.run(pending, config, on_record)
     seconds = time.perf_counter() - started
+    facts = dict(executor.describe())
+    failed = facts.get("items_failed")
+    if failed:
+        console.print(f"note: {failed} items failed (their Ray workers kept dying); they are "
+                      "stored as failed: delete their files under items/ and rerun to redo them")
     return {
-        "workers": workers,
+        **facts,
         "threads": config.threads,
         "items_this_run": len(pending),
         "seconds_this_run": round(seconds, 3),

@@ -7,7 +7,7 @@ attention maps (or derives easy-VQA's from the image).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "human_maps",
     "normalise_answer",
     "open_dataset",
+    "read_item_files",
     "select_items",
 ]
 
@@ -60,8 +61,14 @@ def open_dataset(
     raise InputError(f"--dataset must be one of {', '.join(DATASETS)}, got {spec!r}")
 
 
-def human_maps(item: Item, pixels: NDArray[Any]) -> list[NDArray[np.float64]]:
-    """The item's attention maps, each ``float64 H x W`` (any size); empty when it has none."""
+def human_maps(
+    item: Item, pixels: NDArray[Any], *, files: Mapping[str, bytes] | None = None
+) -> list[NDArray[np.float64]]:
+    """The item's attention maps, each ``float64 H x W`` (any size); empty when it has none.
+
+    ``files``: path -> bytes of files read elsewhere (:func:`read_item_files`); a path
+    not in it is read here.
+    """
     if item.map_kind == "shape":
         from blackbox_vqa.datasets.easyvqa import shape_map
 
@@ -69,8 +76,22 @@ def human_maps(item: Item, pixels: NDArray[Any]) -> list[NDArray[np.float64]]:
     if item.map_kind == "files":
         from blackbox_vqa.datasets.vqa import load_hat_map
 
-        return [load_hat_map(path) for path in item.maps]
+        given = files or {}
+        return [load_hat_map(path, content=given.get(path)) for path in item.maps]
     return []
+
+
+def read_item_files(item: Item) -> dict[str, bytes]:
+    """path -> bytes of the item's image and map files that can be read here, so that the
+    item can be evaluated on a machine without them (a missing file is left out, and is
+    reported there as it would be here)."""
+    found: dict[str, bytes] = {}
+    for path in (item.image, *item.maps):
+        try:
+            found[path] = Path(path).read_bytes()
+        except OSError:
+            continue
+    return found
 
 
 def select_items(items: Sequence[Any], *, limit: int | None, seed: int) -> list[Any]:

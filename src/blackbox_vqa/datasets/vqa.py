@@ -15,6 +15,7 @@ given, annotation) is missing are skipped and counted by reason.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import Counter
@@ -170,11 +171,14 @@ def list_vqa(
                           identity=identity)
 
 
-def load_hat_map(path: str | Path) -> NDArray[np.float64]:
-    """A VQA-HAT map as ``float64 H x W`` in 0-1 (grey level / 255; colour maps averaged)."""
+def load_hat_map(path: str | Path, *, content: bytes | None = None) -> NDArray[np.float64]:
+    """A VQA-HAT map as ``float64 H x W`` in 0-1 (grey level / 255; colour maps averaged).
+
+    ``content``: the file's bytes, read elsewhere; ``path`` then only names it in messages.
+    """
     source = Path(path)
     try:
-        with Image.open(source) as img:
+        with Image.open(source if content is None else io.BytesIO(content)) as img:
             img.load()
             grey = img.convert("L")
     except FileNotFoundError as exc:

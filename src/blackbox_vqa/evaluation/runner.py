@@ -1,4 +1,5 @@
-"""Evaluating items: one item at a time (:class:`ItemEvaluator`), serially or in processes.
+"""Evaluating items: one item at a time (:class:`ItemEvaluator`); where items run (here,
+in local processes, on a Ray cluster) is an executor's business (``evaluation.executors``).
 
 For one item: read the image, get the model's answer and scores, run each method on the
 predicted answer, and correlate each method's image map (and a random map) with the
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +40,14 @@ from blackbox_vqa.explanation import Explanation, top_answers
 from blackbox_vqa.images import load_image
 from blackbox_vqa.specs import public_spec
 
-__all__ = ["EvalConfig", "ItemEvaluator", "item_rng", "load_evaluator", "run_items"]
+__all__ = [
+    "EvalConfig",
+    "ItemEvaluator",
+    "item_rng",
+    "load_evaluator",
+    "run_items",
+    "set_torch_threads",
+]
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,16 @@ class EvalConfig:
     model_options: Mapping[str, Any] = field(default_factory=dict)
     metrics: bool = False
     sanity_keys: frozenset[str] = frozenset()
+
+    def load(self) -> ItemEvaluator:
+        """Load the model and build its methods (what each worker does once)."""
+        return load_evaluator(self)
+
+    def failed(self, item: Item, reason: str, detail: str) -> ItemRecord:
+        """The record of an item no worker could finish: status ``"failed"``."""
+        return ItemRecord(item.key, {"key": item.key, "question": item.question,
+                                     "status": "failed", "reason": reason,
+                                     "detail": detail})
 
 
 def item_rng(seed: int, key: str) -> np.random.Generator:
@@ -125,22 +141,28 @@ class ItemEvaluator:
         """The methods that run on every item."""
         return self.explainer.available
 
-    def evaluate(self, item: Item) -> ItemRecord:
-        """The record of ``item``; status ``"skipped"`` (with ``reason``) on bad input."""
+    def evaluate(self, item: Item, *, files: Mapping[str, bytes] | None = None) -> ItemRecord:
+        """The record of ``item``; status ``"skipped"`` (with ``reason``) on bad input.
+
+        ``files``: path -> bytes of the item's image and map files, read on another machine
+        (:func:`blackbox_vqa.datasets.read_item_files`); paths not in it are read here. The
+        record is the same either way.
+        """
         started = time.perf_counter()
         base: dict[str, Any] = {"key": item.key, "question": item.question}
+        given = files or {}
         try:
-            pixels = load_image(item.image)
+            pixels = load_image(item.image, content=given.get(item.image))
             found = self.explainer.explain(pixels, item.question)
         except NotSupportedError:
             raise
         except InputError as exc:
             return ItemRecord(item.key, {**base, "status": "skipped", "reason": str(exc)})
-        return self._record(item, pixels, found, base, started)
+        return self._record(item, pixels, found, base, started, given)
 
     def _record(
         self, item: Item, pixels: NDArray[Any], found: Explanation, base: dict[str, Any],
-        started: float,
+        started: float, files: Mapping[str, bytes],
     ) -> ItemRecord:
         summary = _score_summary(found.scores, list(found.answers))
         outputs: dict[str, Any] = {}
@@ -151,7 +173,7 @@ class ItemEvaluator:
             outputs[name] = {"words": list(attribution.tokens), "stats": dict(attribution.stats)}
             arrays[f"{name}.image"] = attribution.image_map
             arrays[f"{name}.words"] = attribution.word_map
-        human = self._human(item, pixels, arrays, tuple(found.attributions))
+        human = self._human(item, pixels, arrays, tuple(found.attributions), files)
         checks = self._checks(item, pixels, found, arrays)
         seconds["total"] = time.perf_counter() - started
         seconds["predict"] = max(0.0, seconds["total"] - sum(
@@ -202,9 +224,9 @@ class ItemEvaluator:
 
     def _human(
         self, item: Item, pixels: NDArray[Any], arrays: Mapping[str, NDArray[np.float64]],
-        methods: Sequence[str],
+        methods: Sequence[str], files: Mapping[str, bytes],
     ) -> dict[str, Any]:
-        maps = human_maps(item, pixels)
+        maps = human_maps(item, pixels, files=files)
         if not maps:
             return {"maps": 0, "correlations": {}, "random": [], "inter_human": None}
         size = self.config.map_size
@@ -223,10 +245,7 @@ class ItemEvaluator:
         }
 
 
-_WORKER: ItemEvaluator | None = None
-
-
-def _set_torch_threads(threads: int | None) -> int | None:
+def set_torch_threads(threads: int | None) -> int | None:
     """Set torch's CPU threads when torch is loaded; return the previous count (or None)."""
     if threads is None or "torch" not in sys.modules:
         return None
@@ -245,14 +264,6 @@ def load_evaluator(config: EvalConfig) -> ItemEvaluator:
     return ItemEvaluator(model, config)
 
 
-def _worker_evaluate(config: EvalConfig, item: Item) -> ItemRecord:
-    global _WORKER
-    if _WORKER is None:
-        _WORKER = load_evaluator(config)
-        _set_torch_threads(config.threads)
-    return _WORKER.evaluate(item)
-
-
 def run_items(
     items: Sequence[Item],
     config: EvalConfig,
@@ -261,50 +272,9 @@ def run_items(
     workers: int = 1,
     evaluator: ItemEvaluator | None = None,
 ) -> None:
-    """Evaluate ``items``, calling ``on_record`` in this process as each one finishes.
+    """Evaluate ``items`` with the local executor (here, or in ``workers`` processes),
+    calling ``on_record`` in this process as each one finishes; see
+    :class:`blackbox_vqa.evaluation.executors.local.LocalExecutor`."""
+    from blackbox_vqa.evaluation.executors.local import LocalExecutor
 
-    ``workers > 1`` runs items in that many processes (spawned; each loads the model from
-    ``config.model``); otherwise they run here, with ``evaluator`` if given. Torch runs with
-    ``config.threads`` threads in every process (restored here afterwards).
-    """
-    if workers < 1:
-        raise InputError(f"--workers must be >= 1, got {workers}")
-    if not items:
-        return
-    if workers == 1:
-        local = evaluator or load_evaluator(config)
-        previous = _set_torch_threads(config.threads)
-        try:
-            for item in items:
-                on_record(local.evaluate(item))
-        finally:
-            _set_torch_threads(previous)
-        return
-    _run_parallel(items, config, on_record, workers)
-
-
-def _run_parallel(
-    items: Sequence[Item],
-    config: EvalConfig,
-    on_record: Callable[[ItemRecord], None],
-    workers: int,
-) -> None:
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    queue = list(reversed(items))
-    pending: set[Future[ItemRecord]] = set()
-    from blackbox_vqa.evaluation.workers import die_with_parent
-
-    # Workers end with this process, even when it is killed outright (SIGKILL).
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=context,
-                               initializer=die_with_parent, initargs=(os.getpid(),))
-    try:
-        while queue or pending:
-            while queue and len(pending) < 2 * workers:
-                pending.add(pool.submit(_worker_evaluate, config, queue.pop()))
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                on_record(future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    LocalExecutor(workers=workers, evaluator=evaluator).run(items, config, on_record)
