@@ -391,7 +391,8 @@ def test_imports_point_down_only() -> None:
             if LAYERS[target[1]] > LAYERS[floor]:
                 wrong.append(f"{'/'.join(parts)} -> {name}")
             command = parts[1] if floor == "cli" and len(parts) > 1 else None
-            shared = ("model_options", "executor_options", "progress", "app")
+            shared = ("model_options", "method_options", "option_groups", "executor_options",
+                      "progress", "app")
             if (command and command != "app" and target[1] == "cli" and len(target) > 2
                     and target[2] not in (command, *shared)):
                 wrong.append(f"command {command} imports command {target[2]}")

@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -30,6 +30,7 @@ from blackbox_vqa.cli.executor_options import (
     SharedFs,
     build_executor,
 )
+from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, ModelError
 
@@ -51,15 +52,16 @@ class _Options:
     batch_size: str
     answer: str | None
     k: int
-    ig_steps: int = 32
-    ig_baseline: str = "black"
-    score: str = "probability"
-    masks: int = 2000
-    incremental: str = "exact"
-    metrics: bool = False
+    shared: MethodOptions = field(default_factory=MethodOptions)
+
+    @property
+    def metrics(self) -> bool:
+        """Whether each map's faithfulness is measured too."""
+        return self.shared.metrics
 
 
 @with_model_options
+@with_method_options
 def compare_command(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model spec; give it two or more times.")] = None,
@@ -85,18 +87,6 @@ def compare_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
-    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
-                                       "(the paper's) or log-probability.")] = "probability",
-    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
-    incremental: Annotated[str, typer.Option(help="Occlusion on a PyTorch model: exact "
-                                             "(compute only what each patch changes; same "
-                                             "maps) or off.")] = "exact",
-    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
-                                          "faithfulness, per model.")] = False,
-    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
-                                          "integral.")] = 32,
-    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
-                                             "black, blur or imagenet-mean.")] = "black",
     top_k: Annotated[int, typer.Option(help="Cells (of 14x14) in the top-k overlap.")] = 10,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
@@ -116,6 +106,7 @@ def compare_command(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
+    method_options: MethodOptions,
 ) -> None:
     """Explain several models on the same inputs and show how much they agree."""
     from blackbox_vqa.explainers.batching import parse_batch_size
@@ -134,8 +125,7 @@ def compare_command(
     parse_batch_size(batch_size)
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
     settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
-                        answer=answer, k=top_k, ig_steps=ig_steps, ig_baseline=ig_baseline,
-                        score=score, masks=masks, metrics=metrics, incremental=incremental)
+                        answer=answer, k=top_k, shared=method_options)
     resolved = _resolve(specs, model_settings)
     run_on = None
     if executor.strip().lower() != "local" or workers != 1:
@@ -214,12 +204,8 @@ def _resolve(texts: Sequence[str], settings: ModelSettings) -> list[tuple[str, s
 
 
 def _method_settings(options: _Options) -> Any:
-    from blackbox_vqa.explainers.registry import MethodSettings
-
-    return MethodSettings(grid=options.grid, baseline=options.baseline,
-                          batch_size=options.batch_size, ig_steps=options.ig_steps,
-                          ig_baseline=options.ig_baseline, score=options.score,
-                          rise_masks=options.masks, incremental=options.incremental)
+    return options.shared.settings(grid=options.grid, baseline=options.baseline,
+                                   batch_size=options.batch_size)
 
 
 def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
@@ -302,7 +288,7 @@ def _header(settings: Any) -> dict[str, Any]:
         "settings": {"methods": list(settings.methods), "grid": settings.grid,
                      "baseline": settings.baseline, "batch_size": settings.batch_size,
                      "answer": settings.answer, "top_k": settings.k,
-                     "score": settings.score, "metrics": settings.metrics},
+                     "score": settings.shared.score, "metrics": settings.metrics},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }

@@ -27,6 +27,7 @@ from blackbox_vqa.cli.executor_options import (
     SharedFs,
     build_executor,
 )
+from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options_except
 from blackbox_vqa.errors import InputError
 
@@ -39,6 +40,7 @@ _QUIET_REPORT_S = 30.0
 
 
 @with_model_options_except("threads")
+@with_method_options
 def evaluate_command(
     dataset: Annotated[str, typer.Option(help="easyvqa:train, easyvqa:test or vqa.")],
     out: Annotated[Path, typer.Option(help="Run folder: items are stored here as they "
@@ -77,22 +79,8 @@ def evaluate_command(
                         ] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
-    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
-                                       "(the paper's) or log-probability.")] = "probability",
-    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
-    incremental: Annotated[str, typer.Option(help="Occlusion on a PyTorch model: exact "
-                                             "(compute only what each patch changes; same "
-                                             "maps) or off.")] = "exact",
-    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure each map's "
-                                          "faithfulness (deletion/insertion, "
-                                          "comprehensiveness/sufficiency); writes "
-                                          "deletion.png.")] = False,
     sanity: Annotated[int, typer.Option(help="Run the randomisation sanity check on the "
                                         "first N items (0: none); writes sanity.png.")] = 0,
-    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
-                                          "integral.")] = 32,
-    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
-                                             "black, blur or imagenet-mean.")] = "black",
     folds: Annotated[int, typer.Option(help="Cross-validation folds for failure "
                                        "prediction.")] = 5,
     tagger: Annotated[str, typer.Option(help="Part-of-speech tagger: auto, nltk or "
@@ -100,10 +88,11 @@ def evaluate_command(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
+    method_options: MethodOptions,
 ) -> None:
     """Explain every item of a data set; report human-attention correlation, words by part
     of speech and failure prediction."""
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from blackbox_vqa.cli.model_options import resolve
     from blackbox_vqa.datasets import open_dataset, select_items
@@ -113,7 +102,7 @@ def evaluate_command(
     from blackbox_vqa.evaluation.runstore import RunStore
     from blackbox_vqa.explainers.batching import parse_batch_size
     from blackbox_vqa.explainers.masks import parse_baseline
-    from blackbox_vqa.explainers.registry import MethodSettings, parse_methods
+    from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
@@ -141,16 +130,14 @@ def evaluate_command(
         "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
         "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
         "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
-        "ig_steps": ig_steps, "ig_baseline": ig_baseline, "score": score, "masks": masks,
-        "incremental": incremental, "metrics": metrics, "sanity": sanity,
+        **asdict(method_options), "sanity": sanity,
     }
     config = EvalConfig(model=spec, methods=method_names,
-                        options=MethodSettings(grid=grid, baseline=baseline,
-                                               batch_size=batch_size, ig_steps=ig_steps,
-                                               ig_baseline=ig_baseline, score=score,
-                                               rise_masks=masks, incremental=incremental),
+                        options=method_options.settings(grid=grid, baseline=baseline,
+                                                        batch_size=batch_size),
                         seed=seed,
-                        threads=threads, model_options=model_extra, metrics=metrics,
+                        threads=threads, model_options=model_extra,
+                        metrics=method_options.metrics,
                         sanity_keys=frozenset(item.key for item in chosen[:sanity]))
     with RunStore.open(out, settings) as store:
         run = _run(store, chosen, config, run_on)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import GradientUnavailableError, InputError
 
@@ -29,6 +30,7 @@ MARKER = "explanation.json"
 
 
 @with_model_options
+@with_method_options
 def explain_command(
     image: Annotated[Path, typer.Option("--image", "-i", help="Image file (PNG, JPEG, ...).")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
@@ -50,23 +52,9 @@ def explain_command(
                                           "or R,G,B (0-255).")] = "imagenet-mean",
     batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
                                             "or N.")] = "auto",
-    score: Annotated[str, typer.Option(help="What occlusion and RISE compare: probability "
-                                       "(the paper's) or log-probability.")] = "probability",
-    masks: Annotated[int, typer.Option(help="RISE: random masks.")] = 2000,
-    incremental: Annotated[str, typer.Option(help="Occlusion on a PyTorch model: exact "
-                                             "(compute only what each patch changes; same "
-                                             "maps) or off.")] = "exact",
-    metrics: Annotated[bool, typer.Option("--metrics", help="Also measure faithfulness: "
-                                          "deletion/insertion AUC of each image map, "
-                                          "comprehensiveness/sufficiency of each word map, "
-                                          "beside random orders.")] = False,
     sanity: Annotated[bool, typer.Option("--sanity", help="Also run the model-parameter "
                                          "randomisation test of each method (models whose "
                                          "weights can be re-initialised).")] = False,
-    ig_steps: Annotated[int, typer.Option(help="Integrated gradients: points of the path "
-                                          "integral.")] = 32,
-    ig_baseline: Annotated[str, typer.Option(help="Integrated gradients: image baseline, "
-                                             "black, blur or imagenet-mean.")] = "black",
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
     force: Annotated[bool, typer.Option(help="Allow --out to hold an earlier "
@@ -79,13 +67,14 @@ def explain_command(
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
+    method_options: MethodOptions,
 ) -> None:
     """Explain which image cells and question words made the model answer as it did."""
     from blackbox_vqa.cli.model_options import load
     from blackbox_vqa.explain import Explainer
     from blackbox_vqa.explainers.batching import parse_batch_size
     from blackbox_vqa.explainers.masks import parse_baseline
-    from blackbox_vqa.explainers.registry import MethodSettings, parse_methods
+    from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.images import load_image
     from blackbox_vqa.outputs import check_output_dir, new_output_dir, slugify
     from blackbox_vqa.sizes import parse_size
@@ -110,16 +99,15 @@ def explain_command(
         Path.cwd(), f"bbvqa-{slugify(question)}")
     check_output_dir(folder, force=force, marker=MARKER)
     loaded = load(model, model_settings)
-    settings = MethodSettings(grid=grid, window=window_hw, stride=stride_hw,
-                              baseline=baseline, batch_size=batch_size, ig_steps=ig_steps,
-                              ig_baseline=ig_baseline, score=score, rise_masks=masks,
-                              incremental=incremental)
+    settings = method_options.settings(grid=grid, window=window_hw, stride=stride_hw,
+                                       baseline=baseline, batch_size=batch_size)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)
     found = explainer.explain(pixels, question, answer=answer, progress=_progress)
     found = _with_image_path(found, image)
-    found = _checks(found, loaded.model, pixels, settings, metrics=metrics, sanity=sanity)
+    found = _checks(found, loaded.model, pixels, settings, metrics=method_options.metrics,
+                    sanity=sanity)
     doc = found.to_dict()
     written = _write(folder, force, found, doc, pixels)
     if as_json:

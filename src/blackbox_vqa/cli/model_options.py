@@ -26,18 +26,17 @@ command line's for that model; a model's label is ``NAME``.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.cli.option_groups import Parameter, option_group
 from blackbox_vqa.errors import InputError
 
 __all__ = [
@@ -151,7 +150,7 @@ def _check(settings: ModelSettings) -> ModelSettings:
     return settings
 
 
-_PARAMETERS: list[tuple[str, Any, Any]] = [
+_PARAMETERS: list[Parameter] = [
     ("http_format", Annotated[str | None, typer.Option(
         help="Wire format of an http:// model: ours, hf (top-k lists), answer-only or openai "
         "(chat completions; default ours).", rich_help_panel="Model options")], None),
@@ -224,32 +223,13 @@ def with_model_options_except(
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """:func:`with_model_options` without the options named in ``exclude`` (a command
     that defines one of them itself)."""
-    def decorate(function: Callable[..., None]) -> Callable[..., None]:
-        hints = get_type_hints(function, include_extras=True)
-        signature = inspect.signature(function)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in signature.parameters.values() if p.name != "model_settings"]
-        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                   default=default)
-                 for name, kind, default in _PARAMETERS if name not in exclude]
-        at = next((i for i, p in enumerate(own) if p.name == "debug"), len(own))
-        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-                  for p in [*own[:at], *added, *own[at:]]]
-        names = [p.name for p in added]
+    return option_group(_PARAMETERS, "model_settings", _settings, exclude=exclude)
 
-        @functools.wraps(function)
-        def wrapper(**kwargs: Any) -> None:
-            values = {name: kwargs.pop(name) for name in names}
-            given = frozenset(k for k, v in values.items() if v is not None)
-            values["header"] = tuple(values.get("header") or ())
-            settings = _check(ModelSettings(**values, given=given))
-            function(**kwargs, model_settings=settings)
 
-        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        return wrapper
-
-    return decorate
+def _settings(values: dict[str, Any]) -> ModelSettings:
+    given = frozenset(k for k, v in values.items() if v is not None)
+    values["header"] = tuple(values.get("header") or ())
+    return _check(ModelSettings(**values, given=given))
 
 
 @dataclass(frozen=True)
