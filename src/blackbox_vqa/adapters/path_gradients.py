@@ -113,9 +113,7 @@ class PathGradientModel(Protocol):
 
 def has_path_gradients(model: object) -> bool:
     """Whether ``model`` offers the path-gradient protocol."""
-    return callable(getattr(model, "gradient_inputs", None)) and callable(
-        getattr(model, "path_gradients", None)
-    )
+    return isinstance(model, PathGradientModel)
 
 
 def check_points(

@@ -50,12 +50,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
+from blackbox_vqa.adapters.capabilities import check_question
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.evaluation.human_attention import area_resize
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import baseline_image, cell_edges, parse_baseline
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import drop_word, split_words, validate_question
+from blackbox_vqa.text import drop_word, split_words
 
 __all__ = [
     "DEFAULT_RANDOM_ORDERS",
@@ -516,8 +517,7 @@ class Faithfulness:
         )
 
     def _question(self, question: str) -> str:
-        validate = getattr(self.model, "validate_question", None)
-        return validate(question) if callable(validate) else validate_question(question)
+        return check_question(self.model, question)
 
 
 def _map_for(image_map: NDArray[Any], image_shape: tuple[int, ...]) -> NDArray[np.float64]:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.base import check_model, model_name
+from blackbox_vqa.adapters.base import VQAModel, check_model, model_name
 from blackbox_vqa.adapters.gradients import GradientModel, InputGradients, has_gradients
 from blackbox_vqa.errors import GradientUnavailableError
 from blackbox_vqa.explanation import Attribution
@@ -98,7 +98,7 @@ class GuidedBackprop:
     """
 
     def __init__(self, model: object, *, guided: bool = True) -> None:
-        checked = check_model(model) if hasattr(model, "answer_probs_batch") else model
+        checked = check_model(model) if isinstance(model, VQAModel) else model
         if not has_gradients(checked):
             raise GradientUnavailableError(
                 f"{model_name(model)} offers no gradients; guided backpropagation needs a "
