@@ -42,7 +42,7 @@ _ADAPTER_KINDS = {
 """Adapter module -> spec kind, for models whose label is not their spec."""
 
 
-def no_gradients_reason(spec: str, vqa: Any) -> str:
+def no_gradients_reason(spec: str, vqa: Any, method: str = "guided backpropagation") -> str:
     """Why `spec` has no gradients, and how to get them (one line)."""
     from blackbox_vqa.errors import InputError
     from blackbox_vqa.specs import spec_kind
@@ -59,23 +59,27 @@ def no_gradients_reason(spec: str, vqa: Any) -> str:
         "http": "an HTTP endpoint, which returns only probabilities",
     }.get(kind, f"a {type(vqa).__name__}, which offers no gradients (no gradient protocol)")
     return (
-        f"guided backpropagation needs a PyTorch graph, and {spec} is {what}; get one with "
+        f"{method} needs a PyTorch graph, and {spec} is {what}; get one with "
         "`bbvqa export --model SPEC --out DIR` on the PyTorch model (it writes model.onnx "
         "and the graph beside it) and pass that"
     )
 
 
-def gradient_source_reason(spec: str, vqa: Any) -> str | None:
+def gradient_source_reason(
+    spec: str, vqa: Any, method: str = "guided backpropagation"
+) -> str | None:
     """None when ``vqa`` has gradients or an exported graph lies beside it (nothing is
     loaded), else why it has none."""
     from blackbox_vqa.adapters.gradients import has_gradients
 
     if has_gradients(vqa) or graph_beside(vqa) is not None:
         return None
-    return no_gradients_reason(spec, vqa)
+    return no_gradients_reason(spec, vqa, method)
 
 
-def find_gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
+def find_gradient_source(
+    spec: str, vqa: Any, method: str = "guided backpropagation"
+) -> tuple[Any, str, str]:
     """``(model with the gradient protocol, where its gradients come from, "")``, or
     ``(None, "", reason)`` when there is none."""
     from blackbox_vqa.adapters.gradients import has_gradients
@@ -89,4 +93,4 @@ def find_gradient_source(spec: str, vqa: Any) -> tuple[Any, str, str]:
         source = GraphAdapter(graph)
         if list(source.answers) == list(vqa.answers):
             return source, str(graph), ""
-    return None, "", no_gradients_reason(spec, vqa)
+    return None, "", no_gradients_reason(spec, vqa, method)

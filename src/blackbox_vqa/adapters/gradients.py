@@ -17,7 +17,7 @@ with respect to each token's embedding vector.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -36,6 +36,7 @@ __all__ = [
     "InputGradients",
     "answer_index",
     "embedding_offsets",
+    "embedding_output_hook",
     "find_embedding",
     "guided_relu",
     "has_gradients",
@@ -172,28 +173,44 @@ def find_embedding(module: nn.Module) -> tuple[nn.Embedding | None, str]:
 
 
 @contextmanager
-def embedding_offsets(embedding: nn.Module, offsets: torch.Tensor) -> Iterator[list[int]]:
-    """Add ``offsets`` to ``embedding``'s output for the block (a forward hook, removed on exit).
+def embedding_output_hook(
+    embedding: nn.Module,
+    shape: tuple[int, ...],
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    what: str = "nn.Embedding",
+) -> Iterator[list[int]]:
+    """Within the block, ``embedding``'s output becomes ``transform(output)`` (a forward
+    hook, removed on exit, also on errors).
 
     Yields a one-item list counting the embedding's calls; a call whose output shape is not
-    ``offsets.shape``, or a second call, raises :class:`ModelError` (the gradient would be
-    ambiguous).
+    ``shape``, or a second call, raises :class:`ModelError` naming ``what`` (the gradient
+    would be ambiguous).
     """
     calls = [0]
 
     def hook(mod: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         if calls[0] > 1:
-            raise ModelError("the model's nn.Embedding ran more than once in one forward pass")
-        if tuple(output.shape) != tuple(offsets.shape):
+            raise ModelError(f"the model's {what} ran more than once in one forward pass")
+        if tuple(output.shape) != tuple(shape):
             raise ModelError(
-                f"the model's nn.Embedding returned shape {tuple(output.shape)}, expected "
-                f"{tuple(offsets.shape)} (batch, tokens, embedding size)"
+                f"the model's {what} returned shape {tuple(output.shape)}, expected "
+                f"{tuple(shape)} (batch, tokens, embedding size)"
             )
-        return output + offsets
+        return transform(output)
 
     handle = embedding.register_forward_hook(hook)
     try:
         yield calls
     finally:
         handle.remove()
+
+
+@contextmanager
+def embedding_offsets(embedding: nn.Module, offsets: torch.Tensor) -> Iterator[list[int]]:
+    """Add ``offsets`` to ``embedding``'s output for the block; see
+    :func:`embedding_output_hook` (calls counted, shape and single call checked)."""
+    with embedding_output_hook(embedding, tuple(offsets.shape),
+                               lambda output: output + offsets) as calls:
+        yield calls

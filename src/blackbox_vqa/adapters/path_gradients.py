@@ -31,6 +31,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from blackbox_vqa.adapters.gradients import embedding_output_hook
 from blackbox_vqa.errors import BlackboxVQAError, InputError, ModelError
 from blackbox_vqa.images import ImageInput
 
@@ -144,25 +145,11 @@ def embedding_replaced(
     if embedding is None or values is None:
         yield
         return
-    calls = [0]
-
-    def hook(mod: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        if calls[0] > 1:
-            raise ModelError("the model's word embedding ran more than once in one forward pass")
-        if tuple(output.shape) != tuple(values.shape):
-            raise ModelError(
-                f"the model's word embedding returned shape {tuple(output.shape)}, expected "
-                f"{tuple(values.shape)} (batch, tokens, embedding size)"
-            )
-        # a copy: models may add to the embedding output in place (BLIP does)
-        return values.to(output.dtype).clone()
-
-    handle = embedding.register_forward_hook(hook)
-    try:
+    # a copy: models may add to the embedding output in place (BLIP does)
+    with embedding_output_hook(embedding, tuple(values.shape),
+                               lambda output: values.to(output.dtype).clone(),
+                               what="word embedding"):
         yield
-    finally:
-        handle.remove()
 
 
 def score_gradients(

@@ -115,7 +115,7 @@ def explain_command(
     else:
         console = _console()
         _print(console, found)
-        console.print(f"written to {escape(str(folder))}/ ({', '.join(written)})")
+        console.print(f"written to {terminal_text(str(folder))}/ ({', '.join(written)})")
 
 
 def _is_http(text: str) -> bool:
@@ -214,8 +214,6 @@ def terminal_text(text: object) -> str:
     return rich_escape(terminal_safe(str(text)))
 
 
-escape = terminal_text
-
 
 def _write(folder: Path, force: bool, found: Explanation, doc: dict[str, Any],
            pixels: Any) -> list[str]:
@@ -285,11 +283,11 @@ def _save_npy(array: Any, handle: Any) -> None:
 
 
 def _print(console: Any, found: Explanation) -> None:
-    console.print(f"[bold]Q:[/bold] {escape(found.question)}")
-    console.print(f"[bold]A:[/bold] {escape(found.answer)}  (p = {found.probability:.4f})")
+    console.print(f"[bold]Q:[/bold] {terminal_text(found.question)}")
+    console.print(f"[bold]A:[/bold] {terminal_text(found.answer)}  (p = {found.probability:.4f})")
     if found.attribution("occlusion") is not None:
         others = ", ".join(f"{a} {s:.3f}" for a, s in found.top_answers[1:4])
-        console.print(f"   next: {escape(others)}")
+        console.print(f"   next: {terminal_text(others)}")
     for attribution in found.attributions.values():
         if attribution.key == "occlusion":
             _print_occlusion(console, attribution)
@@ -298,9 +296,9 @@ def _print(console: Any, found: Explanation) -> None:
         else:
             _print_generic(console, attribution)
     for name, gone in found.unavailable.items():
-        console.print(f"{name}: unavailable: {escape(gone.reason)}")
+        console.print(f"{name}: unavailable: {terminal_text(gone.reason)}")
     for line in metric_lines(found.sections):
-        console.print(escape(line))
+        console.print(terminal_text(line))
 
 
 def _print_occlusion(console: Any, occlusion: Attribution) -> None:
@@ -311,7 +309,7 @@ def _print_occlusion(console: Any, occlusion: Attribution) -> None:
     words.add_column("word")
     words.add_column("importance", justify="right")
     for i, (word, value) in enumerate(zip(occlusion.tokens, occlusion.word_map, strict=True)):
-        words.add_row(str(i), escape(word), f"{value:+.4f}")
+        words.add_row(str(i), terminal_text(word), f"{value:+.4f}")
     console.print(words)
     cells = Table(title="top image patches", caption="importance: drop in p when occluded")
     cells.add_column("row", justify="right")
@@ -333,15 +331,15 @@ def _print_gradient(console: Any, found: Attribution) -> None:
     name, extras = found.method, found.extras
     if extras.get("source") != "model":
         console.print(f"{name}: gradients from the exported PyTorch graph "
-                      f"{escape(extras.get('source'))} (ONNX Runtime has none)")
+                      f"{terminal_text(extras.get('source'))} (ONNX Runtime has none)")
     if extras.get("note"):
-        console.print(f"{name}: note: {escape(extras['note'])}")
+        console.print(f"{name}: note: {terminal_text(extras['note'])}")
     if found.word_map.size:
         ranked = np.argsort(-found.word_map, kind="stable")[:3]
         words = ", ".join(f"{found.tokens[i]} {found.word_map[i]:.3g}" for i in ranked)
-        console.print(f"{name}: words by gradient norm: {escape(words)}")
+        console.print(f"{name}: words by gradient norm: {terminal_text(words)}")
     elif extras.get("words_note"):
-        console.print(f"{name}: no word gradients ({escape(extras['words_note'])})")
+        console.print(f"{name}: no word gradients ({terminal_text(extras['words_note'])})")
     row, col = np.unravel_index(int(np.argmax(found.image_map)), found.image_map.shape)
     height, width = found.image_map.shape
     console.print(f"{name}: largest |gradient| at model pixel ({row}, {col}) of "
@@ -365,7 +363,7 @@ def _print_generic(console: Any, found: Attribution) -> None:
     if found.word_map.size:
         ranked = np.argsort(-np.abs(found.word_map), kind="stable")[:3]
         words = ", ".join(f"{found.tokens[i]} {found.word_map[i]:+.3g}" for i in ranked)
-        console.print(f"{found.method}: top words: {escape(words)}")
+        console.print(f"{found.method}: top words: {terminal_text(words)}")
 
 
 def _auc(value: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.errors import InputError, NotSupportedError
+from blackbox_vqa.errors import NotSupportedError
 from blackbox_vqa.evaluation.faithfulness import Faithfulness
 from blackbox_vqa.evaluation.sanity import randomisation_test
 from blackbox_vqa.explain import Explainer
@@ -28,6 +28,7 @@ __all__ = [
     "CURVE_POINTS",
     "explanation_metrics",
     "explanation_sanity",
+    "mean_curves",
     "metric_rows",
     "resampled_curve",
     "sanity_rows",
@@ -139,13 +140,6 @@ def sanity_rows(sanity: Mapping[str, Any]) -> dict[str, list[float | None]]:
     """Per method that ran: the rank correlation after each randomised layer."""
     return {name: [step["spearman"] for step in entry["steps"]]
             for name, entry in sanity.items() if entry.get("available", True)}
-
-
-def check_layers(layers: int | None) -> int | None:
-    """Validate a ``layers`` option (None: all of them)."""
-    if layers is not None and (isinstance(layers, bool) or layers < 1):
-        raise InputError(f"layers must be a positive integer, got {layers!r}")
-    return layers
 
 
 def mean_curves(records: Sequence[Mapping[str, NDArray[np.float64]]], method: str) \

@@ -49,9 +49,9 @@ def _gradient_available(context: ModelContext) -> str | None:
 
 
 def _path_gradients_available(context: ModelContext) -> str | None:
-    reason = _gradient_available(context)
-    return None if reason is None else reason.replace("guided backpropagation",
-                                                      "integrated gradients")
+    from blackbox_vqa.gradient_source import gradient_source_reason
+
+    return gradient_source_reason(context.label, context.model, "integrated gradients")
 
 
 class _GradientMethod:
@@ -87,10 +87,10 @@ class _IntegratedGradientsMethod:
         from blackbox_vqa.explainers.integrated_gradients import IntegratedGradients
         from blackbox_vqa.gradient_source import find_gradient_source
 
-        model, self.source, reason = find_gradient_source(context.label, context.model)
+        model, self.source, reason = find_gradient_source(context.label, context.model,
+                                                          "integrated gradients")
         if model is None:
-            raise NotSupportedError(reason.replace("guided backpropagation",
-                                                   "integrated gradients"))
+            raise NotSupportedError(reason)
         settings = context.settings
         try:
             self._explainer = IntegratedGradients(model, steps=settings.ig_steps,
