@@ -397,3 +397,22 @@ def test_imports_point_down_only() -> None:
                     and target[2] not in (command, *shared)):
                 wrong.append(f"command {command} imports command {target[2]}")
     assert wrong == []
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--incremental", "fast"], "incremental must be exact or off, got 'fast'"),
+    (["--ig-baseline", "pink", "--method", "integrated-gradients"],
+     "baseline must be one of imagenet-mean"),
+    (["-m", "http://127.0.0.1:9", "--http-total-timeout", "0"],
+     "(--http-total-timeout) must be a finite number of seconds > 0"),
+    (["-m", "http://127.0.0.1:9", "--http-max-response-mb", "0"],
+     "(--http-max-response-mb) must be an integer >= 1"),
+    (["--remote-model", "x"], "--remote-model: only for http:// models"),
+])
+def test_new_options_refuse_bad_values(
+    extra: list[str], words: str, square_image: Path, tmp_path: Path
+) -> None:
+    code, _, err = run_cli(["explain", "-i", str(square_image), "-q", "what color?",
+                            "--out", str(tmp_path / "o"), *extra])
+    assert code == 2 and words in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "o").exists()
