@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter
-from blackbox_vqa.adapters.huggingface import HfAdapter
+from blackbox_vqa.adapters.hf.onnx import HfOnnxAdapter
+from blackbox_vqa.adapters.hf.vqa import HfAdapter
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.exporters.hf_onnx import export_hf_model
 

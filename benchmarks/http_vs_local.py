@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from blackbox_vqa.adapters.http_endpoint import HttpAdapter
+    from blackbox_vqa.adapters.http.endpoint import HttpAdapter
     from blackbox_vqa.explainers.occlusion import Occlusion
     from models import build_model
 

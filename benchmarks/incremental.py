@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from blackbox_vqa.adapters.incremental.engine import IncrementalEngine
-from blackbox_vqa.adapters.incremental.torch_scoring import TorchIncremental
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
+from blackbox_vqa.adapters.torch.incremental.scoring import TorchIncremental
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.text import WordTokenizer
 from models import (  # this folder (run as a script)

@@ -1,4 +1,5 @@
-"""Models the benchmarks run, each behind a :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`.
+"""Models the benchmarks run, each behind a
+:class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`.
 
 Two cases, built by name with :func:`build_model`:
 
@@ -31,7 +32,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelLoadError
 from blackbox_vqa.text import WordTokenizer
 

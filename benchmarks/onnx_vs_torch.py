@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
+from blackbox_vqa.adapters.onnx.runtime import OnnxAdapter
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.exporters.onnx import export_model
 from models import MODEL_NAMES, build_model  # this folder (run as a script)

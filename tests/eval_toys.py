@@ -41,7 +41,7 @@ def torch_toy() -> Any:
     import torch
     from torch import nn
 
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
     from blackbox_vqa.text import WordTokenizer
 
     class ToyConvNet(nn.Module):

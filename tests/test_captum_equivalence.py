@@ -17,7 +17,7 @@ from captum.attr import Occlusion as CaptumOcclusion
 from numpy.typing import NDArray
 from torch import nn
 
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.explainers.masks import IMAGENET_MEAN_RGB
 from blackbox_vqa.explainers.occlusion import Occlusion
 

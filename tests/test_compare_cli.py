@@ -70,7 +70,7 @@ def yesno() -> YesNoModel:
 
 
 def linear() -> Any:
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
 
     return TorchAdapter(LinearVQANet(), ["yes", "no", "red"], toy_tokenizer(),
                         image_size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),

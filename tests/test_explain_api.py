@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.adapters.http_endpoint import HttpAdapter
+from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.explain import Explainer, explain
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -328,7 +328,7 @@ def test_dry_run_prints_the_request_count_and_sends_nothing(
 
 def linear_model() -> Any:
     """A ReLU-free TorchAdapter (its guided gradient is the plain one)."""
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
 
     return TorchAdapter(LinearVQANet(), ["red", "green", "blue"], toy_tokenizer(),
                         image_size=16, device="cpu", name="linear")

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blackbox_vqa.adapters.graph import GraphAdapter, load_graph
-from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.onnx.runtime import OnnxAdapter
+from blackbox_vqa.adapters.torch.graph import GraphAdapter, load_graph
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import ModelLoadError, NotSupportedError
 from blackbox_vqa.explainers.guided_backprop import GuidedBackprop
 from blackbox_vqa.explainers.occlusion import Occlusion

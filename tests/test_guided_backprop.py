@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from blackbox_vqa.adapters.gradients import embedding_offsets, guided_relu, has_gradients
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.gradients import has_gradients
+from blackbox_vqa.adapters.torch.hooks import embedding_offsets, guided_relu
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.cli.app import main
 from blackbox_vqa.errors import GradientUnavailableError, InputError, ModelError
 from blackbox_vqa.explainers.guided_backprop import (

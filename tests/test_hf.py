@@ -18,8 +18,8 @@ pytest.importorskip("transformers")
 
 from captum.attr import IntegratedGradients as CaptumIG
 
-from blackbox_vqa.adapters import huggingface
-from blackbox_vqa.adapters.huggingface import HfAdapter, word_positions
+from blackbox_vqa.adapters.hf import vqa as huggingface
+from blackbox_vqa.adapters.hf.vqa import HfAdapter, word_positions
 from blackbox_vqa.errors import (
     InputError,
     ModelError,
@@ -449,7 +449,7 @@ def test_all_patches_path_equals_vilt_forward(vilt: HfAdapter) -> None:
 
 def test_vilt_onnx_export_round_trip(vilt: HfAdapter, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter
+    from blackbox_vqa.adapters.hf.onnx import HfOnnxAdapter
     from blackbox_vqa.exporters.hf_onnx import export_hf_model
 
     result = export_hf_model(vilt, tmp_path / "out")

@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.adapters.http_endpoint import HttpAdapter
-from blackbox_vqa.adapters.http_formats import OTHER_ANSWER
-from blackbox_vqa.adapters.http_transport import (
+from blackbox_vqa.adapters.http.endpoint import HttpAdapter
+from blackbox_vqa.adapters.http.formats import OTHER_ANSWER
+from blackbox_vqa.adapters.http.transport import (
     backoff_delay,
     display_url,
     parse_header,
     parse_retry_after,
 )
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app

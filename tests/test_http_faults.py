@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from blackbox_vqa.adapters.http_endpoint import HttpAdapter
+from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.server.app import create_app

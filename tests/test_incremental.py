@@ -12,14 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from blackbox_vqa.adapters.incremental import IncrementalScoring, parse_incremental
-from blackbox_vqa.adapters.incremental.boxes import (
+from blackbox_vqa.adapters.torch.incremental.boxes import (
     WindowSpec,
     changed_boxes,
     output_range,
     source_index,
 )
-from blackbox_vqa.adapters.incremental.engine import IncrementalEngine
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.explainers.occlusion import Occlusion
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
 
-from blackbox_vqa.adapters.path_gradients import embedding_replaced
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.module import TorchAdapter
+from blackbox_vqa.adapters.torch.path_gradients import embedding_replaced
 from blackbox_vqa.errors import GradientUnavailableError, InputError
 from blackbox_vqa.explainers.integrated_gradients import (
     IntegratedGradients,

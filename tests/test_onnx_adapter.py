@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blackbox_vqa.adapters.onnx_runtime import (
+from blackbox_vqa.adapters.onnx.runtime import (
     OnnxAdapter,
     default_providers,
     read_answers,
     read_vocab,
 )
-from blackbox_vqa.adapters.pytorch import TorchAdapter
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
 from blackbox_vqa.explainers.occlusion import Occlusion
 from cli_runner import run_cli

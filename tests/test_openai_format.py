@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.adapters.http_endpoint import HttpAdapter
-from blackbox_vqa.adapters.http_formats import OTHER_ANSWER
-from blackbox_vqa.adapters.http_openai import (
+from blackbox_vqa.adapters.http.endpoint import HttpAdapter
+from blackbox_vqa.adapters.http.formats import OTHER_ANSWER
+from blackbox_vqa.adapters.http.openai import (
     DEFAULT_PROMPT,
     ChatFormat,
     render_prompt,
     token_key,
 )
-from blackbox_vqa.adapters.http_ratelimit import parse_duration, rate_limit_wait
+from blackbox_vqa.adapters.http.ratelimit import parse_duration, rate_limit_wait
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.masks import grid_boxes, occlusion_evaluations
 from blackbox_vqa.explainers.occlusion import Occlusion

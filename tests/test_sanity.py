@@ -12,8 +12,8 @@ import torch
 from scipy import stats
 from torch import nn
 
-from blackbox_vqa.adapters.pytorch import TorchAdapter
-from blackbox_vqa.adapters.randomisation import (
+from blackbox_vqa.adapters.torch.module import TorchAdapter
+from blackbox_vqa.adapters.torch.randomisation import (
     SupportsWeightRandomisation,
     parameter_layers,
     randomised_module,

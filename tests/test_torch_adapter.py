@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from blackbox_vqa.adapters.pytorch import TorchAdapter, pad_tokens
+from blackbox_vqa.adapters.torch.module import TorchAdapter, pad_tokens
 from blackbox_vqa.errors import InputError, ModelError, ModelOutputError, QuestionError
 from blackbox_vqa.preprocess import IMAGENET_MEAN, IMAGENET_STD
 

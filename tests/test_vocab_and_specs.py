@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from blackbox_vqa.adapters.onnx_runtime import read_vocab
+from blackbox_vqa.adapters.onnx.runtime import read_vocab
 from blackbox_vqa.adapters.vocab_files import is_special_token
 from blackbox_vqa.errors import InputError, ModelLoadError
 from blackbox_vqa.specs import factory_arguments, load_model, spec_kind

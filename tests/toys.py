@@ -114,7 +114,7 @@ TOY_ANSWERS = ["red", "green", "blue"]
 
 def toy_torch_model() -> Any:
     """TorchAdapter over :class:`LinearVQANet` at 16x16, ImageNet normalisation."""
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
 
     return TorchAdapter(LinearVQANet(), TOY_ANSWERS, toy_tokenizer(), image_size=16,
                         device="cpu", name="toy-linear")

@@ -24,7 +24,7 @@ from blackbox_vqa.explainers.occlusion import Occlusion, OcclusionResult
 from blackbox_vqa.text import WordTokenizer
 
 if TYPE_CHECKING:
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
 
 from blackbox_vqa.version import __version__
 
@@ -32,7 +32,7 @@ from blackbox_vqa.version import __version__
 def __getattr__(name: str) -> Any:
     # TorchAdapter imports torch (seconds); load it only when asked for.
     if name == "TorchAdapter":
-        from blackbox_vqa.adapters.pytorch import TorchAdapter
+        from blackbox_vqa.adapters.torch.module import TorchAdapter
 
         return TorchAdapter
     raise AttributeError(f"module 'blackbox_vqa' has no attribute {name!r}")

@@ -36,8 +36,8 @@ def graph_beside(vqa: Any) -> Path | None:
 
 
 _ADAPTER_KINDS = {
-    "blackbox_vqa.adapters.onnx_runtime": "onnx",
-    "blackbox_vqa.adapters.http_endpoint": "http",
+    "blackbox_vqa.adapters.onnx.runtime": "onnx",
+    "blackbox_vqa.adapters.http.endpoint": "http",
 }
 """Adapter module -> spec kind, for models whose label is not their spec."""
 
@@ -88,7 +88,7 @@ def find_gradient_source(
         return vqa, "model", ""
     graph = graph_beside(vqa)
     if graph is not None:
-        from blackbox_vqa.adapters.graph import GraphAdapter
+        from blackbox_vqa.adapters.torch.graph import GraphAdapter
 
         source = GraphAdapter(graph)
         if list(source.answers) == list(vqa.answers):

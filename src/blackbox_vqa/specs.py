@@ -168,7 +168,7 @@ def _load_factory(spec: str, options: ModelOptions) -> object:
 
 def _load_http(spec: str, options: ModelOptions) -> object:
     try:
-        from blackbox_vqa.adapters.http_endpoint import HttpAdapter
+        from blackbox_vqa.adapters.http.endpoint import HttpAdapter
     except ImportError as exc:
         raise NotSupportedError(f"http:// models need httpx ({exc}); install the extra: "
                                 "pip install 'blackbox-vqa[serve]'") from exc
@@ -176,8 +176,8 @@ def _load_http(spec: str, options: ModelOptions) -> object:
 
 
 def _load_onnx(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter, is_hf_export
-    from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
+    from blackbox_vqa.adapters.hf.onnx import HfOnnxAdapter, is_hf_export
+    from blackbox_vqa.adapters.onnx.runtime import OnnxAdapter
 
     if is_hf_export(spec.strip()):  # a multi-input graph described by its metadata
         return HfOnnxAdapter.from_options(spec.strip(), options.extra)
@@ -185,13 +185,13 @@ def _load_onnx(spec: str, options: ModelOptions) -> object:
 
 
 def _load_graph(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.adapters.graph import GraphAdapter
+    from blackbox_vqa.adapters.torch.graph import GraphAdapter
 
     return GraphAdapter(spec.strip())
 
 
 def _load_hf(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.adapters.huggingface import HfAdapter
+    from blackbox_vqa.adapters.hf.vqa import HfAdapter
 
     return HfAdapter.from_pretrained(
         spec.strip()[3:].strip(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -25,8 +25,10 @@ from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import validate_question
 
 __all__ = [
+    "OUTPUT_KINDS",
     "BaseAdapter",
     "ImageArray",
+    "OutputKind",
     "VQAModel",
     "check_model",
     "check_pairs",
@@ -35,6 +37,10 @@ __all__ = [
 ]
 
 ImageArray = NDArray[np.uint8] | NDArray[np.float32]
+
+#: How a model's raw outputs become scores: softmax, sigmoid, or used as they are.
+OutputKind = Literal["softmax", "sigmoid", "probs"]
+OUTPUT_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "probs")
 
 
 @runtime_checkable

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from blackbox_vqa.errors import ModelError, QuestionError
-from blackbox_vqa.text import validate_question
+import numpy as np
+from numpy.typing import NDArray
 
-__all__ = ["QuestionTokens"]
+from blackbox_vqa.errors import ModelError, QuestionError
+from blackbox_vqa.text import PAD_ID, validate_question
+
+__all__ = ["QuestionTokens", "pad_tokens"]
 
 _CACHE_SIZE = 4096
 
@@ -51,3 +54,12 @@ class QuestionTokens:
         if not self.tokens(stripped):
             raise QuestionError(f"the model's tokenizer found no tokens in {stripped!r}")
         return stripped
+
+
+def pad_tokens(token_lists: Sequence[Sequence[int]]) -> NDArray[np.int64]:
+    """Right-pad token id lists with ``0`` into an ``int64`` array ``[B, max(1, T)]``."""
+    length = max([1, *(len(t) for t in token_lists)])
+    out = np.full((len(token_lists), length), PAD_ID, dtype=np.int64)
+    for row, tokens in enumerate(token_lists):
+        out[row, : len(tokens)] = tokens
+    return out

@@ -96,7 +96,7 @@ def export_command(
 
 
 def _is_hf(vqa: object) -> bool:
-    return type(vqa).__module__ == "blackbox_vqa.adapters.huggingface"
+    return type(vqa).__module__ == "blackbox_vqa.adapters.hf.vqa"
 
 
 def _export_hf(vqa: object, out: Path, samples: Sequence[tuple[object, str]],

@@ -36,6 +36,7 @@ from typing import Annotated, Any
 
 import typer
 
+from blackbox_vqa.adapters.base import OUTPUT_KINDS
 from blackbox_vqa.cli.option_groups import Parameter, option_group
 from blackbox_vqa.errors import InputError
 
@@ -48,7 +49,7 @@ __all__ = [
     "with_model_options_except",
 ]
 
-OUTPUT_KINDS = ("softmax", "sigmoid", "probs")
+
 
 _ONNX_FLAGS = {
     "answers_file": "answers", "vocab": "vocab", "image_size": "image-size", "mean": "mean",

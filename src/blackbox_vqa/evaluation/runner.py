@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ __all__ = [
     "item_rng",
     "load_evaluator",
     "run_items",
-    "set_torch_threads",
 ]
 
 
@@ -243,17 +241,6 @@ class ItemEvaluator:
             "random": _nan_to_none(map_correlation(chance, m, size=size) for m in maps),
             "inter_human": agreement if math.isfinite(agreement) else None,
         }
-
-
-def set_torch_threads(threads: int | None) -> int | None:
-    """Set torch's CPU threads when torch is loaded; return the previous count (or None)."""
-    if threads is None or "torch" not in sys.modules:
-        return None
-    import torch
-
-    previous = int(torch.get_num_threads())
-    torch.set_num_threads(threads)
-    return previous
 
 
 def load_evaluator(config: EvalConfig) -> ItemEvaluator:

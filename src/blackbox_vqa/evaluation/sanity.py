@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.randomisation import SupportsWeightRandomisation
+from blackbox_vqa.adapters.torch.randomisation import SupportsWeightRandomisation
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.evaluation.human_attention import spearman
 

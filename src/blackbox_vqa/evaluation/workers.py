@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "set_torch_threads"]
 
 _PR_SET_PDEATHSIG = 1
 _POLL_SECONDS = 0.5
@@ -47,3 +47,14 @@ def _watch(parent_pid: int) -> None:
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), signal.SIGTERM)
             return
+
+
+def set_torch_threads(threads: int | None) -> int | None:
+    """Set torch's CPU threads when torch is loaded; return the previous count (or None)."""
+    if threads is None or "torch" not in sys.modules:
+        return None
+    import torch
+
+    previous = int(torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return previous

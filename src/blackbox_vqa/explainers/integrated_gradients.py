@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import model_name
 from blackbox_vqa.adapters.gradients import answer_index as resolve_answer
-from blackbox_vqa.adapters.path_gradients import (
+from blackbox_vqa.adapters.torch.path_gradients import (
     GradientInputs,
     PathGradientModel,
     has_path_gradients,
@@ -144,8 +144,8 @@ class IntegratedGradients:
     """Integrated gradients for models with the path-gradient protocol.
 
     Args:
-        model: a :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`,
-            :class:`~blackbox_vqa.adapters.huggingface.HfAdapter` or any object with
+        model: a :class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`,
+            :class:`~blackbox_vqa.adapters.hf.vqa.HfAdapter` or any object with
             ``gradient_inputs`` and ``path_gradients``.
         steps: quadrature points (default 32).
         baseline: image baseline: ``"black"`` (default), ``"blur"``, ``"imagenet-mean"``

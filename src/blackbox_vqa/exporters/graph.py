@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from blackbox_vqa.adapters.gradients import embedding_offsets
-from blackbox_vqa.adapters.graph import load_graph
+from blackbox_vqa.adapters.torch.graph import load_graph
+from blackbox_vqa.adapters.torch.hooks import embedding_offsets
 
 __all__ = [
     "GRAPH_FORMATS",

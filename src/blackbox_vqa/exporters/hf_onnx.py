@@ -4,7 +4,7 @@
 the model's own (``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``,
 ``pixel_mask``; dynamic batch, question length and image size; output ``logits``), the
 processor's files (``tokenizer.json``, ``preprocessor_config.json``...) and
-``config.json``, and the metadata :class:`~blackbox_vqa.adapters.hf_onnx.HfOnnxAdapter`
+``config.json``, and the metadata :class:`~blackbox_vqa.adapters.hf.onnx.HfOnnxAdapter`
 reads. Only when the checks pass are the files moved into ``out``.
 
 ViLT's patch sampling. ``ViltEmbeddings.visual_embed`` draws its image patches with
@@ -42,9 +42,9 @@ import torch
 from torch import nn
 
 from blackbox_vqa.adapters.base import ImageArray
-from blackbox_vqa.adapters.hf_onnx import HfOnnxAdapter, hf_export_props
-from blackbox_vqa.adapters.huggingface import HfAdapter
-from blackbox_vqa.adapters.onnx_runtime import drop_sessions
+from blackbox_vqa.adapters.hf.onnx import HfOnnxAdapter, hf_export_props
+from blackbox_vqa.adapters.hf.vqa import HfAdapter
+from blackbox_vqa.adapters.onnx.runtime import drop_sessions
 from blackbox_vqa.errors import InputError, ModelError, NotSupportedError
 
 __all__ = ["HfExportResult", "all_patches_kept", "export_hf_model"]

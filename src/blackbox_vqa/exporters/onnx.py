@@ -43,9 +43,10 @@ from numpy.typing import NDArray
 from torch import nn
 
 from blackbox_vqa.adapters.base import ImageArray, model_name
-from blackbox_vqa.adapters.gradients import find_embedding
-from blackbox_vqa.adapters.onnx_runtime import drop_sessions
-from blackbox_vqa.adapters.pytorch import TorchAdapter, eval_mode
+from blackbox_vqa.adapters.onnx.runtime import drop_sessions
+from blackbox_vqa.adapters.torch.forward import eval_mode
+from blackbox_vqa.adapters.torch.hooks import find_embedding
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import BlackboxVQAError, InputError, ModelError, NotSupportedError
 from blackbox_vqa.exporters.graph import GraphFormat, GraphInputs, graph_suffix, save_graph
 from blackbox_vqa.images import load_image, to_rgb_array
@@ -542,8 +543,8 @@ def _chunks(pairs: list[tuple[ImageArray, str]], adapter: TorchAdapter) \
 def _verify(
     adapter: TorchAdapter, staging: Path, graph_path: Path, pairs: list[tuple[ImageArray, str]]
 ) -> tuple[float, float, float]:
-    from blackbox_vqa.adapters.graph import GraphAdapter
-    from blackbox_vqa.adapters.onnx_runtime import OnnxAdapter
+    from blackbox_vqa.adapters.onnx.runtime import OnnxAdapter
+    from blackbox_vqa.adapters.torch.graph import GraphAdapter
 
     onnx_model = OnnxAdapter(staging / ONNX_FILE)
     graph_model = GraphAdapter(graph_path, device=adapter.device)

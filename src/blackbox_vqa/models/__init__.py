@@ -2,7 +2,7 @@
 
 :func:`load_reference_model` returns the network, tokenizer, answers and preprocessing;
 :func:`reference_adapter` returns it behind a
-:class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`. Training lives in
+:class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`. Training lives in
 :mod:`blackbox_vqa.models.training` (imported on demand).
 """
 

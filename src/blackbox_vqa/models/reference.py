@@ -19,7 +19,7 @@ from blackbox_vqa.models.easyvqa_net import EasyVQANet, NetConfig
 from blackbox_vqa.text import WordTokenizer
 
 if TYPE_CHECKING:
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
 
 __all__ = [
     "METADATA_FILE",
@@ -92,8 +92,8 @@ def load_reference_model(
 def reference_adapter(
     directory: str | Path | None = None, *, name: str = "easyvqa"
 ) -> TorchAdapter:
-    """The reference model behind a :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`."""
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
+    """The reference model behind a :class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`."""
+    from blackbox_vqa.adapters.torch.module import TorchAdapter
 
     module, tokenizer, answers, pre = load_reference_model(directory)
     return TorchAdapter(

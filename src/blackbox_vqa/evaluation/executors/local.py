@@ -15,7 +15,7 @@ from typing import Any
 from blackbox_vqa.datasets import Item
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.evaluation.executors import ItemWork, WorkConfig
-from blackbox_vqa.evaluation.runner import set_torch_threads
+from blackbox_vqa.evaluation.workers import set_torch_threads
 
 __all__ = ["LocalExecutor"]
 

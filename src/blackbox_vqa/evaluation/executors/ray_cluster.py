@@ -41,7 +41,7 @@ from blackbox_vqa.errors import (
     NotSupportedError,
 )
 from blackbox_vqa.evaluation.executors import ItemWork, WorkConfig
-from blackbox_vqa.evaluation.runner import set_torch_threads
+from blackbox_vqa.evaluation.workers import set_torch_threads
 
 __all__ = ["LOCAL_NODE_IP", "RayExecutor", "RaySettings", "ray_available"]
 

@@ -5,7 +5,7 @@
 - ``hf``: the Hugging Face visual-question-answering inference format, one input per
   request, answering a top-k list of ``{"answer", "score"}``.
 - ``answer-only``: an endpoint that answers only the answer text.
-- ``openai``: a chat-completions endpoint, in :mod:`blackbox_vqa.adapters.http_openai`.
+- ``openai``: a chat-completions endpoint, in :mod:`blackbox_vqa.adapters.http.openai`.
 
 Parsers raise :class:`WireError` with a message about the response; the adapter adds the
 endpoint's name and turns it into a :class:`~blackbox_vqa.errors.ModelOutputError`.

@@ -31,8 +31,8 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from blackbox_vqa.adapters.http_formats import WireError, load_json
-from blackbox_vqa.adapters.http_ratelimit import rate_limit_wait
+from blackbox_vqa.adapters.http.formats import WireError, load_json
+from blackbox_vqa.adapters.http.ratelimit import rate_limit_wait
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.text import terminal_safe
 

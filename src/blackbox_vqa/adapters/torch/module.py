@@ -12,34 +12,29 @@ from __future__ import annotations
 import copy
 import ctypes
 import platform
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.adapters.gradients import (
-    InputGradients,
-    answer_index,
-    embedding_offsets,
-    find_embedding,
-    guided_relu,
-)
-from blackbox_vqa.adapters.incremental.protocol import IncrementalScores, IncrementalScoring
-from blackbox_vqa.adapters.incremental.torch_scoring import TorchIncremental
-from blackbox_vqa.adapters.path_gradients import (
+from blackbox_vqa.adapters.base import OUTPUT_KINDS, BaseAdapter, ImageArray, OutputKind
+from blackbox_vqa.adapters.gradients import InputGradients, answer_index
+from blackbox_vqa.adapters.incremental import IncrementalScores, IncrementalScoring
+from blackbox_vqa.adapters.questions import QuestionTokens, pad_tokens
+from blackbox_vqa.adapters.torch.forward import eval_mode, scores_from_logits
+from blackbox_vqa.adapters.torch.hooks import embedding_offsets, find_embedding, guided_relu
+from blackbox_vqa.adapters.torch.incremental.scoring import TorchIncremental
+from blackbox_vqa.adapters.torch.path_gradients import (
     GradientInputs,
     PathGradients,
     check_points,
     embedding_replaced,
     score_gradients,
 )
-from blackbox_vqa.adapters.questions import QuestionTokens
-from blackbox_vqa.adapters.randomisation import parameter_layers, randomised_module
+from blackbox_vqa.adapters.torch.randomisation import parameter_layers, randomised_module
 from blackbox_vqa.errors import (
     BlackboxVQAError,
     InputError,
@@ -52,28 +47,8 @@ from blackbox_vqa.text import PAD_ID
 
 __all__ = ["OUTPUT_KINDS", "TorchAdapter", "pad_tokens", "scores_from_logits"]
 
-OutputKind = Literal["softmax", "sigmoid", "probs"]
-OUTPUT_KINDS: tuple[str, ...] = ("softmax", "sigmoid", "probs")
 Tokenizer = Callable[[str], Sequence[int]]
 
-
-
-def pad_tokens(token_lists: Sequence[Sequence[int]]) -> NDArray[np.int64]:
-    """Right-pad token id lists with ``0`` into an ``int64`` array ``[B, max(1, T)]``."""
-    length = max([1, *(len(t) for t in token_lists)])
-    out = np.full((len(token_lists), length), PAD_ID, dtype=np.int64)
-    for row, tokens in enumerate(token_lists):
-        out[row, : len(tokens)] = tokens
-    return out
-
-
-def scores_from_logits(logits: torch.Tensor, output: str) -> torch.Tensor:
-    """Turn module outputs into scores: softmax, sigmoid or identity (``"probs"``)."""
-    if output == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if output == "sigmoid":
-        return torch.sigmoid(logits)
-    return logits
 
 
 _allocator_settled = False
@@ -111,21 +86,6 @@ def _settle_allocator() -> None:
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block, restoring its training flags after."""
-    flags = [(m, m.training) for m in module.modules()]
-    training = any(flag for _, flag in flags)
-    if training:  # (already in eval mode: skip the slow attribute-setting walks)
-        module.eval()
-    try:
-        yield module
-    finally:
-        if training or any(mod.training for mod, _ in flags):
-            for mod, flag in flags:
-                mod.training = flag
 
 
 class TorchAdapter(BaseAdapter, IncrementalScoring):
@@ -225,7 +185,7 @@ class TorchAdapter(BaseAdapter, IncrementalScoring):
 
     def randomisable_layers(self) -> list[str]:
         """The module's layers with parameters of their own, output first (reverse
-        registration order); see :mod:`blackbox_vqa.adapters.randomisation`."""
+        registration order); see :mod:`blackbox_vqa.adapters.torch.randomisation`."""
         return parameter_layers(self.module)
 
     def randomised_copy(self, layers: int, seed: int) -> TorchAdapter:
@@ -322,7 +282,7 @@ class TorchAdapter(BaseAdapter, IncrementalScoring):
     def gradient_inputs(self, image: ImageInput, question: str) -> GradientInputs:
         """The preprocessed image, the token embeddings (output of the module's only
         ``nn.Embedding``; one token per position, each its own "word"), the padding
-        token's embedding and the scores; see :mod:`~blackbox_vqa.adapters.path_gradients`.
+        token's embedding and the scores; see :mod:`~blackbox_vqa.adapters.torch.path_gradients`.
         """
         question = self.validate_question(question)
         image_tensor, tokens = self.inputs([to_rgb_array(image)], [question])

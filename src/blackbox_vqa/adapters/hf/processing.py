@@ -1,6 +1,6 @@
 """Inputs of Hugging Face VQA models from images and questions, shared by the PyTorch
-(:class:`~blackbox_vqa.adapters.huggingface.HfAdapter`) and the ONNX
-(:class:`~blackbox_vqa.adapters.hf_onnx.HfOnnxAdapter`) adapters.
+(:class:`~blackbox_vqa.adapters.hf.vqa.HfAdapter`) and the ONNX
+(:class:`~blackbox_vqa.adapters.hf.onnx.HfOnnxAdapter`) adapters.
 
 Images go through the model's own image processor without rounding: every image (uint8
 or float32 on the 0-255 scale) is resized in 32-bit float with the processor's filter and

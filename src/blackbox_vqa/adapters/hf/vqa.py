@@ -16,7 +16,7 @@ processor), or a hub id where the hub can be reached. Two kinds are supported:
   (``score_semantics["kind"] == "candidate-normalised"``).
 
 Images go through the model's own image processor, without rounding (float32 images are
-scored exactly); see :mod:`blackbox_vqa.adapters.hf_processing`.
+scored exactly); see :mod:`blackbox_vqa.adapters.hf.processing`.
 """
 
 from __future__ import annotations
@@ -35,21 +35,17 @@ from numpy.typing import NDArray
 from torch import nn
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.adapters.gradients import (
-    InputGradients,
-    answer_index,
-    embedding_offsets,
-    guided_relu,
-)
-from blackbox_vqa.adapters.hf_processing import HfProcessing, hf_score_semantics, word_positions
-from blackbox_vqa.adapters.path_gradients import (
+from blackbox_vqa.adapters.gradients import InputGradients, answer_index
+from blackbox_vqa.adapters.hf.processing import HfProcessing, hf_score_semantics, word_positions
+from blackbox_vqa.adapters.torch.forward import eval_mode
+from blackbox_vqa.adapters.torch.hooks import embedding_offsets, guided_relu
+from blackbox_vqa.adapters.torch.path_gradients import (
     GradientInputs,
     PathGradients,
     check_points,
     embedding_replaced,
     score_gradients,
 )
-from blackbox_vqa.adapters.pytorch import eval_mode
 from blackbox_vqa.errors import (
     BlackboxVQAError,
     InputError,
@@ -216,7 +212,7 @@ class HfAdapter(BaseAdapter):
                     f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
                 ) from exc
         if answers_file is not None:
-            from blackbox_vqa.adapters.onnx_runtime import read_answers
+            from blackbox_vqa.adapters.onnx.runtime import read_answers
 
             candidates = [*(candidates or []), *read_answers(answers_file)]
         return cls(model, processor, candidates=candidates, device=device,

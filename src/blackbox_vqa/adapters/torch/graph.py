@@ -3,7 +3,7 @@
 The graph file alone is enough: answers, tokenizer and preprocessing come from its
 metadata, and the graph's ``word_offsets`` input (added at the embedding output) gives
 word gradients without the model's Python source. Probabilities and gradients, guided or
-plain, work as in :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`, which this class
+plain, work as in :class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`, which this class
 extends; preprocessing is the same code, so inputs are bit-identical.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, TorchAdapter
+from blackbox_vqa.adapters.base import OUTPUT_KINDS
+from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelLoadError
 from blackbox_vqa.metadata import KEYS, ExportMetadata
 

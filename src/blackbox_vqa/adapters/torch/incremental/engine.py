@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from blackbox_vqa.adapters.incremental.boxes import (
+from blackbox_vqa.adapters.torch.incremental.boxes import (
     WindowSpec,
     changed_boxes,
     fit_starts,

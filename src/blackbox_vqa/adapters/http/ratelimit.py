@@ -4,7 +4,7 @@ Hosted chat APIs (OpenAI and the many servers that copy its headers) announce th
 buckets on every answer: ``x-ratelimit-remaining-requests`` / ``x-ratelimit-reset-requests``
 and the same for ``-tokens``. A reset is a duration such as ``1s``, ``6m0s``, ``20ms`` or
 ``1h2m3.5s``, or a plain number of seconds. ``Retry-After`` is read by
-:func:`blackbox_vqa.adapters.http_transport.parse_retry_after`; these headers say the same
+:func:`blackbox_vqa.adapters.http.transport.parse_retry_after`; these headers say the same
 when it is missing, and also say it *before* a request is refused (remaining 0).
 """
 

@@ -9,8 +9,8 @@ and ``config.json``. The graph's ``metadata_props`` describe it (schema
 adapter feeds exactly the inputs the graph declares. The model spec ``path.onnx`` loads
 such a file with this adapter (``specs`` looks at the metadata).
 
-Inputs are made by the same code as :class:`~blackbox_vqa.adapters.huggingface.HfAdapter`
-(:mod:`~blackbox_vqa.adapters.hf_processing`). Images of different sizes are run in
+Inputs are made by the same code as :class:`~blackbox_vqa.adapters.hf.vqa.HfAdapter`
+(:mod:`~blackbox_vqa.adapters.hf.processing`). Images of different sizes are run in
 separate calls, so no image is ever padded (the exported ViLT keeps every patch, which
 equals the model's own forward when the pixel mask is all ones).
 """
@@ -27,8 +27,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.adapters.hf_processing import HfProcessing, hf_score_semantics
-from blackbox_vqa.adapters.onnx_runtime import onnx_session
+from blackbox_vqa.adapters.hf.processing import HfProcessing, hf_score_semantics
+from blackbox_vqa.adapters.onnx.runtime import onnx_session
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, NotSupportedError
 
 __all__ = ["HF_EXPORT_SCHEMA", "HfOnnxAdapter", "is_hf_export"]

@@ -1,8 +1,8 @@
-"""Incremental scoring for :class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`.
+"""Incremental scoring for :class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`.
 
 :class:`TorchIncremental` groups a batch of perturbations of one original input into
 image perturbations (same question) and word perturbations (same image), scores them
-with :class:`~blackbox_vqa.adapters.incremental.engine.IncrementalEngine`, and falls back
+with :class:`~blackbox_vqa.adapters.torch.incremental.engine.IncrementalEngine`, and falls back
 to the adapter's plain forward pass -- saying why -- when the module cannot be traced,
 carries hooks, or fails the self-check: for every new original input the first image
 perturbation is also scored the plain way, and the word path reproduces the original's
@@ -12,35 +12,55 @@ own logits from two copies of its question; both must agree.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.incremental.engine import (
+from blackbox_vqa.adapters.incremental import (
+    IncrementalMode,
+    IncrementalScores,
+    parse_incremental,
+)
+from blackbox_vqa.adapters.torch.forward import eval_mode, scores_from_logits
+from blackbox_vqa.adapters.torch.incremental.engine import (
     DEFAULT_THRESHOLD,
     EngineUnsupported,
     IncrementalEngine,
     OriginalRun,
     iter_hooked,
 )
-from blackbox_vqa.adapters.incremental.protocol import (
-    IncrementalMode,
-    IncrementalScores,
-    parse_incremental,
-)
 from blackbox_vqa.errors import BlackboxVQAError, InputError
 from blackbox_vqa.images import to_rgb_array
-
-if TYPE_CHECKING:
-    from blackbox_vqa.adapters.pytorch import TorchAdapter
 
 __all__ = ["SELF_CHECK_TOLERANCE", "TorchIncremental"]
 
 # Largest |incremental - plain| logit difference the self-check accepts, relative to the
 # larger of 1 and the original logits' range (float reassociation is far below it).
 SELF_CHECK_TOLERANCE = 1e-4
+
+
+class ModuleAdapter(Protocol):
+    """What the incremental path needs of :class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`
+    (a protocol, so that this module does not import the adapter that imports it)."""
+
+    module: torch.nn.Module
+
+    @property
+    def output(self) -> str: ...
+
+    def tokens(self, question: str) -> list[int]: ...
+
+    def inputs(
+        self, images: Sequence[Any], questions: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def logits(self, image_tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def answer_probs_batch(
+        self, images: Sequence[Any], questions: Sequence[str]
+    ) -> NDArray[np.float64]: ...
 
 
 class TorchIncremental:
@@ -65,7 +85,7 @@ class TorchIncremental:
         """Drop the cached original input (the next call recomputes and re-checks it)."""
         self._run = None
 
-    def reason_off(self, adapter: TorchAdapter) -> str:
+    def reason_off(self, adapter: ModuleAdapter) -> str:
         """Why the plain path must run for ``adapter`` (empty when the incremental may)."""
         if self.mode == "off":
             return "incremental scoring turned off"
@@ -79,15 +99,13 @@ class TorchIncremental:
 
     def scores(
         self,
-        adapter: TorchAdapter,
+        adapter: ModuleAdapter,
         image: NDArray[Any],
         question: str,
         images: Sequence[NDArray[Any]],
         questions: Sequence[str],
     ) -> IncrementalScores:
         """See :class:`~blackbox_vqa.adapters.incremental.IncrementalScoring`."""
-        from blackbox_vqa.adapters.pytorch import eval_mode
-
         if len(images) != len(questions):
             raise InputError(
                 f"got {len(images)} images but {len(questions)} questions; they must pair up"
@@ -112,14 +130,14 @@ class TorchIncremental:
         plain = adapter.answer_probs_batch([original, *images], [question, *questions])
         return IncrementalScores(plain[0], plain[1:], "off", reason)
 
-    def _engine_for(self, adapter: TorchAdapter) -> IncrementalEngine:
+    def _engine_for(self, adapter: ModuleAdapter) -> IncrementalEngine:
         if self._engine is None:
             self._engine = IncrementalEngine(adapter.module, threshold=self.threshold)
         return self._engine
 
     def _incremental(
         self,
-        adapter: TorchAdapter,
+        adapter: ModuleAdapter,
         original: NDArray[Any],
         question: str,
         images: Sequence[NDArray[Any]],
@@ -172,7 +190,7 @@ class TorchIncremental:
         return IncrementalScores(scores[0], scores[1:], "exact", note)
 
     def _self_check(
-        self, adapter: TorchAdapter, engine: IncrementalEngine, logits: torch.Tensor,
+        self, adapter: ModuleAdapter, engine: IncrementalEngine, logits: torch.Tensor,
         run: OriginalRun, images: Sequence[NDArray[Any]], questions: Sequence[str],
         items: list[int], words: bool,
     ) -> None:
@@ -208,9 +226,7 @@ def image_like(image: NDArray[Any], original: NDArray[Any]) -> NDArray[Any] | No
     return None
 
 
-def _scores(adapter: TorchAdapter, logits: torch.Tensor) -> NDArray[np.float64]:
-    from blackbox_vqa.adapters.pytorch import scores_from_logits
-
+def _scores(adapter: ModuleAdapter, logits: torch.Tensor) -> NDArray[np.float64]:
     return scores_from_logits(logits, adapter.output).double().cpu().numpy()
 
 

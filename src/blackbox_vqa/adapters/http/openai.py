@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.http_formats import (
+from blackbox_vqa.adapters.http.formats import (
     JSON_CONTENT_TYPE,
     OTHER_ANSWER,
     Item,

@@ -6,7 +6,7 @@ metadata). The image and token inputs and the output are found by their types wh
 is unambiguous (one rank-4 float input, one rank-2 integer input, one output), else named
 by the caller. Images go through the same
 :class:`~blackbox_vqa.preprocess.Preprocessing` code as
-:class:`~blackbox_vqa.adapters.pytorch.TorchAdapter`, so both see bit-identical tensors.
+:class:`~blackbox_vqa.adapters.torch.module.TorchAdapter`, so both see bit-identical tensors.
 
 Sessions use the CUDA execution provider when ``onnxruntime-gpu`` and a GPU are present,
 else the CPU; a session is built once per file, provider list and thread count, and
@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
-from blackbox_vqa.adapters.pytorch import OUTPUT_KINDS, pad_tokens
-from blackbox_vqa.adapters.questions import QuestionTokens
+from blackbox_vqa.adapters.base import OUTPUT_KINDS, BaseAdapter, ImageArray
+from blackbox_vqa.adapters.questions import QuestionTokens, pad_tokens
 from blackbox_vqa.adapters.vocab_files import read_json_vocab, tokenizer_from_words
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError
 from blackbox_vqa.metadata import ExportMetadata

@@ -13,9 +13,9 @@ with two methods:
   ``images [N, 3, H, W]`` and ``embeddings [N, T, D]`` for the same question and returns
   :class:`PathGradients`: the score of the answer at each point and its gradients.
 
-:class:`~blackbox_vqa.adapters.pytorch.TorchAdapter` implements it with the functions
+:class:`~blackbox_vqa.adapters.torch.module.TorchAdapter` implements it with the functions
 below (the word embeddings are replaced at the output of the module's only
-``nn.Embedding``); :class:`~blackbox_vqa.adapters.huggingface.HfAdapter` at the output of
+``nn.Embedding``); :class:`~blackbox_vqa.adapters.hf.vqa.HfAdapter` at the output of
 ``get_input_embeddings()``.
 """
 
@@ -31,7 +31,7 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
-from blackbox_vqa.adapters.gradients import embedding_output_hook
+from blackbox_vqa.adapters.torch.hooks import embedding_output_hook
 from blackbox_vqa.errors import BlackboxVQAError, InputError, ModelError
 from blackbox_vqa.images import ImageInput
 

@@ -2,15 +2,15 @@
 
 Inputs go out in batches, several requests in flight at once (bounded), over one
 keep-alive client with finite timeouts that retries what is worth retrying
-(:mod:`blackbox_vqa.adapters.http_transport`). A 413 answer splits the batch in halves
+(:mod:`blackbox_vqa.adapters.http.transport`). A 413 answer splits the batch in halves
 and goes on. An input already
 answered (same pixels, same question) is not sent again. Every response is validated, and
 every failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the endpoint.
 
-Four wire formats (see :mod:`blackbox_vqa.adapters.http_formats`): ``ours`` (what
+Four wire formats (see :mod:`blackbox_vqa.adapters.http.formats`): ``ours`` (what
 ``bbvqa serve`` speaks), ``hf`` (Hugging Face VQA inference, top-k lists),
 ``answer-only`` and ``openai`` (chat completions with logprobs,
-:mod:`blackbox_vqa.adapters.http_openai`). With the last three the answer vocabulary is
+:mod:`blackbox_vqa.adapters.http.openai`). With the last three the answer vocabulary is
 learned from the endpoint's answers (:meth:`HttpAdapter.prepare`; an ``openai`` adapter
 also learns it from the first input it is asked about) plus an ``(other)`` column, and
 :attr:`HttpAdapter.score_semantics` says what the scores mean.
@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_pairs, check_scores
-from blackbox_vqa.adapters.http_formats import (
+from blackbox_vqa.adapters.http.formats import (
     FORMATS,
     OTHER_ANSWER,
     AnswerOnlyFormat,
@@ -44,7 +44,7 @@ from blackbox_vqa.adapters.http_formats import (
     parse_info,
     vocabulary_row,
 )
-from blackbox_vqa.adapters.http_openai import (
+from blackbox_vqa.adapters.http.openai import (
     CHAT_PATH,
     DEFAULT_MAX_TOKENS,
     DEFAULT_PROMPT,
@@ -58,7 +58,7 @@ from blackbox_vqa.adapters.http_openai import (
     check_chat_options,
     parse_model_list,
 )
-from blackbox_vqa.adapters.http_transport import (
+from blackbox_vqa.adapters.http.transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TOTAL_TIMEOUT,
     AbortedError,
@@ -160,7 +160,7 @@ class HttpAdapter:
         remote_model: ``openai``: the request's ``model`` (default: the only model the
             server lists at ``GET {url}/models``).
         prompt: ``openai``: the text sent with the image; ``{question}`` is replaced by
-            the question (default :data:`~blackbox_vqa.adapters.http_openai.DEFAULT_PROMPT`).
+            the question (default :data:`~blackbox_vqa.adapters.http.openai.DEFAULT_PROMPT`).
         max_tokens: ``openai``: most tokens generated (default 8).
         top_logprobs: ``openai``: alternatives asked for at each position (default 20,
             OpenAI's maximum; a server may allow more).
