@@ -4,7 +4,7 @@ An :class:`Attribution` is what one method found (an image map, a word map, and 
 method's own JSON keys); an :class:`Explanation` holds the model's answer on one input and
 one attribution per method that ran, plus the methods that could not run and why. This
 module is the only place that turns them into the document (schema
-``blackbox_vqa.explanation/1``, see the README) and reads them back.
+``blackbox_vqa.explanation/1``, see docs/concepts/explanation-json.md) and reads them back.
 
 Each method's section of the document is ``{**attribution.extras, "image": image_map,
 "words": word_map}`` under the method's JSON key (``occlusion``, ``guided_backprop``...);
