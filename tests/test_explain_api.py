@@ -400,7 +400,8 @@ def test_imports_point_down_only() -> None:
 
 
 @pytest.mark.parametrize(("extra", "words"), [
-    (["--incremental", "fast"], "incremental must be exact or off, got 'fast'"),
+    (["--incremental", "fast"],
+     "incremental must be exact, off, approx or approx:TAU, got 'fast'"),
     (["--ig-baseline", "pink", "--method", "integrated-gradients"],
      "baseline must be one of imagenet-mean"),
     (["-m", "http://127.0.0.1:9", "--http-total-timeout", "0"],

@@ -259,7 +259,7 @@ def test_capability_is_declared_not_probed() -> None:
 def test_switches_and_their_validation() -> None:
     assert parse_incremental(" Exact ") == "exact"
     with pytest.raises(InputError, match="incremental"):
-        parse_incremental("approx")
+        parse_incremental("approximate")
     with pytest.raises(InputError, match="incremental"):
         Occlusion(BrightnessModel(), incremental="fast")
     with pytest.raises(InputError, match="incremental"):

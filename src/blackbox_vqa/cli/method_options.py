@@ -52,7 +52,9 @@ _PARAMETERS: list[Parameter] = [
                                           rich_help_panel=_PANEL)], 2000),
     ("incremental", Annotated[str, typer.Option(
         help="Occlusion on a PyTorch model: exact (compute only what each patch changes; "
-        "same maps) or off.", rich_help_panel=_PANEL)], "exact"),
+        "same maps), off, or approx[:TAU] (cap each change at TAU, default 0.5, of every "
+        "feature map's side: faster, approximate, error measured on 16 cells).",
+        rich_help_panel=_PANEL)], "exact"),
     ("ig_steps", Annotated[int, typer.Option(
         help="Integrated gradients: points of the path integral.",
         rich_help_panel=_PANEL)], 32),

@@ -18,8 +18,14 @@ from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
 from blackbox_vqa.adapters.capabilities import check_question, prepare_model
-from blackbox_vqa.adapters.incremental import IncrementalScoring, parse_incremental
-from blackbox_vqa.errors import InputError
+from blackbox_vqa.adapters.incremental import (
+    ApproximateScoring,
+    IncrementalScoring,
+    approx_tau,
+    parse_incremental,
+)
+from blackbox_vqa.errors import InputError, NotSupportedError
+from blackbox_vqa.explainers.approx_check import ApproxEstimate, check_cells, estimate
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import (
     IMAGENET_MEAN_RGB,
@@ -93,7 +99,9 @@ class OcclusionResult:
         score: ``"probability"`` or ``"log-probability"``: what the importances compare.
         incremental: ``"exact"`` when the model scored the perturbations incrementally
             (its ``IncrementalScoring`` capability), else ``"off"``; ``incremental_note``
-            says why the plain path ran, or what the incremental path reused.
+            says why the plain path ran, or what the incremental path reused;
+            ``"approx"`` when the image cells were scored approximately, with
+            ``approx`` the error measured on a few cells also scored exactly.
     """
 
     answer: str
@@ -118,6 +126,7 @@ class OcclusionResult:
     score: Score = "probability"
     incremental: str = "off"
     incremental_note: str = ""
+    approx: ApproxEstimate | None = None
 
     @property
     def probability(self) -> float:
@@ -156,7 +165,11 @@ class Occlusion:
             p near 1, shows structure in log space that probabilities round away).
         incremental: ``"exact"`` (default): a model with the ``IncrementalScoring``
             capability scores the perturbations incrementally (same scores, less work);
-            ``"off"``: always through ``answer_probs_batch``.
+            ``"off"``: always through ``answer_probs_batch``; ``"approx"`` or
+            ``"approx:TAU"``: a model with the ``ApproximateScoring`` capability caps each
+            changed region at ``TAU`` (default 0.5) of each feature map's side (Krypton's
+            projective-field thresholding; approximate maps), and a seeded sample of
+            cells is also scored exactly to measure the error.
     """
 
     def __init__(
@@ -201,6 +214,13 @@ class Occlusion:
         self.occlude_words = words
         self.progress = progress
         self.incremental = parse_incremental(incremental)
+        self.tau = approx_tau(self.incremental)
+        if self.tau is not None and not isinstance(self.model, ApproximateScoring):
+            raise NotSupportedError(
+                f"incremental {self.incremental}: {model_name(self.model)} has no approximate "
+                "incremental scoring (a PyTorch module through TorchAdapter has it); use exact "
+                "or off"
+            )
 
     def boxes(self, height: int, width: int) -> list[Box]:
         """The patches this explainer occludes on an ``height x width`` image."""
@@ -220,16 +240,47 @@ class Occlusion:
         words = split_words(question) if self.occlude_words else []
         fill = self._fill(pixels)
         mode, note = "off", ""
-        if self.incremental == "exact" and isinstance(self.model, IncrementalScoring):
+        if self.tau is not None or (
+                self.incremental == "exact" and isinstance(self.model, IncrementalScoring)):
             scores, batch, mode, note = self._run_incremental(
-                self.model, pixels, fill, boxes, question, words
+                self.model, pixels, fill, boxes, question, words  # type: ignore[arg-type]
             )
         else:
             scores, batch = self._run(pixels, fill, boxes, question, words)
             if self.incremental == "off":
                 note = "incremental scoring turned off"
         result = self._result(scores, batch, boxes, words, (height, width), answer)
-        return replace(result, incremental=mode, incremental_note=note)
+        result = replace(result, incremental=mode, incremental_note=note)
+        if mode == "approx" and self.tau is not None:
+            checked = self._check(pixels, fill, boxes, question, scores, result.answer_index,
+                                  self.tau)
+            result = replace(result, approx=checked,
+                             evaluations=result.evaluations + len(checked.cells))
+        return result
+
+    def _check(
+        self,
+        pixels: NDArray[np.float32],
+        fill: NDArray[np.float32],
+        boxes: list[Box],
+        question: str,
+        scores: NDArray[np.float64],
+        index: int,
+        tau: float,
+    ) -> ApproxEstimate:
+        """Score a seeded sample of the cells exactly and compare their importances."""
+        cells = check_cells(len(boxes))
+        images = occluded_batch(pixels, fill, [boxes[i] for i in cells])
+        questions = [question] * len(cells)
+        if isinstance(self.model, IncrementalScoring):
+            exact = self.model.incremental_scores(pixels, question, images, questions).scores
+        else:
+            exact = self.model.answer_probs_batch(images, questions)
+        exact = check_scores(exact, len(cells), scores.shape[1], source=model_name(self.model))
+        original = answer_score(scores[0, index], self.score)
+        approximate = original - answer_score(scores[[1 + i for i in cells], index], self.score)
+        exact_map = original - answer_score(exact[:, index], self.score)
+        return estimate(tau, cells, approximate, exact_map)
 
     def _fill(self, pixels: NDArray[np.float32]) -> NDArray[np.float32]:
         sigma = self.blur_sigma
@@ -268,7 +319,7 @@ class Occlusion:
 
     def _run_incremental(
         self,
-        model: IncrementalScoring,
+        model: IncrementalScoring | ApproximateScoring,
         pixels: NDArray[np.float32],
         fill: NDArray[np.float32],
         boxes: list[Box],
@@ -289,7 +340,13 @@ class Occlusion:
         for start in range(1, total, batch):
             stop = min(total, start + batch)
             images, questions = self._items(pixels, fill, boxes, question, dropped, start, stop)
-            result = model.incremental_scores(pixels, question, images, questions)
+            if self.tau is not None:
+                assert isinstance(model, ApproximateScoring)
+                result = model.approximate_scores(pixels, question, images, questions,
+                                                  tau=self.tau)
+            else:
+                assert isinstance(model, IncrementalScoring)
+                result = model.incremental_scores(pixels, question, images, questions)
             out[0] = check_scores(np.asarray(result.original)[None], 1, n_answers, source=name)[0]
             out[start:stop] = check_scores(result.scores, stop - start, n_answers, source=name)
             modes.add(result.mode)
@@ -297,7 +354,13 @@ class Occlusion:
                 note = result.note
             if self.progress is not None:
                 self.progress(stop, total)
-        return out, batch, ("exact" if modes == {"exact"} else "off"), note
+        if modes == {"exact"}:
+            mode = "exact"
+        elif "approx" in modes and modes <= {"approx", "exact"}:
+            mode = "approx"
+        else:
+            mode = "off"
+        return out, batch, mode, note
 
     @staticmethod
     def _items(
@@ -413,6 +476,8 @@ def occlusion_attribution(result: OcclusionResult, *, seconds: float = 0.0) -> A
         extras["score"] = result.score
     extras["incremental"] = result.incremental
     extras["incremental_note"] = result.incremental_note or None
+    if result.approx is not None:
+        extras["approx"] = result.approx.to_json()
     return Attribution(
         method="occlusion",
         key="occlusion",

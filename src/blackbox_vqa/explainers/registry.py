@@ -62,8 +62,8 @@ class MethodSettings:
         score: what occlusion and RISE compare: ``probability`` (the paper's) or
             ``log-probability`` (structure shows where a saturated model's p is ~1).
         rise_masks: RISE: random masks (default 2000).
-        incremental: occlusion on a model with incremental scoring: ``exact`` (default)
-            or ``off``.
+        incremental: occlusion on a model with incremental scoring: ``exact`` (default),
+            ``off``, or ``approx`` / ``approx:TAU`` (approximate, error measured).
         ig_steps: integrated gradients: points of the path integral (default 32).
         ig_baseline: integrated gradients: the image baseline, ``black``, ``blur`` or
             ``imagenet-mean`` (words: the padding token's embedding).
@@ -93,8 +93,9 @@ class MethodSettings:
         if isinstance(self.rise_masks, bool) or not isinstance(self.rise_masks, int) \
                 or self.rise_masks < 1:
             raise InputError(f"rise_masks must be a positive integer, got {self.rise_masks!r}")
-        if self.incremental not in ("exact", "off"):
-            raise InputError(f"incremental must be exact or off, got {self.incremental!r}")
+        from blackbox_vqa.adapters.incremental import parse_incremental
+
+        object.__setattr__(self, "incremental", parse_incremental(self.incremental))
         if self.score not in ("probability", "log-probability"):
             raise InputError("score must be one of probability, log-probability, got "
                              f"{self.score!r}")

@@ -22,7 +22,11 @@ from torch import nn
 
 from blackbox_vqa.adapters.base import OUTPUT_KINDS, BaseAdapter, ImageArray, OutputKind
 from blackbox_vqa.adapters.gradients import InputGradients, answer_index
-from blackbox_vqa.adapters.incremental import IncrementalScores, IncrementalScoring
+from blackbox_vqa.adapters.incremental import (
+    ApproximateScoring,
+    IncrementalScores,
+    IncrementalScoring,
+)
 from blackbox_vqa.adapters.questions import QuestionTokens, pad_tokens
 from blackbox_vqa.adapters.torch.forward import eval_mode, scores_from_logits
 from blackbox_vqa.adapters.torch.hooks import embedding_offsets, find_embedding, guided_relu
@@ -88,7 +92,7 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class TorchAdapter(BaseAdapter, IncrementalScoring):
+class TorchAdapter(BaseAdapter, IncrementalScoring, ApproximateScoring):
     """Wrap ``module`` (``forward(image [B,3,H,W], tokens [B,T]) -> logits [B,A]``).
 
     Args:
@@ -214,6 +218,20 @@ class TorchAdapter(BaseAdapter, IncrementalScoring):
         perturbations); the plain path runs, with the reason in ``note``, when the module
         cannot be traced, carries hooks, fails the self-check, or ``incremental="off"``."""
         return self.incremental.scores(self, image, question, images, questions)
+
+    def approximate_scores(
+        self,
+        image: NDArray[Any],
+        question: str,
+        images: Sequence[NDArray[Any]],
+        questions: Sequence[str],
+        *,
+        tau: float,
+    ) -> IncrementalScores:
+        """:meth:`incremental_scores` with Krypton's projective-field thresholding: each
+        changed region is capped at ``tau`` of each feature map's side (approximate image
+        perturbation scores, ``mode="approx"``); word perturbations stay exact."""
+        return self.incremental.scores(self, image, question, images, questions, tau=tau)
 
     # -- gradient protocol -------------------------------------------------------------
 

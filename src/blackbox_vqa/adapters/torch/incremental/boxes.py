@@ -8,11 +8,13 @@ along one spatial axis; offsets are ``int64`` tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["WindowSpec", "changed_boxes", "fit_starts", "output_range", "source_index"]
+__all__ = ["WindowSpec", "cap_length", "changed_boxes", "fit_starts", "item_ranges",
+           "kept_ranges", "output_centre", "output_range", "source_index", "truncate_range"]
 
 PAD_MODES = ("constant", "reflect", "replicate", "circular")
 
@@ -56,6 +58,17 @@ def output_range(
     it (the padding copies those positions); with ``circular`` padding it spans the
     whole axis (the copies land at the opposite border).
     """
+    first, stop = item_ranges(start, stop, spec, out_size, in_size)
+    length = int((stop - first).max().clamp(min=1).item())
+    length = min(length, out_size)
+    return fit_starts(first, length, out_size), length
+
+
+def item_ranges(
+    start: torch.Tensor, stop: torch.Tensor, spec: WindowSpec, out_size: int, in_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each item's own output range ``[first, stop)`` (``[N]`` each, at least one
+    position) whose windows read input ``[start, stop)``; see :func:`output_range`."""
     if spec.mode != "constant" and spec.padding > 0:
         near_start = start <= spec.padding
         near_stop = stop >= in_size - spec.padding
@@ -69,11 +82,48 @@ def output_range(
     first = -torch.div(-(start + spec.padding - spec.reach + 1), spec.stride,
                        rounding_mode="floor")
     last = torch.div(stop - 1 + spec.padding, spec.stride, rounding_mode="floor")
-    first = first.clamp(min=0)
-    last = last.clamp(max=out_size - 1)
-    length = int((last - first + 1).max().clamp(min=1).item())
-    length = min(length, out_size)
-    return fit_starts(first, length, out_size), length
+    first = first.clamp(min=0, max=out_size - 1)
+    last = torch.maximum(last.clamp(max=out_size - 1), first)
+    return first, last + 1
+
+
+def cap_length(tau: float, size: int) -> int:
+    """The longest range approximate inference keeps on an axis of ``size`` positions:
+    ``ceil(tau * size)``, at least 1 (``tau`` in ``(0, 1]``)."""
+    return max(1, min(size, math.ceil(tau * size - 1e-9)))
+
+
+def output_centre(start: torch.Tensor, stop: torch.Tensor, spec: WindowSpec) -> torch.Tensor:
+    """Output coordinate ``[N]`` (float) whose window is centred on the middle of the
+    input range ``[start, stop)``: output ``o``'s window is centred on input
+    ``o * stride - padding + (reach - 1) / 2``."""
+    middle = (start + stop - 1).double() / 2
+    return (middle + spec.padding - (spec.reach - 1) / 2) / spec.stride
+
+
+def kept_ranges(
+    first: torch.Tensor, stop: torch.Tensor, centre: torch.Tensor, size: int, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Krypton's projective-field thresholding on one axis, per item: each range
+    ``[first, stop)`` (``[N]``) longer than :func:`cap_length` is cut to that length,
+    centred on ``centre`` ``[N]`` (start ``floor(centre - (cap - 1) / 2 + 0.5)``, shifted
+    to fit ``[0, size)``); shorter ranges are kept whole. Returns the kept ``[start, stop)``."""
+    cap = cap_length(tau, size)
+    cut = stop - first > cap
+    centred = fit_starts(torch.floor(centre - (cap - 1) / 2 + 0.5).to(first.dtype), cap, size)
+    return torch.where(cut, centred, first), torch.where(cut, centred + cap, stop)
+
+
+def truncate_range(
+    first: torch.Tensor, stop: torch.Tensor, centre: torch.Tensor, size: int, tau: float
+) -> tuple[torch.Tensor, int, int]:
+    """:func:`kept_ranges` as one common length (the longest kept range) and per-item
+    starts ``[N]`` of ranges of that length that contain each kept range, inside
+    ``[0, size)``; also how many items were cut."""
+    start, end = kept_ranges(first, stop, centre, size, tau)
+    length = int((end - start).max().clamp(min=1).item())
+    cut = int((stop - first > cap_length(tau, size)).sum().item())
+    return fit_starts(start, length, size), length, cut
 
 
 def source_index(

@@ -20,6 +20,13 @@ with ``torch.fx``. For one original input every node's value is computed and kep
 
 Everything computed is what the plain forward pass computes on the same numbers, so the
 logits agree up to float reassociation.
+
+**Approximate mode** (``image_logits(..., tau=TAU)``): Krypton's projective-field
+thresholding (Nakandala, Kumar, Papakonstantinou, SIGMOD 2019). At every spatial
+operator and every union of boxes, a box longer than ``ceil(TAU * side)`` on an axis is
+cut to that length, centred on the patch; positions beyond it keep the original's
+activations, so the patch never grows past ``TAU`` of a map and nothing beyond it is
+materialised until the first global operator. The logits are then approximate.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ from blackbox_vqa.adapters.torch.incremental.boxes import (
     WindowSpec,
     changed_boxes,
     fit_starts,
+    item_ranges,
+    kept_ranges,
+    output_centre,
     output_range,
     source_index,
 )
@@ -77,12 +87,23 @@ class EngineUnsupported(Exception):
 @dataclass
 class _Patched:
     """A perturbed ``[N, C, H, W]`` activation: ``base`` ``[1, C, H, W]`` with ``patch``
-    ``[N, C, h, w]`` pasted at rows ``top[n]:top[n]+h`` and columns ``left[n]:left[n]+w``."""
+    ``[N, C, h, w]`` pasted at rows ``top[n]:top[n]+h`` and columns ``left[n]:left[n]+w``.
+
+    ``own`` (approximate mode): each item's own changed box ``(top, bottom, left, right)``
+    ``[N]`` each, inside the patch (the patch is the batch's common size)."""
 
     base: torch.Tensor
     patch: torch.Tensor
     top: torch.Tensor
     left: torch.Tensor
+    own: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def boxes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each item's changed box ``(top, bottom, left, right)``, ``[N]`` each."""
+        if self.own is not None:
+            return self.own
+        ph, pw = self.patch.shape[2:]
+        return self.top, self.top + ph, self.left, self.left + pw
 
     @property
     def count(self) -> int:
@@ -302,6 +323,7 @@ class IncrementalEngine:
                 self.deps[node] = frozenset(found)
         self.modules = dict(traced.named_modules())
         self.stats: dict[str, int] = {}
+        self._tau: float | None = None
 
     # -- execution helpers ---------------------------------------------------------------
 
@@ -381,20 +403,31 @@ class IncrementalEngine:
 
     # -- image perturbations: only the changed windows -----------------------------------
 
-    def image_logits(self, run: OriginalRun, images: torch.Tensor) -> torch.Tensor:
+    def image_logits(
+        self, run: OriginalRun, images: torch.Tensor, *, tau: float | None = None
+    ) -> torch.Tensor:
         """Logits ``[N, A]`` for each image of ``images`` ``[N, 3, H, W]`` with the original
-        question."""
+        question: exact, or with ``tau`` in ``(0, 1]`` approximate (boxes capped at ``tau``
+        of each map's side, see the module docstring)."""
+        self._tau = tau
+        try:
+            return self._image_logits(run, images)
+        finally:
+            self._tau = None
+
+    def _image_logits(self, run: OriginalRun, images: torch.Tensor) -> torch.Tensor:
         count = images.shape[0]
         top, bottom, left, right = (v.cpu() for v in changed_boxes(run.image, images))
+        own = (top, bottom, left, right) if self._tau is not None else None
         height, width = images.shape[2:]
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
         patch = torch.stack([images[n, :, t : t + h, l_ : l_ + w] for n, (t, l_) in
                              enumerate(zip(top.tolist(), left.tolist(), strict=True))])
-        start = _Patched(run.image, patch, top, left)
+        start = _Patched(run.image, patch, top, left, own)
         values: dict[fx.Node, Any] = {}
-        self.stats = {"patched": 0, "full": 0}
+        self.stats = {"patched": 0, "full": 0, "truncated": 0}
 
         def lookup(node: fx.Node) -> Any:
             if IMAGE not in self.deps[node]:
@@ -484,7 +517,7 @@ class IncrementalEngine:
             return None
         if out.shape[2:] != like.patch.shape[2:]:
             return None
-        return _Patched(base, out, like.top, like.left)
+        return _Patched(base, out, like.top, like.left, like.own)
 
     def _binary(self, node: fx.Node, a: Any, b: Any, base: torch.Tensor) -> _Patched | None:
         if isinstance(a, _Patched) and isinstance(b, _Patched):
@@ -529,10 +562,16 @@ class IncrementalEngine:
         """``values`` re-cut to one common box per item (the union of theirs), or ``None``
         when that box passes the threshold."""
         height, width = base.shape[2:]
-        top = torch.stack([v.top for v in values]).amin(dim=0)
-        left = torch.stack([v.left for v in values]).amin(dim=0)
-        bottom = torch.stack([v.top + v.patch.shape[2] for v in values]).amax(dim=0)
-        right = torch.stack([v.left + v.patch.shape[3] for v in values]).amax(dim=0)
+        boxes = [v.boxes() for v in values]
+        top = torch.stack([b[0] for b in boxes]).amin(dim=0)
+        bottom = torch.stack([b[1] for b in boxes]).amax(dim=0)
+        left = torch.stack([b[2] for b in boxes]).amin(dim=0)
+        right = torch.stack([b[3] for b in boxes]).amax(dim=0)
+        own = None
+        if self._tau is not None:
+            top, bottom = self._kept(top, bottom, (top + bottom - 1).double() / 2, height)
+            left, right = self._kept(left, right, (left + right - 1).double() / 2, width)
+            own = (top, bottom, left, right)
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
         if h * w > self.threshold * height * width:
@@ -543,14 +582,26 @@ class IncrementalEngine:
             same = tuple(v.patch.shape[2:]) == (h, w) and bool((v.top == top).all()) \
                 and bool((v.left == left).all())
             out.append(v if same else _Patched(v.base, v.crop(top, h, left, w, 0.0), top, left))
-        return out
+        return [_Patched(v.base, v.patch, v.top, v.left, own) for v in out]
 
     def _window_node(self, op: _Windowed, value: _Patched, base: torch.Tensor) -> _Patched | None:
         in_h, in_w = value.base.shape[2:]
         out_h, out_w = base.shape[2:]
         ph, pw = value.patch.shape[2:]
-        top, h = output_range(value.top, value.top + ph, op.rows, out_h, in_h)
-        left, w = output_range(value.left, value.left + pw, op.cols, out_w, in_w)
+        own = None
+        if self._tau is None:
+            top, h = output_range(value.top, value.top + ph, op.rows, out_h, in_h)
+            left, w = output_range(value.left, value.left + pw, op.cols, out_w, in_w)
+        else:
+            r0, r1, c0, c1 = value.boxes()
+            first, stop = item_ranges(r0, r1, op.rows, out_h, in_h)
+            top, bottom = self._kept(first, stop, output_centre(r0, r1, op.rows), out_h)
+            first, stop = item_ranges(c0, c1, op.cols, out_w, in_w)
+            left, right = self._kept(first, stop, output_centre(c0, c1, op.cols), out_w)
+            own = (top, bottom, left, right)
+            h = int((bottom - top).max().item())
+            w = int((right - left).max().item())
+            top, left = fit_starts(top, h, out_h), fit_starts(left, w, out_w)
         if h * w > self.threshold * out_h * out_w:
             return None
         if op.rows.mode == op.cols.mode == "constant":
@@ -567,7 +618,17 @@ class IncrementalEngine:
             raise EngineUnsupported(
                 f"window arithmetic disagrees with the operator ({tuple(out.shape)} vs {h}x{w})"
             )
-        return _Patched(base, out, top, left)
+        return _Patched(base, out, top, left, own)
+
+    def _kept(
+        self, first: torch.Tensor, stop: torch.Tensor, centre: torch.Tensor, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-item ranges ``[first, stop)`` capped at ``tau`` of ``size`` (see
+        :func:`~blackbox_vqa.adapters.torch.incremental.boxes.kept_ranges`)."""
+        tau = self._tau or 1.0
+        start, end = kept_ranges(first, stop, centre, size, tau)
+        self.stats["truncated"] += int(((end - start) < (stop - first)).sum().item())
+        return start, end
 
 
 def _batched(value: Any, count: int) -> Any:

@@ -73,7 +73,13 @@ class TorchIncremental:
     """
 
     def __init__(self, mode: str = "exact", *, threshold: float = DEFAULT_THRESHOLD) -> None:
-        self.mode: IncrementalMode = parse_incremental(mode)
+        text = parse_incremental(mode)
+        if text not in ("exact", "off"):
+            raise InputError(
+                f"an adapter's incremental must be exact or off, got {mode!r} (approx is an "
+                "option of the occlusion explainer)"
+            )
+        self.mode: IncrementalMode = text  # type: ignore[assignment]
         if not 0.0 < threshold <= 1.0:
             raise InputError(f"incremental threshold must be in (0, 1], got {threshold!r}")
         self.threshold = threshold
@@ -104,8 +110,13 @@ class TorchIncremental:
         question: str,
         images: Sequence[NDArray[Any]],
         questions: Sequence[str],
+        *,
+        tau: float | None = None,
     ) -> IncrementalScores:
-        """See :class:`~blackbox_vqa.adapters.incremental.IncrementalScoring`."""
+        """See :class:`~blackbox_vqa.adapters.incremental.IncrementalScoring`; with
+        ``tau``, :class:`~blackbox_vqa.adapters.incremental.ApproximateScoring`."""
+        if tau is not None and not (isinstance(tau, float | int) and 0.0 < tau <= 1.0):
+            raise InputError(f"tau must be in (0, 1], got {tau!r}")
         if len(images) != len(questions):
             raise InputError(
                 f"got {len(images)} images but {len(questions)} questions; they must pair up"
@@ -116,7 +127,8 @@ class TorchIncremental:
         if not reason:
             with eval_mode(adapter.module), torch.inference_mode():
                 try:
-                    return self._incremental(adapter, original, question, images, questions)
+                    return self._incremental(adapter, original, question, images, questions,
+                                             tau)
                 except EngineUnsupported as exc:
                     self._unsupported = str(exc)
                     reason = self._unsupported
@@ -142,6 +154,7 @@ class TorchIncremental:
         question: str,
         images: Sequence[NDArray[Any]],
         questions: Sequence[str],
+        tau: float | None = None,
     ) -> IncrementalScores:
         engine = self._engine_for(adapter)
         x0, t0 = adapter.inputs([original], [question])
@@ -168,7 +181,13 @@ class TorchIncremental:
         logits = torch.empty((len(images), run.logits.shape[1]), dtype=run.logits.dtype)
         if image_items:
             x, _ = adapter.inputs([to_rgb_array(images[i]) for i in image_items], [question])
-            logits[image_items] = engine.image_logits(run, x).to(logits.dtype)
+            logits[image_items] = engine.image_logits(run, x, tau=tau).to(logits.dtype)
+            stats = dict(engine.stats)
+            if tau is not None and fresh:
+                # the self-check compares the exact path with the plain one
+                exact = engine.image_logits(run, x[:1]).to(logits.dtype)
+                check = logits.clone()
+                check[image_items[:1]] = exact
         if word_items:
             _, tokens = adapter.inputs([original], [str(questions[i]) for i in word_items])
             logits[word_items] = engine.word_logits(run, tokens).to(logits.dtype)
@@ -177,17 +196,22 @@ class TorchIncremental:
                                   [str(questions[i]) for i in plain_items])
             logits[plain_items] = adapter.logits(x, t).to(logits.dtype)
         if fresh:
-            self._self_check(adapter, engine, logits, run, images, questions,
+            checked = check if tau is not None and image_items else logits
+            self._self_check(adapter, engine, checked, run, images, questions,
                              image_items[:1], bool(word_items))
         scores = _scores(adapter, torch.cat([run.logits, logits]))
+        kind = "exact" if tau is None or not image_items else f"approximate (tau {tau:g})"
         note = (
-            "exact incremental: question branch once for image perturbations, image branch "
+            f"{kind} incremental: question branch once for image perturbations, image branch "
             "once for word perturbations"
         )
         if image_items:
-            note += (f"; {engine.stats['patched']} image operators on patches, "
-                     f"{engine.stats['full']} on full tensors")
-        return IncrementalScores(scores[0], scores[1:], "exact", note)
+            note += (f"; {stats['patched']} image operators on patches, "
+                     f"{stats['full']} on full tensors")
+            if tau is not None:
+                note += f", {stats['truncated']} box truncations"
+        mode: IncrementalMode = "approx" if tau is not None and image_items else "exact"
+        return IncrementalScores(scores[0], scores[1:], mode, note)
 
     def _self_check(
         self, adapter: ModuleAdapter, engine: IncrementalEngine, logits: torch.Tensor,
