@@ -30,7 +30,11 @@ from blackbox_vqa.cli.executor_options import (
     SharedFs,
     build_executor,
 )
-from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
+from blackbox_vqa.cli.method_options import (
+    MethodOptions,
+    with_method_choice,
+    with_method_options,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, ModelError
 
@@ -62,6 +66,8 @@ class _Options:
 
 @with_model_options
 @with_method_options
+@with_method_choice("methods", None, "Methods (default: each default method the model "
+                    "supports)")
 def compare_command(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model spec; give it two or more times.")] = None,
@@ -77,16 +83,9 @@ def compare_command(
     annotations: Annotated[Path | None, typer.Option(help="VQA annotations JSON.")] = None,
     images: Annotated[Path | None, typer.Option(help="Folder of VQA (COCO) images.")] = None,
     hat: Annotated[Path | None, typer.Option(help="Folder of VQA-HAT attention maps.")] = None,
-    methods: Annotated[str | None, typer.Option(
-        help="Comma-separated methods, or all (default: occlusion, guided-bp, gradient; "
-        "each where the model supports it).")] = None,
+    methods: str | None = None,
     answer: Annotated[str | None, typer.Option(
         help="Explain this answer for every model (it must be in every vocabulary).")] = None,
-    grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
-    baseline: Annotated[str, typer.Option(help="Patch fill: imagenet-mean, black, blur "
-                                          "or R,G,B (0-255).")] = "imagenet-mean",
-    batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
-                                            "or N.")] = "auto",
     top_k: Annotated[int, typer.Option(help="Cells (of 14x14) in the top-k overlap.")] = 10,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
@@ -109,23 +108,20 @@ def compare_command(
     method_options: MethodOptions,
 ) -> None:
     """Explain several models on the same inputs and show how much they agree."""
-    from blackbox_vqa.explainers.batching import parse_batch_size
-    from blackbox_vqa.explainers.masks import parse_baseline
     from blackbox_vqa.explainers.registry import default_methods, parse_methods
 
     specs = _check_specs(model or [])
     single = _check_mode(image, question, dataset, limit,
                          {"--questions": questions, "--annotations": annotations,
                           "--images": images, "--hat": hat})
-    if grid < 1:
-        raise InputError(f"--grid must be >= 1, got {grid}")
     if not 1 <= top_k <= 14 * 14:
         raise InputError(f"--top-k must be in [1, 196] (cells of the 14x14 map), got {top_k}")
-    parse_baseline(baseline)
-    parse_batch_size(batch_size)
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
-    settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
-                        answer=answer, k=top_k, shared=method_options)
+    method_options.settings()  # method settings checked before any model loads
+    settings = _Options(methods=names, grid=method_options.grid,
+                        baseline=method_options.baseline,
+                        batch_size=method_options.batch_size, answer=answer, k=top_k,
+                        shared=method_options)
     resolved = _resolve(specs, model_settings)
     run_on = None
     if executor.strip().lower() != "local" or workers != 1:
@@ -204,8 +200,7 @@ def _resolve(texts: Sequence[str], settings: ModelSettings) -> list[tuple[str, s
 
 
 def _method_settings(options: _Options) -> Any:
-    return options.shared.settings(grid=options.grid, baseline=options.baseline,
-                                   batch_size=options.batch_size)
+    return options.shared.settings()
 
 
 def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \

@@ -17,9 +17,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
+from blackbox_vqa.cli.method_options import (
+    MethodOptions,
+    with_method_choice,
+    with_method_options,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
-from blackbox_vqa.errors import GradientUnavailableError, InputError
+from blackbox_vqa.errors import GradientUnavailableError
 
 if TYPE_CHECKING:
     from blackbox_vqa.explanation import Attribution, Explanation
@@ -31,27 +35,16 @@ MARKER = "explanation.json"
 
 @with_model_options
 @with_method_options
+@with_method_choice("method", "occlusion", "Explanation method(s)")
 def explain_command(
     image: Annotated[Path, typer.Option("--image", "-i", help="Image file (PNG, JPEG, ...).")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, "
                                        "package.module:factory, PATH.onnx, http://..., "
                                        "@FILE:NAME ...")] = "easyvqa",
-    method: Annotated[str, typer.Option(help="Explanation method(s), comma-separated: "
-                                        "occlusion, guided-bp (guided backpropagation), "
-                                        "gradient (plain), any registered method, or "
-                                        "all.")] = "occlusion",
+    method: str = "occlusion",
     answer: Annotated[str | None, typer.Option(help="Explain this answer instead of the "
                                                "predicted one.")] = None,
-    grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
-    window: Annotated[str | None, typer.Option(help="Sliding window N or HxW pixels "
-                                               "(instead of the grid).")] = None,
-    stride: Annotated[str | None, typer.Option(help="Window step N or HxW pixels "
-                                               "(default: the window).")] = None,
-    baseline: Annotated[str, typer.Option(help="Patch fill: imagenet-mean, black, blur "
-                                          "or R,G,B (0-255).")] = "imagenet-mean",
-    batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
-                                            "or N.")] = "auto",
     sanity: Annotated[bool, typer.Option("--sanity", help="Also run the model-parameter "
                                          "randomisation test of each method (models whose "
                                          "weights can be re-initialised).")] = False,
@@ -72,35 +65,24 @@ def explain_command(
     """Explain which image cells and question words made the model answer as it did."""
     from blackbox_vqa.cli.model_options import load
     from blackbox_vqa.explain import Explainer
-    from blackbox_vqa.explainers.batching import parse_batch_size
-    from blackbox_vqa.explainers.masks import parse_baseline
     from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.images import load_image
     from blackbox_vqa.outputs import check_output_dir, new_output_dir, slugify
-    from blackbox_vqa.sizes import parse_size
     from blackbox_vqa.text import validate_question
 
-    if grid < 1:
-        raise InputError(f"--grid must be >= 1, got {grid}")
-    window_hw = parse_size(window, "--window")
-    stride_hw = parse_size(stride, "--stride")
-    if stride_hw is not None and window_hw is None:
-        raise InputError("--stride needs --window")
-    parse_baseline(baseline)
-    parse_batch_size(batch_size)
+    options = method_options
+    settings = options.settings()
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
     if dry_run or ("occlusion" in names and _is_http(model) and not as_json):
-        _print_cost(pixels, question, grid, window_hw, stride_hw)
+        _print_cost(pixels, question, options.grid, options.window, options.stride)
         if dry_run:
             return
     folder = out if out is not None else new_output_dir(
         Path.cwd(), f"bbvqa-{slugify(question)}")
     check_output_dir(folder, force=force, marker=MARKER)
     loaded = load(model, model_settings)
-    settings = method_options.settings(grid=grid, window=window_hw, stride=stride_hw,
-                                       baseline=baseline, batch_size=batch_size)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)

@@ -1,18 +1,72 @@
-"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients.
+"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients,
+integrated gradients and RISE, each with the settings it declares.
 
-Each entry binds lazily: nothing here imports torch until a gradient method is bound.
+Each entry binds lazily: nothing here imports torch until a gradient method is bound. A
+bound method returns its :class:`Attribution`; the library call times it and checks its key
+and sign against the entry.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
-from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
-from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
+from blackbox_vqa.errors import GradientUnavailableError, InputError, NotSupportedError
+from blackbox_vqa.explainers.registry import (
+    Method,
+    MethodRequest,
+    ModelContext,
+    positive_int,
+    register,
+    setting,
+)
 from blackbox_vqa.explanation import Attribution
 
-__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION", "RISE"]
+__all__ = [
+    "GRADIENT",
+    "GUIDED_BACKPROP",
+    "INTEGRATED_GRADIENTS",
+    "OCCLUSION",
+    "RISE",
+    "IntegratedGradientsSettings",
+    "OcclusionSettings",
+    "RiseSettings",
+]
+
+
+@dataclass(frozen=True)
+class OcclusionSettings:
+    """Occlusion's own setting (grid, window, baseline... are shared)."""
+
+    incremental: str = setting(
+        "exact", help="Occlusion on a PyTorch model: exact (compute only what each patch "
+        "changes; same maps) or off.")
+
+    def __post_init__(self) -> None:
+        if self.incremental not in ("exact", "off"):
+            raise InputError(f"incremental must be exact or off, got {self.incremental!r}")
+
+
+@dataclass(frozen=True)
+class RiseSettings:
+    """RISE's own setting."""
+
+    rise_masks: int = setting(2000, flag="masks", help="RISE: random masks.")
+
+    def __post_init__(self) -> None:
+        positive_int("rise_masks", self.rise_masks)
+
+
+@dataclass(frozen=True)
+class IntegratedGradientsSettings:
+    """Integrated gradients' own settings."""
+
+    ig_steps: int = setting(32, help="Integrated gradients: points of the path integral.")
+    ig_baseline: str = setting(
+        "black", help="Integrated gradients: image baseline, black, blur or imagenet-mean.")
+
+    def __post_init__(self) -> None:
+        positive_int("ig_steps", self.ig_steps)
 
 
 class _OcclusionMethod:
@@ -30,16 +84,16 @@ class _OcclusionMethod:
         s = self.settings
         return self._build(self.model, grid=s.grid, window=s.window, stride=s.stride,
                            baseline=s.baseline, batch_size=s.batch_size,
-                           incremental=s.incremental, score=s.score,  # type: ignore[arg-type]
+                           incremental=s.of("occlusion").incremental,
+                           score=s.score,  # type: ignore[arg-type]
                            progress=progress)
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.occlusion import occlusion_attribution
 
-        started = time.perf_counter()
         result = self._explainer(request.progress).explain(
             request.image, request.question, answer=request.answer)
-        return occlusion_attribution(result, seconds=time.perf_counter() - started)
+        return occlusion_attribution(result)
 
 
 def _gradient_available(context: ModelContext) -> str | None:
@@ -73,11 +127,10 @@ class _GradientMethod:
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.guided_backprop import gradient_attribution
 
-        started = time.perf_counter()
         result = self._explainer.explain(request.image, request.question,
                                          answer=request.answer)
         return gradient_attribution(result, method=self.name, key=self.key,
-                                    source=self.source, seconds=time.perf_counter() - started)
+                                    source=self.source)
 
 
 class _IntegratedGradientsMethod:
@@ -91,21 +144,19 @@ class _IntegratedGradientsMethod:
                                                           "integrated gradients")
         if model is None:
             raise NotSupportedError(reason)
-        settings = context.settings
+        own = context.settings.of("integrated-gradients")
         try:
-            self._explainer = IntegratedGradients(model, steps=settings.ig_steps,
-                                                  baseline=settings.ig_baseline)
+            self._explainer = IntegratedGradients(model, steps=own.ig_steps,
+                                                  baseline=own.ig_baseline)
         except GradientUnavailableError as exc:
             raise NotSupportedError(str(exc)) from exc
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.integrated_gradients import ig_attribution
 
-        started = time.perf_counter()
         result = self._explainer.explain(request.image, request.question,
                                          answer=request.answer)
-        return ig_attribution(result, source=self.source,
-                              seconds=time.perf_counter() - started)
+        return ig_attribution(result, source=self.source)
 
 
 class _RiseMethod:
@@ -120,17 +171,16 @@ class _RiseMethod:
         from blackbox_vqa.explainers.rise import Rise
 
         s = self.settings
-        return Rise(self.model, masks=s.rise_masks, baseline=s.baseline,
+        return Rise(self.model, masks=s.of("rise").rise_masks, baseline=s.baseline,
                     batch_size=s.batch_size, score=s.score,  # type: ignore[arg-type]
                     progress=progress)
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.rise import rise_attribution
 
-        started = time.perf_counter()
         result = self._rise(request.progress).explain(request.image, request.question,
                                                       answer=request.answer)
-        return rise_attribution(result, seconds=time.perf_counter() - started)
+        return rise_attribution(result)
 
 
 OCCLUSION = Method(
@@ -142,6 +192,7 @@ OCCLUSION = Method(
     bind=_OcclusionMethod,
     image_label="p(a | original) - p(a | occluded)",
     kind="black-box",
+    settings=OcclusionSettings,
 )
 
 GUIDED_BACKPROP = Method(
@@ -179,6 +230,7 @@ INTEGRATED_GRADIENTS = Method(
     image_label="integrated gradients (sum over channels)",
     kind="white-box",
     default=False,
+    settings=IntegratedGradientsSettings,
 )
 
 RISE = Method(
@@ -191,6 +243,7 @@ RISE = Method(
     image_label="mask-weighted mean score",
     kind="black-box",
     default=False,
+    settings=RiseSettings,
 )
 
 for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE):
