@@ -1,7 +1,8 @@
 """The method options that ``explain``, ``compare`` and ``evaluate`` share, defined once.
 
 :func:`with_method_options` adds ``--score``, ``--masks``, ``--incremental``,
-``--ig-steps``, ``--ig-baseline`` and ``--metrics`` to a command and hands it one
+``--ig-steps``, ``--ig-baseline``, ``--shap-grid``, ``--shap-permutations``,
+``--shap-seed`` and ``--metrics`` to a command and hands it one
 :class:`MethodOptions`; :meth:`MethodOptions.settings` builds the
 :class:`~blackbox_vqa.explainers.registry.MethodSettings` with the command's own grid,
 baseline and batch size.
@@ -31,6 +32,9 @@ class MethodOptions:
     incremental: str = "exact"
     ig_steps: int = 32
     ig_baseline: str = "black"
+    shap_grid: int = 4
+    shap_permutations: int = 32
+    shap_seed: int = 0
     metrics: bool = False
 
     def settings(self, **own: Any) -> Any:
@@ -41,7 +45,9 @@ class MethodOptions:
 
         return MethodSettings(score=self.score, rise_masks=self.masks,
                               incremental=self.incremental, ig_steps=self.ig_steps,
-                              ig_baseline=self.ig_baseline, **own)
+                              ig_baseline=self.ig_baseline, shap_grid=self.shap_grid,
+                              shap_permutations=self.shap_permutations,
+                              shap_seed=self.shap_seed, **own)
 
 
 _PARAMETERS: list[Parameter] = [
@@ -59,6 +65,14 @@ _PARAMETERS: list[Parameter] = [
     ("ig_baseline", Annotated[str, typer.Option(
         help="Integrated gradients: image baseline, black, blur or imagenet-mean.",
         rich_help_panel=_PANEL)], "black"),
+    ("shap_grid", Annotated[int, typer.Option(
+        help="MM-SHAP: image cells per side (the image players).",
+        rich_help_panel=_PANEL)], 4),
+    ("shap_permutations", Annotated[int, typer.Option(
+        help="MM-SHAP: permutations sampled (even: antithetic pairs); about one model "
+        "input per player per permutation.", rich_help_panel=_PANEL)], 32),
+    ("shap_seed", Annotated[int, typer.Option(
+        help="MM-SHAP: seed of the permutations.", rich_help_panel=_PANEL)], 0),
     ("metrics", Annotated[bool, typer.Option(
         "--metrics", help="Also measure each map's faithfulness: deletion/insertion AUC "
         "of image maps, comprehensiveness/sufficiency of word maps, beside random orders.",

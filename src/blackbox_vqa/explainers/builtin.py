@@ -1,4 +1,5 @@
-"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients.
+"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients,
+integrated gradients, RISE and MM-SHAP.
 
 Each entry binds lazily: nothing here imports torch until a gradient method is bound.
 """
@@ -12,7 +13,7 @@ from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
 from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
 from blackbox_vqa.explanation import Attribution
 
-__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION", "RISE"]
+__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "MM_SHAP", "OCCLUSION", "RISE"]
 
 
 class _OcclusionMethod:
@@ -133,6 +134,31 @@ class _RiseMethod:
         return rise_attribution(result, seconds=time.perf_counter() - started)
 
 
+class _ModalityShareMethod:
+    """MM-SHAP bound to one model (see :mod:`blackbox_vqa.explainers.modality_share`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        self.model = context.model
+        self.settings = context.settings
+        self._explainer(None)  # validates the settings now
+
+    def _explainer(self, progress: Any) -> Any:
+        from blackbox_vqa.explainers.modality_share import ModalityShare
+
+        s = self.settings
+        return ModalityShare(self.model, grid=s.shap_grid, permutations=s.shap_permutations,
+                             seed=s.shap_seed, baseline=s.baseline, batch_size=s.batch_size,
+                             score=s.score, progress=progress)
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.modality_share import modality_share_attribution
+
+        started = time.perf_counter()
+        result = self._explainer(request.progress).explain(
+            request.image, request.question, answer=request.answer)
+        return modality_share_attribution(result, seconds=time.perf_counter() - started)
+
+
 OCCLUSION = Method(
     name="occlusion",
     key="occlusion",
@@ -193,5 +219,17 @@ RISE = Method(
     default=False,
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE):
+MM_SHAP = Method(
+    name="mm-shap",
+    key="mm_shap",
+    signed=True,
+    help="MM-SHAP (Parcalabescu & Frank 2023): Shapley values of image cells and question "
+    "words by sampled permutations; T-SHAP / V-SHAP: the question's / image's share",
+    bind=_ModalityShareMethod,
+    image_label="Shapley value of the cell",
+    kind="black-box",
+    default=False,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE, MM_SHAP):
     register(_method, replace=True)

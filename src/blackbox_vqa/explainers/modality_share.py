@@ -340,11 +340,16 @@ class ModalityShare:
         self.score = parse_score(score)
         self.progress = progress
 
-    def players(self, image_shape: Sequence[int], question: str) -> int:
-        """Players of an input: ``grid**2`` cells plus the question's words."""
-        cell_edges(int(image_shape[0]), self.grid)
-        cell_edges(int(image_shape[1]), self.grid)
-        return self.grid * self.grid + len(split_words(question))
+    @staticmethod
+    def players_of(image_shape: Sequence[int], question: str, grid: int) -> int:
+        """Players of an input: ``grid**2`` cells plus the question's words; InputError
+        when the image cannot be cut into the grid."""
+        try:
+            cell_edges(int(image_shape[0]), grid)
+            cell_edges(int(image_shape[1]), grid)
+        except InputError as exc:
+            raise InputError(f"mm-shap grid {grid}: {exc}") from exc
+        return grid * grid + len(split_words(question))
 
     def explain(
         self, image: ImageInput, question: str, *, answer: str | None = None
@@ -353,7 +358,7 @@ class ModalityShare:
         question = check_question(self.model, question)
         pixels = to_rgb_array(image).astype(np.float32)
         prepare_model(self.model, pixels, question)
-        players = self.players(pixels.shape, question)
+        players = self.players_of(pixels.shape, question, self.grid)
         if self.sampling == "exhaustive" and players > EXHAUSTIVE_MAX_PLAYERS:
             raise InputError(f"exhaustive sampling walks n! permutations: at most "
                              f"{EXHAUSTIVE_MAX_PLAYERS} players, this input has {players} "

@@ -67,6 +67,10 @@ class MethodSettings:
         ig_steps: integrated gradients: points of the path integral (default 32).
         ig_baseline: integrated gradients: the image baseline, ``black``, ``blur`` or
             ``imagenet-mean`` (words: the padding token's embedding).
+        shap_grid: MM-SHAP: image cells per side (default 4).
+        shap_permutations: MM-SHAP: permutations sampled, even (antithetic pairs;
+            default 32).
+        shap_seed: MM-SHAP: seed of the permutations (default 0).
         extra: settings of methods registered from outside, by name.
     """
 
@@ -80,6 +84,9 @@ class MethodSettings:
     incremental: str = "exact"
     ig_steps: int = 32
     ig_baseline: str = "black"
+    shap_grid: int = 4
+    shap_permutations: int = 32
+    shap_seed: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,6 +100,16 @@ class MethodSettings:
         if isinstance(self.rise_masks, bool) or not isinstance(self.rise_masks, int) \
                 or self.rise_masks < 1:
             raise InputError(f"rise_masks must be a positive integer, got {self.rise_masks!r}")
+        for name in ("shap_grid", "shap_permutations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if self.shap_permutations % 2:
+            raise InputError("shap_permutations must be even (antithetic pairs of a "
+                             f"permutation and its reverse), got {self.shap_permutations}")
+        if isinstance(self.shap_seed, bool) or not isinstance(self.shap_seed, int) \
+                or self.shap_seed < 0:
+            raise InputError(f"shap_seed must be a non-negative integer, got {self.shap_seed!r}")
         if self.incremental not in ("exact", "off"):
             raise InputError(f"incremental must be exact or off, got {self.incremental!r}")
         if self.score not in ("probability", "log-probability"):
