@@ -476,7 +476,8 @@ def modality_share_attribution(result: ModalityShareResult, *,
         "model_calls": result.model_calls,
     }
     stats = {"evaluations": float(result.evaluations),
-             "model_calls": float(result.model_calls)}
+             "model_calls": float(result.model_calls),
+             "t_shap_defined": float(math.isfinite(result.t_shap))}
     for key in ("t_shap", "v_shap", "t_shap_se"):
         value = extras[key]
         if value is not None:
