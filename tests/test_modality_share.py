@@ -87,6 +87,24 @@ def sigmoid(x: np.ndarray) -> float:
     return 1.0 / (1.0 + math.exp(-z))
 
 
+def pairs(x: np.ndarray) -> float:
+    """Single players and pairs only: antithetic sampling is exact on it."""
+    return float(0.1 + 0.3 * x[0] * x[4] + 0.2 * x[1] + 0.1 * x[5] * x[2])
+
+
+PAIRS_PHI = np.array([0.15, 0.2, 0.05, 0.0, 0.15, 0.05])
+
+
+def pairs_model() -> GameModel:
+    """Factory spec ``test_modality_share:pairs_model`` for the CLI tests."""
+    return GameModel(pairs)
+
+
+def image_blind_model() -> GameModel:
+    """Reads only the words."""
+    return GameModel(lambda x: 0.2 + 0.3 * x[4] + 0.4 * x[4] * x[5])
+
+
 def explainer(game: Game, **options: Any) -> tuple[ModalityShare, GameModel]:
     model = GameModel(game)
     return ModalityShare(model, grid=2, baseline=BLACK, **options), model
@@ -150,12 +168,9 @@ def test_sampled_estimates_converge_within_their_standard_errors(sampling: str) 
 
 def test_antithetic_pairs_cancel_pairwise_interactions() -> None:
     """A game of single players and pairs: every antithetic pair gives the exact values."""
-    def pairs(x: np.ndarray) -> float:
-        return float(0.1 + 0.3 * x[0] * x[4] + 0.2 * x[1] + 0.1 * x[5] * x[2])
-
     shap, _ = explainer(pairs, permutations=4, seed=1)
     result = shap.explain(IMAGE, QUESTION)
-    np.testing.assert_allclose(result.phi, [0.15, 0.2, 0.05, 0, 0.15, 0.05], atol=1e-15)
+    np.testing.assert_allclose(result.phi, PAIRS_PHI, atol=1e-15)
     np.testing.assert_allclose(result.phi_se, 0.0, atol=1e-15)
 
 
