@@ -19,7 +19,6 @@ from blackbox_vqa.server.app import create_app
 from blackbox_vqa.text import drop_word, split_words
 from cli_runner import run_cli
 from live_server import uvicorn_server
-
 from test_modality_share import PAIRS_PHI
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
