@@ -40,7 +40,7 @@ from blackbox_vqa.adapters.base import check_model, check_scores, model_name
 from blackbox_vqa.adapters.capabilities import check_question, prepare_model
 from blackbox_vqa.errors import InputError
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
-from blackbox_vqa.explainers.masks import baseline_image, cell_edges, cell_index_map, parse_baseline
+from blackbox_vqa.explainers.masks import baseline_image, cell_edges, grid_boxes, parse_baseline
 from blackbox_vqa.explainers.occlusion import Score, answer_score, parse_score
 from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput, to_rgb_array
@@ -232,23 +232,39 @@ class _Coalitions:
     def __init__(self, model: Any, pixels: NDArray[np.float32], fill: NDArray[np.float32],
                  grid: int, question: str, words: int) -> None:
         self.model, self.pixels, self.fill = model, pixels, fill
-        self.cell_of = cell_index_map(pixels.shape[0], pixels.shape[1], grid)
+        self.boxes = grid_boxes(pixels.shape[0], pixels.shape[1], grid)
         self.cells, self.question, self.words = grid * grid, question, words
         self.scores: dict[int, float] = {}
+        self._questions: dict[bytes, str] = {}
         self.calls = 0
         self.index = -1
         self.score: Score = "probability"
 
+    def present(self, masks: Sequence[int]) -> NDArray[np.bool_]:
+        """``bool [len(masks), players]`` membership of each coalition."""
+        players = self.cells + self.words
+        size = (players + 7) // 8
+        raw = np.frombuffer(b"".join(m.to_bytes(size, "little") for m in masks),
+                            dtype=np.uint8).reshape(len(masks), size)
+        return np.unpackbits(raw, axis=1, bitorder="little")[:, :players].astype(bool)
+
     def inputs(self, masks: Sequence[int]) -> tuple[list[NDArray[np.float32]], list[str]]:
-        images, questions = [], []
-        for mask in masks:
-            present = np.array([(mask >> k) & 1 for k in range(self.cells + self.words)],
-                               dtype=bool)
-            cells = present[: self.cells]
-            images.append(self.pixels if cells.all() else
-                          np.where(cells[self.cell_of][..., None], self.pixels, self.fill))
-            questions.append(keep_words(self.question, list(present[self.cells:])))
-        return images, questions
+        present = self.present(masks)
+        cells = present[:, : self.cells]
+        images = np.empty((len(masks), *self.pixels.shape), dtype=np.float32)
+        images[...] = self.pixels
+        for k, (top, bottom, left, right) in enumerate(self.boxes):
+            absent = np.flatnonzero(~cells[:, k])
+            if absent.size:
+                images[absent, top:bottom, left:right] = self.fill[top:bottom, left:right]
+        questions = []
+        for row in present[:, self.cells:]:
+            key = row.tobytes()
+            text = self._questions.get(key)
+            if text is None:
+                text = self._questions[key] = keep_words(self.question, list(row))
+            questions.append(text)
+        return list(images), questions
 
     def raw(self, masks: Sequence[int]) -> NDArray[np.float64]:
         images, questions = self.inputs(masks)
@@ -268,8 +284,8 @@ def _orders(players: int, permutations: int, sampling: str, seed: int) \
         -> Iterator[list[NDArray[np.int64]]]:
     """The permutations, one sampling unit (a list of orders) at a time."""
     if sampling == "exhaustive":
-        for order in itertools.permutations(range(players)):
-            yield [np.asarray(order, dtype=np.int64)]
+        for walk in itertools.permutations(range(players)):
+            yield [np.asarray(walk, dtype=np.int64)]
         return
     rng = np.random.default_rng(seed)
     if sampling == "antithetic":
@@ -478,9 +494,9 @@ def modality_share_attribution(result: ModalityShareResult, *,
     stats = {"evaluations": float(result.evaluations),
              "model_calls": float(result.model_calls),
              "t_shap_defined": float(math.isfinite(result.t_shap))}
-    for key in ("t_shap", "v_shap", "t_shap_se"):
-        value = extras[key]
-        if value is not None:
+    for key, value in (("t_shap", result.t_shap), ("v_shap", result.v_shap),
+                       ("t_shap_se", result.t_shap_se)):
+        if math.isfinite(value):
             stats[key] = float(value)
     return Attribution(
         method="mm-shap",
