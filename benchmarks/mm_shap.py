@@ -52,7 +52,9 @@ class Recorder:
         return self.model.answer_probs_batch(images, questions)
 
 
-def budget(model: Any, items: list[Any], budgets: list[int], reference: int) -> list[dict[str, Any]]:
+def budget(
+    model: Any, items: list[Any], budgets: list[int], reference: int
+) -> list[dict[str, Any]]:
     rows = []
     inputs = [(load_image(item.image).astype(np.float32), item.question) for item in items]
     truth = [ModalityShare(model, permutations=reference, seed=99).explain(p, q).t_shap
