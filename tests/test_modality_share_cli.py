@@ -249,3 +249,22 @@ def test_bad_settings_are_one_line_exit_2_and_nothing_written(
     assert stderr.startswith("bbvqa: error: ") and stderr.count("\n") == 1
     assert message in stderr
     assert not out.exists()
+
+
+def test_explain_on_an_http_model_prints_the_cost_first_and_keeps_to_it(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "o"
+    with uvicorn_server(create_app(reference_adapter())) as url:
+        code, stdout, stderr = run_cli(["explain", "-m", url, "-i", str(BLUE), "-q", QUESTION,
+                                        "--method", "mm-shap", "--shap-permutations", "4",
+                                        "--out", str(out)])
+    assert code == 0, stderr
+    first = stdout.splitlines()[0]
+    assert first.startswith("mm-shap: at most 82 model inputs (21 players")
+    section = json.loads((out / "explanation.json").read_text())["mm_shap"]
+    assert 2 < section["evaluations"] <= 82
+    local = ModalityShare(reference_adapter(), permutations=4).explain(load_image(BLUE),
+                                                                      QUESTION)
+    np.testing.assert_allclose(np.ravel(section["image"]), local.phi[:16], atol=1e-6)
+    assert section["evaluations"] == local.evaluations
