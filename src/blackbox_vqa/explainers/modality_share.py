@@ -227,18 +227,22 @@ class ModalityShareResult:
 
 class _Coalitions:
     """Scores coalitions of one input (cache, batching); coalitions are Python int
-    bitmasks, bit ``k`` = player ``k`` present."""
+    bitmasks, bit ``k`` = player ``k`` present (cells row-major, then words).
+
+    ``scores`` maps each coalition scored to the value of answer ``index`` (set once the
+    answer is known); ``calls`` counts ``answer_probs_batch`` calls.
+    """
 
     def __init__(self, model: Any, pixels: NDArray[np.float32], fill: NDArray[np.float32],
-                 grid: int, question: str, words: int) -> None:
-        self.model, self.pixels, self.fill = model, pixels, fill
+                 *, grid: int, question: str, score: Score) -> None:
+        self.model, self.pixels, self.fill, self.score = model, pixels, fill, score
         self.boxes = grid_boxes(pixels.shape[0], pixels.shape[1], grid)
-        self.cells, self.question, self.words = grid * grid, question, words
+        self.cells, self.question = grid * grid, question
+        self.words = len(split_words(question))
         self.scores: dict[int, float] = {}
         self._questions: dict[bytes, str] = {}
         self.calls = 0
         self.index = -1
-        self.score: Score = "probability"
 
     def present(self, masks: Sequence[int]) -> NDArray[np.bool_]:
         """``bool [len(masks), players]`` membership of each coalition."""
@@ -381,9 +385,8 @@ class ModalityShare:
                              f"({self.grid}x{self.grid} cells + words)")
         sigma = max(1.0, max(pixels.shape[:2]) / self.grid)
         fill = baseline_image(pixels, self.baseline, blur_sigma=sigma).astype(np.float32)
-        words = len(split_words(question))
-        coalitions = _Coalitions(self.model, pixels, fill, self.grid, question, words)
-        coalitions.score = self.score
+        coalitions = _Coalitions(self.model, pixels, fill, grid=self.grid, question=question,
+                                 score=self.score)
         full = (1 << players) - 1
         planned = modality_share_evaluations(players, self.permutations, self.sampling)
         batch = self.batch_size or auto_batch_size(self.model, pixels.shape, planned)
