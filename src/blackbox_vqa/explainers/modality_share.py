@@ -66,8 +66,8 @@ __all__ = [
 Sampling = Literal["antithetic", "plain", "exhaustive"]
 SAMPLINGS: tuple[str, ...] = ("antithetic", "plain", "exhaustive")
 DEFAULT_GRID = 4
-# 32 permutations (16 antithetic pairs): on the reference model the s.e. of T-SHAP is then
-# about 0.01-0.03 (docs/methods/modality-share.md), for ~21 model inputs per permutation.
+# 32 permutations (16 antithetic pairs): on 20 easy-VQA items the reference model's s.e. of
+# T-SHAP is then 0.028 (median; benchmarks/BENCHMARKS.md), for ~n - 1 inputs a permutation.
 DEFAULT_PERMUTATIONS = 32
 # n! permutations: 8 players are 40320 permutations over 256 coalitions.
 EXHAUSTIVE_MAX_PLAYERS = 8
