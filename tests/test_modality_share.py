@@ -11,6 +11,7 @@ from the subset formula over all 64 coalitions.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -324,3 +325,51 @@ def test_every_coalition_of_the_exhaustive_walk_is_a_real_input() -> None:
     assert found == set(itertools.product([False, True], repeat=6))
     questions = {q for _, q in model.seen}
     assert questions == {"red shape?", "red?", "shape?", "?"}
+
+
+def test_the_evaluation_table_averages_over_items_and_counts_undefined_ones() -> None:
+    from blackbox_vqa.evaluation.runstore import ItemRecord
+    from blackbox_vqa.evaluation.summary import markdown_modality, modality_table
+
+    def record(key: str, stats: dict[str, float]) -> ItemRecord:
+        return ItemRecord(key, {"methods": {"mm-shap": {"stats": stats},
+                                            "occlusion": {"stats": {"evaluations": 9.0}}}})
+
+    records = [
+        record("a", {"t_shap": 0.2, "v_shap": 0.8, "t_shap_se": 0.01, "evaluations": 100.0,
+                     "t_shap_defined": 1.0}),
+        record("b", {"t_shap": 0.6, "v_shap": 0.4, "t_shap_se": 0.03, "evaluations": 120.0,
+                     "t_shap_defined": 1.0}),
+        record("c", {"evaluations": 80.0, "t_shap_defined": 0.0}),  # every phi was 0
+    ]
+    table = modality_table(records, ["occlusion", "mm-shap"])
+    assert list(table["methods"]) == ["mm-shap"]  # occlusion reports no shares
+    entry = table["methods"]["mm-shap"]
+    assert entry["t_shap"] == {"mean": pytest.approx(0.4), "sem": pytest.approx(0.2),
+                               "n": 2, "undefined": 1}
+    assert entry["v_shap"]["mean"] == pytest.approx(0.6)
+    assert entry["t_shap_se"]["mean"] == pytest.approx(0.02)
+    assert entry["evaluations"]["mean"] == pytest.approx(100.0) and entry["evaluations"]["n"] == 3
+    lines = markdown_modality(table)
+    assert "| mm-shap | 0.400 ± 0.200 | 0.600 ± 0.200 | 2 | 1 | 0.020 | 100 |" in lines
+    assert markdown_modality(modality_table(records, ["occlusion"])) == []
+
+
+def test_the_section_reads_back_and_the_report_states_the_shares() -> None:
+    from blackbox_vqa.explain import explain
+    from blackbox_vqa.explainers.registry import method_keys
+    from blackbox_vqa.explanation import Explanation
+    from blackbox_vqa.report.views import model_view
+
+    found = explain(GameModel(pairs), IMAGE, QUESTION, methods="mm-shap", shap_grid=2,
+                    shap_permutations=4, baseline=BLACK)
+    doc = found.to_dict()
+    np.testing.assert_allclose(doc["mm_shap"]["words"], PAIRS_PHI[4:], atol=1e-15)
+    back = Explanation.from_dict(json.loads(json.dumps(doc, allow_nan=False)), method_keys())
+    attribution = back.attribution("mm-shap")
+    assert attribution is not None and attribution.signed
+    assert attribution.extras["t_shap"] == pytest.approx(1 / 3, abs=1e-15)
+    facts = dict(model_view(back).facts)
+    assert facts["mm-shap: T-SHAP (question) / V-SHAP (image)"] == \
+        "0.333 ± 0.000 / 0.667 (4 permutations, " \
+        f"{doc['mm_shap']['evaluations']} model inputs)"
