@@ -165,6 +165,8 @@ def test_compare_reports_each_models_modality_share(white: Path, tmp_path: Path)
         "--baseline", "0,0,0", "--out", str(out)])
     assert code == 0, stderr
     doc = json.loads((out / "comparison.json").read_text())
+    assert {k: doc["settings"][k] for k in ("shap_grid", "shap_permutations", "shap_seed")} \
+        == {"shap_grid": 2, "shap_permutations": 4, "shap_seed": 0}
     shares = {m["spec"]: m["modality_share"] for m in doc["models"]}
     assert shares["test_modality_share:image_blind_model"] == {
         "t_shap": 1.0, "v_shap": 0.0, "t_shap_se": 0.0}

@@ -288,7 +288,11 @@ def _header(settings: Any) -> dict[str, Any]:
         "settings": {"methods": list(settings.methods), "grid": settings.grid,
                      "baseline": settings.baseline, "batch_size": settings.batch_size,
                      "answer": settings.answer, "top_k": settings.k,
-                     "score": settings.shared.score, "metrics": settings.metrics},
+                     "score": settings.shared.score, "metrics": settings.metrics,
+                     **({"shap_grid": settings.shared.shap_grid,
+                         "shap_permutations": settings.shared.shap_permutations,
+                         "shap_seed": settings.shared.shap_seed}
+                        if "mm-shap" in settings.methods else {})},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }
