@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 
 from blackbox_vqa.errors import InputError, ModelOutputError
-from blackbox_vqa.explainers.modality_share import (
-    ModalityShare,
+from blackbox_vqa.explainers.modality_share import ModalityShare, modality_share_attribution
+from blackbox_vqa.explainers.shapley import (
     exact_shapley,
     modality_share,
-    modality_share_attribution,
     modality_share_evaluations,
     permutation_marginals,
+    permutation_units,
+    prefix_masks,
     t_shap_standard_error,
     unit_estimate,
 )
@@ -272,6 +273,11 @@ def test_pure_functions() -> None:
     assert phi[0] == pytest.approx(1.0) and phi[1] == pytest.approx(1.0)
     assert t_shap_standard_error(units, 1) == pytest.approx(expected, rel=1e-12)
     assert math.isnan(t_shap_standard_error(units[:1], 1))
+    assert prefix_masks(np.array([2, 0, 1])) == [0b000, 0b100, 0b101, 0b111]
+    units = list(permutation_units(4, 6, "antithetic", 0))
+    assert len(units) == 3 and all(np.array_equal(b, a[::-1]) for a, b in units)
+    assert len(list(permutation_units(4, 6, "plain", 0))) == 6
+    assert len(list(permutation_units(4, 1, "exhaustive", 0))) == 24
     assert modality_share_evaluations(22, 32, "antithetic") == 2 + 32 * 21
     assert modality_share_evaluations(6, 100, "plain") == 64
     assert modality_share_evaluations(6, 1, "exhaustive") == 64

@@ -146,7 +146,8 @@ def _print_cost(pixels: Any, question: str, grid: int, window: Any, stride: Any)
 
 def _print_shap_cost(pixels: Any, question: str, settings: Any) -> None:
     """Print how many inputs MM-SHAP scores at most (each distinct coalition once)."""
-    from blackbox_vqa.explainers.modality_share import ModalityShare, modality_share_evaluations
+    from blackbox_vqa.explainers.modality_share import ModalityShare
+    from blackbox_vqa.explainers.shapley import modality_share_evaluations
     from blackbox_vqa.text import split_words
 
     grid, permutations = settings.shap_grid, settings.shap_permutations

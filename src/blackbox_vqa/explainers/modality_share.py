@@ -27,9 +27,8 @@ sent in batches of whole permutations where the batch size allows.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -42,6 +41,17 @@ from blackbox_vqa.errors import InputError
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import baseline_image, cell_edges, grid_boxes, parse_baseline
 from blackbox_vqa.explainers.occlusion import Score, answer_score, parse_score
+from blackbox_vqa.explainers.shapley import (
+    EXHAUSTIVE_MAX_PLAYERS,
+    SAMPLINGS,
+    modality_share,
+    modality_share_evaluations,
+    permutation_marginals,
+    permutation_units,
+    prefix_masks,
+    t_shap_standard_error,
+    unit_estimate,
+)
 from blackbox_vqa.explanation import Attribution
 from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import keep_words, split_words
@@ -49,112 +59,19 @@ from blackbox_vqa.text import keep_words, split_words
 __all__ = [
     "DEFAULT_GRID",
     "DEFAULT_PERMUTATIONS",
-    "EXHAUSTIVE_MAX_PLAYERS",
-    "SAMPLINGS",
     "ModalityShare",
     "ModalityShareResult",
     "Sampling",
-    "exact_shapley",
-    "modality_share",
     "modality_share_attribution",
-    "modality_share_evaluations",
-    "permutation_marginals",
-    "t_shap_standard_error",
-    "unit_estimate",
 ]
 
 Sampling = Literal["antithetic", "plain", "exhaustive"]
-SAMPLINGS: tuple[str, ...] = ("antithetic", "plain", "exhaustive")
 DEFAULT_GRID = 4
 # 32 permutations (16 antithetic pairs): on 20 easy-VQA items the reference model's s.e. of
 # T-SHAP is then 0.028 (median; benchmarks/BENCHMARKS.md), for ~n - 1 inputs a permutation.
 DEFAULT_PERMUTATIONS = 32
-# n! permutations: 8 players are 40320 permutations over 256 coalitions.
-EXHAUSTIVE_MAX_PLAYERS = 8
 
 ProgressCallback = Callable[[int, int], None]
-ValueFunction = Callable[[NDArray[np.bool_]], float]
-
-
-def permutation_marginals(
-    order: NDArray[np.int64], prefix_values: NDArray[np.float64]
-) -> NDArray[np.float64]:
-    """Marginal contributions ``[n]`` of one permutation: player ``order[k]`` gets
-    ``prefix_values[k + 1] - prefix_values[k]``, where ``prefix_values[k]`` (``[n + 1]``) is
-    the value of the first ``k`` players of ``order``."""
-    out = np.empty(order.size, dtype=np.float64)
-    out[order] = np.diff(prefix_values)
-    return out
-
-
-def exact_shapley(value: ValueFunction, n: int) -> NDArray[np.float64]:
-    """Shapley values ``[n]`` by the subset formula over all ``2**n`` coalitions:
-    ``phi_i = sum_S |S|! (n - |S| - 1)! / n! (v(S + i) - v(S))``; ``value`` takes a
-    ``bool [n]`` membership mask. For checks on small ``n`` (at most 16)."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
-        raise InputError(f"n must be an integer in [1, 16], got {n!r}")
-    masks = ((np.arange(2**n)[:, None] >> np.arange(n)[None, :]) & 1).astype(bool)
-    values = np.array([value(mask) for mask in masks], dtype=np.float64)
-    sizes = masks.sum(axis=1)
-    weight = np.array([math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n)
-                       if s < n else 0.0 for s in sizes])
-    phi = np.zeros(n, dtype=np.float64)
-    index = np.arange(2**n)
-    for i in range(n):
-        without = ~masks[:, i]
-        phi[i] = float(np.sum(weight[without] * (values[index[without] | (1 << i)]
-                                                 - values[without])))
-    return phi
-
-
-def unit_estimate(units: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """Mean ``[n]`` of the units' Shapley vectors ``[U, n]`` and its standard error
-    (``std(ddof=1) / sqrt(U)``; NaN with one unit)."""
-    values = np.asarray(units, dtype=np.float64)
-    mean = values.mean(axis=0)
-    if values.shape[0] < 2:
-        return mean, np.full(values.shape[1], np.nan)
-    return mean, values.std(axis=0, ddof=1) / math.sqrt(values.shape[0])
-
-
-def modality_share(phi: NDArray[np.float64], cells: int) -> tuple[float, float]:
-    """``(T-SHAP, V-SHAP)`` of Shapley values ``phi`` whose first ``cells`` entries are image
-    cells and the rest words; ``(nan, nan)`` when every value is 0."""
-    values = np.abs(np.asarray(phi, dtype=np.float64))
-    image, words = float(values[:cells].sum()), float(values[cells:].sum())
-    total = image + words
-    if total == 0.0:
-        return math.nan, math.nan
-    text = words / total
-    return text, 1.0 - text
-
-
-def t_shap_standard_error(units: NDArray[np.float64], cells: int) -> float:
-    """Delta-method standard error of T-SHAP from the units' Shapley vectors ``[U, n]``:
-    the s.e. of ``grad T(phi_mean) . phi_u`` over the units (NaN with one unit or when
-    T-SHAP is undefined)."""
-    values = np.asarray(units, dtype=np.float64)
-    if values.shape[0] < 2:
-        return math.nan
-    phi = values.mean(axis=0)
-    image, words = float(np.abs(phi[:cells]).sum()), float(np.abs(phi[cells:]).sum())
-    total = image + words
-    if total == 0.0:
-        return math.nan
-    gradient = np.sign(phi)
-    gradient[:cells] *= -words / total**2
-    gradient[cells:] *= image / total**2
-    projected = values @ gradient
-    return float(projected.std(ddof=1) / math.sqrt(values.shape[0]))
-
-
-def modality_share_evaluations(players: int, permutations: int, sampling: str) -> int:
-    """Inputs scored at most: ``2 + permutations * (players - 1)`` (each permutation's
-    inner prefixes, plus the whole input and the empty coalition), or ``2**players``
-    when that is smaller (each coalition is scored once); exhaustive: ``2**players``."""
-    if sampling == "exhaustive":
-        return 2**players
-    return min(2 + permutations * max(players - 1, 0), 2**players)
 
 
 @dataclass(frozen=True)
@@ -284,31 +201,6 @@ class _Coalitions:
             self.scores.update(zip(chunk, values.tolist(), strict=True))
 
 
-def _orders(players: int, permutations: int, sampling: str, seed: int) \
-        -> Iterator[list[NDArray[np.int64]]]:
-    """The permutations, one sampling unit (a list of orders) at a time."""
-    if sampling == "exhaustive":
-        for walk in itertools.permutations(range(players)):
-            yield [np.asarray(walk, dtype=np.int64)]
-        return
-    rng = np.random.default_rng(seed)
-    if sampling == "antithetic":
-        for _ in range(permutations // 2):
-            order = rng.permutation(players).astype(np.int64)
-            yield [order, order[::-1].copy()]
-        return
-    for _ in range(permutations):
-        yield [rng.permutation(players).astype(np.int64)]
-
-
-def _prefixes(order: NDArray[np.int64]) -> list[int]:
-    masks, mask = [0], 0
-    for player in order.tolist():
-        mask |= 1 << player
-        masks.append(mask)
-    return masks
-
-
 class ModalityShare:
     """MM-SHAP explainer for any object with the model protocol.
 
@@ -434,7 +326,7 @@ class ModalityShare:
             coalitions.score_all(list(wanted), batch)
             for unit in pending:
                 marginals = [permutation_marginals(order, np.array(
-                    [coalitions.scores[m] for m in _prefixes(order)])) for order in unit]
+                    [coalitions.scores[m] for m in prefix_masks(order)])) for order in unit]
                 rows.append(np.mean(marginals, axis=0))
                 done += len(unit)
             pending.clear()
@@ -442,8 +334,8 @@ class ModalityShare:
             if self.progress is not None:
                 self.progress(done, total)
 
-        for unit in _orders(players, self.permutations, self.sampling, self.seed):
-            new = [m for order in unit for m in _prefixes(order)
+        for unit in permutation_units(players, self.permutations, self.sampling, self.seed):
+            new = [m for order in unit for m in prefix_masks(order)
                    if m not in coalitions.scores and m not in wanted]
             if wanted and len(wanted) + len(new) > batch:
                 flush()
