@@ -270,3 +270,16 @@ def test_explain_on_an_http_model_prints_the_cost_first_and_keeps_to_it(
                                                                       QUESTION)
     np.testing.assert_allclose(np.ravel(section["image"]), local.phi[:16], atol=1e-6)
     assert section["evaluations"] == local.evaluations
+
+
+def test_a_run_without_mm_shap_continues_whatever_the_shap_options_say(tmp_path: Path) -> None:
+    out = tmp_path / "e"
+    base = ["evaluate", "--dataset", "easyvqa:test", "--limit", "1", "--methods", "occlusion",
+            "--grid", "2", "--out", str(out)]
+    code, _, stderr = run_cli(base)
+    assert code == 0, stderr
+    settings = json.loads((out / "settings.json").read_text())
+    assert not any(key.startswith("shap_") for key in settings)
+    code, _, stderr = run_cli([*base, "--shap-permutations", "4"])
+    assert code == 0, stderr
+    assert "1 stored earlier, 0 to evaluate" in stderr

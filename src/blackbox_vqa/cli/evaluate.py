@@ -130,7 +130,7 @@ def evaluate_command(
         "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
         "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
         "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
-        **asdict(method_options), "sanity": sanity,
+        **_method_settings(asdict(method_options), method_names), "sanity": sanity,
     }
     config = EvalConfig(model=spec, methods=method_names,
                         options=method_options.settings(grid=grid, baseline=baseline,
@@ -143,6 +143,14 @@ def evaluate_command(
         run = _run(store, chosen, config, run_on)
         records = list(store.records([item.key for item in chosen]))
     _report(out, records, settings, listing.skipped, pos_tagger, folds, run)
+
+
+def _method_settings(options: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """The method options a run records: MM-SHAP's only when it runs (a run without it
+    continues whatever ``--shap-*`` says, and runs from before it existed too)."""
+    if "mm-shap" in methods:
+        return options
+    return {key: value for key, value in options.items() if not key.startswith("shap_")}
 
 
 def _check_numbers(
