@@ -283,3 +283,22 @@ def test_a_run_without_mm_shap_continues_whatever_the_shap_options_say(tmp_path:
     code, _, stderr = run_cli([*base, "--shap-permutations", "4"])
     assert code == 0, stderr
     assert "1 stored earlier, 0 to evaluate" in stderr
+
+
+def test_the_shared_options_reach_mm_shap(white: Path, tmp_path: Path) -> None:
+    """--score, --baseline, --batch-size and --answer are MM-SHAP's too."""
+    out = tmp_path / "o"
+    code, _, stderr = run_cli(game_args(white, out, "--shap-permutations", "2", "--score",
+                                        "log-probability", "--batch-size", "3", "--answer",
+                                        "no"))
+    assert code == 0, stderr
+    section = json.loads((out / "explanation.json").read_text())["mm_shap"]
+    assert section["settings"]["score"] == "log-probability"
+    assert section["settings"]["batch_size"] == 3 and section["settings"]["baseline"] == "rgb"
+    # the whole input: every player present, p(yes) = 0.1 + 0.3 + 0.2 + 0.1 = 0.7
+    assert section["value_all"] == pytest.approx(np.log(0.3), abs=1e-15)
+    assert section["value_none"] == pytest.approx(np.log(0.9), abs=1e-15)
+    assert sum(np.ravel(section["image"])) + sum(section["words"]) == pytest.approx(
+        np.log(0.3) - np.log(0.9), abs=1e-12)
+    doc = json.loads((out / "explanation.json").read_text())
+    assert doc["answer"] == "no"
