@@ -414,24 +414,23 @@ def test_classifier_refuses_candidates(vilt_dir: Path, answers_file: Path) -> No
         HfAdapter.from_pretrained(vilt_dir, answers_file=answers_file)
 
 
-# -- README --------------------------------------------------------------------------------
+# -- docs --------------------------------------------------------------------------------
 
 
-def test_readme_python_example_runs(
+def test_docs_python_example_runs(
     vilt_dir: Path, blip_dir: Path, answers_file: Path, tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from PIL import Image
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Hugging Face models", 1)[1].split("\n## ", 1)[0]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    page = Path(__file__).resolve().parents[1] / "docs" / "models" / "hf.md"
+    code = page.read_text(encoding="utf-8").split("```python\n", 1)[1].split("```", 1)[0]
     photo = tmp_path / "photo.png"
     Image.fromarray(_image(48, 64)).save(photo)
     for old, new in (("vilt-b32-finetuned-vqa", vilt_dir), ("blip-vqa-base", blip_dir),
                      ("answers.txt", answers_file), ("photo.jpg", photo)):
         code = code.replace(f'"{old}"', repr(str(new)))
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/models/hf.md", "exec"), {})
     assert "what" in capsys.readouterr().out
 
 

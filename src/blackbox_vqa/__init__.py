@@ -21,12 +21,23 @@ from blackbox_vqa.errors import (
     QuestionError,
 )
 from blackbox_vqa.explainers.occlusion import Occlusion, OcclusionResult
+from blackbox_vqa.explanation import Explanation, set_html_renderer
 from blackbox_vqa.text import WordTokenizer
 
 if TYPE_CHECKING:
     from blackbox_vqa.adapters.torch.module import TorchAdapter
 
 from blackbox_vqa.version import __version__
+
+
+def _explanation_html(explanation: Explanation) -> str:
+    # The report (matplotlib, Jinja2) loads on the first display, not on import.
+    from blackbox_vqa.report.notebook import explanation_html
+
+    return explanation_html(explanation)
+
+
+set_html_renderer(_explanation_html)
 
 
 def __getattr__(name: str) -> Any:

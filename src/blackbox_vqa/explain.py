@@ -164,6 +164,7 @@ class Explainer:
             answers=answers,
             scores=scores,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            pixels=pixels,
         )
 
 

@@ -4,7 +4,7 @@ An :class:`Attribution` is what one method found (an image map, a word map, and 
 method's own JSON keys); an :class:`Explanation` holds the model's answer on one input and
 one attribution per method that ran, plus the methods that could not run and why. This
 module is the only place that turns them into the document (schema
-``blackbox_vqa.explanation/1``, see the README) and reads them back.
+``blackbox_vqa.explanation/1``, see docs/concepts/explanation-json.md) and reads them back.
 
 Each method's section of the document is ``{**attribution.extras, "image": image_map,
 "words": word_map}`` under the method's JSON key (``occlusion``, ``guided_backprop``...);
@@ -13,7 +13,7 @@ a method that could not run has ``{"available": false, "reason": ...}`` there.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "Attribution",
     "Explanation",
     "Unavailable",
+    "set_html_renderer",
     "top_answers",
 ]
 
@@ -121,6 +122,8 @@ class Explanation:
         answers, scores: the model's whole vocabulary and scores ``[A]`` (empty when
             read back from a document, which keeps only the top answers).
         created, version: when and by which version it was made.
+        pixels: the image as explained, ``H x W x 3`` (0-255), for display only: never
+            written to the document (None when read back from one).
     """
 
     model: str
@@ -139,6 +142,11 @@ class Explanation:
     scores: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     created: str = ""
     version: str = __version__
+    pixels: NDArray[Any] | None = field(default=None, compare=False, repr=False)
+
+    def _repr_html_(self) -> str | None:
+        """Jupyter's rich display: the report's model card (see :func:`set_html_renderer`)."""
+        return None if _html_renderer is None else _html_renderer(self)
 
     def attribution(self, method: str) -> Attribution | None:
         """The attribution of ``method`` (registry name), or None when it did not run."""
@@ -261,3 +269,17 @@ def _attribution(
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+_html_renderer: Callable[[Explanation], str] | None = None
+
+
+def set_html_renderer(renderer: Callable[[Explanation], str] | None) -> None:
+    """Make ``renderer(explanation) -> HTML`` what :meth:`Explanation._repr_html_` shows.
+
+    The report layer renders explanations, and sits above this module; the package root
+    installs :func:`blackbox_vqa.report.notebook.explanation_html` here, so that every
+    explanation displays as its report card in Jupyter without this module importing it.
+    """
+    global _html_renderer
+    _html_renderer = renderer

@@ -140,15 +140,16 @@ class Occlusion:
     Args:
         model: the model (``answers``, ``answer_probs_batch``).
         grid: cells per side of the lattice (default 16, the paper's).
-        window, stride: sliding-window mode instead of the grid: patch size and step in
-            pixels (``stride`` defaults to ``window``); importance of a pixel is the mean
-            over the windows covering it.
+        window: sliding-window mode instead of the grid: patch size in pixels; importance
+            of a pixel is the mean over the windows covering it.
+        stride: sliding-window step in pixels (default: ``window``).
         baseline: ``"imagenet-mean"`` (default), ``"black"``, ``"blur"``, ``"R,G,B"`` or an
             RGB tuple on the 0-255 scale.
         blur_sigma: Gaussian sigma in pixels for ``"blur"`` (default: the cell size).
         batch_size: ``"auto"`` or a positive int.
         memory_budget: bytes the automatic batch size may plan for.
-        image, words: which parts to occlude.
+        image: whether to occlude image cells.
+        words: whether to drop question words.
         progress: called as ``progress(done, total)`` after each batch.
         score: ``"probability"`` (default, the paper's) or ``"log-probability"``: the
             importances compare the answer's score or its natural log (a saturated model,

@@ -12,7 +12,7 @@ occlusion baseline's grey, half in random colours) on their background, and the 
 uses label smoothing 0.1. Without them the model was saturated (p = 0.9995) and took a
 grey occlusion patch on the flat background for a new shape, so grey-fill occlusion maps
 were at chance against the shape (rank correlation 0.002 on 300 test items); with them
-that correlation is 0.52 at 100% test accuracy (README, "The reference model").
+that correlation is 0.52 at 100% test accuracy (docs/models/easyvqa.md).
 
 Everything random is drawn from the seed: weight initialisation and dropout
 (``torch.manual_seed``), question order and flips (a NumPy generator), distractors (a

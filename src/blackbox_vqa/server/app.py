@@ -1,6 +1,6 @@
 """The FastAPI app that puts any object with the model protocol behind the wire protocol.
 
-Endpoints (see the README for the full protocol): ``GET /v1/health``, ``GET /v1/info``
+Endpoints (docs/protocol.md has the full protocol): ``GET /v1/health``, ``GET /v1/info``
 and ``POST /v1/answer_probs``; the OpenAPI schema at ``/openapi.json``, its browsable
 form at ``/docs``. Every 4xx/5xx answer has the body
 ``{"error": {"status", "code", "message"}}``.

@@ -188,11 +188,15 @@ class OnnxAdapter(BaseAdapter):
         path: the ``.onnx`` file.
         answers: answer vocabulary (default: from the file's metadata).
         tokenizer: ``tokenizer(question) -> list[int]`` (default: from the metadata).
-        image_size, mean, std: preprocessing (default: the metadata; without metadata the
-            graph's static input size and ImageNet's mean and std).
+        image_size: model input size (default: the metadata; without metadata the graph's
+            static input size).
+        mean: normalisation mean on the 0-1 scale (default: the metadata, else ImageNet's).
+        std: normalisation std on the 0-1 scale (default: the metadata, else ImageNet's).
         output: ``"softmax"``, ``"sigmoid"`` or ``"probs"`` (default: metadata, else
             ``"softmax"``).
-        image_input, tokens_input, output_name: tensor names (default: chosen by type).
+        image_input: name of the image input tensor (default: chosen by type).
+        tokens_input: name of the token input tensor (default: chosen by type).
+        output_name: name of the score output (default: the only one).
         threads: intra-op threads (default: ONNX Runtime's).
         providers: execution providers (default: :func:`default_providers`).
         name: display name.

@@ -99,7 +99,8 @@ class TorchAdapter(BaseAdapter, IncrementalScoring):
             it has an ``unknown_words(question)`` method, questions made only of unknown
             words are refused.
         image_size: ``(H, W)`` the module expects (or one int for square images).
-        mean, std: per-channel normalisation on the 0-1 scale.
+        mean: per-channel normalisation mean on the 0-1 scale.
+        std: per-channel normalisation standard deviation on the 0-1 scale.
         output: ``"softmax"``, ``"sigmoid"`` or ``"probs"`` (logits already probabilities).
         device: torch device; default CUDA when available, else CPU.
         name: display name.
