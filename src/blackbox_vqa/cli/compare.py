@@ -283,7 +283,8 @@ def _header(settings: Any) -> dict[str, Any]:
         "settings": {"methods": list(settings.methods), "grid": settings.grid,
                      "baseline": settings.baseline, "batch_size": settings.batch_size,
                      "answer": settings.answer, "top_k": settings.k,
-                     "score": settings.shared.score, "metrics": settings.metrics},
+                     "score": settings.shared.score, "metrics": settings.metrics,
+                     **settings.shared.recorded(settings.methods)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }
@@ -446,19 +447,25 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
                  folder: Path) -> None:
     from rich.table import Table
 
-    from blackbox_vqa.comparison import best_shared_answer, top_words
+    from blackbox_vqa.comparison import best_shared_answer, modality_share, top_words
 
     console = _console()
     ok = [run for run in runs if run.explanation is not None]
     differ = len({frozenset(run.answers) for run in ok}) > 1 and len(shared) > 0
+    shares = any(modality_share(run) is not None for run in runs)
     table = Table(title="models")
     for column in ("model", "answer", "probability", "top words", "flips", "time"):
         table.add_column(column, justify="right" if column in ("probability", "time") else
                          "left")
+    if shares:
+        table.add_column("T-SHAP / V-SHAP (mm-shap)")
     if differ:
         table.add_column(f"best of {len(shared)} shared answers")
     for run in runs:
-        table.add_row(*_row(run, differ, best_shared_answer(run, shared), top_words(run)))
+        row = _row(run, differ, best_shared_answer(run, shared), top_words(run))
+        if shares:
+            row.insert(6, _share_cell(modality_share(run)))
+        table.add_row(*row)
     console.print(table)
     if len({frozenset(run.answers) for run in ok}) > 1:
         sizes = ", ".join(f"{run.spec} {len(run.answers)}" for run in ok)
@@ -500,6 +507,16 @@ def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) 
     return cells
 
 
+def _share_cell(share: Any) -> Any:
+    """``T-SHAP ± s.e. / V-SHAP`` of one run (``n/a`` when MM-SHAP did not run)."""
+    from rich.text import Text
+
+    if share is None or share["t_shap"] is None:
+        return Text("n/a" if share is None else "undefined")
+    se = "" if share["t_shap_se"] is None else f" ± {share['t_shap_se']:.3f}"
+    return Text(f"{share['t_shap']:.3f}{se} / {share['v_shap']:.3f}")
+
+
 def _text(value: object) -> Any:
     """Text from outside (labels, answers, messages) as a Rich Text, control characters
     escaped."""
@@ -533,13 +550,21 @@ def _print_dataset(summary: dict[str, Any], folder: Path) -> None:
 
     console = _console()
     table = Table(title=f"models ({summary['items']} items)")
+    shares = any("modality_share" in entry for entry in summary["models"].values())
     for column in ("model", "accuracy", "judged", "failed", "human attention (rank corr)"):
         table.add_column(column)
+    if shares:
+        table.add_column("T-SHAP (mm-shap, mean ± s.e.)")
     for spec, entry in summary["models"].items():
         human = ", ".join(f"{method} {_fmt(est['mean'])} ± {_fmt(est['sem'])}"
                           for method, est in entry["human_attention"].items())
-        table.add_row(_text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
-                      Text(str(entry["failed"])), Text(human or "n/a"))
+        row = [_text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
+               Text(str(entry["failed"])), Text(human or "n/a")]
+        if shares:
+            share = (entry.get("modality_share") or {}).get("t_shap")
+            row.append(Text("n/a" if share is None else
+                            f"{_fmt(share['mean'])} ± {_fmt(share['sem'])}"))
+        table.add_row(*row)
     console.print(table)
     if summary["agreement"]:
         agreement = Table(title="mean agreement between models")

@@ -97,7 +97,7 @@ def evaluate_command(
     from blackbox_vqa.evaluation.pos import load_tagger
     from blackbox_vqa.evaluation.runner import EvalConfig
     from blackbox_vqa.evaluation.runstore import RunStore
-    from blackbox_vqa.explainers.registry import all_setting_specs, parse_methods
+    from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.specs import spec_kind
 
     _check_numbers(limit=limit, workers=workers, threads=threads, folds=folds)
@@ -125,8 +125,7 @@ def evaluate_command(
         "limit": limit, "seed": seed, "grid": options.grid,
         "baseline": options.baseline.strip().lower(), "map_size": MAP_SIZE,
         "items": len(chosen), "threads": threads, "score": options.score,
-        **{spec.flag.replace("-", "_"): getattr(options.of(spec.method), spec.name)
-           for spec in all_setting_specs()},
+        **method_options.recorded(method_names),
         "metrics": method_options.metrics, "sanity": sanity,
         **({"window": list(options.window)} if options.window else {}),
         **({"stride": list(options.stride)} if options.stride else {}),

@@ -28,7 +28,7 @@ from blackbox_vqa.errors import GradientUnavailableError
 if TYPE_CHECKING:
     from blackbox_vqa.explanation import Attribution, Explanation
 
-__all__ = ["explain_command", "metric_lines", "terminal_text"]
+__all__ = ["explain_command", "metric_lines", "modality_line", "terminal_text"]
 
 MARKER = "explanation.json"
 
@@ -55,8 +55,8 @@ def explain_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print explanation.json to "
                                           "stdout.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print how many model calls "
-                                          "(HTTP requests at most) occlusion needs, and "
-                                          "exit.")] = False,
+                                          "(HTTP requests at most) occlusion and mm-shap "
+                                          "need, and exit.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
@@ -75,8 +75,12 @@ def explain_command(
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
-    if dry_run or ("occlusion" in names and _is_http(model) and not as_json):
-        _print_cost(pixels, question, options.grid, options.window, options.stride)
+    costly = {"occlusion", "mm-shap"} & set(names)
+    if dry_run or (costly and _is_http(model) and not as_json):
+        if "occlusion" in names or "mm-shap" not in names:
+            _print_cost(pixels, question, options.grid, options.window, options.stride)
+        if "mm-shap" in names:
+            _print_shap_cost(pixels, question, settings)
         if dry_run:
             return
     folder = out if out is not None else new_output_dir(
@@ -118,6 +122,25 @@ def _print_cost(pixels: Any, question: str, grid: int, window: Any, stride: Any)
     line = (f"occlusion: {count} model inputs (1 original + {cells} cells of the {what} + "
             f"{words} words); an endpoint that takes one input per request gets at most "
             f"{count} requests")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _print_shap_cost(pixels: Any, question: str, settings: Any) -> None:
+    """Print how many inputs MM-SHAP scores at most (each distinct coalition once)."""
+    from blackbox_vqa.explainers.modality_share import ModalityShare
+    from blackbox_vqa.explainers.shapley import modality_share_evaluations
+    from blackbox_vqa.text import split_words
+
+    own = settings.of("mm-shap")
+    grid, permutations = own.shap_grid, own.shap_permutations
+    words = len(split_words(question))
+    players = ModalityShare.players_of(pixels.shape, question, grid)
+    count = modality_share_evaluations(players, permutations, "antithetic")
+    line = (f"mm-shap: at most {count} model inputs ({players} players: {grid}x{grid} cells "
+            f"+ {words} words; {permutations} permutations of {players - 1} new coalitions "
+            f"each + the whole input + the empty one, each coalition scored once); an "
+            f"endpoint that takes one input per request gets at most {count} requests")
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -275,6 +298,9 @@ def _print(console: Any, found: Explanation) -> None:
             _print_occlusion(console, attribution)
         elif attribution.key in ("guided_backprop", "gradient"):
             _print_gradient(console, attribution)
+        elif attribution.key == "mm_shap":
+            console.print(modality_line(attribution))
+            _print_generic(console, attribution)
         else:
             _print_generic(console, attribution)
     for name, gone in found.unavailable.items():
@@ -307,6 +333,19 @@ def _print_occlusion(console: Any, occlusion: Attribution) -> None:
         f"answer flips: {flips['image']}/{flips['image_total']} patches, "
         f"{flips['words']}/{flips['words_total']} words"
     )
+
+
+def modality_line(found: Attribution) -> str:
+    """MM-SHAP's line: T-SHAP +- s.e., V-SHAP, the budget and the model inputs scored."""
+    extras = found.extras
+    t_shap, se = extras.get("t_shap"), extras.get("t_shap_se")
+    if t_shap is None:
+        share = "T-SHAP undefined (every Shapley value is 0)"
+    else:
+        share = (f"T-SHAP {t_shap:.3f}" + ("" if se is None else f" ± {se:.3f}")
+                 + f" (question), V-SHAP {extras['v_shap']:.3f} (image)")
+    return (f"{found.method}: {share}; {extras.get('permutations_walked')} permutations, "
+            f"{extras.get('evaluations')} model inputs in {extras.get('model_calls')} calls")
 
 
 def _print_gradient(console: Any, found: Attribution) -> None:

@@ -15,7 +15,7 @@ the :class:`~blackbox_vqa.explainers.registry.MethodSettings` of the run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -51,6 +51,16 @@ class MethodOptions:
         return MethodSettings.create(grid=self.grid, window=self.window, stride=self.stride,
                                      baseline=self.baseline, batch_size=self.batch_size,
                                      score=self.score, **self.own)
+
+    def recorded(self, methods: Sequence[str]) -> dict[str, Any]:
+        """The own settings of ``methods`` as a run records them, by option name
+        (``masks``, ``ig_steps``...); those of methods that do not run are left out, so a
+        run continues whatever their options say."""
+        from blackbox_vqa.explainers.registry import all_setting_specs
+
+        settings = self.settings()
+        return {spec.flag.replace("-", "_"): getattr(settings.of(spec.method), spec.name)
+                for spec in all_setting_specs() if spec.method in methods}
 
 
 def method_help(what: str) -> str:

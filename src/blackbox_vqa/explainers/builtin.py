@@ -1,5 +1,5 @@
 """Registry entries of the built-in methods: occlusion, guided backpropagation, gradients,
-integrated gradients and RISE, each with the settings it declares.
+integrated gradients, RISE and MM-SHAP, each with the settings it declares.
 
 Each entry binds lazily: nothing here imports torch until a gradient method is bound. A
 bound method returns its :class:`Attribution`; the library call times it and checks its key
@@ -26,9 +26,11 @@ __all__ = [
     "GRADIENT",
     "GUIDED_BACKPROP",
     "INTEGRATED_GRADIENTS",
+    "MM_SHAP",
     "OCCLUSION",
     "RISE",
     "IntegratedGradientsSettings",
+    "ModalityShareSettings",
     "OcclusionSettings",
     "RiseSettings",
 ]
@@ -67,6 +69,27 @@ class IntegratedGradientsSettings:
 
     def __post_init__(self) -> None:
         positive_int("ig_steps", self.ig_steps)
+
+
+@dataclass(frozen=True)
+class ModalityShareSettings:
+    """MM-SHAP's own settings (the cells' fill, batch size and score are shared)."""
+
+    shap_grid: int = setting(4, help="MM-SHAP: image cells per side (the image players).")
+    shap_permutations: int = setting(
+        32, help="MM-SHAP: permutations sampled (even: antithetic pairs); about one model "
+        "input per player per permutation.")
+    shap_seed: int = setting(0, help="MM-SHAP: seed of the permutations.")
+
+    def __post_init__(self) -> None:
+        positive_int("shap_grid", self.shap_grid)
+        positive_int("shap_permutations", self.shap_permutations)
+        if self.shap_permutations % 2:
+            raise InputError("shap_permutations must be even (antithetic pairs of a "
+                             f"permutation and its reverse), got {self.shap_permutations}")
+        if isinstance(self.shap_seed, bool) or not isinstance(self.shap_seed, int) \
+                or self.shap_seed < 0:
+            raise InputError(f"shap_seed must be a non-negative integer, got {self.shap_seed!r}")
 
 
 class _OcclusionMethod:
@@ -183,6 +206,31 @@ class _RiseMethod:
         return rise_attribution(result)
 
 
+class _ModalityShareMethod:
+    """MM-SHAP bound to one model (see :mod:`blackbox_vqa.explainers.modality_share`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        self.model = context.model
+        self.settings = context.settings
+        self._explainer(None)  # validates the settings now
+
+    def _explainer(self, progress: Any) -> Any:
+        from blackbox_vqa.explainers.modality_share import ModalityShare
+
+        s, own = self.settings, self.settings.of("mm-shap")
+        return ModalityShare(self.model, grid=own.shap_grid,
+                             permutations=own.shap_permutations, seed=own.shap_seed,
+                             baseline=s.baseline, batch_size=s.batch_size, score=s.score,
+                             progress=progress)
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.modality_share import modality_share_attribution
+
+        result = self._explainer(request.progress).explain(
+            request.image, request.question, answer=request.answer)
+        return modality_share_attribution(result)
+
+
 OCCLUSION = Method(
     name="occlusion",
     key="occlusion",
@@ -246,5 +294,18 @@ RISE = Method(
     settings=RiseSettings,
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE):
+MM_SHAP = Method(
+    name="mm-shap",
+    key="mm_shap",
+    signed=True,
+    help="MM-SHAP (Parcalabescu & Frank 2023): Shapley values of image cells and question "
+    "words by sampled permutations; T-SHAP / V-SHAP: the question's / image's share",
+    bind=_ModalityShareMethod,
+    image_label="Shapley value of the cell",
+    kind="black-box",
+    default=False,
+    settings=ModalityShareSettings,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE, MM_SHAP):
     register(_method, replace=True)
