@@ -166,8 +166,8 @@ def test_explain_equals_the_explainers_and_reads_back_from_json() -> None:
 
 def test_explain_records_unavailable_methods_and_refuses_unknown_settings() -> None:
     found = explain(BrightnessModel(), _square(), QUESTION, methods="all", grid=2,
-                    rise_masks=16)
-    assert set(found.attributions) == {"occlusion", "rise"}  # the black-box methods
+                    rise_masks=16, shap_permutations=2)
+    assert set(found.attributions) == {"occlusion", "rise", "mm-shap"}  # the black-box ones
     assert "offers no gradients" in found.unavailable["guided-bp"].reason
     assert found.to_dict()["gradient"] == {"available": False,
                                            "reason": found.unavailable["gradient"].reason}
