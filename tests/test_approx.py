@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from approx_toys import TinyVGG, vgg_model
 from blackbox_vqa.adapters.incremental import (
     DEFAULT_TAU,
     ApproximateScoring,
@@ -25,9 +26,8 @@ from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.explainers.approx_check import CHECK_CELLS, check_cells
 from blackbox_vqa.explainers.occlusion import Occlusion
 from cli_runner import run_cli
-
-from approx_toys import TinyVGG, vgg_model
 from test_incremental import QUESTION, SpatialVQA, _adapter, _image
+
 from toys import BrightnessModel
 
 # -- options ---------------------------------------------------------------------------------

@@ -270,13 +270,13 @@ class Occlusion:
     ) -> ApproxEstimate:
         """Score a seeded sample of the cells exactly and compare their importances."""
         cells = check_cells(len(boxes))
-        images = occluded_batch(pixels, fill, [boxes[i] for i in cells])
+        images = list(occluded_batch(pixels, fill, [boxes[i] for i in cells]))
         questions = [question] * len(cells)
         if isinstance(self.model, IncrementalScoring):
-            exact = self.model.incremental_scores(pixels, question, images, questions).scores
+            raw: Any = self.model.incremental_scores(pixels, question, images, questions).scores
         else:
-            exact = self.model.answer_probs_batch(images, questions)
-        exact = check_scores(exact, len(cells), scores.shape[1], source=model_name(self.model))
+            raw = self.model.answer_probs_batch(images, questions)
+        exact = check_scores(raw, len(cells), scores.shape[1], source=model_name(self.model))
         original = answer_score(scores[0, index], self.score)
         approximate = original - answer_score(scores[[1 + i for i in cells], index], self.score)
         exact_map = original - answer_score(exact[:, index], self.score)
