@@ -14,6 +14,9 @@ A model that lacks a capability gets the default behaviour.
   ``answers``, so the answer list is fixed once an explanation starts.
 - :class:`SupportsScoreSemantics`: the model's scores are not its own probabilities (lower
   bounds, flips...); the explanation records what they mean.
+- :class:`SupportsTokenAblation`: the model's image path is a lattice of patch tokens; it
+  scores the input with chosen image tokens ablated after the vision embedding (the
+  image is embedded once), for token occlusion.
 
 The gradient protocol lives in :mod:`blackbox_vqa.adapters.gradients` (it needs torch).
 """
@@ -31,6 +34,7 @@ __all__ = [
     "SupportsPreparation",
     "SupportsQuestionValidation",
     "SupportsScoreSemantics",
+    "SupportsTokenAblation",
     "check_question",
     "preferred_batch_size",
     "prepare_model",
@@ -99,3 +103,24 @@ def score_semantics(model: object) -> dict[str, Any] | None:
         found = model.score_semantics
         return dict(found) if found else None
     return None
+
+
+@runtime_checkable
+class SupportsTokenAblation(Protocol):
+    """The model's image path is a ``rows x cols`` lattice of patch tokens covering the
+    whole image (row-major, top row first).
+
+    ``token_baseline`` names what replaces an ablated token. ``image_token_grid(image)``
+    returns ``(rows, cols)`` for ``image``. ``token_ablation_scores(image, question,
+    cells)`` embeds the image once and returns the scores ``[1 + len(cells), A]``
+    (``float64``) of the original input (row 0) and of the input with each cell's tokens
+    (a list of ``(row, col)`` lattice positions) ablated.
+    """
+
+    token_baseline: str
+
+    def image_token_grid(self, image: ImageInput) -> tuple[int, int]: ...
+
+    def token_ablation_scores(
+        self, image: ImageInput, question: str, cells: Any
+    ) -> Any: ...

@@ -29,6 +29,7 @@ __all__ = [
     "MM_SHAP",
     "OCCLUSION",
     "RISE",
+    "TOKEN_OCCLUSION",
     "IntegratedGradientsSettings",
     "ModalityShareSettings",
     "OcclusionSettings",
@@ -309,5 +310,39 @@ MM_SHAP = Method(
     settings=ModalityShareSettings,
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE, MM_SHAP):
+
+
+class _TokenOcclusionMethod:
+    """Token occlusion bound to one model (see
+    :mod:`blackbox_vqa.explainers.token_occlusion`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        from blackbox_vqa.explainers.token_occlusion import TokenOcclusion
+
+        s = context.settings
+        self._explainer = TokenOcclusion(context.model, grid=s.grid,
+                                         score=s.score)  # type: ignore[arg-type]
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.token_occlusion import token_occlusion_attribution
+
+        result = self._explainer.explain(request.image, request.question,
+                                         answer=request.answer)
+        return token_occlusion_attribution(result)
+
+
+TOKEN_OCCLUSION = Method(
+    name="token-occlusion",
+    key="token_occlusion",
+    signed=True,
+    help="p(a | image) - p(a | the cell's patch tokens ablated after the vision embedding, "
+    "ViLT): a different question from pixel occlusion",
+    bind=_TokenOcclusionMethod,
+    image_label="p(a | original) - p(a | tokens ablated)",
+    kind="black-box",
+    default=False,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE, MM_SHAP,
+                TOKEN_OCCLUSION):
     register(_method, replace=True)

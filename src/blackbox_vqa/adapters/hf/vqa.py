@@ -245,6 +245,75 @@ class HfAdapter(BaseAdapter):
                 return param.dtype  # type: ignore[no-any-return]
         return torch.float32
 
+    # -- image-token ablation capability (ViLT) ------------------------------------------
+
+    token_baseline = "attention-mask"
+
+    def _vilt_embeddings(self) -> Any:
+        vilt = getattr(self.module, "vilt", None)
+        embeddings = getattr(vilt, "embeddings", None)
+        if self.kind != "classifier" or not hasattr(embeddings, "visual_embed"):
+            raise NotSupportedError(
+                f"{self.name}: token occlusion needs a patch-token image path (ViLT); "
+                f"{type(self.module).__name__} has none here"
+            )
+        return embeddings
+
+    def image_token_grid(self, image: ImageInput) -> tuple[int, int]:
+        """``(rows, cols)`` of ViLT's patch tokens for ``image`` (after its processor)."""
+        self._vilt_embeddings()
+        pixels = self.pixel_inputs([to_rgb_array(image)])["pixel_values"]
+        patch = int(self.module.config.patch_size)
+        return int(pixels.shape[2]) // patch, int(pixels.shape[3]) // patch
+
+    def token_ablation_scores(
+        self, image: ImageInput, question: str, cells: Sequence[Sequence[tuple[int, int]]]
+    ) -> NDArray[np.float64]:
+        """Scores ``[1 + len(cells), A]``: the original input, then the input with each
+        cell's patch tokens ``(row, col)`` left out of attention (their attention-mask
+        entries set to 0, as ViLT masks the padding of smaller images in training). The
+        image is embedded once."""
+        embeddings = self._vilt_embeddings()
+        question = self.validate_question(question)
+        rows, cols = self.image_token_grid(image)
+        limit = getattr(self.module.config, "max_image_length", -1)
+        if isinstance(limit, int) and 0 < limit < rows * cols:
+            raise NotSupportedError(
+                f"{self.name}: max_image_length={limit} samples {limit} of {rows * cols} "
+                "patch tokens at random; token occlusion needs every token"
+            )
+        pixels = self.pixel_inputs([to_rgb_array(image)])
+        text = self.text_inputs([question])
+        mask = pixels.get("pixel_mask")
+        if mask is None:
+            mask = torch.ones((1, *pixels["pixel_values"].shape[2:]), dtype=torch.long,
+                              device=self.device)
+        out = []
+        with eval_mode(self.module), torch.inference_mode(), _rng_kept(), \
+                _wrapped(self.name, "token occlusion"):
+            tokens, token_mask, (where, _) = embeddings.visual_embed(
+                pixels["pixel_values"], mask, max_image_length=limit)
+            # patch_index [1, N, 2]: (row, col) of each token (ViLT shuffles them);
+            # token 0 is the image's CLS token
+            position = {(int(r), int(c)): j + 1 for j, (r, c) in
+                        enumerate(where[0].tolist())}
+            masks = [token_mask[0].clone()]
+            for cell in cells:
+                ablated = token_mask[0].clone()
+                for rc in cell:
+                    ablated[position[(int(rc[0]), int(rc[1]))]] = 0
+                masks.append(ablated)
+            for start in range(0, len(masks), 32):
+                chunk = torch.stack(masks[start : start + 32])
+                count = chunk.shape[0]
+                logits = self.module(
+                    **{k: v.expand(count, -1) for k, v in text.items()},
+                    image_embeds=tokens.expand(count, -1, -1), pixel_mask=chunk,
+                ).logits
+                out.append(torch.softmax(logits, dim=-1) if self.output == "softmax"
+                           else torch.sigmoid(logits))
+        return torch.cat(out).double().cpu().numpy()
+
     # -- scores ---------------------------------------------------------------------------
 
     def _predict_batch(
