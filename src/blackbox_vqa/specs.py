@@ -25,6 +25,7 @@ from typing import Any
 
 from blackbox_vqa.adapters.base import VQAModel, check_model
 from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
+from blackbox_vqa.kinds import kind_of
 
 __all__ = [
     "LOADERS",
@@ -74,6 +75,9 @@ def spec_kind(spec: str) -> str:
     """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"``, ``"hf"`` or ``"factory"``; else
     InputError."""
     text = spec.strip()
+    registered = kind_of(text)
+    if registered is not None:
+        return registered.name
     lower = text.lower()
     if lower == "easyvqa":
         return "easyvqa"
@@ -219,6 +223,12 @@ LOADERS: dict[str, Callable[[str, ModelOptions], object]] = {
 
 def load_model(spec: str, options: ModelOptions | None = None) -> VQAModel:
     """Load the model a spec names and check it has the model protocol."""
+    registered = kind_of(spec.strip())
+    if registered is not None:
+        given = (options or ModelOptions()).extra
+        values = {o.name: given.get(o.name, o.default) for o in registered.options}
+        model = registered.load(spec.strip(), values)
+        return check_model(model, source=f"model spec {spec!r}")
     kind = spec_kind(spec)
     model = LOADERS[kind](spec, options or ModelOptions())
     return check_model(model, source=f"model spec {spec!r}")

@@ -39,6 +39,7 @@ import typer
 from blackbox_vqa.adapters.base import OUTPUT_KINDS
 from blackbox_vqa.cli.option_groups import Parameter, option_group
 from blackbox_vqa.errors import InputError
+from blackbox_vqa.kinds import kind_of, registered_kinds
 
 __all__ = [
     "LoadedModel",
@@ -87,6 +88,7 @@ class ModelSettings:
     tokens_input: str | None = None
     output_name: str | None = None
     threads: int | None = None
+    kind_options: tuple[tuple[str, Any], ...] = ()
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def extra(self, spec: str, *, strict: bool = True) -> dict[str, Any]:
@@ -100,6 +102,13 @@ class ModelSettings:
         if strict:
             self.refuse_unusable([spec])
         found: dict[str, Any] = {}
+        registered = kind_of(spec.strip())
+        if registered is not None:
+            own = dict(self.kind_options)
+            found.update({o.name: own[o.name] for o in registered.options if o.name in own})
+            if self.threads is not None and registered.runs_here:
+                found["threads"] = self.threads
+            return found
         if kind == "http":
             found.update({
                 "http_format": self.http_format or "ours", "http_headers": list(self.header),
@@ -137,7 +146,16 @@ class ModelSettings:
         if http and "http" not in kinds:
             flags = ", ".join("--" + _HTTP_FLAGS[k] for k in http)
             raise InputError(f"{flags}: only for http:// models, not for {what!r}")
-        if self.threads is not None and kinds == {"http"}:
+        declared = {o.name for k in map(kind_of, specs) if k is not None for o in k.options}
+        for name, _ in self.kind_options:
+            if name not in declared:
+                owners = [k.name for k in registered_kinds() if name in
+                          {o.name for o in k.options}]
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag}: only for {' or '.join(owners)} models, "
+                                 f"not for {what!r}")
+        remote = {"http"} | {k.name for k in registered_kinds() if not k.runs_here}
+        if self.threads is not None and kinds <= remote and kinds != set():
             raise InputError(f"--threads: only for models that run here, not for {what!r}")
 
 
@@ -151,7 +169,7 @@ def _check(settings: ModelSettings) -> ModelSettings:
     return settings
 
 
-_PARAMETERS: list[Parameter] = [
+_BUILT_IN: list[Parameter] = [
     ("http_format", Annotated[str | None, typer.Option(
         help="Wire format of an http:// model: ours, hf (top-k lists), answer-only or openai "
         "(chat completions; default ours).", rich_help_panel="Model options")], None),
@@ -212,6 +230,20 @@ _PARAMETERS: list[Parameter] = [
 ]
 
 
+def _parameters() -> list[Parameter]:
+    """The built-in model options, then those the registered kinds declare (once each)."""
+    names = {name for name, _, _ in _BUILT_IN}
+    added: list[Parameter] = []
+    for kind in registered_kinds():
+        for option in kind.options:
+            if option.name not in names:
+                names.add(option.name)
+                added.append((option.name, Annotated[option.type | None, typer.Option(
+                    option.flag, help=option.help or f"{kind.name} models: {option.name}.",
+                    rich_help_panel="Model options")], None))
+    return _BUILT_IN + added
+
+
 def with_model_options(command: Callable[..., None]) -> Callable[..., None]:
     """Decorate a Typer command that has a ``model_settings: ModelSettings`` parameter: the
     command gets every model option and receives their values as one
@@ -224,11 +256,16 @@ def with_model_options_except(
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """:func:`with_model_options` without the options named in ``exclude`` (a command
     that defines one of them itself)."""
-    return option_group(_PARAMETERS, "model_settings", _settings, exclude=exclude)
+    return option_group(_parameters, "model_settings", _settings, exclude=exclude)
 
 
 def _settings(values: dict[str, Any]) -> ModelSettings:
     given = frozenset(k for k, v in values.items() if v is not None)
+    own = {f.name for f in dataclasses.fields(ModelSettings)}
+    values["kind_options"] = tuple(sorted(
+        (k, values.pop(k)) for k in list(values) if k not in own and values[k] is not None))
+    for k in [k for k in values if k not in own]:
+        values.pop(k)
     values["header"] = tuple(values.get("header") or ())
     return _check(ModelSettings(**values, given=given))
 
@@ -293,7 +330,9 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
     spec = entry.pop("spec", None)
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"{where}: 'spec' (the model spec) is missing")
-    known = {f.name for f in dataclasses.fields(ModelSettings)} - {"given"}
+    declared = {o.name: o for k in registered_kinds() for o in k.options}
+    known = ({f.name for f in dataclasses.fields(ModelSettings)} - {"given", "kind_options"}
+             | set(declared))
     unknown = sorted(set(entry) - known)
     if unknown:
         raise InputError(f"{where}: unknown key {unknown[0]!r}; known: spec, "
@@ -305,7 +344,11 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
     for key in ("answers_file", "vocab"):
         if entry.get(key) is not None:
             entry[key] = (path.parent / str(entry[key])).resolve()
-    merged = dataclasses.replace(settings, **entry, given=settings.given | set(entry))
+    own = dict(settings.kind_options)
+    for name in [k for k in entry if k in declared and k not in ModelSettings.__dataclass_fields__]:
+        own[name] = declared[name].parse(entry.pop(name), where=where)
+    merged = dataclasses.replace(settings, **entry, kind_options=tuple(sorted(own.items())),
+                                 given=settings.given | set(entry) | set(own))
     return _expand(spec.strip(), where), name, _check(merged)
 
 
