@@ -1,13 +1,12 @@
-"""A model kind registered from a plug-in module (entry point), with one option, used
-through ``--model`` and a model file; its option is refused for other kinds."""
+"""Model kinds are entries: a kind registered from this module, with one option of its own,
+is used through ``--model``, through a model file, and refused where it does not apply; the
+built-in kinds keep their matching order and messages."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,112 +14,139 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blackbox_vqa.cli.model_options import ModelSettings, load
+from blackbox_vqa.adapters.base import BaseAdapter
 from blackbox_vqa.errors import InputError
-from blackbox_vqa.kinds import KindOption, ModelKind, register_kind, unregister_kind
-from blackbox_vqa.specs import spec_kind
+from blackbox_vqa.specs import (
+    KindOption,
+    ModelKind,
+    ModelOptions,
+    kind_of,
+    load_model,
+    model_kinds,
+    register_kind,
+    unregister_kind,
+)
+from cli_runner import run_cli
 
-from toys import BrightnessModel
-
-GREY = 100  # every pixel: the toy answers bright with min(1, GREY * gain / 255)
+QUESTION = "is it bright?"
 
 
-class GainModel(BrightnessModel):
-    """:class:`toys.BrightnessModel` with the image multiplied by ``gain`` (clipped)."""
+class _Bright(BaseAdapter):
+    """Answers ``(yes_word, no)``: p(yes_word) = mean brightness / 255 times ``scale``."""
 
-    def __init__(self, gain: float) -> None:
-        super().__init__()
-        self.gain = gain
+    def __init__(self, yes_word: str, scale: float) -> None:
+        super().__init__([yes_word, "no"], name=f"bright:{scale}")
+        self.scale = scale
 
     def _predict_batch(self, images: list[Any], questions: list[str]) -> np.ndarray:
-        scaled = [np.minimum(np.asarray(i, dtype=np.float64) * self.gain, 255.0)
-                  for i in images]
-        return super()._predict_batch(scaled, questions)
+        p = [self.scale * float(np.asarray(i, dtype=np.float64).mean()) / 255 for i in images]
+        return np.asarray([[v, 1 - v] for v in p])
 
 
-def _load_gain(spec: str, options: Mapping[str, Any]) -> GainModel:
-    return GainModel(options["gain"])
+def _check_word(value: Any) -> None:
+    if not str(value).isalpha():
+        raise InputError(f"--yes-word must be letters only, got {value!r}")
 
 
-GAIN = ModelKind(
-    name="gain", matches=lambda spec: spec.startswith("gain:"), load=_load_gain,
-    options=(KindOption("gain", float, 1.0, "gain: models: brightness factor."),))
-
-PLUGIN = "from test_model_kinds import GAIN\n"
+YES_WORD = KindOption("yes_word", str, check=_check_word,
+                      help="bright: models: the word they answer for a bright image.")
 
 
-@pytest.fixture()
-def gain_kind() -> Iterator[ModelKind]:
-    register_kind(GAIN)
-    yield GAIN
-    unregister_kind("gain")
+def _load(spec: str, options: ModelOptions) -> object:
+    return _Bright(options.extra.get("yes_word", "yes"), float(spec.split(":", 1)[1]))
 
 
-@pytest.fixture()
-def plugin_env(tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "gain_plugin.py").write_text(PLUGIN)
-    info = tmp_path / "gain_plugin-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gain-plugin\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[blackbox_vqa.model_kinds]\ngain = "
-                                           "gain_plugin:GAIN\n")
-    tests = Path(__file__).resolve().parent
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(tmp_path), str(tests), os.environ.get("PYTHONPATH", "")])}
+BRIGHT = ModelKind(name="bright", syntax="bright:SCALE", audience="bright:",
+                   matches=lambda spec: spec.startswith("bright:"), load=_load,
+                   options=(YES_WORD,), threads="none")
 
 
-def _explain(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    image = tmp_path / "grey.png"
-    Image.fromarray(np.full((32, 32, 3), GREY, np.uint8)).save(image)
-    return subprocess.run(
-        [sys.executable, "-m", "blackbox_vqa", "explain", *args, "-i", str(image),
-         "-q", "is it bright", "--method", "occlusion", "--out", str(tmp_path / "run")],
-        capture_output=True, text=True, env=env, timeout=300, check=False)
+@pytest.fixture
+def bright() -> Iterator[ModelKind]:
+    register_kind(BRIGHT)
+    try:
+        yield BRIGHT
+    finally:
+        unregister_kind("bright")
 
 
-def test_a_plugin_kind_runs_through_model_and_its_option(
-        plugin_env: dict[str, str], tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "blackbox_vqa", "explain", "--help"],
-                          capture_output=True, text=True, env=plugin_env, timeout=300,
-                          check=False)
-    assert done.returncode == 0 and "--gain" in done.stdout, done.stderr
-    done = _explain(plugin_env, tmp_path, "-m", "gain:x", "--gain", "2")
-    assert done.returncode == 0, done.stderr
-    doc = json.loads((tmp_path / "run" / "explanation.json").read_text())
-    assert doc["answer"] == "bright"
-    assert doc["probability"] == pytest.approx(2 * GREY / 255, abs=1e-12)
+@pytest.fixture
+def grey_png(tmp_path: Path) -> Path:
+    path = tmp_path / "grey.png"
+    Image.fromarray(np.full((32, 32, 3), 204, np.uint8)).save(path)
+    return path
 
 
-def test_a_plugin_kind_reads_its_option_from_a_model_file(
-        plugin_env: dict[str, str], tmp_path: Path) -> None:
-    (tmp_path / "models.toml").write_text('[dim]\nspec = "gain:x"\ngain = 0.5\n')
-    done = _explain(plugin_env, tmp_path, "-m", f"@{tmp_path / 'models.toml'}:dim")
-    assert done.returncode == 0, done.stderr
-    doc = json.loads((tmp_path / "run" / "explanation.json").read_text())
-    assert doc["answer"] == "dark"
-    assert doc["probability"] == pytest.approx(1 - 0.5 * GREY / 255, abs=1e-12)
+def _flat(text: str) -> str:
+    return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())
 
 
-def test_the_kind_option_is_refused_for_other_kinds(
-        plugin_env: dict[str, str], tmp_path: Path) -> None:
-    done = _explain(plugin_env, tmp_path, "-m", "toys:brightness_model", "--gain", "2")
-    assert done.returncode == 2
-    assert done.stderr.strip() == ("bbvqa: error: --gain: only for gain models, not for "
-                                   "'toys:brightness_model'")
-    assert not (tmp_path / "run").exists()
+def test_a_registered_kind_is_used_through_model_and_its_option(
+    bright: ModelKind, grey_png: Path, tmp_path: Path
+) -> None:
+    for command in ("explain", "compare", "evaluate", "serve", "export"):
+        code, out, err = run_cli([command, "--help"])
+        assert code == 0 and "--yes-word" in _flat(out), (command, err)
+    code, _, err = run_cli(["explain", "-m", "bright:1", "--yes-word", "sunny", "-i",
+                            str(grey_png), "-q", QUESTION, "--grid", "2",
+                            "--out", str(tmp_path / "a")])
+    assert code == 0, err
+    doc = json.loads((tmp_path / "a" / "explanation.json").read_text())
+    assert doc["answer"] == "sunny" and doc["probability"] == pytest.approx(0.8)
+    # one grey cell of four hidden behind the ImageNet-mean grey: p drops by a quarter of
+    # the brightness difference (204 - mean of the baseline's channels) / 255
+    baseline = (123.68 + 116.779 + 103.939) / 3
+    np.testing.assert_allclose(doc["occlusion"]["image"],
+                               np.full((2, 2), (204 - baseline) / 255 / 4), atol=1e-6)
 
 
-def test_in_process_registration_default_and_bad_file_value(
-        gain_kind: ModelKind, tmp_path: Path) -> None:
-    assert spec_kind("gain:anything") == "gain"
-    loaded = load("gain:x", ModelSettings())
-    assert loaded.model.gain == 1.0  # the declared default reaches the loader
-    (tmp_path / "m.toml").write_text('[bad]\nspec = "gain:x"\ngain = "loud"\n')
-    with pytest.raises(InputError, match=r"--model @.*m.toml:bad: gain must be float, "
-                                         r"got 'loud'"):
-        load(f"@{tmp_path / 'm.toml'}:bad", ModelSettings())
-    with pytest.raises(ValueError, match="already registered"):
-        register_kind(GAIN)
-    with pytest.raises(ValueError, match="declared as float"):
-        register_kind(ModelKind(name="other", matches=lambda s: False, load=_load_gain,
-                                options=(KindOption("gain", int),)))
+def test_a_registered_kind_is_used_through_a_model_file(
+    bright: ModelKind, grey_png: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[half]\nspec = "bright:0.5"\nyes-word = "light"\n'
+                      '[bad]\nspec = "bright:0.5"\nyes_word = 7\n')
+    code, _, err = run_cli(["explain", "-m", f"@{models}:half", "-i", str(grey_png), "-q",
+                            QUESTION, "--grid", "2", "--out", str(tmp_path / "f")])
+    assert code == 0, err
+    doc = json.loads((tmp_path / "f" / "explanation.json").read_text())
+    assert (doc["answer"], doc["probability"]) == ("no", pytest.approx(0.6))
+    assert doc["top_answers"][1]["answer"] == "light" and doc["model"] == "half"
+    code, _, err = run_cli(["explain", "-m", f"@{models}:bad", "-i", str(grey_png), "-q",
+                            QUESTION, "--out", str(tmp_path / "g")])
+    assert code == 2 and "yes_word must be a string, got 7" in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_its_option_is_checked_and_refused_for_other_kinds(
+    bright: ModelKind, grey_png: Path, tmp_path: Path
+) -> None:
+    code, _, err = run_cli(["explain", "-m", "bright:1", "--yes-word", "not a word", "-i",
+                            str(grey_png), "-q", QUESTION, "--out", str(tmp_path / "a")])
+    assert code == 2 and "--yes-word must be letters only" in err and err.count("\n") == 1
+    code, _, err = run_cli(["explain", "--yes-word", "sunny", "-i", str(grey_png), "-q",
+                            QUESTION, "--out", str(tmp_path / "b")])
+    assert code == 2 and "--yes-word: only for bright: models, not for 'easyvqa'" in err
+    code, _, err = run_cli(["explain", "-m", "bright:1", "--threads", "2", "-i",
+                            str(grey_png), "-q", QUESTION, "--out", str(tmp_path / "c")])
+    assert code == 2 and "--threads: only for models that run here" in err
+    for folder in "abc":
+        assert not (tmp_path / folder).exists()
+
+
+def test_kinds_keep_their_order_and_refuse_clashes(bright: ModelKind) -> None:
+    assert [k.name for k in model_kinds()][:6] == ["easyvqa", "hf", "http", "onnx", "graph",
+                                                  "factory"]
+    assert kind_of("hf:x.onnx").name == "hf" and kind_of("http://h/m.onnx").name == "http"
+    assert kind_of("m.ONNX").name == "onnx" and kind_of("pkg.mod:make?x=1").name == "factory"
+    with pytest.raises(InputError, match="'nonsense' is not one of: easyvqa, hf:PATH_OR_ID"):
+        kind_of("nonsense")
+    with pytest.raises(InputError, match="already registered"):
+        register_kind(BRIGHT)
+    other = KindOption("yes_word", int, help="another meaning")
+    with pytest.raises(InputError, match="option 'yes_word' is declared differently"):
+        register_kind(ModelKind(name="dim", syntax="dim:", audience="dim:",
+                                matches=lambda s: s.startswith("dim:"), load=_load,
+                                options=(other,)))
+    model = load_model("bright:0.25", ModelOptions({"yes_word": "pale"}))
+    assert list(model.answers) == ["pale", "no"]
