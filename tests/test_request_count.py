@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from blackbox_vqa.cli.request_count import request_count, total_line
+from blackbox_vqa.evaluation.run_cost import request_count, total_line
 from blackbox_vqa.explainers.registry import MethodSettings
 from blackbox_vqa.models.reference import reference_adapter
 from blackbox_vqa.server.app import create_app
@@ -98,7 +98,7 @@ def test_the_count_adds_each_method_and_names_the_uncounted() -> None:
     assert total_line(count) == (
         "total: at most 93 model inputs (1 original + 21 occlusion + 30 rise + 41 mm-shap); "
         "an endpoint that takes one input per request gets at most 93 requests (not "
-        "counted: gradient, no endpoint calls)")
+        "counted, no count stated: gradient)")
     windows = request_count(64, 64, 5, ("occlusion",), MethodSettings.create(
         window=(32, 32), stride=(16, 16)), metrics=True)
     # 3 x 3 windows; metrics on a pixel map (20 steps) and 5 words

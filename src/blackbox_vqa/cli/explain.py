@@ -129,7 +129,7 @@ def _print_cost(pixels: Any, question: str, grid: int, window: Any, stride: Any)
 def _print_total(pixels: Any, question: str, names: Any, settings: Any, *,
                  metrics: bool) -> None:
     """Print the model inputs of the whole run: every method and the metrics."""
-    from blackbox_vqa.cli.request_count import request_count, total_line
+    from blackbox_vqa.evaluation.run_cost import request_count, total_line
     from blackbox_vqa.text import split_words
 
     count = request_count(int(pixels.shape[0]), int(pixels.shape[1]),

@@ -255,7 +255,7 @@ class Method:
             ``__post_init__``); every command gets an option per field.
         calls: ``calls(CostQuery) -> CallEstimate``: the model inputs it scores for an
             input and the settings, printed before a run (``--dry-run``, HTTP models);
-            ``None``: not counted (white-box methods make no endpoint calls).
+            ``None``: not counted (white-box methods: they make no endpoint calls).
     """
 
     name: str

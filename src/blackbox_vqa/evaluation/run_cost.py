@@ -1,5 +1,7 @@
 """The model inputs a run will send, added up over its methods and metrics.
 
+It sits with the evaluation because it adds the metrics' cost to the methods'.
+
 ``bbvqa explain`` prints :func:`total_line` before any input is sent (``--dry-run``, HTTP
 models): the original input, each method's :class:`~blackbox_vqa.explainers.cost.CallEstimate`
 and, with ``--metrics``, the faithfulness metrics on each method's maps.
@@ -63,5 +65,5 @@ def total_line(count: RequestCount) -> str:
     line = (f"total: {bound}{count.total} model inputs ({parts}); an endpoint that takes "
             f"one input per request gets at most {count.total} requests")
     if count.uncounted:
-        line += f" (not counted: {', '.join(count.uncounted)}, no endpoint calls)"
+        line += f" (not counted, no count stated: {', '.join(count.uncounted)})"
     return line
