@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
+from blackbox_vqa.errors import InputError
 from blackbox_vqa.evaluation.run_cost import request_count, total_line
-from blackbox_vqa.explainers.registry import MethodSettings
+from blackbox_vqa.explainers.cost import CallEstimate
+from blackbox_vqa.explainers.registry import Method, MethodSettings, register, unregister
 from blackbox_vqa.models.reference import reference_adapter
 from blackbox_vqa.server.app import create_app
 from cli_runner import run_cli
@@ -104,3 +106,26 @@ def test_the_count_adds_each_method_and_names_the_uncounted() -> None:
     # 3 x 3 windows; metrics on a pixel map (20 steps) and 5 words
     assert windows.parts == (("original", 1), ("occlusion", 9 + 5),
                              ("metrics", 2 + 2 * 19 * 5 + 1 + 2 * 4 * 5))
+
+
+def test_a_plug_in_estimate_is_added_and_a_wrong_one_refused() -> None:
+    def bind(context: Any) -> Any:
+        raise AssertionError("not bound by a count")
+
+    register(Method(name="counted", key="counted", signed=True, help="h", bind=bind,
+                    default=False, calls=lambda query: CallEstimate(query.words * 3,
+                                                                    image_units=4)))
+    register(Method(name="liar", key="liar", signed=True, help="h", bind=bind,
+                    default=False, calls=lambda query: 7))
+    try:
+        count = request_count(64, 64, 4, ("counted",), MethodSettings(), metrics=True)
+        # metrics on a 2 x 2 map: 2 + 2*3*5; no word map
+        assert count.parts == (("original", 1), ("counted", 12), ("metrics", 32))
+        with pytest.raises(InputError, match="method 'liar': calls must return a "
+                                             "CallEstimate, got 7"):
+            request_count(64, 64, 4, ("liar",), MethodSettings(), metrics=False)
+        with pytest.raises(InputError, match="inputs must be an integer >= 0, got -1"):
+            CallEstimate(-1)
+    finally:
+        unregister("counted")
+        unregister("liar")

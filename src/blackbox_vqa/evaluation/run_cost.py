@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from blackbox_vqa.errors import InputError
 from blackbox_vqa.evaluation.metrics import metric_inputs
-from blackbox_vqa.explainers.cost import CostQuery
+from blackbox_vqa.explainers.cost import CallEstimate, CostQuery
 from blackbox_vqa.explainers.registry import MethodSettings, get_method
 
 __all__ = ["RequestCount", "request_count", "total_line"]
@@ -47,6 +48,9 @@ def request_count(height: int, width: int, words: int, names: Sequence[str],
             uncounted.append(name)
             continue
         estimate = calls(query)
+        if not isinstance(estimate, CallEstimate):
+            raise InputError(f"method {name!r}: calls must return a CallEstimate, got "
+                             f"{estimate!r}")
         parts.append((name, estimate.inputs))
         exact = exact and estimate.exact
         if metrics:
