@@ -60,8 +60,12 @@ _HTTP_FLAGS = {
     "http_format": "http-format", "header": "header", "http_concurrency": "http-concurrency",
     "http_timeout": "http-timeout", "remote_model": "remote-model", "prompt": "prompt",
     "max_tokens": "max-tokens", "http_total_timeout": "http-total-timeout",
-    "http_max_response_mb": "http-max-response-mb",
+    "http_max_response_mb": "http-max-response-mb", "top_logprobs": "top-logprobs",
+    "answer_score": "answer-score", "require_logprobs": "require-logprobs",
+    "request_cache": "request-cache",
 }
+# --request-cache values that turn the cache off.
+_NO_CACHE = ("off", "none")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,10 @@ class ModelSettings:
     remote_model: str | None = None
     prompt: str | None = None
     max_tokens: int | None = None
+    top_logprobs: int | None = None
+    answer_score: str | None = None
+    require_logprobs: bool | None = None
+    request_cache: str | None = None
     answers_file: Path | None = None
     vocab: Path | None = None
     image_size: str | None = None
@@ -109,7 +117,9 @@ class ModelSettings:
                 "http_max_response_bytes": None if self.http_max_response_mb is None
                 else int(self.http_max_response_mb * 2**20),
                 "remote_model": self.remote_model, "prompt": self.prompt,
-                "max_tokens": self.max_tokens,
+                "max_tokens": self.max_tokens, "top_logprobs": self.top_logprobs,
+                "answer_score": self.answer_score, "require_logprobs": self.require_logprobs,
+                "request_cache": self._request_cache(),
             })
         if kind == "hf" and self.answers_file is not None:
             found["answers_file"] = self.answers_file
@@ -121,6 +131,16 @@ class ModelSettings:
                 found["threads"] = self.threads
         return found
 
+
+    def _request_cache(self) -> str | None:
+        """The request cache folder: given (``off``/``none``: none), or the default a
+        command set for a chat endpoint (not refused for other formats: left out)."""
+        value = self.request_cache
+        if value is None or str(value).strip().lower() in _NO_CACHE:
+            return None
+        if "request_cache" not in self.given and self.http_format != "openai":
+            return None
+        return str(value)
 
     def refuse_unusable(self, specs: list[str]) -> None:
         """Raise :class:`InputError` for a given option that none of ``specs`` can use."""
@@ -180,6 +200,22 @@ _PARAMETERS: list[Parameter] = [
     ("max_tokens", Annotated[int | None, typer.Option(
         help="--http-format openai: most tokens generated (default 8).",
         rich_help_panel="Model options")], None),
+    ("top_logprobs", Annotated[int | None, typer.Option(
+        help="--http-format openai: alternatives asked for at each position (default 20; a "
+        "server naming a lower cap is asked again with it).",
+        rich_help_panel="Model options")], None),
+    ("answer_score", Annotated[str | None, typer.Option(
+        help="--http-format openai: auto (the whole answer's probability where the server "
+        "can score a given text, else its first token's), sequence (an error where it "
+        "cannot) or first-token.", rich_help_panel="Model options")], None),
+    ("require_logprobs", Annotated[bool | None, typer.Option(
+        "--require-logprobs", help="--http-format openai: a server answering without "
+        "logprobs is an error (exit 1) instead of answer-only flip maps.",
+        rich_help_panel="Model options")], None),
+    ("request_cache", Annotated[str | None, typer.Option(
+        help="--http-format openai: folder keeping every completed request, reused by a "
+        "rerun (default for explain: .NAME.requests beside the output folder, removed once "
+        "the output is written; 'off': none).", rich_help_panel="Model options")], None),
     ("answers_file", Annotated[Path | None, typer.Option(
         "--answers", help="ONNX file without metadata: its answers; hf: BLIP's candidate "
         "answers (one per line, or a JSON list).", rich_help_panel="Model options")], None),
@@ -302,6 +338,9 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
         entry["header"] = [entry["header"]]
     if "header" in entry:
         entry["header"] = tuple(_expand(str(h), where) for h in entry["header"])
+    if isinstance(entry.get("request_cache"), str) and \
+            entry["request_cache"].strip().lower() not in _NO_CACHE:
+        entry["request_cache"] = str((path.parent / entry["request_cache"]).resolve())
     for key in ("answers_file", "vocab"):
         if entry.get(key) is not None:
             entry[key] = (path.parent / str(entry[key])).resolve()
