@@ -740,10 +740,10 @@ class HttpAdapter:
             raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc}") from exc
 
 def _sequence_row(score: SequenceScore, width: int) -> NDArray[np.float64]:
-    """``[p, 1 - p]``: the answer's probability and that of any other text."""
+    """``[p, 0]``: the answer's probability; ``(other)`` is not scored (a generated
+    answer is the model's own even when its whole-text probability is below 1/2)."""
     row = np.zeros(width, dtype=np.float64)
     row[0] = score.probability
-    row[width - 1] = max(0.0, 1.0 - score.probability)
     return row
 
 

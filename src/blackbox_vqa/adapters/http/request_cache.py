@@ -20,17 +20,13 @@ __all__ = ["RequestCache"]
 
 
 class RequestCache:
-    """A folder of answers keyed by request. ``reused`` and ``stored`` count this run's
-    hits and new entries."""
+    """A folder of answers keyed by request (created with the first entry, so a run that
+    completes no request leaves nothing). ``reused`` and ``stored`` count this run's hits
+    and new entries."""
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"request cache (--request-cache) {str(self.folder)!r} cannot "
-                             f"be created: {exc.strerror or exc}") from exc
-        if not self.folder.is_dir():
+        if self.folder.exists() and not self.folder.is_dir():
             raise InputError(f"request cache (--request-cache) {str(self.folder)!r} is not "
                              "a folder")
         self.reused = 0
@@ -62,7 +58,7 @@ class RequestCache:
         """Store an answer (atomically; a failure to write only costs the reuse)."""
         target = self._file(key)
         try:
-            target.parent.mkdir(exist_ok=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=target.parent)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(content)

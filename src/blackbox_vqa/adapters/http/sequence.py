@@ -144,6 +144,6 @@ def sequence_semantics() -> dict[str, Any]:
         "other_answer": OTHER_ANSWER,
         "note": "The answer's score is the probability of the whole generated text: exp of "
         "the sum of its tokens' log-probabilities, read through prompt_logprobs with the "
-        "answer as a continued assistant message. '(other)' is 1 minus it: the probability "
-        "of any other text.",
+        "answer as a continued assistant message. Only the answer generated for the original "
+        "input is scored: '(other)' scores 0, and no perturbation flips the answer.",
     }
