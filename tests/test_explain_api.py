@@ -166,8 +166,8 @@ def test_explain_equals_the_explainers_and_reads_back_from_json() -> None:
 
 def test_explain_records_unavailable_methods_and_refuses_unknown_settings() -> None:
     found = explain(BrightnessModel(), _square(), QUESTION, methods="all", grid=2,
-                    rise_masks=16)
-    assert set(found.attributions) == {"occlusion", "rise"}  # the black-box methods
+                    rise_masks=16, shap_permutations=2)
+    assert set(found.attributions) == {"occlusion", "rise", "mm-shap"}  # the black-box ones
     assert "offers no gradients" in found.unavailable["guided-bp"].reason
     assert found.to_dict()["gradient"] == {"available": False,
                                            "reason": found.unavailable["gradient"].reason}
@@ -357,7 +357,7 @@ def test_guided_mode_says_when_it_met_no_relu(square_image: Path, tmp_path: Path
 LAYERS = {
     **dict.fromkeys(("errors", "version", "text", "images", "sizes", "wire",
                      "metadata", "preprocess", "outputs", "explanation"), 0),
-    "adapters": 1, "models": 2, "datasets": 2, "exporters": 3, "specs": 4,
+    "adapters": 1, "models": 2, "datasets": 2, "exporters": 3, "specs": 4, "kinds": 4,
     "gradient_source": 4, "explainers": 5, "explain": 6, "evaluation": 7, "comparison": 7,
     "server": 8, "report": 9, "cli": 10, "__main__": 11,
 }

@@ -37,6 +37,7 @@ __all__ = [
     "dataset_summary",
     "explain_model",
     "item_result",
+    "modality_share",
     "pair_dict",
     "pair_results",
     "run_dict",
@@ -154,6 +155,28 @@ def top_words(run: ModelRun, n: int = 3) -> list[tuple[str, float]]:
         return []
     order = np.argsort(-np.abs(values), kind="stable")[:n]
     return [(str(words[i]), float(values[i])) for i in order]
+
+
+def modality_share(run: ModelRun) -> dict[str, float | None] | None:
+    """``{"t_shap", "v_shap", "t_shap_se"}`` of the run's MM-SHAP attribution (None when
+    MM-SHAP did not run; values None when undefined)."""
+    found = None if run.explanation is None else run.explanation.attribution("mm-shap")
+    if found is None:
+        return None
+    return {key: found.extras.get(key) for key in ("t_shap", "v_shap", "t_shap_se")}
+
+
+def _modality_summary(items: Sequence[ItemResult], spec: str) -> dict[str, Any] | None:
+    """T-SHAP and V-SHAP of one model over the items (mean +- s.e. over items; an item
+    whose T-SHAP is undefined counts as undefined), or None when MM-SHAP never ran."""
+    from blackbox_vqa.evaluation.human_attention import mean_sem
+
+    shares = [modality_share(run) for item in items for run in item.runs if run.spec == spec]
+    found = [share for share in shares if share is not None]
+    if not found:
+        return None
+    return {key: mean_sem(np.nan if share[key] is None else float(share[key])  # type: ignore[arg-type]
+                          for share in found).to_dict() for key in ("t_shap", "v_shap")}
 
 
 def explain_model(
@@ -288,7 +311,8 @@ def _rate(values: Sequence[bool | None]) -> tuple[float | None, int]:
 
 
 def dataset_summary(items: Sequence[ItemResult], specs: Sequence[str]) -> dict[str, Any]:
-    """Per model: accuracy and human-attention correlation (mean +- s.e.) per method;
+    """Per model: accuracy, human-attention correlation (mean +- s.e.) per method and,
+    when MM-SHAP ran, T-SHAP and V-SHAP (mean +- s.e. over items, ``modality_share``);
     per pair and method: mean rank correlation, mean top-k overlap, and how often the
     most important word and the answer agree. JSON-ready (NaN becomes None)."""
     from blackbox_vqa.evaluation.agreement import mean_ignoring_nan
@@ -307,6 +331,9 @@ def dataset_summary(items: Sequence[ItemResult], specs: Sequence[str]) -> dict[s
         }
         models[spec] = {"accuracy": accuracy, "judged": judged, "failed": failed,
                         "human_attention": human}
+        share = _modality_summary(items, spec)
+        if share is not None:
+            models[spec]["modality_share"] = share
     groups: dict[tuple[str, str, str], list[PairResult]] = {}
     for item in items:
         for pair in item.pairs:
@@ -354,6 +381,7 @@ def run_dict(run: ModelRun, shared: Sequence[str], *, full: bool = True) -> dict
         "answers": len(run.answers),
         "best_shared_answer": None if best is None else {"answer": best[0], "score": best[1]},
         "top_words": [{"word": w, "importance": v} for w, v in top_words(run)],
+        "modality_share": modality_share(run),
         "unavailable": dict(run.unavailable),
         "seconds": round(run.seconds, 4),
     }

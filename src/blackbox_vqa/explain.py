@@ -16,6 +16,7 @@ serve is recorded in :attr:`Explanation.unavailable` with the reason; a model fa
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
@@ -54,20 +55,31 @@ def _no_progress(method: str) -> Iterator[None]:
 
 
 def _settings(base: MethodSettings | None, overrides: Mapping[str, Any]) -> MethodSettings:
-    settings = base or MethodSettings()
-    names = {f.name for f in dataclasses.fields(MethodSettings)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise InputError(
-            f"unknown setting {unknown[0]!r}; settings are: {', '.join(sorted(names))}"
-        )
+    """``base`` (default: the defaults) with ``overrides``: shared settings and any method's
+    own, by keyword (see :meth:`MethodSettings.create`)."""
     if not overrides:
-        return settings
+        return base or MethodSettings()
     values = dict(overrides)
     for name in ("window", "stride"):
         if isinstance(values.get(name), int):
             values[name] = (values[name], values[name])
-    return dataclasses.replace(settings, **values)
+    if base is None:
+        return MethodSettings.create(**values)
+    shared = {f.name: getattr(base, f.name) for f in dataclasses.fields(MethodSettings)}
+    return MethodSettings.create(**{**shared, **values})
+
+
+def _checked(attribution: Attribution, name: str, seconds: float) -> Attribution:
+    """``attribution`` with its wall time, after checking it is the entry's key and sign."""
+    entry = get_method(name)
+    if not isinstance(attribution, Attribution):
+        raise InputError(f"method {name!r} returned {type(attribution).__name__}, not an "
+                         "Attribution")
+    if (attribution.key, attribution.signed) != (entry.key, entry.signed):
+        raise InputError(f"method {name!r} returned key {attribution.key!r} (signed="
+                         f"{attribution.signed}); its entry says {entry.key!r} (signed="
+                         f"{entry.signed})")
+    return dataclasses.replace(attribution, method=name, seconds=seconds)
 
 
 class Explainer:
@@ -77,8 +89,9 @@ class Explainer:
         model: any object with the model protocol.
         methods: method names (``"occlusion"``, ``"guided-bp"``, ``"gradient"``, any
             registered one, or ``"all"``), a list or a comma-separated string.
-        settings: :class:`MethodSettings`; ``**overrides`` replace its fields
-            (``grid=8``, ``baseline="black"``...).
+        settings: :class:`MethodSettings`; ``**overrides`` replace its shared fields
+            (``grid=8``, ``baseline="black"``...) and set any method's own settings by
+            keyword (``rise_masks=500``, ``ig_steps=64``...).
         label: the model's label in the document and in messages (default: its name).
 
     Raises:
@@ -140,13 +153,14 @@ class Explainer:
         factory = progress or _no_progress
         for name, method in self._bound.items():
             request = MethodRequest(pixels, question, answers[index], index, scores)
+            started = time.perf_counter()
             try:
                 with factory(name) as update:
                     found = method.explain(dataclasses.replace(request, progress=update))
             except NotSupportedError as exc:
                 unavailable[name] = Unavailable(name, get_method(name).key, str(exc))
                 continue
-            attributions[name] = found
+            attributions[name] = _checked(found, name, time.perf_counter() - started)
         semantics = score_semantics(self.model)
         return Explanation(
             model=self.label,
@@ -198,8 +212,10 @@ def explain(
 ) -> Explanation:
     """Explain ``model``'s answer on one input with ``methods``; see :class:`Explainer`.
 
-    ``**overrides`` are :class:`MethodSettings` fields (``grid``, ``window``, ``stride``,
-    ``baseline``, ``batch_size``, ...); an unknown name raises :class:`InputError`.
+    ``**overrides`` are the shared :class:`MethodSettings` fields (``grid``, ``window``,
+    ``stride``, ``baseline``, ``batch_size``, ``score``) and any registered method's own
+    settings by keyword (``rise_masks``, ``ig_steps``...); an unknown name raises
+    :class:`InputError`.
     """
     explainer = Explainer(model, methods=methods, settings=settings, label=label, **overrides)
     return explainer.explain(image, question, answer=answer, progress=progress)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ __all__ = [
     "UNK_ID",
     "WordTokenizer",
     "drop_word",
+    "keep_words",
     "normalise_answer",
     "split_words",
     "terminal_safe",
@@ -112,6 +113,24 @@ def drop_word(question: str, index: int) -> str:
     while right < len(question) and question[right] in _SPACE:
         right += 1
     return (question[:start] + question[right:]).strip()
+
+
+def keep_words(question: str, keep: Sequence[bool]) -> str:
+    """Rebuild ``question`` with only the words whose flag in ``keep`` is true.
+
+    ``keep`` has one flag per word of :func:`split_words`. The absent words are dropped as
+    :func:`drop_word` drops one, last first, so one absent word gives exactly
+    ``drop_word(question, i)``; punctuation stays (``"what color?"`` with no word kept is
+    ``"?"``).
+    """
+    spans = word_spans(question)
+    if len(keep) != len(spans):
+        raise InputError(f"keep must have one flag per word ({len(spans)}), got {len(keep)}")
+    text = question
+    for index in range(len(spans) - 1, -1, -1):
+        if not keep[index]:
+            text = drop_word(text, index)
+    return text
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import typer
 
+from blackbox_vqa.cli.option_groups import refresh_option_groups
 from blackbox_vqa.errors import BlackboxVQAError
 
 __all__ = ["app", "main"]
@@ -42,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
+        refresh_option_groups()  # options of methods registered since the last run
         result = app(args=args, prog_name="bbvqa", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

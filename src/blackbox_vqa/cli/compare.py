@@ -30,7 +30,11 @@ from blackbox_vqa.cli.executor_options import (
     SharedFs,
     build_executor,
 )
-from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
+from blackbox_vqa.cli.method_options import (
+    MethodOptions,
+    with_method_choice,
+    with_method_options,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import InputError, ModelError
 
@@ -62,6 +66,8 @@ class _Options:
 
 @with_model_options
 @with_method_options
+@with_method_choice("methods", None, "Methods (default: each default method the model "
+                    "supports)")
 def compare_command(
     model: Annotated[list[str] | None, typer.Option(
         "--model", "-m", help="Model spec; give it two or more times.")] = None,
@@ -77,16 +83,9 @@ def compare_command(
     annotations: Annotated[Path | None, typer.Option(help="VQA annotations JSON.")] = None,
     images: Annotated[Path | None, typer.Option(help="Folder of VQA (COCO) images.")] = None,
     hat: Annotated[Path | None, typer.Option(help="Folder of VQA-HAT attention maps.")] = None,
-    methods: Annotated[str | None, typer.Option(
-        help="Comma-separated methods, or all (default: occlusion, guided-bp, gradient; "
-        "each where the model supports it).")] = None,
+    methods: str | None = None,
     answer: Annotated[str | None, typer.Option(
         help="Explain this answer for every model (it must be in every vocabulary).")] = None,
-    grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
-    baseline: Annotated[str, typer.Option(help="Patch fill: imagenet-mean, black, blur "
-                                          "or R,G,B (0-255).")] = "imagenet-mean",
-    batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
-                                            "or N.")] = "auto",
     top_k: Annotated[int, typer.Option(help="Cells (of 14x14) in the top-k overlap.")] = 10,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: a new folder "
                                              "named after the question).")] = None,
@@ -109,23 +108,20 @@ def compare_command(
     method_options: MethodOptions,
 ) -> None:
     """Explain several models on the same inputs and show how much they agree."""
-    from blackbox_vqa.explainers.batching import parse_batch_size
-    from blackbox_vqa.explainers.masks import parse_baseline
     from blackbox_vqa.explainers.registry import default_methods, parse_methods
 
     specs = _check_specs(model or [])
     single = _check_mode(image, question, dataset, limit,
                          {"--questions": questions, "--annotations": annotations,
                           "--images": images, "--hat": hat})
-    if grid < 1:
-        raise InputError(f"--grid must be >= 1, got {grid}")
     if not 1 <= top_k <= 14 * 14:
         raise InputError(f"--top-k must be in [1, 196] (cells of the 14x14 map), got {top_k}")
-    parse_baseline(baseline)
-    parse_batch_size(batch_size)
     names = parse_methods(methods, parameter="--methods") if methods else default_methods()
-    settings = _Options(methods=names, grid=grid, baseline=baseline, batch_size=batch_size,
-                        answer=answer, k=top_k, shared=method_options)
+    method_options.settings()  # method settings checked before any model loads
+    settings = _Options(methods=names, grid=method_options.grid,
+                        baseline=method_options.baseline,
+                        batch_size=method_options.batch_size, answer=answer, k=top_k,
+                        shared=method_options)
     resolved = _resolve(specs, model_settings)
     run_on = None
     if executor.strip().lower() != "local" or workers != 1:
@@ -204,8 +200,7 @@ def _resolve(texts: Sequence[str], settings: ModelSettings) -> list[tuple[str, s
 
 
 def _method_settings(options: _Options) -> Any:
-    return options.shared.settings(grid=options.grid, baseline=options.baseline,
-                                   batch_size=options.batch_size)
+    return options.shared.settings()
 
 
 def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
@@ -288,7 +283,8 @@ def _header(settings: Any) -> dict[str, Any]:
         "settings": {"methods": list(settings.methods), "grid": settings.grid,
                      "baseline": settings.baseline, "batch_size": settings.batch_size,
                      "answer": settings.answer, "top_k": settings.k,
-                     "score": settings.shared.score, "metrics": settings.metrics},
+                     "score": settings.shared.score, "metrics": settings.metrics,
+                     **settings.shared.recorded(settings.methods)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "version": __version__,
     }
@@ -451,19 +447,25 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
                  folder: Path) -> None:
     from rich.table import Table
 
-    from blackbox_vqa.comparison import best_shared_answer, top_words
+    from blackbox_vqa.comparison import best_shared_answer, modality_share, top_words
 
     console = _console()
     ok = [run for run in runs if run.explanation is not None]
     differ = len({frozenset(run.answers) for run in ok}) > 1 and len(shared) > 0
+    shares = any(modality_share(run) is not None for run in runs)
     table = Table(title="models")
     for column in ("model", "answer", "probability", "top words", "flips", "time"):
         table.add_column(column, justify="right" if column in ("probability", "time") else
                          "left")
+    if shares:
+        table.add_column("T-SHAP / V-SHAP (mm-shap)")
     if differ:
         table.add_column(f"best of {len(shared)} shared answers")
     for run in runs:
-        table.add_row(*_row(run, differ, best_shared_answer(run, shared), top_words(run)))
+        row = _row(run, differ, best_shared_answer(run, shared), top_words(run))
+        if shares:
+            row.insert(6, _share_cell(modality_share(run)))
+        table.add_row(*row)
     console.print(table)
     if len({frozenset(run.answers) for run in ok}) > 1:
         sizes = ", ".join(f"{run.spec} {len(run.answers)}" for run in ok)
@@ -505,6 +507,16 @@ def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) 
     return cells
 
 
+def _share_cell(share: Any) -> Any:
+    """``T-SHAP ± s.e. / V-SHAP`` of one run (``n/a`` when MM-SHAP did not run)."""
+    from rich.text import Text
+
+    if share is None or share["t_shap"] is None:
+        return Text("n/a" if share is None else "undefined")
+    se = "" if share["t_shap_se"] is None else f" ± {share['t_shap_se']:.3f}"
+    return Text(f"{share['t_shap']:.3f}{se} / {share['v_shap']:.3f}")
+
+
 def _text(value: object) -> Any:
     """Text from outside (labels, answers, messages) as a Rich Text, control characters
     escaped."""
@@ -538,13 +550,21 @@ def _print_dataset(summary: dict[str, Any], folder: Path) -> None:
 
     console = _console()
     table = Table(title=f"models ({summary['items']} items)")
+    shares = any("modality_share" in entry for entry in summary["models"].values())
     for column in ("model", "accuracy", "judged", "failed", "human attention (rank corr)"):
         table.add_column(column)
+    if shares:
+        table.add_column("T-SHAP (mm-shap, mean ± s.e.)")
     for spec, entry in summary["models"].items():
         human = ", ".join(f"{method} {_fmt(est['mean'])} ± {_fmt(est['sem'])}"
                           for method, est in entry["human_attention"].items())
-        table.add_row(_text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
-                      Text(str(entry["failed"])), Text(human or "n/a"))
+        row = [_text(spec), Text(_fmt(entry["accuracy"])), Text(str(entry["judged"])),
+               Text(str(entry["failed"])), Text(human or "n/a")]
+        if shares:
+            share = (entry.get("modality_share") or {}).get("t_shap")
+            row.append(Text("n/a" if share is None else
+                            f"{_fmt(share['mean'])} ± {_fmt(share['sem'])}"))
+        table.add_row(*row)
     console.print(table)
     if summary["agreement"]:
         agreement = Table(title="mean agreement between models")

@@ -27,7 +27,11 @@ from blackbox_vqa.cli.executor_options import (
     SharedFs,
     build_executor,
 )
-from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
+from blackbox_vqa.cli.method_options import (
+    MethodOptions,
+    with_method_choice,
+    with_method_options,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options_except
 from blackbox_vqa.errors import InputError
 
@@ -41,15 +45,14 @@ _QUIET_REPORT_S = 30.0
 
 @with_model_options_except("threads")
 @with_method_options
+@with_method_choice("methods", "occlusion,guided-bp", "Methods")
 def evaluate_command(
     dataset: Annotated[str, typer.Option(help="easyvqa:train, easyvqa:test or vqa.")],
     out: Annotated[Path, typer.Option(help="Run folder: items are stored here as they "
                                       "finish; rerun the same command to continue.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, "
                                        "package.module:factory, ...")] = "easyvqa",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: occlusion, "
-                                         "guided-bp, gradient, any registered method, or "
-                                         "all.")] = "occlusion,guided-bp",
+    methods: str = "occlusion,guided-bp",
     questions: Annotated[Path | None, typer.Option(help="VQA questions JSON (--dataset "
                                                    "vqa).")] = None,
     annotations: Annotated[Path | None, typer.Option(help="VQA annotations JSON (--dataset "
@@ -73,12 +76,6 @@ def evaluate_command(
     ray_node_ip: RayNodeIp = None,
     threads: Annotated[int, typer.Option(help="Torch CPU threads per process (equal counts "
                                          "give bit-identical results).")] = 1,
-    grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
-    baseline: Annotated[str, typer.Option(help="Occlusion fill: imagenet-mean (the "
-                                          "paper's), black, blur or R,G,B (0-255).")
-                        ] = "imagenet-mean",
-    batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
-                                            "or N.")] = "auto",
     sanity: Annotated[int, typer.Option(help="Run the randomisation sanity check on the "
                                         "first N items (0: none); writes sanity.png.")] = 0,
     folds: Annotated[int, typer.Option(help="Cross-validation folds for failure "
@@ -92,7 +89,6 @@ def evaluate_command(
 ) -> None:
     """Explain every item of a data set; report human-attention correlation, words by part
     of speech and failure prediction."""
-    from dataclasses import asdict, replace
 
     from blackbox_vqa.cli.model_options import resolve
     from blackbox_vqa.datasets import open_dataset, select_items
@@ -100,12 +96,10 @@ def evaluate_command(
     from blackbox_vqa.evaluation.pos import load_tagger
     from blackbox_vqa.evaluation.runner import EvalConfig
     from blackbox_vqa.evaluation.runstore import RunStore
-    from blackbox_vqa.explainers.batching import parse_batch_size
-    from blackbox_vqa.explainers.masks import parse_baseline
     from blackbox_vqa.explainers.registry import parse_methods
-    from blackbox_vqa.specs import spec_kind
+    from blackbox_vqa.specs import kind_of
 
-    _check_numbers(limit=limit, workers=workers, threads=threads, grid=grid, folds=folds)
+    _check_numbers(limit=limit, workers=workers, threads=threads, folds=folds)
     if sanity < 0:
         raise InputError(f"--sanity must be >= 0 (items), got {sanity}")
     run_on = build_executor(executor, workers, {
@@ -113,11 +107,10 @@ def evaluate_command(
         "--gpus-per-worker": gpus_per_worker, "--ray-working-dir": ray_working_dir,
         "--shared-fs": shared_fs, "--ray-node-ip": ray_node_ip})
     method_names = parse_methods(methods, parameter="--methods")
-    parse_batch_size(batch_size)
-    parse_baseline(baseline)
+    options = method_options.settings()
     spec, label, model_settings = resolve(model, model_settings)
-    if spec_kind(spec) == "onnx":  # torch threads are set per process by the runner
-        model_settings = replace(model_settings, threads=threads)
+    if kind_of(spec).threads == "loader":  # torch threads are set per process by the runner
+        model_settings = model_settings.with_values(threads=threads)
     model_extra = model_settings.extra(spec)
     pos_tagger = load_tagger(tagger)
     listing = open_dataset(dataset, questions=questions, annotations=annotations,
@@ -128,13 +121,16 @@ def evaluate_command(
     chosen = select_items(listing.items, limit=limit, seed=seed)
     settings = {
         "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
-        "limit": limit, "seed": seed, "grid": grid, "baseline": baseline.strip().lower(),
-        "map_size": MAP_SIZE, "items": len(chosen), "threads": threads,
-        **asdict(method_options), "sanity": sanity,
+        "limit": limit, "seed": seed, "grid": options.grid,
+        "baseline": options.baseline.strip().lower(), "map_size": MAP_SIZE,
+        "items": len(chosen), "threads": threads, "score": options.score,
+        **method_options.recorded(method_names),
+        "metrics": method_options.metrics, "sanity": sanity,
+        **({"window": list(options.window)} if options.window else {}),
+        **({"stride": list(options.stride)} if options.stride else {}),
     }
     config = EvalConfig(model=spec, methods=method_names,
-                        options=method_options.settings(grid=grid, baseline=baseline,
-                                                        batch_size=batch_size),
+                        options=options,
                         seed=seed,
                         threads=threads, model_options=model_extra,
                         metrics=method_options.metrics,
@@ -146,7 +142,7 @@ def evaluate_command(
 
 
 def _check_numbers(
-    *, limit: int | None, workers: int, threads: int, grid: int, folds: int
+    *, limit: int | None, workers: int, threads: int, folds: int
 ) -> None:
     if limit is not None and limit < 1:
         raise InputError(f"--limit must be >= 1, got {limit}")
@@ -154,8 +150,6 @@ def _check_numbers(
         raise InputError(f"--workers must be >= 1, got {workers}")
     if threads < 1:
         raise InputError(f"--threads must be >= 1, got {threads}")
-    if grid < 1:
-        raise InputError(f"--grid must be >= 1, got {grid}")
     if folds < 2:
         raise InputError(f"--folds must be >= 2, got {folds}")
 

@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
-from blackbox_vqa.cli.method_options import MethodOptions, with_method_options
+from blackbox_vqa.cli.method_options import (
+    MethodOptions,
+    with_method_choice,
+    with_method_options,
+)
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
-from blackbox_vqa.errors import GradientUnavailableError, InputError, ModelError
+from blackbox_vqa.errors import GradientUnavailableError, ModelError
 
 if TYPE_CHECKING:
     from blackbox_vqa.explanation import Attribution, Explanation
 
-__all__ = ["ANSWER_ONLY", "explain_command", "metric_lines", "terminal_text"]
+__all__ = ["ANSWER_ONLY", "explain_command", "metric_lines", "modality_line", "terminal_text"]
 
 MARKER = "explanation.json"
 ANSWER_ONLY = "answer-only: maps show answer flips, not probabilities"
@@ -36,6 +40,20 @@ IGNORED_IMAGE = ("every image cell scores exactly like the original: the server 
 
 def _request_cache(model: Any) -> Any:
     return getattr(model, "requests", None) if hasattr(model, "mode") else None
+
+
+def _staged_request_cache(model: str, settings: ModelSettings,
+                          folder: Path) -> tuple[ModelSettings, Path | None]:
+    """An http model without ``--request-cache`` keeps its requests in ``.NAME.requests``
+    beside the output folder ``NAME`` (removed once the folder is written)."""
+    from blackbox_vqa.cli.model_options import resolve
+    from blackbox_vqa.specs import kind_of
+
+    spec, _, resolved = resolve(model, settings)
+    if kind_of(spec).name != "http" or "request_cache" in resolved.given:
+        return settings, None
+    staged = folder.parent / f".{folder.name}.requests"
+    return settings.with_values(request_cache=str(staged)), staged
 
 
 def _kept_requests(model: Any) -> str | None:
@@ -75,27 +93,16 @@ def _with_warnings(found: Explanation, model: Any) -> Explanation:
 
 @with_model_options
 @with_method_options
+@with_method_choice("method", "occlusion", "Explanation method(s)")
 def explain_command(
     image: Annotated[Path, typer.Option("--image", "-i", help="Image file (PNG, JPEG, ...).")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model spec: easyvqa, "
                                        "package.module:factory, PATH.onnx, http://..., "
                                        "@FILE:NAME ...")] = "easyvqa",
-    method: Annotated[str, typer.Option(help="Explanation method(s), comma-separated: "
-                                        "occlusion, guided-bp (guided backpropagation), "
-                                        "gradient (plain), any registered method, or "
-                                        "all.")] = "occlusion",
+    method: str = "occlusion",
     answer: Annotated[str | None, typer.Option(help="Explain this answer instead of the "
                                                "predicted one.")] = None,
-    grid: Annotated[int, typer.Option(help="Occlusion grid cells per side.")] = 16,
-    window: Annotated[str | None, typer.Option(help="Sliding window N or HxW pixels "
-                                               "(instead of the grid).")] = None,
-    stride: Annotated[str | None, typer.Option(help="Window step N or HxW pixels "
-                                               "(default: the window).")] = None,
-    baseline: Annotated[str, typer.Option(help="Patch fill: imagenet-mean, black, blur "
-                                          "or R,G,B (0-255).")] = "imagenet-mean",
-    batch_size: Annotated[str, typer.Option(help="Perturbed inputs per model call: auto "
-                                            "or N.")] = "auto",
     sanity: Annotated[bool, typer.Option("--sanity", help="Also run the model-parameter "
                                          "randomisation test of each method (models whose "
                                          "weights can be re-initialised).")] = False,
@@ -106,8 +113,8 @@ def explain_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print explanation.json to "
                                           "stdout.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print how many model calls "
-                                          "(HTTP requests at most) occlusion needs, and "
-                                          "exit.")] = False,
+                                          "(HTTP requests at most) occlusion and mm-shap "
+                                          "need, and exit.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
@@ -116,39 +123,29 @@ def explain_command(
     """Explain which image cells and question words made the model answer as it did."""
     from blackbox_vqa.cli.model_options import load
     from blackbox_vqa.explain import Explainer
-    from blackbox_vqa.explainers.batching import parse_batch_size
-    from blackbox_vqa.explainers.masks import parse_baseline
     from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.images import load_image
     from blackbox_vqa.outputs import check_output_dir, new_output_dir, slugify
-    from blackbox_vqa.sizes import parse_size
     from blackbox_vqa.text import validate_question
 
-    if grid < 1:
-        raise InputError(f"--grid must be >= 1, got {grid}")
-    window_hw = parse_size(window, "--window")
-    stride_hw = parse_size(stride, "--stride")
-    if stride_hw is not None and window_hw is None:
-        raise InputError("--stride needs --window")
-    parse_baseline(baseline)
-    parse_batch_size(batch_size)
+    options = method_options
+    settings = options.settings()
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
-    if dry_run or ("occlusion" in names and _is_http(model) and not as_json):
-        _print_cost(pixels, question, grid, window_hw, stride_hw)
+    costly = {"occlusion", "mm-shap"} & set(names)
+    if dry_run or (costly and _is_http(model) and not as_json):
+        if "occlusion" in names or "mm-shap" not in names:
+            _print_cost(pixels, question, options.grid, options.window, options.stride)
+        if "mm-shap" in names:
+            _print_shap_cost(pixels, question, settings)
         if dry_run:
             return
     folder = out if out is not None else new_output_dir(
         Path.cwd(), f"bbvqa-{slugify(question)}")
     check_output_dir(folder, force=force, marker=MARKER)
-    staged_cache = None
-    if model_settings.request_cache is None:
-        staged_cache = folder.parent / f".{folder.name}.requests"
-        model_settings = dataclasses.replace(model_settings, request_cache=str(staged_cache))
+    model_settings, staged_cache = _staged_request_cache(model, model_settings, folder)
     loaded = load(model, model_settings)
-    settings = method_options.settings(grid=grid, window=window_hw, stride=stride_hw,
-                                       baseline=baseline, batch_size=batch_size)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)
@@ -193,6 +190,25 @@ def _print_cost(pixels: Any, question: str, grid: int, window: Any, stride: Any)
     line = (f"occlusion: {count} model inputs (1 original + {cells} cells of the {what} + "
             f"{words} words); an endpoint that takes one input per request gets at most "
             f"{count} requests")
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _print_shap_cost(pixels: Any, question: str, settings: Any) -> None:
+    """Print how many inputs MM-SHAP scores at most (each distinct coalition once)."""
+    from blackbox_vqa.explainers.modality_share import ModalityShare
+    from blackbox_vqa.explainers.shapley import modality_share_evaluations
+    from blackbox_vqa.text import split_words
+
+    own = settings.of("mm-shap")
+    grid, permutations = own.shap_grid, own.shap_permutations
+    words = len(split_words(question))
+    players = ModalityShare.players_of(pixels.shape, question, grid)
+    count = modality_share_evaluations(players, permutations, "antithetic")
+    line = (f"mm-shap: at most {count} model inputs ({players} players: {grid}x{grid} cells "
+            f"+ {words} words; {permutations} permutations of {players - 1} new coalitions "
+            f"each + the whole input + the empty one, each coalition scored once); an "
+            f"endpoint that takes one input per request gets at most {count} requests")
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
 
@@ -361,6 +377,9 @@ def _print(console: Any, found: Explanation) -> None:
             _print_occlusion(console, attribution, flips=flips)
         elif attribution.key in ("guided_backprop", "gradient"):
             _print_gradient(console, attribution)
+        elif attribution.key == "mm_shap":
+            console.print(modality_line(attribution))
+            _print_generic(console, attribution)
         else:
             _print_generic(console, attribution)
     for name, gone in found.unavailable.items():
@@ -394,6 +413,19 @@ def _print_occlusion(console: Any, occlusion: Attribution, *, flips: bool = Fals
         f"answer flips: {counts['image']}/{counts['image_total']} patches, "
         f"{counts['words']}/{counts['words_total']} words"
     )
+
+
+def modality_line(found: Attribution) -> str:
+    """MM-SHAP's line: T-SHAP +- s.e., V-SHAP, the budget and the model inputs scored."""
+    extras = found.extras
+    t_shap, se = extras.get("t_shap"), extras.get("t_shap_se")
+    if t_shap is None:
+        share = "T-SHAP undefined (every Shapley value is 0)"
+    else:
+        share = (f"T-SHAP {t_shap:.3f}" + ("" if se is None else f" ± {se:.3f}")
+                 + f" (question), V-SHAP {extras['v_shap']:.3f} (image)")
+    return (f"{found.method}: {share}; {extras.get('permutations_walked')} permutations, "
+            f"{extras.get('evaluations')} model inputs in {extras.get('model_calls')} calls")
 
 
 def _print_gradient(console: Any, found: Attribution) -> None:

@@ -20,7 +20,14 @@ from blackbox_vqa.evaluation.pos import PosResult, Tagger, importance_by_tag, to
 from blackbox_vqa.evaluation.runstore import ItemRecord
 from blackbox_vqa.text import split_words
 
-__all__ = ["RESULTS_SCHEMA", "human_attention_table", "markdown", "pos_results", "summarize"]
+__all__ = [
+    "RESULTS_SCHEMA",
+    "human_attention_table",
+    "markdown",
+    "modality_table",
+    "pos_results",
+    "summarize",
+]
 
 RESULTS_SCHEMA = "blackbox_vqa.evaluation/1"
 
@@ -131,6 +138,7 @@ def summarize(
         "failure_prediction": _failure(done, folds, int(settings.get("seed", 0))),
         "faithfulness": faithfulness_table(done, methods),
         "sanity": sanity_table(done, methods),
+        "modality_share": modality_table(done, methods),
         "timing": {**_timing(done, methods), **dict(run or {})},
     }
 
@@ -189,6 +197,42 @@ def sanity_table(records: Sequence[ItemRecord], methods: Sequence[str]) -> dict[
     return {"items": len(having), "methods": table}
 
 
+SHARE_KEYS = ("t_shap", "v_shap", "t_shap_se", "evaluations")
+
+
+def modality_table(records: Sequence[ItemRecord], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method that reports modality shares (MM-SHAP): T-SHAP, V-SHAP, the items' own
+    s.e. of T-SHAP and the inputs scored, each as mean and standard error over the items
+    (an item whose T-SHAP is undefined, every Shapley value 0, counts as undefined)."""
+    table: dict[str, Any] = {}
+    for name in methods:
+        rows = [r.meta["methods"][name]["stats"] for r in records
+                if name in r.meta["methods"]]
+        if not any("t_shap_defined" in row for row in rows):
+            continue
+        table[name] = {key: mean_sem(row.get(key, float("nan")) for row in rows).to_dict()
+                       for key in SHARE_KEYS}
+    return {"methods": table}
+
+
+def markdown_modality(table: Mapping[str, Any]) -> list[str]:
+    """The modality-share table (empty when MM-SHAP did not run)."""
+    if not table.get("methods"):
+        return []
+    lines = ["", "## Modality share (MM-SHAP)", "",
+             "T-SHAP: the question words' share of the summed |Shapley values|, V-SHAP = "
+             "1 - T-SHAP; mean ± s.e. over items (the last columns: the mean of each item's "
+             "own s.e. of T-SHAP, and of the model inputs scored per item).", "",
+             "| method | T-SHAP | V-SHAP | items | undefined | item s.e. of T-SHAP "
+             "| model inputs |", "|---|---|---|---|---|---|---|"]
+    for name, entry in table["methods"].items():
+        t = entry["t_shap"]
+        lines.append(f"| {name} | {_estimate(entry, 't_shap')} | {_estimate(entry, 'v_shap')} "
+                     f"| {t['n']} | {t['undefined']} | {_fmt(entry['t_shap_se']['mean'])} "
+                     f"| {_fmt(entry['evaluations']['mean'], 0)} |")
+    return lines
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -217,6 +261,7 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines += ["", *markdown_failure(results["failure_prediction"])]
     lines += markdown_faithfulness(results.get("faithfulness") or {})
     lines += markdown_sanity(results.get("sanity") or {})
+    lines += markdown_modality(results.get("modality_share") or {})
     return "\n".join(lines) + "\n"
 
 

@@ -1,18 +1,95 @@
-"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients.
+"""Registry entries of the built-in methods: occlusion, guided backpropagation, gradients,
+integrated gradients, RISE and MM-SHAP, each with the settings it declares.
 
-Each entry binds lazily: nothing here imports torch until a gradient method is bound.
+Each entry binds lazily: nothing here imports torch until a gradient method is bound. A
+bound method returns its :class:`Attribution`; the library call times it and checks its key
+and sign against the entry.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from typing import Any
 
-from blackbox_vqa.errors import GradientUnavailableError, NotSupportedError
-from blackbox_vqa.explainers.registry import Method, MethodRequest, ModelContext, register
+from blackbox_vqa.errors import GradientUnavailableError, InputError, NotSupportedError
+from blackbox_vqa.explainers.registry import (
+    Method,
+    MethodRequest,
+    ModelContext,
+    positive_int,
+    register,
+    setting,
+)
 from blackbox_vqa.explanation import Attribution
 
-__all__ = ["GRADIENT", "GUIDED_BACKPROP", "INTEGRATED_GRADIENTS", "OCCLUSION", "RISE"]
+__all__ = [
+    "GRADIENT",
+    "GUIDED_BACKPROP",
+    "INTEGRATED_GRADIENTS",
+    "MM_SHAP",
+    "OCCLUSION",
+    "RISE",
+    "IntegratedGradientsSettings",
+    "ModalityShareSettings",
+    "OcclusionSettings",
+    "RiseSettings",
+]
+
+
+@dataclass(frozen=True)
+class OcclusionSettings:
+    """Occlusion's own setting (grid, window, baseline... are shared)."""
+
+    incremental: str = setting(
+        "exact", help="Occlusion on a PyTorch model: exact (compute only what each patch "
+        "changes; same maps) or off.")
+
+    def __post_init__(self) -> None:
+        if self.incremental not in ("exact", "off"):
+            raise InputError(f"incremental must be exact or off, got {self.incremental!r}")
+
+
+@dataclass(frozen=True)
+class RiseSettings:
+    """RISE's own setting."""
+
+    rise_masks: int = setting(2000, flag="masks", help="RISE: random masks.")
+
+    def __post_init__(self) -> None:
+        positive_int("rise_masks", self.rise_masks)
+
+
+@dataclass(frozen=True)
+class IntegratedGradientsSettings:
+    """Integrated gradients' own settings."""
+
+    ig_steps: int = setting(32, help="Integrated gradients: points of the path integral.")
+    ig_baseline: str = setting(
+        "black", help="Integrated gradients: image baseline, black, blur or imagenet-mean.")
+
+    def __post_init__(self) -> None:
+        positive_int("ig_steps", self.ig_steps)
+
+
+@dataclass(frozen=True)
+class ModalityShareSettings:
+    """MM-SHAP's own settings (the cells' fill, batch size and score are shared)."""
+
+    shap_grid: int = setting(4, help="MM-SHAP: image cells per side (the image players).")
+    shap_permutations: int = setting(
+        32, help="MM-SHAP: permutations sampled (even: antithetic pairs); about one model "
+        "input per player per permutation.")
+    shap_seed: int = setting(0, help="MM-SHAP: seed of the permutations.")
+
+    def __post_init__(self) -> None:
+        positive_int("shap_grid", self.shap_grid)
+        positive_int("shap_permutations", self.shap_permutations)
+        if self.shap_permutations % 2:
+            raise InputError("shap_permutations must be even (antithetic pairs of a "
+                             f"permutation and its reverse), got {self.shap_permutations}")
+        if isinstance(self.shap_seed, bool) or not isinstance(self.shap_seed, int) \
+                or self.shap_seed < 0:
+            raise InputError(f"shap_seed must be a non-negative integer, got {self.shap_seed!r}")
 
 
 class _OcclusionMethod:
@@ -30,16 +107,16 @@ class _OcclusionMethod:
         s = self.settings
         return self._build(self.model, grid=s.grid, window=s.window, stride=s.stride,
                            baseline=s.baseline, batch_size=s.batch_size,
-                           incremental=s.incremental, score=s.score,  # type: ignore[arg-type]
+                           incremental=s.of("occlusion").incremental,
+                           score=s.score,  # type: ignore[arg-type]
                            progress=progress)
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.occlusion import occlusion_attribution
 
-        started = time.perf_counter()
         result = self._explainer(request.progress).explain(
             request.image, request.question, answer=request.answer)
-        return occlusion_attribution(result, seconds=time.perf_counter() - started)
+        return occlusion_attribution(result)
 
 
 def _gradient_available(context: ModelContext) -> str | None:
@@ -73,11 +150,10 @@ class _GradientMethod:
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.guided_backprop import gradient_attribution
 
-        started = time.perf_counter()
         result = self._explainer.explain(request.image, request.question,
                                          answer=request.answer)
         return gradient_attribution(result, method=self.name, key=self.key,
-                                    source=self.source, seconds=time.perf_counter() - started)
+                                    source=self.source)
 
 
 class _IntegratedGradientsMethod:
@@ -91,21 +167,19 @@ class _IntegratedGradientsMethod:
                                                           "integrated gradients")
         if model is None:
             raise NotSupportedError(reason)
-        settings = context.settings
+        own = context.settings.of("integrated-gradients")
         try:
-            self._explainer = IntegratedGradients(model, steps=settings.ig_steps,
-                                                  baseline=settings.ig_baseline)
+            self._explainer = IntegratedGradients(model, steps=own.ig_steps,
+                                                  baseline=own.ig_baseline)
         except GradientUnavailableError as exc:
             raise NotSupportedError(str(exc)) from exc
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.integrated_gradients import ig_attribution
 
-        started = time.perf_counter()
         result = self._explainer.explain(request.image, request.question,
                                          answer=request.answer)
-        return ig_attribution(result, source=self.source,
-                              seconds=time.perf_counter() - started)
+        return ig_attribution(result, source=self.source)
 
 
 class _RiseMethod:
@@ -120,17 +194,41 @@ class _RiseMethod:
         from blackbox_vqa.explainers.rise import Rise
 
         s = self.settings
-        return Rise(self.model, masks=s.rise_masks, baseline=s.baseline,
+        return Rise(self.model, masks=s.of("rise").rise_masks, baseline=s.baseline,
                     batch_size=s.batch_size, score=s.score,  # type: ignore[arg-type]
                     progress=progress)
 
     def explain(self, request: MethodRequest) -> Attribution:
         from blackbox_vqa.explainers.rise import rise_attribution
 
-        started = time.perf_counter()
         result = self._rise(request.progress).explain(request.image, request.question,
                                                       answer=request.answer)
-        return rise_attribution(result, seconds=time.perf_counter() - started)
+        return rise_attribution(result)
+
+
+class _ModalityShareMethod:
+    """MM-SHAP bound to one model (see :mod:`blackbox_vqa.explainers.modality_share`)."""
+
+    def __init__(self, context: ModelContext) -> None:
+        self.model = context.model
+        self.settings = context.settings
+        self._explainer(None)  # validates the settings now
+
+    def _explainer(self, progress: Any) -> Any:
+        from blackbox_vqa.explainers.modality_share import ModalityShare
+
+        s, own = self.settings, self.settings.of("mm-shap")
+        return ModalityShare(self.model, grid=own.shap_grid,
+                             permutations=own.shap_permutations, seed=own.shap_seed,
+                             baseline=s.baseline, batch_size=s.batch_size, score=s.score,
+                             progress=progress)
+
+    def explain(self, request: MethodRequest) -> Attribution:
+        from blackbox_vqa.explainers.modality_share import modality_share_attribution
+
+        result = self._explainer(request.progress).explain(
+            request.image, request.question, answer=request.answer)
+        return modality_share_attribution(result)
 
 
 OCCLUSION = Method(
@@ -142,6 +240,7 @@ OCCLUSION = Method(
     bind=_OcclusionMethod,
     image_label="p(a | original) - p(a | occluded)",
     kind="black-box",
+    settings=OcclusionSettings,
 )
 
 GUIDED_BACKPROP = Method(
@@ -179,6 +278,7 @@ INTEGRATED_GRADIENTS = Method(
     image_label="integrated gradients (sum over channels)",
     kind="white-box",
     default=False,
+    settings=IntegratedGradientsSettings,
 )
 
 RISE = Method(
@@ -191,7 +291,21 @@ RISE = Method(
     image_label="mask-weighted mean score",
     kind="black-box",
     default=False,
+    settings=RiseSettings,
 )
 
-for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE):
+MM_SHAP = Method(
+    name="mm-shap",
+    key="mm_shap",
+    signed=True,
+    help="MM-SHAP (Parcalabescu & Frank 2023): Shapley values of image cells and question "
+    "words by sampled permutations; T-SHAP / V-SHAP: the question's / image's share",
+    bind=_ModalityShareMethod,
+    image_label="Shapley value of the cell",
+    kind="black-box",
+    default=False,
+    settings=ModalityShareSettings,
+)
+
+for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE, MM_SHAP):
     register(_method, replace=True)

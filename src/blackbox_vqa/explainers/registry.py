@@ -15,10 +15,11 @@ names a module, imported when the registry is first used, that calls :func:`regi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_type_hints
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,19 +29,25 @@ from blackbox_vqa.explanation import Attribution
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "SCORES",
     "BoundMethod",
     "Method",
     "MethodRequest",
     "MethodSettings",
     "ModelContext",
     "ProgressCallback",
+    "SettingSpec",
+    "all_setting_specs",
     "bind_methods",
     "default_methods",
     "get_method",
     "method_keys",
     "method_names",
     "parse_methods",
+    "positive_int",
     "register",
+    "setting",
+    "setting_specs",
     "unregister",
 ]
 
@@ -50,24 +57,74 @@ _BUILTIN_MODULE = "blackbox_vqa.explainers.builtin"
 ProgressCallback = Callable[[int, int], None]
 
 
+def setting(default: Any, *, help: str, flag: str | None = None) -> Any:
+    """A field of a method's settings dataclass: its ``default``, the ``help`` line of its
+    command-line option and the option's name without ``--`` (default: the field's name
+    with ``_`` as ``-``). The field's name is its keyword in the library call."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+def positive_int(name: str, value: object) -> None:
+    """Raise :class:`InputError` unless ``value`` is an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One declared setting of a method, as the command line and the library see it.
+
+    Attributes:
+        method: the method's name; ``name``: the field (and library keyword);
+        flag: the option without ``--``; ``type``: ``int``, ``float``, ``str`` or ``bool``;
+        default, help: as declared.
+    """
+
+    method: str
+    name: str
+    flag: str
+    type: type
+    default: Any
+    help: str
+
+
+def setting_specs(settings: type | None, method: str) -> tuple[SettingSpec, ...]:
+    """The settings a method's settings dataclass declares (none for ``None``)."""
+    if settings is None:
+        return ()
+    if not dataclasses.is_dataclass(settings):
+        raise InputError(f"method {method!r}: settings must be a dataclass, got {settings!r}")
+    hints = get_type_hints(settings)
+    specs = []
+    for item in dataclasses.fields(settings):
+        kind = hints[item.name]
+        if kind not in (int, float, str, bool):
+            raise InputError(f"method {method!r}: setting {item.name!r} must be an int, float, "
+                             f"str or bool, got {kind!r}")
+        if "help" not in item.metadata:
+            raise InputError(f"method {method!r}: setting {item.name!r} has no help (declare "
+                             "it with registry.setting(...))")
+        flag = item.metadata.get("flag") or item.name.replace("_", "-")
+        specs.append(SettingSpec(method, item.name, flag, kind, item.default,
+                                 item.metadata["help"]))
+    return tuple(specs)
+
+
 @dataclass(frozen=True)
 class MethodSettings:
-    """Settings of the methods (each method reads the ones it uses).
+    """Settings of the methods: the shared ones, and each method's own.
 
     Attributes:
         grid: occlusion cells per side (default 16, the paper's).
         window, stride: sliding-window occlusion instead of the grid, ``(h, w)`` pixels.
         baseline: patch fill: ``imagenet-mean``, ``black``, ``blur`` or ``"R,G,B"``.
         batch_size: perturbed inputs per model call, ``"auto"`` or a positive int.
-        score: what occlusion and RISE compare: ``probability`` (the paper's) or
+        score: what perturbation methods compare: ``probability`` (the paper's) or
             ``log-probability`` (structure shows where a saturated model's p is ~1).
-        rise_masks: RISE: random masks (default 2000).
-        incremental: occlusion on a model with incremental scoring: ``exact`` (default)
-            or ``off``.
-        ig_steps: integrated gradients: points of the path integral (default 32).
-        ig_baseline: integrated gradients: the image baseline, ``black``, ``blur`` or
-            ``imagenet-mean`` (words: the padding token's embedding).
-        extra: settings of methods registered from outside, by name.
+        methods: method name -> an instance of its settings dataclass (the entry's
+            ``settings``); a method left out gets its defaults. Build it from keywords
+            with :meth:`create`.
+        extra: free-form settings of methods registered from outside, by name.
     """
 
     grid: int = 16
@@ -76,10 +133,7 @@ class MethodSettings:
     baseline: str = "imagenet-mean"
     batch_size: int | str = "auto"
     score: str = "probability"
-    rise_masks: int = 2000
-    incremental: str = "exact"
-    ig_steps: int = 32
-    ig_baseline: str = "black"
+    methods: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,17 +141,53 @@ class MethodSettings:
             raise InputError(f"grid must be a positive integer, got {self.grid!r}")
         if self.stride is not None and self.window is None:
             raise InputError("stride needs a window")
-        if isinstance(self.ig_steps, bool) or not isinstance(self.ig_steps, int) \
-                or self.ig_steps < 1:
-            raise InputError(f"ig_steps must be a positive integer, got {self.ig_steps!r}")
-        if isinstance(self.rise_masks, bool) or not isinstance(self.rise_masks, int) \
-                or self.rise_masks < 1:
-            raise InputError(f"rise_masks must be a positive integer, got {self.rise_masks!r}")
-        if self.incremental not in ("exact", "off"):
-            raise InputError(f"incremental must be exact or off, got {self.incremental!r}")
-        if self.score not in ("probability", "log-probability"):
-            raise InputError("score must be one of probability, log-probability, got "
-                             f"{self.score!r}")
+        if self.score not in SCORES:
+            raise InputError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        for name, values in self.methods.items():
+            declared = get_method(name).settings
+            if declared is None or not isinstance(values, declared):
+                raise InputError(f"settings of method {name!r} must be a "
+                                 f"{getattr(declared, '__name__', 'None')}, got {values!r}")
+
+    @classmethod
+    def create(cls, **keywords: Any) -> MethodSettings:
+        """Settings from keywords: the shared fields, and any registered method's setting
+        by its name (``rise_masks=500``, ``ig_steps=64``...). An unknown keyword raises
+        :class:`InputError` naming the known ones."""
+        shared = {f.name for f in dataclasses.fields(cls)} - {"methods"}
+        owners = {spec.name: spec.method for spec in all_setting_specs()}
+        unknown = sorted(set(keywords) - shared - set(owners))
+        if unknown:
+            raise InputError(f"unknown setting {unknown[0]!r}; settings are: "
+                             f"{', '.join(sorted(shared | set(owners)))}")
+        own: dict[str, dict[str, Any]] = {}
+        for name, value in keywords.items():
+            if name in owners:
+                own.setdefault(owners[name], {})[name] = value
+        base = {k: v for k, v in keywords.items() if k in shared}
+        methods = dict(base.pop("methods", {}) or {})
+        for method, values in own.items():
+            current = methods.get(method) or cls().of(method)
+            methods[method] = dataclasses.replace(current, **values)
+        return cls(**base, methods=methods)
+
+    def of(self, method: str) -> Any:
+        """The settings of ``method`` (its dataclass; the defaults when not given)."""
+        if method in self.methods:
+            return self.methods[method]
+        declared = get_method(method).settings
+        if declared is None:
+            raise InputError(f"method {method!r} declares no settings")
+        return declared()
+
+    def keywords(self) -> dict[str, Any]:
+        """Every method setting in force, by keyword (for records and messages)."""
+        return {spec.name: getattr(self.of(spec.method), spec.name)
+                for spec in all_setting_specs()}
+
+
+SCORES = ("probability", "log-probability")
+"""What a perturbation method compares (the shared ``score`` setting)."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +249,9 @@ class Method:
         image_label: what the image map's colour bar shows.
         kind: ``"black-box"`` (needs only ``answer_probs_batch``) or ``"white-box"``.
         default: run by ``compare`` and ``evaluate`` unless methods are named.
+        settings: the method's own settings, a frozen dataclass whose fields are declared
+            with :func:`setting` (int, float, str or bool; validated in its
+            ``__post_init__``); every command gets an option per field.
     """
 
     name: str
@@ -170,6 +263,7 @@ class Method:
     image_label: str = ""
     kind: Literal["black-box", "white-box"] = "black-box"
     default: bool = True
+    settings: type | None = None
 
     def __post_init__(self) -> None:
         for label, value in (("name", self.name), ("key", self.key)):
@@ -178,6 +272,7 @@ class Method:
                     f"method {label} must be non-empty, without commas or surrounding "
                     f"spaces, and not 'all'; got {value!r}"
                 )
+        setting_specs(self.settings, self.name)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -210,6 +305,17 @@ def register(method: Method, *, replace: bool = False) -> None:
     if method.name in _REGISTRY and not replace:
         raise InputError(f"method {method.name!r} is already registered (replace=True "
                          "replaces it)")
+    taken: dict[str, str] = {}
+    for other in all_setting_specs():
+        if other.method != method.name:
+            taken.update(dict.fromkeys((other.name, other.flag.replace("-", "_")), other.method))
+    shared = {f.name for f in dataclasses.fields(MethodSettings)} | {"metrics", "sanity"}
+    for spec in setting_specs(method.settings, method.name):
+        names = {spec.name, spec.flag.replace("-", "_")}
+        owner = next((taken[name] for name in sorted(names) if name in taken), None)
+        if owner is not None or names & shared:
+            raise InputError(f"method {method.name!r}: setting {spec.name!r} (--{spec.flag}) "
+                             f"is taken by {owner or 'the shared settings'!r}")
     _REGISTRY[method.name] = method
 
 
@@ -238,6 +344,12 @@ def default_methods() -> tuple[str, ...]:
     """The methods run when none are named (``compare``, ``evaluate``)."""
     _load()
     return tuple(name for name, method in _REGISTRY.items() if method.default)
+
+
+def all_setting_specs() -> tuple[SettingSpec, ...]:
+    """The declared settings of every registered method, in registration order."""
+    _load()
+    return tuple(spec for m in _REGISTRY.values() for spec in setting_specs(m.settings, m.name))
 
 
 def method_keys() -> dict[str, tuple[str, bool]]:

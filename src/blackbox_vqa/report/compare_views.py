@@ -125,6 +125,15 @@ def _summary_tables(summary: Mapping[str, Any]) -> tuple[TableView, ...]:
         tables.append(TableView(
             "rank correlation with human attention (14x14, mean ± standard error)",
             ("model", "method", "correlation", "items"), tuple(human_rows)))
+    share_rows = tuple(
+        (spec, *(f"{_number(m['modality_share'][key]['mean'])} ± "
+                 f"{_number(m['modality_share'][key]['sem'])}" for key in ("t_shap", "v_shap")),
+         str(m["modality_share"]["t_shap"]["n"]))
+        for spec, m in models.items() if m.get("modality_share"))
+    if share_rows:
+        tables.append(TableView(
+            "modality share (MM-SHAP; mean ± standard error over items)",
+            ("model", "T-SHAP (question)", "V-SHAP (image)", "items"), share_rows))
     if summary["agreement"]:
         tables.append(TableView(
             "mean agreement between models",

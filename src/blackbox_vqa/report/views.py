@@ -198,8 +198,28 @@ def model_view(
         methods=method_views(explanation, unavailable),
         flips=_flips(explanation),
         seconds=_seconds(explanation),
-        facts=(*facts, *_check_facts(explanation.sections)),
+        facts=(*facts, *_method_facts(explanation), *_check_facts(explanation.sections)),
     )
+
+
+def _method_facts(explanation: Explanation) -> tuple[tuple[str, str], ...]:
+    """Facts a method's section states beyond its maps: MM-SHAP's modality shares."""
+    facts: list[tuple[str, str]] = []
+    for attribution in explanation.attributions.values():
+        extras = attribution.extras
+        if "t_shap" not in extras:
+            continue
+        label = f"{attribution.method}: T-SHAP (question) / V-SHAP (image)"
+        if extras.get("t_shap") is None:
+            facts.append((label, "undefined (every Shapley value is 0)"))
+            continue
+        se = extras.get("t_shap_se")
+        facts.append((label, f"{_number(extras['t_shap'])}"
+                      + ("" if se is None else f" ± {_number(se)}")
+                      + f" / {_number(extras.get('v_shap'))} "
+                      f"({extras.get('permutations_walked')} permutations, "
+                      f"{extras.get('evaluations')} model inputs)"))
+    return tuple(facts)
 
 
 def _number(value: Any) -> str:

@@ -110,8 +110,7 @@ SCORES = ("auto", "sequence", "first-token")
 # Options of the openai format alone (None: the format's default).
 _CHAT_OPTIONS = {"remote_model": "--remote-model", "prompt": "--prompt",
                  "max_tokens": "--max-tokens", "top_logprobs": "--top-logprobs",
-                 "score": "--answer-score", "require_logprobs": "--require-logprobs",
-                 "request_cache": "--request-cache"}
+                 "score": "--answer-score", "require_logprobs": "--require-logprobs"}
 # An upper estimate of one score's share of an 'ours' JSON answer ("1.2345678901234567e-05, ").
 _SCORE_JSON_BYTES = 25
 _CACHE_BYTES = 64 * 2**20
@@ -182,8 +181,9 @@ class HttpAdapter:
             ``"first-token"``.
         require_logprobs: ``openai``: a server answering without logprobs is an error
             instead of answer-only flip maps.
-        request_cache: ``openai``: a folder keeping every completed request's answer, so
-            that a rerun sends nothing twice (None: none).
+        request_cache: a folder keeping every completed chat request's answer, so that a
+            rerun sends nothing twice (None: none; the other formats keep none, and
+            ignore it).
         cache: do not send an input already answered.
         transport: an ``httpx`` transport (the I/O seam for tests and proxies).
         sleep: called with each retry wait in seconds (default: wait on an event).
@@ -264,7 +264,7 @@ class HttpAdapter:
         self._format: WireFormat | ChatFormat | SequenceFormat
         chat = {"remote_model": remote_model, "prompt": prompt, "max_tokens": max_tokens,
                 "top_logprobs": top_logprobs, "score": score,
-                "require_logprobs": require_logprobs or None, "request_cache": request_cache}
+                "require_logprobs": require_logprobs or None}
         self.score = "auto" if score is None else score
         if self.score not in SCORES:
             raise InputError(f"answer score (--answer-score) must be one of "
