@@ -436,3 +436,25 @@ def test_a_logprob_too_large_for_a_float_is_probability_zero(image: np.ndarray) 
     with scripted_server(ChatServer(always="huge")) as url, adapter(url + "/v1") as remote:
         row = remote.answer_probs(image, QUESTION)
     assert row[list(remote.answers).index("no")] == 0.0
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--answer-score", "whole"], "--answer-score must be one of auto, sequence, "
+     "first-token, got 'whole'"),
+    (["--top-logprobs", "-1"], "top_logprobs must be an integer >= 0, got -1"),
+])
+def test_bad_chat_options_are_one_line_and_exit_2(image_file: Path, tmp_path: Path,
+                                                  extra: list[str], words: str) -> None:
+    with scripted_server(ChatServer()) as url:
+        code, _, err = explain(url, image_file, tmp_path / "x", *extra)
+    assert code == 2 and err.count("\n") == 1 and words in err
+    assert not (tmp_path / "x").exists() and not (tmp_path / ".x.requests").exists()
+
+
+def test_a_request_cache_that_is_a_file_is_refused(image_file: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with scripted_server(ChatServer()) as url:
+        code, _, err = explain(url, image_file, tmp_path / "x", "--request-cache",
+                               str(tmp_path / "file"))
+    assert code == 2 and err.count("\n") == 1 and "is not a folder" in err
+    assert (tmp_path / "file").read_text() == "not a folder"

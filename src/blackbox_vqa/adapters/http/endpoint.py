@@ -366,30 +366,8 @@ class HttpAdapter:
             if self.notes:
                 found["notes"] = list(self.notes)
             return found
-        if self.wire_format == "hf":
-            return {
-                "kind": "top_k",
-                "format": "hf",
-                "top_k": self.top_k,
-                "scores": "lower_bounds",
-                "maps": "upper_bounds",
-                "other_answer": OTHER_ANSWER,
-                "note": "The endpoint returns only its top-k answers; an answer missing from "
-                "a list scores 0, so every score is a lower bound of the model's, and an "
-                "importance p(a|original) - p(a|perturbed) is an upper bound wherever the "
-                "answer fell out of the top-k. The answers are those the endpoint gave for "
-                "the original input; '(other)' holds the best score of any other answer.",
-            }
-        if self.wire_format == "answer-only":
-            return {
-                "kind": "answer_only",
-                "format": "answer-only",
-                "maps": "flip",
-                "other_answer": OTHER_ANSWER,
-                "note": "The endpoint returns only its answer, which scores 1 (every other "
-                "answer 0); an importance is 1 where the perturbation changed the answer and "
-                "0 where it did not: the maps are flip maps.",
-            }
+        if isinstance(self._format, (TopKFormat, AnswerOnlyFormat)):
+            return self._format.semantics()
         return None
 
     def answer_probs(self, image: ImageInput, question: str) -> NDArray[np.float64]:
