@@ -258,6 +258,7 @@ class ChatServer:
     refuses: tuple[str, ...] = ()
     stop_after: int | None = None
     echo_key: bool = False
+    template_space: bool = False  # vllm: the chat template puts a space before the message
     posts: list[float] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -387,6 +388,7 @@ class ChatServer:
         ``k`` alternatives with logprob -9."""
         final = request.messages[-1]
         answer = final.content if isinstance(final.content, str) else ""
+        answer = " " + answer if self.template_space else answer
         head = ["<s>", "USER:", *list(text), "<image>", " ASSISTANT:"]
         tokens = toy_tokens(answer)
         values = [-1.0] * (len(head) - 1) + _answer_position_logprobs(image, text, tokens)

@@ -184,6 +184,22 @@ def test_a_refused_scoring_request_falls_back_or_fails_when_sequence_is_asked(
         assert remote.mode == "first_token" and remote.notes == []
 
 
+def test_a_template_that_changes_the_answer_falls_back_with_a_note(image: np.ndarray) -> None:
+    chat = ChatServer(flavour="vllm", template_space=True)  # " Yes" is another token
+    with scripted_server(chat) as url, adapter(url + "/v1") as remote:
+        remote.prepare(image, QUESTION)
+        assert remote.mode == "first_token"
+        (note,) = remote.notes
+    generated = toy_logprobs(image, QUESTION)["Yes"] + toy_second_logprobs(image, QUESTION)["."]
+    given = toy_logprobs(image, QUESTION)[" Yes"] + toy_second_logprobs(image, QUESTION)["."]
+    assert note == (f"first-token scores: the server scores its own answer {given:.4g} as a "
+                    f"given text but {generated:.4g} as generated (its chat template or "
+                    "tokeniser changes the answer)")
+    with scripted_server(chat) as url, adapter(url + "/v1", score="sequence") as remote, \
+            pytest.raises(ModelError, match="chat template or tokeniser"):
+        remote.prepare(image, QUESTION)
+
+
 def test_prompt_logprobs_are_read_by_token_id_and_aligned_on_the_answer() -> None:
     entry = {"5": {"logprob": -0.5, "rank": 1, "decoded_token": "Yes"},
              "9": {"logprob": -0.1, "rank": 2, "decoded_token": "No"}}

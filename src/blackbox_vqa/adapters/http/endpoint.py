@@ -107,6 +107,8 @@ OPTION_KEYS = {
     "request_cache": "request_cache",
 }
 SCORES = ("auto", "sequence", "first-token")
+# Two log-probabilities of one answer that agree (the server's own float noise is ~1e-6).
+_SAME_LOGPROB = 1e-3
 # Options of the openai format alone (None: the format's default).
 _CHAT_OPTIONS = {"remote_model": "--remote-model", "prompt": "--prompt",
                  "max_tokens": "--max-tokens", "top_logprobs": "--top-logprobs",
@@ -660,6 +662,18 @@ class HttpAdapter:
             self.mode = "first_token"
             self.notes.append("first-token scores: the server refused to score the whole "
                               "answer (prompt_logprobs)")
+            return
+        assert isinstance(score, SequenceScore)
+        if answer.total is not None and abs(score.logprob - answer.total) > _SAME_LOGPROB:
+            # The continued message is not the generation: the chat template renders the
+            # assistant turn otherwise, or the text is tokenised otherwise than generated.
+            problem = (f"the server scores its own answer {score.logprob:.4g} as a given "
+                       f"text but {answer.total:.4g} as generated (its chat template or "
+                       "tokeniser changes the answer)")
+            if self.score == "sequence":
+                raise ModelError(f"HTTP endpoint {url}: {problem}")
+            self.mode = "first_token"
+            self.notes.append(f"first-token scores: {problem}")
             return
         self._format = sequence
         self.mode = "sequence"

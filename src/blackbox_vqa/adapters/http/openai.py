@@ -92,6 +92,7 @@ class ChatAnswer:
     raw: str = ""
     model: str | None = None
     prompt_logprobs: bool = False
+    total: float | None = None  # sum of the generated tokens' logprobs, when all are listed
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ class ChatFormat:
         model = data.get("model")
         return [ChatAnswer(answer, _first_position(choice.get("logprobs"), self.top_logprobs),
                            raw=text, model=model if isinstance(model, str) else None,
-                           prompt_logprobs="prompt_logprobs" in data)]
+                           prompt_logprobs="prompt_logprobs" in data,
+                           total=_total(choice.get("logprobs")))]
 
 
 def _logprob(value: object, where: str) -> float:
@@ -181,6 +183,23 @@ def _logprob(value: object, where: str) -> float:
     if math.isnan(number) or number > _LOGPROB_SLACK:
         raise WireError(f"{where} has a logprob that is not a number <= 0: {value!r}")
     return math.exp(min(number, 0.0))
+
+
+def _total(logprobs: object) -> float | None:
+    """The sum of every generated token's logprob (None when any is missing or odd)."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    total = 0.0
+    for entry in content:
+        value = entry.get("logprob") if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        try:
+            total += float(value)
+        except OverflowError:
+            return None
+    return total if math.isfinite(total) else None
 
 
 def _first_position(logprobs: object, top: int) -> tuple[tuple[str, float], ...] | None:

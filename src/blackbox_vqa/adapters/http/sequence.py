@@ -83,9 +83,11 @@ def answer_logprob(data: Any, answer: str) -> float:
                 break
             logprob, decoded = _entry_logprob(entries[i], ids[i], f"prompt_logprobs[{i}]")
             text, total = decoded + text, total + logprob
-            if text == target and target:
-                return total
-            if len(text) >= len(target) or not target.endswith(text):
+            if target and (text == target or (text.lstrip() == target.lstrip()
+                                              and not text[:len(text) - len(target)].strip()
+                                              and len(text) >= len(target))):
+                return total  # a template may put a space before the message
+            if len(text) >= len(target) or not target.endswith(text.lstrip()):
                 break
     raise WireError("answered with prompt tokens that do not end in the answer's text "
                     "(its chat template may change the assistant message)")
