@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import typer
+from PIL import Image
 
 from blackbox_vqa.cli.app import app
 from blackbox_vqa.cli.reference import markdown_reference
@@ -24,6 +31,37 @@ def test_the_readme_is_short_and_points_to_the_docs() -> None:
         assert needed in readme, needed
     for link in ("docs/images/occlusion.png", "docs/methods/index.md", "docs/models/index.md"):
         assert (ROOT / link).is_file(), link
+
+
+def _readme_block(heading: str) -> str:
+    """The first ```bash block under the README's ``## heading``."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split(f"\n## {heading}\n", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+
+
+def test_the_readme_main_command_writes_the_picture_it_shows(tmp_path: Path) -> None:
+    """The main command, word for word, run as a real program where a newcomer runs it."""
+    argv = shlex.split(_readme_block("Main command"))
+    assert argv[:2] == ["bbvqa", "explain"], argv
+    program = shutil.which("bbvqa")
+    prefix = [program] if program else [sys.executable, "-m", "blackbox_vqa"]
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    done = subprocess.run([*prefix, *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "A: blue" in done.stdout
+    folder = tmp_path / "bbvqa-what-color-is-the-shape"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "explanation.json", "occlusion.png", "report.html", "words.png"]
+    assert json.loads((folder / "explanation.json").read_text())["answer"] == "blue"
+    # The README's picture is this command's map: same size, same pixels up to font
+    # rendering (a stale picture of another map differs by far more).
+    made = np.asarray(Image.open(folder / "occlusion.png").convert("RGB"), dtype=np.float64)
+    shown = np.asarray(Image.open(ROOT / "docs/images/occlusion.png").convert("RGB"),
+                       dtype=np.float64)
+    assert made.shape == shown.shape
+    assert np.abs(made - shown).mean() < 2.0
 
 
 def test_the_readme_python_example_runs(tmp_path: Path) -> None:
