@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -106,3 +107,36 @@ def test_the_cli_reference_refuses_an_app_without_commands() -> None:
         assert "no sub-commands" in str(exc)
     else:
         raise AssertionError("an app without sub-commands was accepted")
+
+
+def _documented_commands(text: str) -> list[list[str]]:
+    """``bbvqa ...`` command lines of a page: shell blocks (continuations joined) and code spans."""
+    lines: list[str] = []
+    for block in re.findall(r"```(?:bash|console|sh)\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ").split(" #", 1)[0]
+            if line.startswith(("bbvqa ", "python -m blackbox_vqa ")):
+                lines.append(line)
+    lines += re.findall(r"`(bbvqa [^`]+)`", text)
+    return [line.split()[1 if line.startswith("bbvqa") else 3:] for line in lines]
+
+
+def test_every_documented_command_and_option_exists() -> None:
+    """A page naming ``bbvqa explain --gone`` fails here, not in a reader's terminal."""
+    group = typer.main.get_command(app)
+    pages = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+    checked = 0
+    for page in pages:
+        for words in _documented_commands(page.read_text(encoding="utf-8")):
+            if not words or words[0].startswith("-") or words[0].isupper():
+                continue  # `bbvqa --help`, `bbvqa COMMAND --help`
+            name = page.relative_to(ROOT)
+            assert words[0] in group.commands, (name, words)  # type: ignore[attr-defined]
+            command = group.commands[words[0]]  # type: ignore[attr-defined]
+            flags = {"--help"}.union(*(p.opts + p.secondary_opts for p in command.params))
+            for word in words[1:]:
+                flag = re.match(r"-{1,2}[A-Za-z][\w-]*", word)
+                if flag:
+                    assert flag.group(0) in flags, (name, words[0], flag.group(0))
+            checked += 1
+    assert checked >= 50, checked
