@@ -124,7 +124,10 @@ def _documented_commands(text: str) -> list[list[str]]:
 def test_every_documented_command_and_option_exists() -> None:
     """A page naming ``bbvqa explain --gone`` fails here, not in a reader's terminal."""
     group = typer.main.get_command(app)
-    pages = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+    # docs/extending/ shows commands with the reader's own method or kind installed (its
+    # options, e.g. --yes-word, exist only then), so its pages are left out here.
+    pages = [*sorted(p for p in (ROOT / "docs").rglob("*.md")
+                     if "extending" not in p.relative_to(ROOT).parts), ROOT / "README.md"]
     checked = 0
     for page in pages:
         for words in _documented_commands(page.read_text(encoding="utf-8")):
