@@ -143,3 +143,38 @@ def test_every_documented_command_and_option_exists() -> None:
                     assert flag.group(0) in flags, (name, words[0], flag.group(0))
             checked += 1
     assert checked >= 50, checked
+
+
+def test_the_factory_page_example_runs_as_written(tmp_path: Path) -> None:
+    """docs/models/factory.md: its module written out, its command run; the printed
+    probability is the image's mean brightness squared, computed here independently."""
+    page = (ROOT / "docs" / "models" / "factory.md").read_text(encoding="utf-8")
+    module = page.split("```python\n", 1)[1].split("```", 1)[0]
+    first, _, body = module.partition("\n")
+    assert first == "# brightness.py"
+    (tmp_path / "brightness.py").write_text(body, encoding="utf-8")
+    shutil.copy(ROOT / "examples" / "blue_circle.png", tmp_path / "blue_circle.png")
+    command = page.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    argv = shlex.split(command)
+    assert argv[:2] == ["bbvqa", "explain"]
+    program = shutil.which("bbvqa")
+    prefix = [program] if program else [sys.executable, "-m", "blackbox_vqa"]
+    done = subprocess.run([*prefix, *argv[1:]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    pixels = np.asarray(Image.open(ROOT / "examples" / "blue_circle.png").convert("RGB"),
+                        dtype=np.float64)
+    light = (pixels.mean() / 255.0) ** 2
+    printed = f"A: light  (p = {light:.4f})"
+    assert printed in done.stdout and f"`{printed}`" in page, (printed, done.stdout[:200])
+    assert f"{pixels.mean() / 255.0:.4f}" in page
+    for spec, code, message in (
+            ("brightness:build?power", 2, "is not key=value"),
+            ("brightness:nothing", 1, "has no attribute 'nothing'"),
+            ("no_such_module_here:build", 1, "cannot import 'no_such_module_here'")):
+        bad = subprocess.run([*prefix, "explain", "--model", spec, "--image", "blue_circle.png",
+                              "--question", "is it light?"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600, check=False)
+        assert bad.returncode == code and message in bad.stderr, (spec, bad.stderr)
+        assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
+    assert [p.name for p in tmp_path.glob("bbvqa-*")] == ["bbvqa-is-it-light"]  # no new one
