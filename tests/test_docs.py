@@ -178,3 +178,16 @@ def test_the_factory_page_example_runs_as_written(tmp_path: Path) -> None:
         assert bad.returncode == code and message in bad.stderr, (spec, bad.stderr)
         assert "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
     assert [p.name for p in tmp_path.glob("bbvqa-*")] == ["bbvqa-is-it-light"]  # no new one
+
+
+def test_the_method_pages_quote_the_measured_faithfulness_figures() -> None:
+    """Each method page's faithfulness section repeats figures of the measurement page
+    (docs/evaluation/faithfulness.md); a figure that is not there is a stale copy."""
+    measured = (ROOT / "docs" / "evaluation" / "faithfulness.md").read_text(encoding="utf-8")
+    for name in ("occlusion", "gradient", "guided-backprop", "rise"):
+        page = (ROOT / "docs" / "methods" / f"{name}.md").read_text(encoding="utf-8")
+        section = re.split(r"\n## Faithfulness[^\n]*\n", page)[1].split("\n## ", 1)[0]
+        figures = re.findall(r"[+-]?\d+\.\d+", section)
+        assert len(figures) >= 6, (name, figures)
+        for figure in figures:
+            assert figure in measured, (name, figure)
