@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from blackbox_vqa.errors import NotSupportedError
+from blackbox_vqa.kinds.common import MAX_TOKENS, PROMPT, REMOTE_MODEL
 from blackbox_vqa.specs import KindOption, ModelKind, ModelOptions
 
 __all__ = ["KIND", "OPTIONS"]
@@ -20,14 +21,9 @@ OPTIONS = (
                help="Most seconds one HTTP request may take in all (default 300)."),
     KindOption("http_max_response_mb", float,
                help="Largest HTTP answer in MiB, after decompression (default 64)."),
-    KindOption("remote_model", str,
-               help="--http-format openai: the endpoint's model name (default: the only one "
-               "it lists)."),
-    KindOption("prompt", str,
-               help="--http-format openai: prompt template with {question} (default: the "
-               "question and 'Answer the question with a single word or number.')."),
-    KindOption("max_tokens", int, help="--http-format openai: most tokens generated "
-               "(default 8)."),
+    REMOTE_MODEL,
+    PROMPT,
+    MAX_TOKENS,
 )
 
 
