@@ -257,12 +257,13 @@ def _expand(text: str, where: str) -> str:
 
 
 def _read_model_file(path: Path) -> dict[str, Any]:
+    from blackbox_vqa.bounded_files import MODEL_FILE_LIMIT, check_nesting, read_text_bounded
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--model @{path}: model file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--model @{path}: cannot read the model file: {exc}") from exc
+        text = read_text_bounded(path, limit=MODEL_FILE_LIMIT, what="model file")
+    except InputError as exc:
+        raise InputError(f"--model @{path}: {exc}") from None
+    check_nesting(text, f"--model @{path}")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -270,12 +271,42 @@ def _read_model_file(path: Path) -> dict[str, Any]:
             import tomllib
 
             data = tomllib.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"--model @{path}: not valid {path.suffix[1:].upper() or 'TOML'}: "
                          f"{exc}") from exc
     if not isinstance(data, dict):
         raise InputError(f"--model @{path}: expected tables of models")
     return data
+
+
+_INT_KEYS = ("http_concurrency", "max_tokens", "threads")
+_FLOAT_KEYS = ("http_timeout", "http_total_timeout", "http_max_response_mb")
+_ALIASES = {"headers": "header", "answers": "answers_file"}  # as the flags are spelled
+
+
+def _typed(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """``entry`` with each value checked against its option's type; :class:`InputError`
+    naming the key, the value and the type wanted otherwise."""
+    def wrong(key: str, wanted: str) -> InputError:
+        return InputError(f"{where}: {key} must be {wanted}, got {entry[key]!r}"[:300])
+
+    for key, value in entry.items():
+        if key in _INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise wrong(key, "an integer")
+        elif key in _FLOAT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise wrong(key, "a number")
+        elif key == "header":
+            if isinstance(value, str):
+                entry[key] = [value]
+            elif not isinstance(value, list) or not all(isinstance(h, str) for h in value):
+                raise wrong(key, "a string or a list of strings")
+        elif key == "image_size" and isinstance(value, int) and not isinstance(value, bool):
+            entry[key] = str(value)
+        elif not isinstance(value, str):
+            raise wrong(key, "a string")
+    return entry
 
 
 def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSettings]:
@@ -288,25 +319,30 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
     if not isinstance(table, dict):
         raise InputError(f"{where}: the model file has no table [{name}]")
     entry = {str(k).replace("-", "_"): v for k, v in table.items()}
-    if "headers" in entry:
-        entry["header"] = entry.pop("headers")
+    for alias, key in _ALIASES.items():
+        if alias in entry:
+            if key in entry:
+                raise InputError(f"{where}: give {alias!r} or {key!r}, not both")
+            entry[key] = entry.pop(alias)
     spec = entry.pop("spec", None)
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"{where}: 'spec' (the model spec) is missing")
+    if _ENV_RE.search(spec):
+        raise InputError(f"{where}: ${{VAR}} is expanded in headers only, not in 'spec' "
+                         "(a spec is shown and written; put secrets in a header)")
     known = {f.name for f in dataclasses.fields(ModelSettings)} - {"given"}
     unknown = sorted(set(entry) - known)
     if unknown:
         raise InputError(f"{where}: unknown key {unknown[0]!r}; known: spec, "
-                         f"{', '.join(sorted(known))}")
-    if isinstance(entry.get("header"), str):
-        entry["header"] = [entry["header"]]
+                         f"{', '.join(sorted(known | set(_ALIASES)))}")
+    entry = _typed(entry, where)
     if "header" in entry:
-        entry["header"] = tuple(_expand(str(h), where) for h in entry["header"])
+        entry["header"] = tuple(_expand(h, where) for h in entry["header"])
     for key in ("answers_file", "vocab"):
         if entry.get(key) is not None:
             entry[key] = (path.parent / str(entry[key])).resolve()
     merged = dataclasses.replace(settings, **entry, given=settings.given | set(entry))
-    return _expand(spec.strip(), where), name, _check(merged)
+    return spec.strip(), name, _check(merged)
 
 
 def resolve(text: str, settings: ModelSettings) -> tuple[str, str, ModelSettings]:
