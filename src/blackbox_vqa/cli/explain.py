@@ -63,7 +63,7 @@ def explain_command(
     method_options: MethodOptions,
 ) -> None:
     """Explain which image cells and question words made the model answer as it did."""
-    from blackbox_vqa.cli.model_options import load
+    from blackbox_vqa.cli.model_options import load, resolve
     from blackbox_vqa.explain import Explainer
     from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.images import load_image
@@ -75,8 +75,10 @@ def explain_command(
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
+    spec, _, resolved = resolve(model, model_settings)  # a bad model file: refused now
+    resolved.extra(spec)
     costly = {"occlusion", "mm-shap"} & set(names)
-    if dry_run or (costly and _is_http(model) and not as_json):
+    if dry_run or (costly and _is_http(spec) and not as_json):
         if "occlusion" in names or "mm-shap" not in names:
             _print_cost(pixels, question, options.grid, options.window, options.stride)
         if "mm-shap" in names:
