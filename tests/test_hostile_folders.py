@@ -17,7 +17,7 @@ from cli_runner import run_cli
 
 pytest.importorskip("transformers")
 
-from hf_toys import build_vilt  # noqa: E402
+from hf_toys import build_vilt
 
 QUESTION = "what color is the circle?"
 
