@@ -119,6 +119,9 @@ def test_control_characters_from_a_model_never_reach_the_terminal(
     assert "\\x1b]0;pwned\\x07yes" in out
     doc = json.loads((tmp_path / "e" / "explanation.json").read_text())
     assert doc["answer"] == "\x1b]0;pwned\x07yes"  # the data itself is kept as it came
+    report = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
+    assert "\x1b" not in report and "\x07" not in report  # no raw control bytes
+    assert "\\x1b]0;pwned\\x07yes" in report  # shown escaped instead
     code, out, err = run_cli(["compare", "-m", "test_hostile_cli:escaping_model", "-m",
                               "toys:brightness_model", "-i", str(square_image), "-q",
                               QUESTION, "--grid", "2", "--out", str(tmp_path / "c")])
