@@ -65,10 +65,20 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    names = sorted(set(old) | set(new))
-    return [f"{name}: {old.get(name)!r} there, {new.get(name)!r} now"
-            for name in names if old.get(name) != new.get(name)]
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                 prefix: str = "") -> list[str]:
+    """``name: old there, new now`` for each setting that differs; nested tables are
+    compared key by key (``model_identity.options.prompt: ...``)."""
+    found: list[str] = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            found.extend(_differences(before, after, f"{prefix}{name}."))
+        else:
+            found.append(f"{prefix}{name}: {before!r} there, {after!r} now")
+    return found
 
 
 def _meta_key(meta: object) -> str | None:
