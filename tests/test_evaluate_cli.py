@@ -122,7 +122,7 @@ def test_a_run_killed_with_sigkill_resumes_and_does_every_item_once(
             assert time.monotonic() < deadline, "no items stored within 60 s"
             time.sleep(0.02)
         os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        child.wait(timeout=120)
     finally:
         if child.poll() is None:
             child.kill()

@@ -261,7 +261,7 @@ def test_a_driver_killed_with_sigkill_resumes_on_the_cluster(
             assert time.monotonic() < deadline, "no items stored in time"
             time.sleep(0.02)
         os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        child.wait(timeout=120)
     finally:
         if child.poll() is None:
             child.kill()
