@@ -130,3 +130,15 @@ def test_every_model_file_example_in_the_docs_loads_as_written(
         except InputError as exc:
             pytest.fail(f"{page} [{name}]: {exc}")
         assert label == name
+
+
+def test_answers_and_vocab_files_are_read_bounded(tmp_path: Path) -> None:
+    from blackbox_vqa.adapters.onnx.runtime import ANSWERS_FILE_LIMIT, read_answers
+
+    with pytest.raises(InputError, match="--answers file /dev/zero is not a regular file"):
+        read_answers("/dev/zero")
+    big = tmp_path / "answers.txt"
+    with big.open("wb") as handle:
+        handle.truncate(ANSWERS_FILE_LIMIT + 1)
+    with pytest.raises(InputError, match=f"the most accepted is {ANSWERS_FILE_LIMIT}"):
+        read_answers(big)
