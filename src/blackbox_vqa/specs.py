@@ -63,7 +63,8 @@ class KindOption:
 
     Attributes:
         name: the key in :class:`ModelOptions` and in model files (``http_timeout``).
-        type: ``str``, ``int``, ``float``, ``Path`` or ``list[str]`` (repeatable).
+        type: ``str``, ``int``, ``float``, ``Path``, ``bool`` (a flag) or ``list[str]``
+            (repeatable).
         help: the ``--help`` line.
         flag: the option without ``--`` (default: ``name`` with ``-`` for ``_``).
         check: ``check(value)`` raises :class:`InputError` for a bad value.
@@ -91,8 +92,9 @@ class KindOption:
                                  f"got {value!r}")
             return tuple(items)
         kinds: dict[Any, tuple[type, ...]] = {str: (str,), Path: (str,), int: (int,),
-                                               float: (int, float)}
-        ok = isinstance(value, kinds.get(self.type, (object,))) and not isinstance(value, bool)
+                                               float: (int, float), bool: (bool,)}
+        ok = isinstance(value, kinds.get(self.type, (object,))) and \
+            (self.type is bool or not isinstance(value, bool))
         if not ok:
             raise InputError(f"{where}: {self.name} must be {_type_name(self.type)}, got "
                              f"{value!r}")
@@ -101,7 +103,7 @@ class KindOption:
 
 def _type_name(kind: OptionType) -> str:
     return {str: "a string", Path: "a path (a string)", int: "an integer",
-            float: "a number"}.get(kind, str(kind))
+            float: "a number", bool: "true or false"}.get(kind, str(kind))
 
 
 @dataclass(frozen=True)
