@@ -122,7 +122,7 @@ def test_a_run_killed_with_sigkill_resumes_and_does_every_item_once(
             assert time.monotonic() < deadline, "no items stored within 60 s"
             time.sleep(0.02)
         os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        child.wait(timeout=120)
     finally:
         if child.poll() is None:
             child.kill()
@@ -317,3 +317,35 @@ def test_asking_for_the_nltk_tagger_without_its_data_is_refused(
     code, _, err = run_cli(["evaluate", "--dataset", "easyvqa:test", "--tagger", "nltk",
                             "--out", str(tmp_path)])
     assert code == 2 and "the nltk tagger needs its data" in err
+
+
+def test_resuming_with_another_model_under_the_same_name_is_refused(tmp_path: Path) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text('[m]\nspec = "toys:brightness_model"\n', encoding="utf-8")
+    base = ["evaluate", "--model", f"@{models}:m", "--dataset", "easyvqa:test",
+            "--methods", "occlusion", "--grid", "2", "--limit", "2",
+            "--out", str(tmp_path / "run")]
+    assert run_cli(base)[0] == 0
+    models.write_text('[m]\nspec = "eval_toys:torch_toy"\n', encoding="utf-8")
+    code, _, err = run_cli(base)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "model_identity.spec: 'toys:brightness_model' there, 'eval_toys:torch_toy' now" \
+        in err
+
+
+def test_the_run_identity_holds_every_scoring_option_and_no_secret() -> None:
+    from blackbox_vqa.cli.evaluate import _model_identity
+
+    spec = "http://user:pw-secret@127.0.0.1:9/m"
+    extra = {"http_headers": ["Authorization: Bearer tok-secret"], "prompt": "Q: {question}",
+             "remote_model": "vlm-a", "http_format": "openai", "max_tokens": 8}
+    first = _model_identity(spec, extra)
+    text = json.dumps(first)
+    assert "pw-secret" not in text and "tok-secret" not in text
+    assert first["spec"] == "http://127.0.0.1:9/m"
+    assert first["options"]["prompt"] == "Q: {question}"
+    assert first["options"]["remote_model"] == "vlm-a"
+    for key, value in [("remote_model", "vlm-b"), ("prompt", "other {question}"),
+                       ("http_headers", ["Authorization: Bearer other"])]:
+        assert _model_identity(spec, {**extra, key: value}) != first, key
+    assert _model_identity(spec.replace("pw-secret", "other"), extra) != first

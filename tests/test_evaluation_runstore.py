@@ -139,3 +139,42 @@ def test_evaluate_recomputes_an_item_whose_file_was_replaced(tmp_path: Path) -> 
     settings.pop("schema")
     with RunStore.open(run, settings) as store:
         assert store.read(first.name[:-4]).meta["key"] == first.name[:-4]
+
+
+def test_a_zip_bomb_item_file_is_refused_before_it_is_unpacked(tmp_path: Path) -> None:
+    import zipfile
+
+    from blackbox_vqa.evaluation.runstore import ITEM_FILE_LIMIT
+
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        path = store.path("q1")
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive, \
+                archive.open("occlusion.npy", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 20)
+            for _ in range(ITEM_FILE_LIMIT // len(chunk) + 1):  # one MiB over the bound
+                member.write(chunk)
+        assert path.stat().st_size < 2 << 20  # small on disk
+        with pytest.raises(InputError, match="would unpack to") as info:
+            store.read("q1")
+        assert str(path) in str(info.value)
+        assert "q1" in store.done_keys()  # kept as done: read reports it by name
+
+
+def test_a_tampered_meta_is_named_by_file_and_settings_are_read_bounded(
+    tmp_path: Path,
+) -> None:
+    import io
+    import os
+
+    with RunStore.open(tmp_path, SETTINGS) as store:
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array(json.dumps(["not", "an", "object"])),
+                 item_key=np.array("q1"))
+        store.path("q1").write_bytes(buffer.getvalue())
+        with pytest.raises(InputError, match="meta is not a JSON object") as info:
+            store.read("q1")
+        assert str(store.path("q1")) in str(info.value)
+    (tmp_path / "settings.json").unlink()
+    os.mkfifo(tmp_path / "settings.json")
+    with pytest.raises(InputError, match="not a regular file"):
+        RunStore.open(tmp_path, SETTINGS)

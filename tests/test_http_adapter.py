@@ -174,13 +174,12 @@ def test_requests_in_flight_are_bounded_and_connections_kept_alive() -> None:
     images = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(9)]
     with scripted_server(handle) as url:
         remote = HttpAdapter(url, wire_format="hf", concurrency=3, answers=["cat"])
-        started = time.perf_counter()
         remote.answer_probs_batch(images, ["q"] * 9)
-        elapsed = time.perf_counter() - started
         remote.answer_probs_batch(images, ["other"] * 9)
         remote.close()
-    assert state["peak"] == 3  # never more than --http-concurrency at once
-    assert elapsed < 9 * 0.15  # ... but several at once
+    # Several at once, never more than --http-concurrency (counted, not timed: the
+    # machine may be loaded).
+    assert state["peak"] == 3
     assert len(state["clients"]) <= 3  # 18 requests over at most 3 kept-alive connections
 
 

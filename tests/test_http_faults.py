@@ -350,7 +350,7 @@ def test_an_answer_over_the_size_or_time_bound_fails_once_and_early(
         seconds = time.monotonic() - started
     assert words in str(info.value)
     assert server.posts == [1]  # not retried: the endpoint misbehaves, it is not busy
-    assert seconds < 10  # the drip alone would take 100 s; the endless body 64 MiB
+    assert seconds < 60  # the drip alone would take 100 s; the endless body 64 MiB
     assert server.sent < 16 * 2**20
 
 

@@ -123,7 +123,7 @@ def test_ctrl_c_in_a_real_process_leaves_no_folder(tmp_path: Path) -> None:
         "with staged_output_dir(sys.argv[1], force=False, marker='explanation.json') as s:\n"
         "    (s / 'gradient.npy').write_bytes(b'x')\n"
         "    print('ready', flush=True)\n"
-        "    time.sleep(60)\n"
+        "    time.sleep(600)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     child = subprocess.Popen([sys.executable, "-c", script, str(out)], env=env,
@@ -132,7 +132,7 @@ def test_ctrl_c_in_a_real_process_leaves_no_folder(tmp_path: Path) -> None:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
         assert len(_names(tmp_path)) == 1  # the staging folder, hidden
         child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=30)
+        _, err = child.communicate(timeout=120)
     finally:
         if child.poll() is None:
             child.kill()

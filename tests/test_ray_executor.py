@@ -261,7 +261,7 @@ def test_a_driver_killed_with_sigkill_resumes_on_the_cluster(
             assert time.monotonic() < deadline, "no items stored in time"
             time.sleep(0.02)
         os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=30)
+        child.wait(timeout=120)
     finally:
         if child.poll() is None:
             child.kill()
@@ -311,6 +311,42 @@ def test_an_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith(
         f"bbvqa: error: cannot reach the Ray cluster at {HEAD_IP}:{port}:")
+
+
+@pytest.mark.parametrize("reply", [b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_an_address_that_accepts_tcp_but_is_not_ray_is_refused_before_the_run_folder(
+    reply: bytes, tmp_path: Path,
+) -> None:
+    import threading
+
+    server = socket.create_server((HEAD_IP, 0))
+    port = server.getsockname()[1]
+    held: list[socket.socket] = []
+
+    def serve() -> None:  # accepts, reads, answers HTTP/1 or nothing, never closes
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply:
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        started = time.monotonic()
+        code, out, err = run_cli([*BASE, "--model", "toys:brightness_model", "--limit", "1",
+                                  "--executor", "ray", "--ray-address", f"{HEAD_IP}:{port}",
+                                  "--out", str(tmp_path / "run")])
+        assert time.monotonic() - started < 120  # the probe's 10 s, not Ray's minutes
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+    assert code == 1 and out == "", err
+    assert err.count("\n") == 1 and "is not a Ray cluster" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_ray_options_without_the_ray_executor_are_refused(tmp_path: Path) -> None:

@@ -344,7 +344,7 @@ def test_serve_command_serves_with_a_token_from_the_environment() -> None:
         info = httpx.get(url + "/v1/info", headers={"Authorization": "Bearer env-t0ken"})
         assert info.json()["answers"] == ["dark", "bright"]
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=20) == 0
+        assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,6 +7,7 @@ there and prints the tables.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -120,7 +121,8 @@ def evaluate_command(
                          f"(skipped: {dict(listing.skipped) or 'none'})")
     chosen = select_items(listing.items, limit=limit, seed=seed)
     settings = {
-        "model": label, "dataset": dict(listing.identity), "methods": list(method_names),
+        "model": label, "model_identity": _model_identity(spec, model_extra),
+        "dataset": dict(listing.identity), "methods": list(method_names),
         "limit": limit, "seed": seed, "grid": options.grid,
         "baseline": options.baseline.strip().lower(), "map_size": MAP_SIZE,
         "items": len(chosen), "threads": threads, "score": options.score,
@@ -290,3 +292,31 @@ def _check_figures(out: Path, results: dict[str, Any]) -> list[str]:
                                   "items"), out / "sanity.png")
         written.append("sanity.png")
     return written
+
+
+_SECRET_OPTIONS = ("http_headers", "header")
+
+
+def _model_identity(spec: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run's scores: the resolved spec (credentials dropped, the whole spec
+    hashed) and every model option; headers (secrets) only as a SHA-256 hash. A resumed
+    run must match it exactly."""
+    import hashlib
+
+    from blackbox_vqa.specs import public_spec
+
+    def digest(value: object) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+    options: dict[str, Any] = {}
+    for key, value in sorted(extra.items()):
+        if key in _SECRET_OPTIONS:
+            options[key + "_sha256"] = digest(sorted(str(v) for v in value or ()))
+        elif value is None or isinstance(value, bool | int | float | str):
+            options[key] = value
+        elif isinstance(value, list | tuple):
+            options[key] = [str(v) for v in value]
+        else:
+            options[key] = str(value)
+    return {"spec": public_spec(spec), "spec_sha256": digest(spec.strip()),
+            "options": options}

@@ -121,7 +121,7 @@ def explain_command(
     method_options: MethodOptions,
 ) -> None:
     """Explain which image cells and question words made the model answer as it did."""
-    from blackbox_vqa.cli.model_options import load
+    from blackbox_vqa.cli.model_options import load, resolve
     from blackbox_vqa.explain import Explainer
     from blackbox_vqa.explainers.registry import parse_methods
     from blackbox_vqa.images import load_image
@@ -133,7 +133,9 @@ def explain_command(
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
-    if dry_run or (_is_http(model) and not as_json):
+    spec, _, resolved = resolve(model, model_settings)  # a bad model file: refused now
+    resolved.extra(spec)
+    if dry_run or (_is_http(spec) and not as_json):
         if "occlusion" in names:
             _print_cost(pixels, question, options.grid, options.window, options.stride)
         if "mm-shap" in names:

@@ -173,12 +173,13 @@ def _expand(text: str, where: str) -> str:
 
 
 def _read_model_file(path: Path) -> dict[str, Any]:
+    from blackbox_vqa.bounded_files import MODEL_FILE_LIMIT, check_nesting, read_text_bounded
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"--model @{path}: model file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--model @{path}: cannot read the model file: {exc}") from exc
+        text = read_text_bounded(path, limit=MODEL_FILE_LIMIT, what="model file")
+    except InputError as exc:
+        raise InputError(f"--model @{path}: {exc}") from None
+    check_nesting(text, f"--model @{path}")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -186,7 +187,7 @@ def _read_model_file(path: Path) -> dict[str, Any]:
             import tomllib
 
             data = tomllib.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"--model @{path}: not valid {path.suffix[1:].upper() or 'TOML'}: "
                          f"{exc}") from exc
     if not isinstance(data, dict):
@@ -206,12 +207,15 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
     spec = table.get("spec")
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"{where}: 'spec' (the model spec) is missing")
+    if _ENV_RE.search(spec):
+        raise InputError(f"{where}: ${{VAR}} is expanded in headers only, not in 'spec' "
+                         "(a spec is shown and written; put secrets in a header)")
     entry = _file_options(table, where)
     for key in ("answers_file", "vocab"):
         if entry.get(key) is not None:
             entry[key] = (path.parent / str(entry[key])).resolve()
     merged = _check(ModelSettings({**settings.values, **entry}))
-    return _expand(spec.strip(), where), name, merged
+    return spec.strip(), name, merged
 
 
 def _file_options(table: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import socket
 import sys
 from typing import Annotated
@@ -64,6 +65,15 @@ def serve_command(
                                                "(413 above).")] = 64.0,
     max_pixels: Annotated[int, typer.Option(help="Most pixels per image (422 above).")]
     = 4096 * 4096,
+    max_request_pixels: Annotated[int, typer.Option(
+        help="Most decoded pixels per request, all its images together (413 above).")]
+    = 64 * 2**20,
+    read_timeout: Annotated[float, typer.Option(
+        help="Seconds a client has to send one whole request (then it is disconnected).")]
+    = 30.0,
+    max_connections: Annotated[int, typer.Option(
+        help="Most open connections; more are closed at once (lowered to fit the "
+        "descriptor limit).")] = 64,
     debug: Annotated[bool, typer.Option(help="Show tracebacks and request logs.")] = False,
     *,
     model_settings: ModelSettings,
@@ -83,14 +93,19 @@ def serve_command(
         raise InputError(f"--token (or {TOKEN_ENV}) must not be empty")
     if not max_body_mb > 0:
         raise InputError(f"--max-body-mb must be > 0, got {max_body_mb}")
-    for option, value in (("--max-batch", max_batch), ("--max-pixels", max_pixels)):
+    if not read_timeout > 0:
+        raise InputError(f"--read-timeout must be > 0, got {read_timeout}")
+    for option, value in (("--max-batch", max_batch), ("--max-pixels", max_pixels),
+                          ("--max-request-pixels", max_request_pixels),
+                          ("--max-connections", max_connections)):
         if value < 1:
             raise InputError(f"{option} must be >= 1, got {value}")
     sock = bind_socket(host, port)
     try:
         vqa = load(model, model_settings).model
         app = create_app(vqa, token=token.strip() if token else None, max_batch=max_batch,
-                         max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels)
+                         max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels,
+                         max_request_pixels=max_request_pixels)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         url = f"http://{shown}:{bound_port}"
@@ -102,8 +117,20 @@ def serve_command(
             print(f"bbvqa: warning: listening on {host} without a token: anyone who can "
                   f"reach this machine can use the model (set --token or {TOKEN_ENV})",
                   file=sys.stderr, flush=True)
+        from blackbox_vqa.server.slow_clients import (
+            RateLimitFilter,
+            connection_cap,
+            guarded_protocol,
+        )
+
+        protocol = guarded_protocol(read_timeout=read_timeout,
+                                    max_connections=connection_cap(max_connections))
         config = uvicorn.Config(app, log_level="info" if debug else "warning",
-                                access_log=debug, lifespan="off")
+                                access_log=debug, lifespan="off", http=protocol,
+                                timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+        limiter = RateLimitFilter()
+        for logger_name in ("asyncio", "uvicorn.error"):
+            logging.getLogger(logger_name).addFilter(limiter)
         # uvicorn shuts down cleanly on Ctrl-C, then raises it again: that is a normal stop.
         with contextlib.suppress(KeyboardInterrupt):
             uvicorn.Server(config).run(sockets=[sock])

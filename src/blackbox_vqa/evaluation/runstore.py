@@ -65,10 +65,20 @@ def _check_key(key: str) -> str:
     return key
 
 
-def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    names = sorted(set(old) | set(new))
-    return [f"{name}: {old.get(name)!r} there, {new.get(name)!r} now"
-            for name in names if old.get(name) != new.get(name)]
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                 prefix: str = "") -> list[str]:
+    """``name: old there, new now`` for each setting that differs; nested tables are
+    compared key by key (``model_identity.options.prompt: ...``)."""
+    found: list[str] = []
+    for name in sorted(set(old) | set(new)):
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if isinstance(before, dict) and isinstance(after, dict):
+            found.extend(_differences(before, after, f"{prefix}{name}."))
+        else:
+            found.append(f"{prefix}{name}: {before!r} there, {after!r} now")
+    return found
 
 
 def _meta_key(meta: object) -> str | None:
@@ -76,8 +86,28 @@ def _meta_key(meta: object) -> str | None:
     return key if isinstance(key, str) else None
 
 
+ITEM_FILE_LIMIT = 256 << 20  # an item file, and its arrays unpacked: 256 MiB each
+
+
+def _check_item_file(path: Path) -> None:
+    """Refuse an item file that is not a regular file, is over :data:`ITEM_FILE_LIMIT`
+    bytes, or would unpack to more (a zip bomb), before anything is decompressed."""
+    from blackbox_vqa.bounded_files import check_regular
+
+    info = check_regular(path, "item file")
+    if info.st_size > ITEM_FILE_LIMIT:
+        raise InputError(f"item file {path} is {info.st_size} bytes; the most accepted is "
+                         f"{ITEM_FILE_LIMIT}; delete it and rerun to redo the item")
+    with zipfile.ZipFile(path) as archive:
+        unpacked = sum(entry.file_size for entry in archive.infolist())
+    if unpacked > ITEM_FILE_LIMIT:
+        raise InputError(f"item file {path} would unpack to {unpacked} bytes; the most "
+                         f"accepted is {ITEM_FILE_LIMIT}; delete it and rerun to redo the item")
+
+
 def _stored_key(path: Path) -> str | None:
     """The item key written inside an item file (None when it names none)."""
+    _check_item_file(path)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         entry = f"{_KEY}.npy" if f"{_KEY}.npy" in names else f"{_META}.npy"
@@ -145,10 +175,9 @@ class RunStore:
                                  "it is not a run folder this version can continue")
             atomic_write_json(path, wanted)
             return
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise InputError(f"cannot read {path}: {exc}") from exc
+        from blackbox_vqa.bounded_files import read_json_bounded
+
+        stored = read_json_bounded(path, what="run settings")
         if not isinstance(stored, dict):
             raise InputError(f"{path} is not a run's settings")
         differences = _differences(stored, wanted)
@@ -221,7 +250,10 @@ class RunStore:
         """The stored record of ``key``; raises :class:`InputError` for a missing or damaged
         file, or one that holds another item."""
         path = self.path(key)
+        if not path.exists():
+            raise InputError(f"item {key!r} is not stored in {self.root}")
         try:
+            _check_item_file(path)
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(str(archive[_META][()]))
                 stored = str(archive[_KEY][()]) if _KEY in archive.files else _meta_key(meta)
@@ -236,6 +268,9 @@ class RunStore:
         if stored != key:
             raise InputError(f"item file {path} {_belongs(stored)}; delete it and rerun to "
                              "redo the item")
+        if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+            raise InputError(f"item file {path} is damaged (its meta is not a JSON object); "
+                             "delete it and rerun to redo the item")
         return ItemRecord(key, meta, arrays)
 
     def records(self, keys: list[str]) -> Iterator[ItemRecord]:

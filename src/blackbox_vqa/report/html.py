@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 from numpy.typing import NDArray
 
 from blackbox_vqa.explanation import Explanation
@@ -40,6 +41,7 @@ from blackbox_vqa.report.views import (
     ReportView,
     explanation_report,
 )
+from blackbox_vqa.text import terminal_safe
 
 __all__ = ["CSP", "render_report", "write_explanation_report", "write_report"]
 
@@ -48,9 +50,18 @@ CSP = (
     "base-uri 'none'; form-action 'none'"
 )
 
+def _no_control_bytes(value: object) -> object:
+    """Text shown in the report with its control characters (ESC, BEL...) escaped
+    visibly (``\\x1b``), as on the terminal; markup built by the report is left alone."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return terminal_safe(value, newlines=True)
+    return value
+
+
 _TEMPLATES = Environment(
     loader=PackageLoader("blackbox_vqa.report", "templates"),
     autoescape=True,
+    finalize=_no_control_bytes,
     undefined=StrictUndefined,
     trim_blocks=True,
     lstrip_blocks=True,

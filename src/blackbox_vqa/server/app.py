@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_REQUEST_PIXELS",
     "ApiError",
     "create_app",
 ]
@@ -71,6 +72,7 @@ __all__ = [
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_REQUEST_PIXELS = 64 * 2**20  # decoded pixels per request: 192 MiB as RGB uint8
 
 _LOG = logging.getLogger("blackbox_vqa.server")
 _STATUS_CODES = {
@@ -188,8 +190,9 @@ def _pydantic_message(exc: ValidationError) -> str:
 class _ModelRunner:
     """Parses a request, decodes its images and runs the model, one batch at a time."""
 
-    def __init__(self, model: Any, name: str, limits: Limits) -> None:
+    def __init__(self, model: Any, name: str, limits: Limits, max_request_pixels: int) -> None:
         self.model = model
+        self.max_request_pixels = max_request_pixels
         self.name = name
         self.limits = limits
         self.answers: Sequence[str] = list(model.answers)
@@ -197,20 +200,29 @@ class _ModelRunner:
         self._lock = threading.Lock()
 
     def _decode(self, files: Sequence[str | memoryview]) -> list[Any]:
+        """Decode one image after the other; each may hold at most what is left of the
+        request's pixel budget (checked on its header, before it is decoded)."""
         images = []
+        left = self.max_request_pixels
         for i, data in enumerate(files):
             name = f"items[{i}].image"
+            most = min(self.limits.max_pixels, left)
             try:
                 if isinstance(data, str):
-                    images.append(decode_image(data, max_pixels=self.limits.max_pixels,
-                                               name=name))
+                    image = decode_image(data, max_pixels=most, name=name)
                 else:
-                    images.append(decode_image_file(data, max_pixels=self.limits.max_pixels,
-                                                    name=name))
+                    image = decode_image_file(data, max_pixels=most, name=name)
             except ImageTooLargeError as exc:
+                if most < self.limits.max_pixels:
+                    raise ApiError(413, "request_too_large",
+                                   f"{name} would take the request over its budget of "
+                                   f"{self.max_request_pixels} decoded pixels (all images "
+                                   "together); send fewer or smaller images") from exc
                 raise ApiError(422, "image_too_large", str(exc)) from exc
             except ImageError as exc:
                 raise ApiError(422, "invalid_image", str(exc)) from exc
+            left -= int(image.shape[0]) * int(image.shape[1])
+            images.append(image)
         return images
 
     def _parse(self, body: bytes, content_type: str) -> tuple[list[str | memoryview], list[str]]:
@@ -248,8 +260,8 @@ class _ModelRunner:
                            f"batch of {n} items; the limit is {self.limits.max_batch}")
         if n == 0:
             return np.zeros((0, len(self.answers)))
-        images = self._decode(files)
-        with self._lock:
+        with self._lock:  # decoding too: one request's pixels in memory at a time
+            images = self._decode(files)
             try:
                 raw = self.model.answer_probs_batch(images, questions)
             except InputError as exc:
@@ -274,6 +286,7 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
     name: str | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``model`` (any object with the model protocol).
@@ -285,6 +298,10 @@ def create_app(
         max_batch: most items per request (more: 413 ``batch_too_large``).
         max_body_bytes: largest request body (larger: 413 ``body_too_large``).
         max_pixels: most pixels per image (more: 422 ``image_too_large``).
+        max_request_pixels: most decoded pixels of all a request's images together (more:
+            413 ``request_too_large``, found from each image's header before decoding it).
+            Requests decode one at a time, inside the model's lock, so the server holds
+            at most one request's decoded images.
         name: the name ``/v1/info`` reports (default: the model's ``name`` or class).
     """
     vqa = check_model(model, source="served model")
@@ -295,7 +312,8 @@ def create_app(
         max_body_bytes=_positive(max_body_bytes, "max_body_bytes"),
         max_pixels=_positive(max_pixels, "max_pixels"),
     )
-    runner = _ModelRunner(vqa, name or model_name(vqa), limits)
+    runner = _ModelRunner(vqa, name or model_name(vqa), limits,
+                          _positive(max_request_pixels, "max_request_pixels"))
     info = InfoResponse(
         protocol=PROTOCOL,
         name=runner.name,

@@ -27,9 +27,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
+from blackbox_vqa.adapters.hf import loading
 from blackbox_vqa.adapters.hf.processing import HfProcessing, hf_score_semantics
 from blackbox_vqa.adapters.onnx.runtime import onnx_session
-from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, NotSupportedError
+from blackbox_vqa.errors import (
+    BlackboxVQAError,
+    InputError,
+    ModelError,
+    ModelLoadError,
+    NotSupportedError,
+)
 
 __all__ = ["HF_EXPORT_SCHEMA", "HfOnnxAdapter", "is_hf_export"]
 
@@ -139,15 +146,17 @@ class HfOnnxAdapter(BaseAdapter):
 
 def _processing(folder: Path, inputs: Sequence[str], name: str) -> HfProcessing:
     try:
-        from transformers import AutoConfig, AutoProcessor
+        import transformers  # noqa: F401
     except ImportError as exc:
         raise NotSupportedError(
             f"exported Hugging Face models need transformers for their processor ({exc}); "
             "pip install 'blackbox-vqa[hf]'"
         ) from exc
     try:
-        processor: Any = AutoProcessor.from_pretrained(str(folder))  # type: ignore[no-untyped-call]
-        config = AutoConfig.from_pretrained(str(folder))
+        config = loading.load_config(str(folder))
+        processor: Any = loading.load_processor(str(folder))
+    except BlackboxVQAError:
+        raise
     except Exception as exc:
         raise ModelLoadError(
             f"cannot load the processor saved beside {folder / 'model.onnx'}: "

@@ -36,6 +36,7 @@ from torch import nn
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
 from blackbox_vqa.adapters.gradients import InputGradients, answer_index
+from blackbox_vqa.adapters.hf import loading
 from blackbox_vqa.adapters.hf.processing import HfProcessing, hf_score_semantics, word_positions
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.adapters.torch.hooks import embedding_offsets, guided_relu
@@ -202,11 +203,13 @@ class HfAdapter(BaseAdapter):
         location = str(local) if local.exists() else text
         transformers: Any = hf_module
         with _quiet_transformers():
-            config = _load_config(transformers, location)
+            config = _load_config(location)
             model_cls = _model_class(transformers, config, location)
             try:
-                model = model_cls.from_pretrained(location)
-                processor = transformers.AutoProcessor.from_pretrained(location)
+                model = loading.load_model(model_cls, location)
+                processor = loading.load_processor(location)
+            except BlackboxVQAError:
+                raise
             except Exception as exc:
                 raise ModelLoadError(
                     f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
@@ -604,9 +607,11 @@ def _embedding_width(embedding: nn.Module, ids: torch.Tensor) -> int:
         return int(embedding(ids[:, :1]).shape[-1])
 
 
-def _load_config(transformers: Any, location: str) -> Any:
+def _load_config(location: str) -> Any:
     try:
-        return transformers.AutoConfig.from_pretrained(location)
+        return loading.load_config(location)
+    except BlackboxVQAError:
+        raise
     except Exception as exc:
         raise NotSupportedError(
             f"{location!r} holds no transformers model config ({_first_line(exc)}); "

@@ -413,13 +413,14 @@ def read_vocab(path: str | os.PathLike[str]) -> WordTokenizer:
         raise InputError(f"--vocab file {path} is not usable: {exc}") from exc
 
 
+ANSWERS_FILE_LIMIT = 64 << 20  # an --answers or --vocab file: 64 MiB
+
+
 def _read_text(path: str | os.PathLike[str], option: str) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise InputError(f"{option} file not found: {path}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {option} file {path}: {exc}") from exc
+    """The file's text: a regular file of at most :data:`ANSWERS_FILE_LIMIT` bytes."""
+    from blackbox_vqa.bounded_files import read_text_bounded
+
+    return read_text_bounded(path, limit=ANSWERS_FILE_LIMIT, what=f"{option} file")
 
 
 def _size_option(value: Any) -> tuple[int, int]:

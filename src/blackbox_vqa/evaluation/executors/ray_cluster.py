@@ -196,11 +196,44 @@ def _probe(address: str, timeout_s: float) -> None:
         raise InputError(f"--ray-address must be auto, HOST:PORT or ray://HOST:PORT, "
                          f"got {address!r}")
     try:
-        with socket.create_connection(found, timeout=timeout_s):
-            pass
+        with socket.create_connection(found, timeout=timeout_s) as sock:
+            answer = _grpc_handshake(sock, timeout_s)
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address}: "
                            f"{exc.strerror or exc}") from exc
+    if answer is not None:
+        raise ClusterError(f"{address} accepts connections but is not a Ray cluster "
+                           f"({answer}); check --ray-address")
+
+
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, SETTINGS, stream 0
+
+
+def _grpc_handshake(sock: socket.socket, timeout_s: float) -> str | None:
+    """Open HTTP/2 as a gRPC client does (Ray's GCS and Ray Client both speak gRPC): a
+    gRPC server answers with its SETTINGS frame. None when it did; else what went wrong.
+    Bounded by ``timeout_s`` in all."""
+    import time
+
+    sock.sendall(_HTTP2_PREFACE + _EMPTY_SETTINGS)
+    deadline = time.monotonic() + timeout_s
+    header = b""
+    while len(header) < 9:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return f"no gRPC answer within {timeout_s:g} s"
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(9 - len(header))
+        except TimeoutError:
+            return f"no gRPC answer within {timeout_s:g} s"
+        if not chunk:
+            return "it closed the connection on a gRPC greeting"
+        header += chunk
+    if header[3] != 0x04 or header[5:9] != b"\x00\x00\x00\x00":
+        return f"it answered {header[:9]!r}, not an HTTP/2 SETTINGS frame"
+    return None
 
 
 class RayExecutor:
