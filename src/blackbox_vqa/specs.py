@@ -193,11 +193,46 @@ def _load_graph(spec: str, options: ModelOptions) -> object:
 def _load_hf(spec: str, options: ModelOptions) -> object:
     from blackbox_vqa.adapters.hf.vqa import HfAdapter
 
+    location = spec.strip()[3:].strip()
+    if _is_generative_folder(location):
+        from blackbox_vqa.adapters.hf.generative import GenerativeAdapter
+
+        extra = {k: options.extra[k] for k in ("prompt", "max_tokens", "device")
+                 if options.extra.get(k) is not None}
+        return GenerativeAdapter.from_pretrained(
+            location, answers_file=options.extra.get("answers_file"),
+            trust_remote_code=bool(options.extra.get("trust_remote_code")), **extra,
+        )
+    if options.extra.get("prompt") is not None or options.extra.get("max_tokens") is not None:
+        raise InputError(f"--prompt and --max-tokens are for http:// (openai) and generative "
+                         f"hf: models, not for {spec!r}")
     return HfAdapter.from_pretrained(
         spec.strip()[3:].strip(),
         answers_file=options.extra.get("answers_file"),
         device=options.extra.get("device"),
     )
+
+
+def _is_generative_folder(location: str) -> bool:
+    """Whether a local hf: folder's config.json names a generative image-text-to-text
+    architecture or remote code (read as JSON: no code runs)."""
+    import json
+    from pathlib import Path
+
+    path = Path(location).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    from types import SimpleNamespace
+
+    from blackbox_vqa.adapters.hf.generative import is_generative_vlm
+
+    if config.get("auto_map"):  # remote code: the generative loader refuses it unless trusted
+        return True
+    return is_generative_vlm(SimpleNamespace(**config))
 
 
 def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:

@@ -87,6 +87,7 @@ class ModelSettings:
     tokens_input: str | None = None
     output_name: str | None = None
     threads: int | None = None
+    trust_remote_code: bool | None = None
     given: frozenset[str] = field(default=frozenset(), compare=False)
 
     def extra(self, spec: str, *, strict: bool = True) -> dict[str, Any]:
@@ -113,6 +114,9 @@ class ModelSettings:
             })
         if kind == "hf" and self.answers_file is not None:
             found["answers_file"] = self.answers_file
+        if kind == "hf":
+            found.update({"prompt": self.prompt, "max_tokens": self.max_tokens,
+                          "trust_remote_code": bool(self.trust_remote_code)})
         if kind == "onnx":
             names = {"answers_file": "answers_file", "vocab": "vocab_file",
                      "output_kind": "output"}
@@ -130,13 +134,16 @@ class ModelSettings:
         what = specs[0] if len(specs) == 1 else "any of the models"
         onnx = [k for k in _ONNX_FLAGS if getattr(self, k) is not None
                 and not (k == "answers_file" and "hf" in kinds)]
-        http = [k for k in _HTTP_FLAGS if k in self.given and getattr(self, k) not in (None, ())]
+        http = [k for k in _HTTP_FLAGS if k in self.given and getattr(self, k) not in (None, ())
+                and not (k in ("prompt", "max_tokens") and "hf" in kinds)]
         if onnx and "onnx" not in kinds:
             flags = ", ".join("--" + _ONNX_FLAGS[k] for k in onnx)
             raise InputError(f"{flags}: only for .onnx models, not for {what!r}")
         if http and "http" not in kinds:
             flags = ", ".join("--" + _HTTP_FLAGS[k] for k in http)
             raise InputError(f"{flags}: only for http:// models, not for {what!r}")
+        if self.trust_remote_code and "hf" not in kinds:
+            raise InputError(f"--trust-remote-code: only for hf: models, not for {what!r}")
         if self.threads is not None and kinds == {"http"}:
             raise InputError(f"--threads: only for models that run here, not for {what!r}")
 
@@ -174,12 +181,12 @@ _PARAMETERS: list[Parameter] = [
         help="--http-format openai: the endpoint's model name (default: the only one it "
         "lists).", rich_help_panel="Model options")], None),
     ("prompt", Annotated[str | None, typer.Option(
-        help="--http-format openai: prompt template with {question} (default: the question "
-        "and 'Answer the question with a single word or number.').",
-        rich_help_panel="Model options")], None),
+        help="--http-format openai and generative hf: models: prompt template with "
+        "{question} (openai default: the question and 'Answer the question with a single "
+        "word or number.'; hf: the question).", rich_help_panel="Model options")], None),
     ("max_tokens", Annotated[int | None, typer.Option(
-        help="--http-format openai: most tokens generated (default 8).",
-        rich_help_panel="Model options")], None),
+        help="--http-format openai and generative hf: models: most tokens generated "
+        "(default 8).", rich_help_panel="Model options")], None),
     ("answers_file", Annotated[Path | None, typer.Option(
         "--answers", help="ONNX file without metadata: its answers; hf: BLIP's candidate "
         "answers (one per line, or a JSON list).", rich_help_panel="Model options")], None),
@@ -206,6 +213,10 @@ _PARAMETERS: list[Parameter] = [
     ("output_name", Annotated[str | None, typer.Option(
         help="ONNX file: name of the score output (default: the only one).",
         rich_help_panel="Model options")], None),
+    ("trust_remote_code", Annotated[bool | None, typer.Option(
+        "--trust-remote-code", help="hf: load a model whose code lives in its folder "
+        "(runs that code; refused without this flag).", rich_help_panel="Model options")],
+     None),
     ("threads", Annotated[int | None, typer.Option(
         help="CPU threads of a model that runs here (torch threads; ONNX Runtime intra-op "
         "threads; default: the library's own).", rich_help_panel="Model options")], None),

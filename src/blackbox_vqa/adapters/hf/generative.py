@@ -242,6 +242,12 @@ class GenerativeAdapter(BaseAdapter):
         }
 
     @property
+    def own_answer(self) -> str | None:
+        """The answer explained by default: the generated (or chosen) one; None in candidate
+        mode (the arg-max of the candidates is explained there)."""
+        return None if self.candidates or not self.answer_ids else self._answers[0]
+
+    @property
     def preferred_batch_size(self) -> int:
         """Inputs per call: one forward pass each."""
         return self.batch_size
