@@ -149,8 +149,7 @@ def _build(family: str, tokenizer: Any) -> tuple[Any, Any]:
         model = tf.Qwen2VLForConditionalGeneration(config)
         images = tf.Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2,
                                              min_pixels=32 * 32, max_pixels=32 * 32)
-        processor = tf.Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
-                                        chat_template=_QWEN_TEMPLATE)
+        processor = _qwen_processor(images, tokenizer)
     elif family == "paligemma":
         vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=2,
@@ -174,6 +173,21 @@ def _build(family: str, tokenizer: Any) -> tuple[Any, Any]:
     else:
         raise ValueError(family)
     return model, processor
+
+
+def _qwen_processor(images: Any, tokenizer: Any) -> Any:
+    """Qwen2VLProcessor without a video processor (none can be built without torchvision)."""
+    import transformers as tf
+
+    class ImagesOnly(tf.Qwen2VLProcessor):  # type: ignore[misc]
+        def check_argument_for_proper_class(self, name: str, argument: Any) -> Any:
+            if name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(name, argument)
+
+    ImagesOnly.__name__ = "Qwen2VLProcessor"
+    return ImagesOnly(image_processor=images, tokenizer=tokenizer, video_processor=None,
+                      chat_template=_QWEN_TEMPLATE)
 
 
 def build(family: str, folder: Path, *, seed: int = 0) -> Path:
@@ -203,7 +217,16 @@ def build(family: str, folder: Path, *, seed: int = 0) -> Path:
     generation.do_sample = False
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    if family == "qwen2vl":  # saved by parts: save_pretrained needs the video processor
+        import json
+
+        processor.tokenizer.save_pretrained(folder)
+        processor.image_processor.save_pretrained(folder)
+        (folder / "chat_template.jinja").write_text(_QWEN_TEMPLATE)
+        (folder / "processor_config.json").write_text(
+            json.dumps({"processor_class": "Qwen2VLProcessor"}))
+    else:
+        processor.save_pretrained(folder)
     return folder
 
 

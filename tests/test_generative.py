@@ -24,7 +24,7 @@ from genvlm_toys import build, image  # noqa: E402
 from blackbox_vqa.adapters.hf.generative import OTHER, GenerativeAdapter  # noqa: E402
 from blackbox_vqa.explain import explain  # noqa: E402
 
-TESTED = ("llava", "idefics3", "paligemma")
+TESTED = ("llava", "qwen2vl", "idefics3", "paligemma")
 QUESTION = "what color is the shape"
 
 
@@ -66,6 +66,9 @@ def _direct(adapter: GenerativeAdapter, pixels: np.ndarray, question: str,
     full = torch.cat([ids, torch.tensor([answer])], dim=1)
     kwargs: dict[str, Any] = {k: v for k, v in inputs.items() if k != "labels"}
     kwargs["attention_mask"] = torch.ones_like(full)
+    if "mm_token_type_ids" in kwargs:  # Qwen2-VL: the answer's tokens are text (0)
+        kwargs["mm_token_type_ids"] = torch.cat(
+            [kwargs["mm_token_type_ids"], torch.zeros((1, len(answer)), dtype=ids.dtype)], dim=1)
     if "token_type_ids" in kwargs:
         kwargs["token_type_ids"] = torch.cat(
             [torch.zeros_like(ids), torch.ones((1, len(answer)), dtype=ids.dtype)], dim=1)
@@ -282,8 +285,8 @@ def test_answer_longer_than_the_context_is_refused(
 
 
 def test_image_the_processor_rejects(folders: dict[str, Path]) -> None:
-    adapter = GenerativeAdapter.from_pretrained(folders["idefics3"], device="cpu")
-    from blackbox_vqa.errors import InputError
+    adapter = GenerativeAdapter.from_pretrained(folders["qwen2vl"], device="cpu")
+    from blackbox_vqa.errors import ImageError
 
-    with pytest.raises(InputError, match="rejects the image"):
-        adapter.answer_probs(np.zeros((1, 1, 3), dtype=np.uint8), QUESTION)
+    with pytest.raises(ImageError, match="rejects the image .2x900x3.: absolute aspect ratio"):
+        adapter.answer_probs(np.zeros((2, 900, 3), dtype=np.uint8), QUESTION)

@@ -119,8 +119,13 @@ def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[
             if model_cls is None:
                 model_cls = hf.AutoModelForImageTextToText
             model = model_cls.from_pretrained(location, trust_remote_code=trust_remote_code)
-            processor = hf.AutoProcessor.from_pretrained(location,
-                                                         trust_remote_code=trust_remote_code)
+            try:
+                processor = hf.AutoProcessor.from_pretrained(
+                    location, trust_remote_code=trust_remote_code)
+            except (AttributeError, ImportError) as exc:  # video support needs torchvision
+                if "orchvision" not in str(exc) and "_extra_content" not in str(exc):
+                    raise
+                processor = image_processor_only(hf, location)
         except BlackboxVQAError:
             raise
         except Exception as exc:
@@ -128,6 +133,45 @@ def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[
                 f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
             ) from exc
     return model, processor
+
+
+def image_processor_only(hf: Any, location: str) -> Any:
+    """The folder's processor built without its video processor.
+
+    transformers cannot build the processors of video-capable models (Qwen2-VL...) without
+    torchvision (their video processor class is missing); images need none of it, so the
+    processor class is built from its tokenizer, image processor and chat template alone.
+    """
+    import json
+
+    folder = Path(location)
+    config: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            config = {**json.loads(path.read_text(encoding="utf-8")), **config}
+    cls_name = str(config.get("processor_class", ""))
+    base = getattr(hf, cls_name, None)
+    if base is None:
+        raise ModelLoadError(f"cannot load {location!r}: no processor class {cls_name!r}")
+
+    class _ImagesOnly(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = hf.AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+    images = hf.AutoImageProcessor.from_pretrained(location, trust_remote_code=False)
+    template = None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    template = template or config.get("chat_template") or getattr(tokenizer, "chat_template",
+                                                                   None)
+    _ImagesOnly.__name__ = base.__name__
+    return _ImagesOnly(image_processor=images, tokenizer=tokenizer, video_processor=None,
+                       chat_template=template)
 
 
 class GenerativeAdapter(BaseAdapter):
@@ -414,9 +458,14 @@ class GenerativeAdapter(BaseAdapter):
             full[row, length:length + size] = answer
             full_mask[row, :length + size] = 1
             types[row, length:length + size] = 1
-        extra = {k: v for k, v in encoded.items()
-                 if k not in ("input_ids", "attention_mask", "token_type_ids")}
-        if "token_type_ids" in encoded:
+        extra = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+        for key, value in encoded.items():  # per-token tensors: the answer's are text tokens
+            if key in extra and tuple(value.shape) == (count, width):
+                grown = value.new_zeros((count, width + size))
+                for row, length in enumerate(lengths.tolist()):
+                    grown[row, :length] = value[row, :length]
+                extra[key] = grown
+        if "token_type_ids" in encoded:  # PaliGemma: prefix 0 (bidirectional), answer 1
             extra["token_type_ids"] = types
         with eval_mode(self.module), torch.inference_mode(), \
                 _wrapped(self.name, "forward pass"):
