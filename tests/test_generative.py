@@ -17,12 +17,11 @@ from cli_runner import run_cli
 
 pytest.importorskip("transformers")
 
-import torch  # noqa: E402
+import torch
 
-from genvlm_toys import build, image  # noqa: E402
-
-from blackbox_vqa.adapters.hf.generative import OTHER, GenerativeAdapter  # noqa: E402
-from blackbox_vqa.explain import explain  # noqa: E402
+from blackbox_vqa.adapters.hf.generative import OTHER, GenerativeAdapter
+from blackbox_vqa.explain import explain
+from genvlm_toys import build, image
 
 TESTED = ("llava", "qwen2vl", "idefics3", "paligemma")
 QUESTION = "what color is the shape"
@@ -168,6 +167,7 @@ def test_explain_through_the_cli(
         "explain", "-m", f"hf:{folders[family]}", "-i", str(picture), "-q", QUESTION,
         "--grid", "3", "--max-tokens", "3", "--threads", "1", "--out", str(out)])
     assert code == 0, err
+    assert "answer flips" in stdout
     doc = json.loads((out / "explanation.json").read_text())
     semantics = doc["score_semantics"]
     assert semantics["kind"] == "sequence"
@@ -203,13 +203,33 @@ def test_given_answer_and_prompt_through_the_cli(
 def test_compare_and_evaluate_run_generative_models(
     folders: dict[str, Path], picture: Path, tmp_path: Path
 ) -> None:
+    from hf_toys import build_vilt
+
+    vilt = build_vilt(tmp_path / "vilt")
     out = tmp_path / "cmp"
     code, _, err = run_cli([
-        "compare", "-m", f"hf:{folders['llava']}", "-m", f"hf:{folders['paligemma']}",
+        "compare", "-m", f"hf:{vilt}", "-m", f"hf:{folders['llava']}",
+        "-m", f"hf:{folders['paligemma']}",
         "-i", str(picture), "-q", QUESTION, "--grid", "2", "--max-tokens", "2",
         "--threads", "1", "--out", str(out)])
     assert code == 0, err
-    assert (out / "report.html").is_file() or any(out.iterdir())
+    assert (out / "report.html").is_file()
+    report = (out / "report.html").read_text()
+    assert f"hf:{folders['paligemma']}" in report and f"hf:{vilt}" in report
+
+    from vqa_fixture import build_vqa_fixture
+
+    fx = build_vqa_fixture(tmp_path / "data")
+    run = tmp_path / "run"
+    code, stdout, err = run_cli(["evaluate", "--model", f"hf:{folders['idefics3']}",
+                                 *fx.options(), "--grid", "2", "--max-tokens", "2",
+                                 "--threads", "1", "--out", str(run)])
+    assert code == 0, err
+    results = json.loads((run / "results.json").read_text())
+    assert results["items"]["evaluated"] == 2
+    row = results["human_attention"]["rows"]["occlusion"]
+    assert row["n"] == 2 and row["mean"] is not None
+    assert "| occlusion |" in stdout
 
 
 @pytest.mark.parametrize(
@@ -288,5 +308,5 @@ def test_image_the_processor_rejects(folders: dict[str, Path]) -> None:
     adapter = GenerativeAdapter.from_pretrained(folders["qwen2vl"], device="cpu")
     from blackbox_vqa.errors import ImageError
 
-    with pytest.raises(ImageError, match="rejects the image .2x900x3.: absolute aspect ratio"):
+    with pytest.raises(ImageError, match=r"rejects the image \(2x900x3\): absolute aspect ratio"):
         adapter.answer_probs(np.zeros((2, 900, 3), dtype=np.uint8), QUESTION)

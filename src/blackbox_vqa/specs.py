@@ -203,7 +203,8 @@ def _load_hf(spec: str, options: ModelOptions) -> object:
             location, answers_file=options.extra.get("answers_file"),
             trust_remote_code=bool(options.extra.get("trust_remote_code")), **extra,
         )
-    if options.extra.get("prompt") is not None or options.extra.get("max_tokens") is not None:
+    generative_only = (options.extra.get("prompt"), options.extra.get("max_tokens"))
+    if options.extra.get("strict", True) and any(v is not None for v in generative_only):
         raise InputError(f"--prompt and --max-tokens are for http:// (openai) and generative "
                          f"hf: models, not for {spec!r}")
     return HfAdapter.from_pretrained(

@@ -116,7 +116,8 @@ class ModelSettings:
             found["answers_file"] = self.answers_file
         if kind == "hf":
             found.update({"prompt": self.prompt, "max_tokens": self.max_tokens,
-                          "trust_remote_code": bool(self.trust_remote_code)})
+                          "trust_remote_code": bool(self.trust_remote_code),
+                          "strict": strict})
         if kind == "onnx":
             names = {"answers_file": "answers_file", "vocab": "vocab_file",
                      "output_kind": "output"}
