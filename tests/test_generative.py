@@ -310,3 +310,34 @@ def test_image_the_processor_rejects(folders: dict[str, Path]) -> None:
 
     with pytest.raises(ImageError, match=r"rejects the image \(2x900x3\): absolute aspect ratio"):
         adapter.answer_probs(np.zeros((2, 900, 3), dtype=np.uint8), QUESTION)
+
+
+def test_every_documented_command_runs(
+    folders: dict[str, Path], picture: Path, tmp_path: Path
+) -> None:
+    """Each ``bbvqa`` line of docs/models/generative.md, on the tiny models (smaller grid
+    and answers, to be fast)."""
+    import re
+    import shlex
+
+    from hf_toys import build_vilt
+    from vqa_fixture import build_vqa_fixture
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "models" / "generative.md")
+    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+    commands = [line for block in blocks for line in block.splitlines()
+                if line.startswith("bbvqa ")]
+    assert len(commands) == 7
+    fx = build_vqa_fixture(tmp_path / "data")
+    paths = {"models/llava": folders["llava"], "models/qwen2vl": folders["qwen2vl"],
+             "models/smolvlm": folders["idefics3"], "models/paligemma": folders["paligemma"],
+             "models/vilt": build_vilt(tmp_path / "vilt"), "cat.png": picture,
+             "q.json": fx.questions, "a.json": fx.annotations, "img/": fx.images,
+             "hat/": fx.hat}
+    for number, command in enumerate(commands):
+        args = [str(paths.get(a, a)) if not a.startswith("hf:") else
+                f"hf:{paths[a[3:]]}" for a in shlex.split(command)[1:]]
+        out = tmp_path / f"out{number}"
+        code, _, err = run_cli([*args, "--grid", "2", "--threads", "1", "--out", str(out)])
+        assert code == 0, f"{command}\n{err}"
+        assert out.is_dir()
