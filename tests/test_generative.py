@@ -320,8 +320,9 @@ def test_every_documented_command_runs(
     import re
     import shlex
 
-    from hf_toys import build_vilt
     from vqa_fixture import build_vqa_fixture
+
+    from hf_toys import build_vilt
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "models" / "generative.md")
     blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
