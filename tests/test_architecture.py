@@ -13,8 +13,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "blackbox_vqa"
 
 
@@ -108,7 +106,6 @@ def test_the_circle_finder_finds_a_circle(tmp_path: Path) -> None:
     assert cycles(import_graph(tmp_path)) == [["blackbox_vqa.a", "blackbox_vqa.b"]]
 
 
-@pytest.mark.xfail(strict=True, reason="preprocess.py resizes with torch (being replaced)")
 def test_the_onnx_family_imports_no_torch() -> None:
     # Statically: nothing reachable from adapters/onnx imports torch ...
     graph = import_graph()

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from blackbox_vqa.adapters.torch.module import TorchAdapter
+from blackbox_vqa.adapters.torch.preprocessing import to_tensor
 from blackbox_vqa.explainers.masks import IMAGENET_MEAN_RGB
 from blackbox_vqa.explainers.occlusion import Occlusion
 
@@ -83,7 +84,7 @@ def _captum(
     """Captum's attribution ``[3, H, W]`` on the preprocessed tensor of ``image``."""
     module = adapter.module.eval()
     tensor, tokens = adapter.inputs([image], [QUESTION])
-    baseline = adapter.preprocessing.tensor([np.full((1, 1, 3), rgb, dtype=np.float32)])
+    baseline = to_tensor(adapter.preprocessing, [np.full((1, 1, 3), rgb, dtype=np.float32)])
 
     def scores(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         return torch.softmax(module(x, tok), dim=-1)

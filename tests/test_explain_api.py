@@ -356,8 +356,8 @@ def test_guided_mode_says_when_it_met_no_relu(square_image: Path, tmp_path: Path
 
 LAYERS = {
     **dict.fromkeys(("errors", "version", "text", "images", "sizes", "wire",
-                     "metadata", "preprocess", "outputs", "explanation"), 0),
-    "adapters": 1, "models": 2, "datasets": 2, "exporters": 3, "specs": 4,
+                     "metadata", "preprocess", "resize", "outputs", "explanation"), 0),
+    "adapters": 1, "models": 2, "datasets": 2, "exporters": 3, "specs": 4, "kinds": 4,
     "gradient_source": 4, "explainers": 5, "explain": 6, "evaluation": 7, "comparison": 7,
     "server": 8, "report": 9, "cli": 10, "__main__": 11,
 }

@@ -95,13 +95,21 @@ def test_third_party_file_with_user_options_matches_torch(third_party: Path) -> 
 def test_inputs_are_bit_identical_to_torch_adapter(third_party: Path) -> None:
     model = OnnxAdapter(third_party, answers=ANSWERS, tokenizer=toy_tokenizer(),
                         image_size=4, mean=MEAN, std=STD)
-    images = [_image(1, size=13), _image(2, size=9).astype(np.float32)]
     questions = ["what color is the shape", "how many"]
+    # At the model's size: bit-identical (the same float32 multiply and add).
+    images = [_image(1, size=4), _image(2, size=4).astype(np.float32)]
     feeds = model.feeds(images, questions)
     image_tensor, tokens = torch_twin().inputs(images, questions)
     assert np.array_equal(feeds["pixel_values"], image_tensor.numpy())
     assert feeds["input_ids"].dtype == np.int32
     assert np.array_equal(feeds["input_ids"], tokens.numpy())
+    # Resized: NumPy's resize (torch's weights, float64 sums) against torch's float32 one,
+    # within 1e-3 on the 0-255 scale (tests/test_resize.py), i.e. 1e-3 / 255 / std here.
+    images = [_image(1, size=13), _image(2, size=9).astype(np.float32)]
+    feeds = model.feeds(images, questions)
+    image_tensor, _ = torch_twin().inputs(images, questions)
+    np.testing.assert_allclose(feeds["pixel_values"], image_tensor.numpy(), rtol=0,
+                               atol=1e-3 / 255 / min(STD))
 
 
 def test_static_image_size_is_read_from_the_graph(third_party: Path) -> None:

@@ -35,29 +35,26 @@ def graph_beside(vqa: Any) -> Path | None:
     return None
 
 
-_ADAPTER_KINDS = {
-    "blackbox_vqa.adapters.onnx.runtime": "onnx",
-    "blackbox_vqa.adapters.http.endpoint": "http",
-}
-"""Adapter module -> spec kind, for models whose label is not their spec."""
+def _what(spec: str, vqa: Any) -> str:
+    """What ``vqa`` is, for the reason: its kind's words (found by its adapter's module, or
+    by its spec when it has one), else its class."""
+    from blackbox_vqa.errors import InputError
+    from blackbox_vqa.specs import kind_of, model_kinds
+
+    kind = next((k for k in model_kinds() if type(vqa).__module__ in k.adapters), None)
+    if kind is None:
+        try:
+            kind = kind_of(spec)
+        except InputError:  # a label, not a spec (a model object passed from Python)
+            kind = None
+    if kind is not None and kind.no_gradients:
+        return kind.no_gradients
+    return f"a {type(vqa).__name__}, which offers no gradients (no gradient protocol)"
 
 
 def no_gradients_reason(spec: str, vqa: Any, method: str = "guided backpropagation") -> str:
     """Why `spec` has no gradients, and how to get them (one line)."""
-    from blackbox_vqa.errors import InputError
-    from blackbox_vqa.specs import spec_kind
-
-    kind = _ADAPTER_KINDS.get(type(vqa).__module__, "")
-    if not kind:
-        try:
-            kind = spec_kind(spec)
-        except InputError:  # a label, not a spec (a model object passed from Python)
-            kind = "object"
-    what = {
-        "onnx": "an ONNX file with no exported PyTorch graph beside it (ONNX Runtime "
-        "computes no gradients)",
-        "http": "an HTTP endpoint, which returns only probabilities",
-    }.get(kind, f"a {type(vqa).__name__}, which offers no gradients (no gradient protocol)")
+    what = _what(spec, vqa)
     return (
         f"{method} needs a PyTorch graph, and {spec} is {what}; get one with "
         "`bbvqa export --model SPEC --out DIR` on the PyTorch model (it writes model.onnx "

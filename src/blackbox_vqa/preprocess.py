@@ -1,4 +1,4 @@
-"""Image preprocessing shared by the PyTorch and exported-model adapters.
+"""Image preprocessing shared by the PyTorch and exported-model adapters (torch-free).
 
 One implementation, so a model and its exported copy see bit-identical input tensors:
 resize to ``(H, W)`` (bilinear, antialiased, on the 0-255 scale), scale to 0-1 and
@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.typing import NDArray
 
 from blackbox_vqa.errors import InputError
+from blackbox_vqa.resize import resize_antialiased
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing"]
 
@@ -69,59 +68,19 @@ class Preprocessing:
         """JSON-ready form."""
         return {"image_size": list(self.image_size), "mean": list(self.mean), "std": list(self.std)}
 
-    def tensor(
-        self, images: Sequence[NDArray[Any]], device: torch.device | str = "cpu"
-    ) -> torch.Tensor:
-        """Stack RGB arrays ``H x W x 3`` (0-255) into a normalised ``float32 [B, 3, H, W]``."""
-        same = all(img.shape == images[0].shape for img in images)
-        cpu = torch.device(device).type == "cpu"
-        if same and cpu and len(images) > 0 and images[0].shape[:2] == self.image_size:
-            return self._normalised_cpu(images)
-        if same:
-            batch = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)
-            if batch.dtype != torch.uint8 or tuple(batch.shape[-2:]) != self.image_size:
-                batch = self._resized(batch.float())
-        else:
-            batch = torch.cat(
-                [
-                    self._resized(torch.from_numpy(np.ascontiguousarray(img)).to(device)
-                                  .permute(2, 0, 1)[None].float())
-                    for img in images
-                ]
-            )
-        return self._normalised(batch)
-
-    def _normalised(self, batch: torch.Tensor) -> torch.Tensor:
-        """``batch * (1 / (255 std)) + (-mean / std)`` into a new contiguous ``float32``
-        ``[B, 3, H, W]`` tensor: one pass that also lays an ``H x W x 3`` view out as
-        ``3 x H x W``, then the offset in place (the same float32 roundings as a multiply
-        and an add, and several times faster than normalising the permuted view)."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=batch.device)
-        offset = torch.tensor([-m / s for m, s in zip(self.mean, self.std, strict=True)],
-                              device=batch.device)
-        out = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
-        torch.mul(batch, scale.view(1, 3, 1, 1), out=out)
-        return out.add_(offset.view(1, 3, 1, 1))
-
-    def _normalised_cpu(self, images: Sequence[NDArray[Any]]) -> torch.Tensor:
-        """:meth:`_normalised` for CPU images already at ``image_size``, in NumPy: each
-        image is scaled straight into its ``3 x H x W`` slot (no stacked copy, and a faster
-        transposing pass than torch's); the values are bit-identical."""
+    def array(self, images: Sequence[NDArray[Any]]) -> NDArray[np.float32]:
+        """Stack RGB arrays ``H x W x 3`` (0-255) into a normalised ``float32 [B, 3, H, W]``,
+        resizing in NumPy (:mod:`blackbox_vqa.resize`, torch's weights) where sizes differ."""
         height, width = self.image_size
         out = np.empty((len(images), 3, height, width), dtype=np.float32)
         scale = np.array([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
         offset = np.array([-m / s for m, s in zip(self.mean, self.std, strict=True)],
                           dtype=np.float32)
         for slot, image in zip(out, images, strict=True):
-            if image.dtype != np.uint8 and image.dtype != np.float32:
+            if image.shape[:2] != self.image_size:
+                image = resize_antialiased(image, self.image_size).astype(np.float32)
+            elif image.dtype != np.uint8 and image.dtype != np.float32:
                 image = image.astype(np.float32)  # as torch's .float() before the multiply
             np.multiply(image.transpose(2, 0, 1), scale[:, None, None], out=slot)
         out += offset[:, None, None]
-        return torch.from_numpy(out)
-
-    def _resized(self, batch: torch.Tensor) -> torch.Tensor:
-        if tuple(batch.shape[-2:]) == self.image_size:
-            return batch
-        return F.interpolate(
-            batch, size=self.image_size, mode="bilinear", align_corners=False, antialias=True
-        )
+        return out

@@ -1,52 +1,213 @@
-"""Model specs on the command line: which adapter a ``--model SPEC`` string means.
+"""Model specs on the command line: which kind of model a ``--model SPEC`` string means.
 
-Kinds: ``easyvqa`` (the built-in reference model), ``path.onnx``, an exported PyTorch
-graph file, ``http://host:port[/path]``, ``hf:PATH_OR_ID`` (a Hugging Face
-``transformers`` VQA model: a ``save_pretrained`` folder, or a hub id where the hub is
-reachable), and ``package.module:factory`` (a callable that returns any object with the
-model protocol; the current directory is importable, as uvicorn does for apps). A factory
-takes keyword arguments after ``?``: ``pkg.mod:make?size=64&name=small`` calls
-``make(size=64, name="small")`` (values that read as an int, a float, ``true``/``false``
-or ``none`` are converted; anything else is a string). Each kind has one loader in
-``LOADERS``.
+Each kind is one :class:`ModelKind` entry: a matcher for specs, a loader, and the options it
+reads (:class:`KindOption`, declared once: the command line builds a flag for each, and model
+files accept the same names). The built-in kinds live in :mod:`blackbox_vqa.kinds`, one
+module each: ``easyvqa`` (the built-in reference model), ``hf:PATH_OR_ID`` (Hugging Face
+``transformers`` models), ``http://host:port[/path]``, ``path.onnx``, an exported PyTorch
+graph file, and ``package.module:factory[?key=value]`` (a callable that returns any object
+with the model protocol; the current directory is importable, as uvicorn does for apps).
+Packages add kinds through the ``blackbox_vqa.model_kinds`` entry-point group (an entry point
+names a module that calls :func:`register_kind`), or by calling it directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import os
 import re
-import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from blackbox_vqa.adapters.base import VQAModel, check_model
-from blackbox_vqa.errors import InputError, ModelLoadError, NotSupportedError
+from blackbox_vqa.errors import InputError
 
 __all__ = [
-    "LOADERS",
+    "KIND_ENTRY_POINT_GROUP",
+    "KindOption",
+    "ModelKind",
     "ModelOptions",
     "factory_arguments",
+    "kind_of",
+    "kind_options",
     "load_model",
+    "model_kinds",
     "public_spec",
+    "register_kind",
     "spec_kind",
+    "unregister_kind",
 ]
 
-_FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*(\?.*)?$")
+KIND_ENTRY_POINT_GROUP = "blackbox_vqa.model_kinds"
+_BUILTIN_KINDS = "blackbox_vqa.kinds"
 GRAPH_SUFFIXES = (".pt2", ".ts", ".torchscript")
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """Options some spec kinds need (third-party ONNX files, HTTP endpoints...).
-
-    ``extra`` carries kind-specific settings by name; loaders ignore what they do not use.
-    """
+    """The options a kind's loader reads, by :class:`KindOption` name (``extra``); a loader
+    ignores what it does not declare."""
 
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+OptionType = type | Any
+
+
+@dataclass(frozen=True)
+class KindOption:
+    """One model option: declared once, read by every kind that lists it.
+
+    Attributes:
+        name: the key in :class:`ModelOptions` and in model files (``http_timeout``).
+        type: ``str``, ``int``, ``float``, ``bool`` (a flag), ``Path`` or ``list[str]``
+            (repeatable).
+        help: the ``--help`` line.
+        flag: the option without ``--`` (default: ``name`` with ``-`` for ``_``).
+        check: ``check(value)`` raises :class:`InputError` for a bad value.
+        audience: who may use it, for the refusal (default: the kinds that list it).
+    """
+
+    name: str
+    type: OptionType
+    help: str
+    flag: str | None = None
+    check: Callable[[Any], None] | None = None
+    audience: str | None = None
+
+    @property
+    def option(self) -> str:
+        """The command-line option, ``--flag``."""
+        return "--" + (self.flag or self.name.replace("_", "-"))
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """``value`` from a model file, type-checked (InputError naming ``where``)."""
+        if self.type in (list[str], tuple[str, ...]):
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise InputError(f"{where}: {self.name} must be a string or a list of strings, "
+                                 f"got {value!r}")
+            return tuple(items)
+        kinds: dict[Any, tuple[type, ...]] = {str: (str,), Path: (str,), int: (int,),
+                                               float: (int, float), bool: (bool,)}
+        ok = isinstance(value, kinds.get(self.type, (object,))) and (
+            self.type is bool or not isinstance(value, bool))
+        if not ok:
+            raise InputError(f"{where}: {self.name} must be {_type_name(self.type)}, got "
+                             f"{value!r}")
+        return float(value) if self.type is float else value
+
+
+def _type_name(kind: OptionType) -> str:
+    return {str: "a string", Path: "a path (a string)", int: "an integer",
+            float: "a number", bool: "true or false"}.get(kind, str(kind))
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    r"""A registry entry: one kind of ``--model`` spec.
+
+    Attributes:
+        name: short name (``"onnx"``), unique.
+        syntax: the spec's form for messages (``"PATH.onnx"``).
+        audience: the models it names in refusals (``".onnx"`` in "only for .onnx models").
+        matches: ``matches(spec) -> bool``; the first registered kind that matches wins.
+        load: ``load(spec, options) -> model`` (any object with the model protocol).
+        options: the :class:`KindOption`\ s its loader reads.
+        threads: how ``--threads`` applies: ``"torch"`` (the command sets torch's threads),
+            ``"loader"`` (passed to the loader as the ``threads`` option) or ``"none"`` (a
+            model that does not run here).
+        adapters: modules of the adapters it loads (a model passed from Python is matched
+            to its kind by its class's module).
+        no_gradients: what such a model is, when it offers no gradients ("" when it may).
+    """
+
+    name: str
+    syntax: str
+    audience: str
+    matches: Callable[[str], bool]
+    load: Callable[[str, ModelOptions], object]
+    options: tuple[KindOption, ...] = ()
+    threads: Literal["torch", "loader", "none"] = "torch"
+    adapters: tuple[str, ...] = ()
+    no_gradients: str = ""
+
+
+_KINDS: dict[str, ModelKind] = {}
+_LOADED: list[bool] = [False]
+
+
+def _load() -> None:
+    if _LOADED[0]:
+        return
+    _LOADED[0] = True
+    importlib.import_module(_BUILTIN_KINDS)
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=KIND_ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:  # a broken plug-in must not break the tool
+            import warnings
+
+            warnings.warn(f"model-kind plug-in {entry.name!r} failed to load: {exc}",
+                          stacklevel=2)
+
+
+def register_kind(kind: ModelKind, *, before: str | None = None, replace: bool = False) \
+        -> None:
+    """Add ``kind`` (last, or just ``before`` the kind of that name); a name already taken
+    is refused unless ``replace``. An option name another kind declares differently is
+    refused."""
+    _load()
+    if kind.name in _KINDS and not replace:
+        raise InputError(f"model kind {kind.name!r} is already registered (replace=True "
+                         "replaces it)")
+    declared = {o.name: o for k in _KINDS.values() if k.name != kind.name for o in k.options}
+    for option in kind.options:
+        other = declared.get(option.name)
+        if other is not None and other != option:
+            raise InputError(f"model kind {kind.name!r}: option {option.name!r} is declared "
+                             "differently by another kind (share the KindOption)")
+    entries = [(n, k) for n, k in _KINDS.items() if n != kind.name]
+    at = next((i for i, (n, _) in enumerate(entries) if n == before), len(entries))
+    entries.insert(at, (kind.name, kind))
+    _KINDS.clear()
+    _KINDS.update(entries)
+
+
+def unregister_kind(name: str) -> None:
+    """Remove the kind ``name`` (no error when absent)."""
+    _load()
+    _KINDS.pop(name, None)
+
+
+def model_kinds() -> tuple[ModelKind, ...]:
+    """Every registered kind, in matching order."""
+    _load()
+    return tuple(_KINDS.values())
+
+
+def kind_options() -> tuple[KindOption, ...]:
+    """Every option some kind declares, once each, in registration order."""
+    return tuple({o.name: o for k in model_kinds() for o in k.options}.values())
+
+
+def kind_of(spec: str) -> ModelKind:
+    """The kind of ``spec``; InputError listing the forms a spec can take."""
+    for kind in model_kinds():
+        if kind.matches(spec.strip()):
+            return kind
+    forms = ", ".join(k.syntax for k in model_kinds())
+    raise InputError(f"model spec {spec!r} is not one of: {forms}")
+
+
+def spec_kind(spec: str) -> str:
+    """The name of ``spec``'s kind (``"easyvqa"``, ``"onnx"``, ``"http"``...)."""
+    return kind_of(spec).name
 
 
 def public_spec(spec: str) -> str:
@@ -68,37 +229,6 @@ def public_spec(spec: str) -> str:
         rest = re.split(r"[?#]", rest, maxsplit=1)[0]
         authority, slash, path = rest.partition("/")
         return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
-
-
-def spec_kind(spec: str) -> str:
-    """``"easyvqa"``, ``"onnx"``, ``"graph"``, ``"http"``, ``"hf"`` or ``"factory"``; else
-    InputError."""
-    text = spec.strip()
-    lower = text.lower()
-    if lower == "easyvqa":
-        return "easyvqa"
-    if lower.startswith("hf:"):
-        if not text[3:].strip():
-            raise InputError(f"model spec {spec!r} names no model; use hf:PATH_OR_ID")
-        return "hf"
-    if lower.startswith(("http://", "https://")):
-        return "http"
-    if lower.endswith(".onnx"):
-        return "onnx"
-    if lower.endswith(GRAPH_SUFFIXES):
-        return "graph"
-    if _FACTORY_RE.match(text):
-        return "factory"
-    raise InputError(
-        f"model spec {spec!r} is not one of: easyvqa, PATH.onnx, PATH.pt2/.ts (exported "
-        "graph), http://host:port[/path], hf:PATH_OR_ID, package.module:factory[?key=value]"
-    )
-
-
-def _load_easyvqa(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.models.reference import reference_adapter
-
-    return reference_adapter()
 
 
 def factory_arguments(query: str) -> dict[str, Any]:
@@ -127,134 +257,7 @@ def _argument_value(text: str) -> Any:
     return text
 
 
-def _cwd_importable() -> None:
-    """Put the current directory first on ``sys.path`` (as uvicorn does for app specs)."""
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-
-
-def _load_factory(spec: str, options: ModelOptions) -> object:
-    target_text, _, query = spec.strip().partition("?")
-    arguments = factory_arguments(query)
-    module_name, _, attr_path = target_text.partition(":")
-    _cwd_importable()
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelLoadError(f"cannot import {module_name!r} for model spec {spec!r}: {exc}") \
-            from exc
-    except Exception as exc:
-        raise ModelLoadError(
-            f"importing {module_name!r} for model spec {spec!r} failed: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
-    target: Any = module
-    for part in attr_path.split("."):
-        if not hasattr(target, part):
-            raise ModelLoadError(f"{module_name!r} has no attribute {attr_path!r} (spec {spec!r})")
-        target = getattr(target, part)
-    if not callable(target):
-        raise ModelLoadError(f"{spec!r} is not callable; a factory returning a model is needed")
-    try:
-        model = target(**arguments)
-    except Exception as exc:
-        raise ModelLoadError(f"factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
-    if not getattr(model, "name", None):
-        with contextlib.suppress(AttributeError, TypeError):
-            model.name = spec
-    return model
-
-
-def _load_http(spec: str, options: ModelOptions) -> object:
-    try:
-        from blackbox_vqa.adapters.http.endpoint import HttpAdapter
-    except ImportError as exc:
-        raise NotSupportedError(f"http:// models need httpx ({exc}); install the extra: "
-                                "pip install 'blackbox-vqa[serve]'") from exc
-    return HttpAdapter.from_options(spec, options.extra)
-
-
-def _load_onnx(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.adapters.hf.onnx import HfOnnxAdapter, is_hf_export
-    from blackbox_vqa.adapters.onnx.runtime import OnnxAdapter
-
-    if is_hf_export(spec.strip()):  # a multi-input graph described by its metadata
-        return HfOnnxAdapter.from_options(spec.strip(), options.extra)
-    return OnnxAdapter.from_options(spec.strip(), options.extra)
-
-
-def _load_graph(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.adapters.torch.graph import GraphAdapter
-
-    return GraphAdapter(spec.strip())
-
-
-def _load_hf(spec: str, options: ModelOptions) -> object:
-    from blackbox_vqa.adapters.hf.vqa import HfAdapter
-
-    location = spec.strip()[3:].strip()
-    if _is_generative_folder(location):
-        from blackbox_vqa.adapters.hf.generative import GenerativeAdapter
-
-        extra = {k: options.extra[k] for k in ("prompt", "max_tokens", "device")
-                 if options.extra.get(k) is not None}
-        return GenerativeAdapter.from_pretrained(
-            location, answers_file=options.extra.get("answers_file"),
-            trust_remote_code=bool(options.extra.get("trust_remote_code")), **extra,
-        )
-    generative_only = (options.extra.get("prompt"), options.extra.get("max_tokens"))
-    if options.extra.get("strict", True) and any(v is not None for v in generative_only):
-        raise InputError(f"--prompt and --max-tokens are for http:// (openai) and generative "
-                         f"hf: models, not for {spec!r}")
-    return HfAdapter.from_pretrained(
-        spec.strip()[3:].strip(),
-        answers_file=options.extra.get("answers_file"),
-        device=options.extra.get("device"),
-    )
-
-
-def _is_generative_folder(location: str) -> bool:
-    """Whether a local hf: folder's config.json names a generative image-text-to-text
-    architecture or remote code (read as JSON: no code runs)."""
-    import json
-    from pathlib import Path
-
-    path = Path(location).expanduser() / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(config, dict):
-        return False
-    from types import SimpleNamespace
-
-    from blackbox_vqa.adapters.hf.generative import is_generative_vlm
-
-    if config.get("auto_map"):  # remote code: the generative loader refuses it unless trusted
-        return True
-    return is_generative_vlm(SimpleNamespace(**config))
-
-
-def _not_yet(kind: str) -> Callable[[str, ModelOptions], object]:
-    def load(spec: str, options: ModelOptions) -> object:
-        raise NotSupportedError(f"model spec {spec!r} ({kind}) is not supported yet")
-
-    return load
-
-
-LOADERS: dict[str, Callable[[str, ModelOptions], object]] = {
-    "easyvqa": _load_easyvqa,
-    "factory": _load_factory,
-    "onnx": _load_onnx,
-    "graph": _load_graph,
-    "http": _load_http,
-    "hf": _load_hf,
-}
-
-
 def load_model(spec: str, options: ModelOptions | None = None) -> VQAModel:
     """Load the model a spec names and check it has the model protocol."""
-    kind = spec_kind(spec)
-    model = LOADERS[kind](spec, options or ModelOptions())
+    model = kind_of(spec).load(spec, options or ModelOptions())
     return check_model(model, source=f"model spec {spec!r}")

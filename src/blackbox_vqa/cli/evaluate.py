@@ -89,7 +89,6 @@ def evaluate_command(
 ) -> None:
     """Explain every item of a data set; report human-attention correlation, words by part
     of speech and failure prediction."""
-    from dataclasses import replace
 
     from blackbox_vqa.cli.model_options import resolve
     from blackbox_vqa.datasets import open_dataset, select_items
@@ -98,7 +97,7 @@ def evaluate_command(
     from blackbox_vqa.evaluation.runner import EvalConfig
     from blackbox_vqa.evaluation.runstore import RunStore
     from blackbox_vqa.explainers.registry import parse_methods
-    from blackbox_vqa.specs import spec_kind
+    from blackbox_vqa.specs import kind_of
 
     _check_numbers(limit=limit, workers=workers, threads=threads, folds=folds)
     if sanity < 0:
@@ -110,8 +109,8 @@ def evaluate_command(
     method_names = parse_methods(methods, parameter="--methods")
     options = method_options.settings()
     spec, label, model_settings = resolve(model, model_settings)
-    if spec_kind(spec) == "onnx":  # torch threads are set per process by the runner
-        model_settings = replace(model_settings, threads=threads)
+    if kind_of(spec).threads == "loader":  # torch threads are set per process by the runner
+        model_settings = model_settings.with_values(threads=threads)
     model_extra = model_settings.extra(spec)
     pos_tagger = load_tagger(tagger)
     listing = open_dataset(dataset, questions=questions, annotations=annotations,

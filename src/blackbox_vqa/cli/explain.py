@@ -55,8 +55,8 @@ def explain_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print explanation.json to "
                                           "stdout.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print how many model calls "
-                                          "(HTTP requests at most) occlusion and mm-shap "
-                                          "need, and exit.")] = False,
+                                          "(HTTP requests at most) the run makes: every "
+                                          "method and --metrics; and exit.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     *,
     model_settings: ModelSettings,
@@ -75,12 +75,12 @@ def explain_command(
     names = parse_methods(method, parameter="--method")
     validate_question(question)
     pixels = load_image(image)
-    costly = {"occlusion", "mm-shap"} & set(names)
-    if dry_run or (costly and _is_http(model) and not as_json):
-        if "occlusion" in names or "mm-shap" not in names:
+    if dry_run or (_is_http(model) and not as_json):
+        if "occlusion" in names:
             _print_cost(pixels, question, options.grid, options.window, options.stride)
         if "mm-shap" in names:
             _print_shap_cost(pixels, question, settings)
+        _print_total(pixels, question, names, settings, metrics=method_options.metrics)
         if dry_run:
             return
     folder = out if out is not None else new_output_dir(
@@ -123,6 +123,18 @@ def _print_cost(pixels: Any, question: str, grid: int, window: Any, stride: Any)
             f"{words} words); an endpoint that takes one input per request gets at most "
             f"{count} requests")
     sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _print_total(pixels: Any, question: str, names: Any, settings: Any, *,
+                 metrics: bool) -> None:
+    """Print the model inputs of the whole run: every method and the metrics."""
+    from blackbox_vqa.evaluation.run_cost import request_count, total_line
+    from blackbox_vqa.text import split_words
+
+    count = request_count(int(pixels.shape[0]), int(pixels.shape[1]),
+                          len(split_words(question)), names, settings, metrics=metrics)
+    sys.stdout.write(total_line(count) + "\n")
     sys.stdout.flush()
 
 

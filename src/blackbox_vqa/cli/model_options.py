@@ -1,8 +1,9 @@
 """The model options every command that takes ``--model`` shares, defined once.
 
-:func:`with_model_options` adds the options (HTTP format, headers, concurrency, timeout;
-the ONNX file's answers, vocabulary, size, mean, std, output kind and tensor names;
-threads) to a Typer command and hands the command one :class:`ModelSettings` instead.
+:func:`with_model_options` adds one option per option that a registered model kind
+declares (:class:`blackbox_vqa.specs.KindOption`: the HTTP format, headers and timeouts;
+the ONNX file's answers, vocabulary, size...; threads), built from the kind registry
+whenever the command runs, and hands the command one :class:`ModelSettings` instead.
 :func:`load` turns a ``--model`` value and those settings into a loaded model.
 
 A ``--model`` value of the form ``@FILE:NAME`` takes the spec and its options from table
@@ -18,25 +19,24 @@ be used side by side (``bbvqa compare``)::
     spec = "https://api.example.com/vqa"
     http_format = "hf"
 
-Keys are the option names without ``--`` (``http-format`` or ``http_format``);
-``header`` and ``headers`` are both accepted. Options given in the file win over the
+Keys are the option names or flags without ``--`` (``http-format`` or ``http_format``;
+``answers`` or ``answers_file``); ``header`` and ``headers`` are both accepted; values are
+type-checked. Options given in the file win over the
 command line's for that model; a model's label is ``NAME``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from blackbox_vqa.adapters.base import OUTPUT_KINDS
 from blackbox_vqa.cli.option_groups import Parameter, option_group
 from blackbox_vqa.errors import InputError
 
@@ -49,179 +49,86 @@ __all__ = [
     "with_model_options_except",
 ]
 
-
-
-_ONNX_FLAGS = {
-    "answers_file": "answers", "vocab": "vocab", "image_size": "image-size", "mean": "mean",
-    "std": "std", "output_kind": "output-kind", "image_input": "image-input",
-    "tokens_input": "tokens-input", "output_name": "output-name",
-}
-_HTTP_FLAGS = {
-    "http_format": "http-format", "header": "header", "http_concurrency": "http-concurrency",
-    "http_timeout": "http-timeout", "remote_model": "remote-model", "prompt": "prompt",
-    "max_tokens": "max-tokens", "http_total_timeout": "http-total-timeout",
-    "http_max_response_mb": "http-max-response-mb",
-}
+_PANEL = "Model options"
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The shared model options' values (None: not given)."""
+    """The model options given, by option name (``http_timeout``, ``vocab``...; see
+    :func:`blackbox_vqa.specs.kind_options`); an option not given is absent."""
 
-    http_format: str | None = None
-    header: tuple[str, ...] = ()
-    http_concurrency: int | None = None
-    http_timeout: float | None = None
-    http_total_timeout: float | None = None
-    http_max_response_mb: float | None = None
-    remote_model: str | None = None
-    prompt: str | None = None
-    max_tokens: int | None = None
-    answers_file: Path | None = None
-    vocab: Path | None = None
-    image_size: str | None = None
-    mean: str | None = None
-    std: str | None = None
-    output_kind: str | None = None
-    image_input: str | None = None
-    tokens_input: str | None = None
-    output_name: str | None = None
-    threads: int | None = None
-    trust_remote_code: bool | None = None
-    given: frozenset[str] = field(default=frozenset(), compare=False)
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The names of the options given."""
+        return frozenset(self.values)
+
+    @property
+    def threads(self) -> int | None:
+        """``--threads``, or None."""
+        value = self.values.get("threads")
+        return None if value is None else int(value)
+
+    def with_values(self, **values: Any) -> ModelSettings:
+        """These settings with ``values`` given too (checked)."""
+        return _check(ModelSettings({**self.values, **values}))
 
     def extra(self, spec: str, *, strict: bool = True) -> dict[str, Any]:
-        """The ``ModelOptions.extra`` a spec's loader reads. With ``strict``, options the
-        spec's kind cannot use are refused, naming the flags; otherwise they are left out
-        (``compare``: options meant for another of its models)."""
-        from blackbox_vqa.specs import spec_kind
+        """The ``ModelOptions.extra`` a spec's loader reads: the given options its kind
+        declares. With ``strict``, options the spec's kind cannot use are refused, naming
+        the flags; otherwise they are left out (``compare``: options meant for another of
+        its models)."""
+        from blackbox_vqa.specs import kind_of
 
-        kind = spec_kind(spec)
-        onnx = {k: getattr(self, k) for k in _ONNX_FLAGS if getattr(self, k) is not None}
         if strict:
             self.refuse_unusable([spec])
-        found: dict[str, Any] = {}
-        if kind == "http":
-            found.update({
-                "http_format": self.http_format or "ours", "http_headers": list(self.header),
-                "http_concurrency": self.http_concurrency,
-                "http_timeout": 60.0 if self.http_timeout is None else self.http_timeout,
-                "http_total_timeout": self.http_total_timeout,
-                "http_max_response_bytes": None if self.http_max_response_mb is None
-                else int(self.http_max_response_mb * 2**20),
-                "remote_model": self.remote_model, "prompt": self.prompt,
-                "max_tokens": self.max_tokens,
-            })
-        if kind == "hf" and self.answers_file is not None:
-            found["answers_file"] = self.answers_file
-        if kind == "hf":
-            found.update({"prompt": self.prompt, "max_tokens": self.max_tokens,
-                          "trust_remote_code": bool(self.trust_remote_code),
-                          "strict": strict})
-        if kind == "onnx":
-            names = {"answers_file": "answers_file", "vocab": "vocab_file",
-                     "output_kind": "output"}
-            found.update({names.get(k, k): v for k, v in onnx.items()})
-            if self.threads is not None:
-                found["threads"] = self.threads
-        return found
-
+        names = {option.name for option in kind_of(spec).options}
+        return {name: value for name, value in self.values.items() if name in names}
 
     def refuse_unusable(self, specs: list[str]) -> None:
-        """Raise :class:`InputError` for a given option that none of ``specs`` can use."""
-        from blackbox_vqa.specs import spec_kind
+        """Raise :class:`InputError` for a given option that none of ``specs`` can use,
+        naming the models that can (from the kinds that declare it)."""
+        from blackbox_vqa.specs import kind_of, kind_options, model_kinds
 
-        kinds = {spec_kind(spec) for spec in specs}
+        usable = {option.name for spec in specs for option in kind_of(spec).options}
         what = specs[0] if len(specs) == 1 else "any of the models"
-        onnx = [k for k in _ONNX_FLAGS if getattr(self, k) is not None
-                and not (k == "answers_file" and "hf" in kinds)]
-        http = [k for k in _HTTP_FLAGS if k in self.given and getattr(self, k) not in (None, ())
-                and not (k in ("prompt", "max_tokens") and "hf" in kinds)]
-        if onnx and "onnx" not in kinds:
-            flags = ", ".join("--" + _ONNX_FLAGS[k] for k in onnx)
-            raise InputError(f"{flags}: only for .onnx models, not for {what!r}")
-        if http and "http" not in kinds:
-            flags = ", ".join("--" + _HTTP_FLAGS[k] for k in http)
-            raise InputError(f"{flags}: only for http:// models, not for {what!r}")
-        if self.trust_remote_code and "hf" not in kinds:
-            raise InputError(f"--trust-remote-code: only for hf: models, not for {what!r}")
-        if self.threads is not None and kinds == {"http"}:
-            raise InputError(f"--threads: only for models that run here, not for {what!r}")
+        refused: dict[str, list[str]] = {}
+        for option in kind_options():
+            if option.name in self.values and option.name not in usable:
+                audience = option.audience or " or ".join(
+                    k.audience for k in model_kinds() if option in k.options)
+                refused.setdefault(audience, []).append(option.option)
+        for audience, flags in refused.items():
+            who = audience if audience.startswith("models") else f"{audience} models"
+            raise InputError(f"{', '.join(flags)}: only for {who}, not for {what!r}")
 
 
 def _check(settings: ModelSettings) -> ModelSettings:
-    if settings.threads is not None and (isinstance(settings.threads, bool)
-                                         or settings.threads < 1):
-        raise InputError(f"--threads must be >= 1, got {settings.threads}")
-    if settings.output_kind is not None and settings.output_kind not in OUTPUT_KINDS:
-        raise InputError(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}, "
-                         f"got {settings.output_kind!r}")
+    from blackbox_vqa.specs import kind_options
+
+    for option in kind_options():
+        value = settings.values.get(option.name)
+        if value is not None and option.check is not None:
+            option.check(value)
     return settings
 
 
-_PARAMETERS: list[Parameter] = [
-    ("http_format", Annotated[str | None, typer.Option(
-        help="Wire format of an http:// model: ours, hf (top-k lists), answer-only or openai "
-        "(chat completions; default ours).", rich_help_panel="Model options")], None),
-    ("header", Annotated[list[str] | None, typer.Option(
-        help="Extra HTTP header 'Name: value' (repeatable; never printed).",
-        rich_help_panel="Model options")], None),
-    ("http_concurrency", Annotated[int | None, typer.Option(
-        help="Most HTTP requests in flight (default 4).", rich_help_panel="Model options")],
-     None),
-    ("http_timeout", Annotated[float | None, typer.Option(
-        help="HTTP read timeout, seconds (default 60).", rich_help_panel="Model options")],
-     None),
-    ("http_total_timeout", Annotated[float | None, typer.Option(
-        help="Most seconds one HTTP request may take in all (default 300).",
-        rich_help_panel="Model options")], None),
-    ("http_max_response_mb", Annotated[float | None, typer.Option(
-        help="Largest HTTP answer in MiB, after decompression (default 64).",
-        rich_help_panel="Model options")], None),
-    ("remote_model", Annotated[str | None, typer.Option(
-        help="--http-format openai: the endpoint's model name (default: the only one it "
-        "lists).", rich_help_panel="Model options")], None),
-    ("prompt", Annotated[str | None, typer.Option(
-        help="--http-format openai and generative hf: models: prompt template with "
-        "{question} (openai default: the question and 'Answer the question with a single "
-        "word or number.'; hf: the question).", rich_help_panel="Model options")], None),
-    ("max_tokens", Annotated[int | None, typer.Option(
-        help="--http-format openai and generative hf: models: most tokens generated "
-        "(default 8).", rich_help_panel="Model options")], None),
-    ("answers_file", Annotated[Path | None, typer.Option(
-        "--answers", help="ONNX file without metadata: its answers; hf: BLIP's candidate "
-        "answers (one per line, or a JSON list).", rich_help_panel="Model options")], None),
-    ("vocab", Annotated[Path | None, typer.Option(
-        help="ONNX file without metadata: its vocabulary (JSON word->id, or one word per "
-        "line, ids from 2).", rich_help_panel="Model options")], None),
-    ("image_size", Annotated[str | None, typer.Option(
-        help="ONNX file: model input size N or HxW.", rich_help_panel="Model options")], None),
-    ("mean", Annotated[str | None, typer.Option(
-        help="ONNX file: normalisation mean 'r,g,b' (0-1 scale; default ImageNet's).",
-        rich_help_panel="Model options")], None),
-    ("std", Annotated[str | None, typer.Option(
-        help="ONNX file: normalisation std 'r,g,b' (0-1 scale; default ImageNet's).",
-        rich_help_panel="Model options")], None),
-    ("output_kind", Annotated[str | None, typer.Option(
-        help="ONNX file: its output is softmax (logits), sigmoid (logits) or probs.",
-        rich_help_panel="Model options")], None),
-    ("image_input", Annotated[str | None, typer.Option(
-        help="ONNX file: name of the image input (default: found by type).",
-        rich_help_panel="Model options")], None),
-    ("tokens_input", Annotated[str | None, typer.Option(
-        help="ONNX file: name of the token input (default: found by type).",
-        rich_help_panel="Model options")], None),
-    ("output_name", Annotated[str | None, typer.Option(
-        help="ONNX file: name of the score output (default: the only one).",
-        rich_help_panel="Model options")], None),
-    ("trust_remote_code", Annotated[bool | None, typer.Option(
-        "--trust-remote-code", help="hf: load a model whose code lives in its folder "
-        "(runs that code; refused without this flag).", rich_help_panel="Model options")],
-     None),
-    ("threads", Annotated[int | None, typer.Option(
-        help="CPU threads of a model that runs here (torch threads; ONNX Runtime intra-op "
-        "threads; default: the library's own).", rich_help_panel="Model options")], None),
-]
+def _annotation(option: Any) -> Any:
+    """``Annotated[type | None, typer.Option(...)]`` of a kind option."""
+    kind = list[str] if option.type in (list[str], tuple[str, ...]) else option.type
+    if kind is bool:  # a flag: given (True) or not
+        return Annotated[bool | None, typer.Option(option.option, help=option.help,
+                                                   rich_help_panel=_PANEL)]
+    return Annotated[kind | None, typer.Option(option.option, help=option.help,
+                                                rich_help_panel=_PANEL)]
+
+
+def _parameters() -> list[Parameter]:
+    """One option per option some registered kind declares."""
+    from blackbox_vqa.specs import kind_options
+
+    return [(option.name, _annotation(option), None) for option in kind_options()]
 
 
 def with_model_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -236,13 +143,14 @@ def with_model_options_except(
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """:func:`with_model_options` without the options named in ``exclude`` (a command
     that defines one of them itself)."""
-    return option_group(_PARAMETERS, "model_settings", _settings, exclude=exclude)
+    return option_group(_parameters, "model_settings", _settings, exclude=exclude)
 
 
 def _settings(values: dict[str, Any]) -> ModelSettings:
-    given = frozenset(k for k, v in values.items() if v is not None)
-    values["header"] = tuple(values.get("header") or ())
-    return _check(ModelSettings(**values, given=given))
+    given = {name: (tuple(value) if isinstance(value, list) else value)
+             for name, value in values.items() if value is not None
+             and not (isinstance(value, (list, tuple)) and not value) and value is not False}
+    return _check(ModelSettings(given))
 
 
 @dataclass(frozen=True)
@@ -299,49 +207,62 @@ def _from_file(text: str, settings: ModelSettings) -> tuple[str, str, ModelSetti
     where = f"--model @{path}:{name}"
     if not isinstance(table, dict):
         raise InputError(f"{where}: the model file has no table [{name}]")
-    entry = {str(k).replace("-", "_"): v for k, v in table.items()}
-    if "headers" in entry:
-        entry["header"] = entry.pop("headers")
-    spec = entry.pop("spec", None)
+    spec = table.get("spec")
     if not isinstance(spec, str) or not spec.strip():
         raise InputError(f"{where}: 'spec' (the model spec) is missing")
-    known = {f.name for f in dataclasses.fields(ModelSettings)} - {"given"}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise InputError(f"{where}: unknown key {unknown[0]!r}; known: spec, "
-                         f"{', '.join(sorted(known))}")
-    if isinstance(entry.get("header"), str):
-        entry["header"] = [entry["header"]]
-    if "header" in entry:
-        entry["header"] = tuple(_expand(str(h), where) for h in entry["header"])
+    entry = _file_options(table, where)
     for key in ("answers_file", "vocab"):
         if entry.get(key) is not None:
             entry[key] = (path.parent / str(entry[key])).resolve()
-    merged = dataclasses.replace(settings, **entry, given=settings.given | set(entry))
-    return _expand(spec.strip(), where), name, _check(merged)
+    merged = _check(ModelSettings({**settings.values, **entry}))
+    return _expand(spec.strip(), where), name, merged
+
+
+def _file_options(table: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A model file's table as option values: keys are option names or flags (``-`` or
+    ``_``; ``headers`` for ``header``), values type-checked; ``${VAR}`` in headers is
+    taken from the environment."""
+    from blackbox_vqa.specs import kind_options
+
+    options = kind_options()
+    names = {o.name: o for o in options}
+    names.update({(o.flag or o.name).replace("-", "_"): o for o in options})
+    names["headers"] = names["header"]
+    entry: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "spec":
+            continue
+        option = names.get(str(key).replace("-", "_"))
+        if option is None:
+            raise InputError(f"{where}: unknown key {str(key)!r}; known: spec, "
+                             f"{', '.join(sorted(o.name for o in options))}")
+        entry[option.name] = option.coerce(value, where)
+    if "header" in entry:
+        entry["header"] = tuple(_expand(h, where) for h in entry["header"])
+    return entry
 
 
 def resolve(text: str, settings: ModelSettings) -> tuple[str, str, ModelSettings]:
     """``(spec, label, settings)`` of ``--model TEXT`` (a spec, or ``@FILE:NAME``); the
     label never holds credentials."""
-    from blackbox_vqa.specs import public_spec, spec_kind
+    from blackbox_vqa.specs import kind_of, public_spec
 
     if text.strip().startswith("@"):
         spec, label, settings = _from_file(text.strip(), settings)
     else:
         spec, label = text.strip(), public_spec(text.strip())
-    spec_kind(spec)
+    kind_of(spec)
     return spec, label, settings
 
 
 def load(text: str, settings: ModelSettings, *, strict: bool = True) -> LoadedModel:
     """Load ``--model TEXT`` (a spec, or ``@FILE:NAME``) with the model options; see
     :meth:`ModelSettings.extra` for ``strict``."""
-    from blackbox_vqa.specs import ModelOptions, load_model, spec_kind
+    from blackbox_vqa.specs import ModelOptions, kind_of, load_model
 
     spec, label, settings = resolve(text, settings)
     model = load_model(spec, ModelOptions(extra=settings.extra(spec, strict=strict)))
-    if settings.threads is not None and spec_kind(spec) not in ("onnx", "http"):
+    if settings.threads is not None and kind_of(spec).threads == "torch":
         import torch
 
         torch.set_num_threads(settings.threads)

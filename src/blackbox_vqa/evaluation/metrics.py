@@ -18,9 +18,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.errors import NotSupportedError
-from blackbox_vqa.evaluation.faithfulness import Faithfulness
+from blackbox_vqa.evaluation.faithfulness import (
+    DEFAULT_RANDOM_ORDERS,
+    Faithfulness,
+    default_steps,
+)
 from blackbox_vqa.evaluation.sanity import randomisation_test
 from blackbox_vqa.explain import Explainer
+from blackbox_vqa.explainers.cost import CallEstimate
 from blackbox_vqa.explainers.registry import MethodSettings
 from blackbox_vqa.explanation import Explanation
 
@@ -29,6 +34,7 @@ __all__ = [
     "explanation_metrics",
     "explanation_sanity",
     "mean_curves",
+    "metric_inputs",
     "metric_rows",
     "resampled_curve",
     "sanity_rows",
@@ -40,6 +46,21 @@ CURVE_POINTS = 21
 _IMAGE_KEYS = ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")
 _WORD_KEYS = ("comprehensiveness", "sufficiency", "random_comprehensiveness",
               "random_sufficiency")
+
+
+def metric_inputs(estimate: CallEstimate, words: int, *, steps: int | None = None,
+                  random_orders: int = DEFAULT_RANDOM_ORDERS) -> int:
+    """Model inputs :func:`explanation_metrics` scores for one method's maps, from its
+    :class:`CallEstimate`: image ``2 + 2 (S - 1) (1 + R)`` for a map of more than one
+    unit, words ``1 + 2 (n - 1) (1 + R)`` for a word map of ``n >= 2`` words."""
+    count = 0
+    units = estimate.image_units
+    if units > 1:
+        chosen = steps if steps is not None else default_steps(units, estimate.pixel_map)
+        count += 2 + 2 * (min(chosen, units) - 1) * (1 + random_orders)
+    if estimate.word_map and words >= 2:
+        count += 1 + 2 * (words - 1) * (1 + random_orders)
+    return count
 
 
 def explanation_metrics(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blackbox_vqa.errors import GradientUnavailableError, InputError, NotSupportedError
+from blackbox_vqa.explainers.cost import CallEstimate, CostQuery
 from blackbox_vqa.explainers.registry import (
     Method,
     MethodRequest,
@@ -231,6 +232,38 @@ class _ModalityShareMethod:
         return modality_share_attribution(result)
 
 
+def _occlusion_calls(query: CostQuery) -> CallEstimate:
+    """One input per patch and per word (the original is the run's)."""
+    from blackbox_vqa.explainers.masks import occlusion_evaluations
+
+    shared = query.settings
+    count = occlusion_evaluations(query.height, query.width, query.words, grid=shared.grid,
+                                  window=shared.window, stride=shared.stride)
+    if shared.window is None:
+        return CallEstimate(count - 1, image_units=shared.grid ** 2, word_map=True)
+    return CallEstimate(count - 1, image_units=query.height * query.width, pixel_map=True,
+                        word_map=True)
+
+
+def _rise_calls(query: CostQuery) -> CallEstimate:
+    """One input per mask; a map per pixel, no word map."""
+    masks = query.settings.of("rise").rise_masks
+    return CallEstimate(masks, image_units=query.height * query.width, pixel_map=True)
+
+
+def _modality_share_calls(query: CostQuery) -> CallEstimate:
+    """Each distinct coalition once, at most (the whole input is the original)."""
+    from blackbox_vqa.explainers.modality_share import ModalityShare
+    from blackbox_vqa.explainers.shapley import modality_share_evaluations
+
+    own = query.settings.of("mm-shap")
+    players = ModalityShare.players_of((query.height, query.width), "w " * query.words,
+                                       own.shap_grid)
+    count = modality_share_evaluations(players, own.shap_permutations, "antithetic")
+    return CallEstimate(count - 1, exact=False, image_units=own.shap_grid ** 2,
+                        word_map=True)
+
+
 OCCLUSION = Method(
     name="occlusion",
     key="occlusion",
@@ -241,6 +274,7 @@ OCCLUSION = Method(
     image_label="p(a | original) - p(a | occluded)",
     kind="black-box",
     settings=OcclusionSettings,
+    calls=_occlusion_calls,
 )
 
 GUIDED_BACKPROP = Method(
@@ -292,6 +326,7 @@ RISE = Method(
     kind="black-box",
     default=False,
     settings=RiseSettings,
+    calls=_rise_calls,
 )
 
 MM_SHAP = Method(
@@ -305,6 +340,7 @@ MM_SHAP = Method(
     kind="black-box",
     default=False,
     settings=ModalityShareSettings,
+    calls=_modality_share_calls,
 )
 
 for _method in (OCCLUSION, GUIDED_BACKPROP, GRADIENT, INTEGRATED_GRADIENTS, RISE, MM_SHAP):

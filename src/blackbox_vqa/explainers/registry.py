@@ -25,6 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.errors import InputError, NotSupportedError
+from blackbox_vqa.explainers.cost import CallEstimate, CostQuery
 from blackbox_vqa.explanation import Attribution
 
 __all__ = [
@@ -252,6 +253,9 @@ class Method:
         settings: the method's own settings, a frozen dataclass whose fields are declared
             with :func:`setting` (int, float, str or bool; validated in its
             ``__post_init__``); every command gets an option per field.
+        calls: ``calls(CostQuery) -> CallEstimate``: the model inputs it scores for an
+            input and the settings, printed before a run (``--dry-run``, HTTP models);
+            ``None``: not counted (white-box methods: they make no endpoint calls).
     """
 
     name: str
@@ -264,6 +268,7 @@ class Method:
     kind: Literal["black-box", "white-box"] = "black-box"
     default: bool = True
     settings: type | None = None
+    calls: Callable[[CostQuery], CallEstimate] | None = None
 
     def __post_init__(self) -> None:
         for label, value in (("name", self.name), ("key", self.key)):

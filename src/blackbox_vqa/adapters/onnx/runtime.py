@@ -356,7 +356,7 @@ class OnnxAdapter(BaseAdapter):
     def feeds(self, images: Sequence[ImageArray], questions: Sequence[str]) \
             -> dict[str, NDArray[Any]]:
         """The session's input arrays for RGB arrays and questions."""
-        image = self.preprocessing.tensor(images).numpy()
+        image = self.preprocessing.array(images)
         tokens = pad_tokens([self.tokens(q) for q in questions])
         return {
             self.names.image: image.astype(self._image_dtype, copy=False),

@@ -34,6 +34,7 @@ from blackbox_vqa.adapters.torch.path_gradients import (
     embedding_replaced,
     score_gradients,
 )
+from blackbox_vqa.adapters.torch.preprocessing import to_tensor
 from blackbox_vqa.adapters.torch.randomisation import parameter_layers, randomised_module
 from blackbox_vqa.errors import (
     BlackboxVQAError,
@@ -152,7 +153,7 @@ class TorchAdapter(BaseAdapter, IncrementalScoring):
         self, images: Sequence[ImageArray], questions: Sequence[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's input tensors for RGB arrays and questions, on the adapter's device."""
-        image_tensor = self.preprocessing.tensor(images, self.device)
+        image_tensor = to_tensor(self.preprocessing, images, self.device)
         tokens = pad_tokens([self.tokens(q) for q in questions])
         return image_tensor, torch.from_numpy(tokens).to(self.device)
 
