@@ -40,6 +40,7 @@ import torch
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
+from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.errors import (
@@ -174,7 +175,7 @@ def image_processor_only(hf: Any, location: str) -> Any:
                        chat_template=template)
 
 
-class GenerativeAdapter(BaseAdapter):
+class GenerativeAdapter(BaseAdapter, GenerativeGradients):
     """A generative VLM scored by the exact likelihood of one answer (see module docstring).
 
     Args:
