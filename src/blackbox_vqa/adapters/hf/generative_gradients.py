@@ -86,6 +86,8 @@ class GenerativeGradients:
     answer_ids: tuple[int, ...]
     softcap: Any
     pad_id: int
+    _fixed: bool
+    _prepared: tuple[str, str] | None
     device: torch.device
     name: str
 
@@ -131,14 +133,17 @@ class GenerativeGradients:
                     "gradient pass does not handle")
         return None
 
-    def _grad_encoded(self, image: ImageInput, question: str
+    def _grad_encoded(self, image: ImageInput, question: str, *, own_answer: bool
                       ) -> tuple[str, dict[str, torch.Tensor]]:
+        """``own_answer``: explain this input's own answer (``prepare``); else keep the
+        answer already chosen (a path's baseline must not change the answer)."""
         reason = self.gradients_unavailable()
         if reason:
             raise GradientUnavailableError(reason)
         question = self.validate_question(question)
         pixels = to_rgb_array(image)
-        self.prepare(pixels, question)
+        if own_answer or (not self._fixed and self._prepared is None):
+            self.prepare(pixels, question)
         encoded = self.encode([_levels(pixels)], [question])
         reason = self.gradients_unavailable(encoded)
         if reason:
@@ -214,7 +219,7 @@ class GenerativeGradients:
         0) w.r.t. ``pixel_values [3, H, W]`` and each question word's embedding (``words
         [W, D]``: sub-word gradients summed; ``None`` with ``words_note`` when the
         question's tokens cannot be located in the prompt)."""
-        question, encoded = self._grad_encoded(image, question)
+        question, encoded = self._grad_encoded(image, question, own_answer=True)
         values = np.asarray(self.answer_probs_batch([to_rgb_array(image)], [question])[0],
                             dtype=np.float64)
         index = resolve_answer(self.answers, answer, 0)
@@ -255,8 +260,9 @@ class GenerativeGradients:
 
     def gradient_inputs(self, image: ImageInput, question: str) -> GradientInputs:
         """``pixel_values [3, H, W]``, the prompt's token embeddings ``[T, D]``, the padding
-        token's embedding, each question word's token positions and the scores."""
-        question, encoded = self._grad_encoded(image, question)
+        token's embedding, each question word's token positions and the scores. The
+        explained answer stays the one already chosen (the first input's, as for scores)."""
+        question, encoded = self._grad_encoded(image, question, own_answer=False)
         scores = np.asarray(self.answer_probs_batch([to_rgb_array(image)], [question])[0],
                             dtype=np.float64)
         ids = [int(t) for t in encoded["input_ids"][0].tolist()]
