@@ -238,7 +238,7 @@ def test_cli_reports_unavailable_for_a_patch_family(
     picture = tmp_path / "picture.png"
     Image.fromarray(image(3, 40)).save(picture)
     out = tmp_path / "out"
-    code, stdout, err = run_cli([
+    code, _, err = run_cli([
         "explain", "-m", f"hf:{folders['qwen2vl']}", "-i", str(picture), "-q", QUESTION,
         "--method", "gradient,occlusion", "--grid", "2", "--max-tokens", "3",
         "--threads", "1", "--out", str(out)])
