@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from blackbox_vqa.adapters.hf.generative import GenerativeAdapter
