@@ -44,12 +44,55 @@ def toy_logits(image: np.ndarray, question: str) -> dict[str, float]:
             "maybe": 1.0, "blue": 0.5 - 2.0 * k, "2": -1.0}
 
 
-def toy_logprobs(image: np.ndarray, question: str) -> dict[str, float]:
-    """Log-softmax of :func:`toy_logits`."""
-    logits = toy_logits(image, question)
+def _log_softmax(logits: dict[str, float]) -> dict[str, float]:
     top = max(logits.values())
     total = math.log(sum(math.exp(v - top) for v in logits.values())) + top
     return {token: value - total for token, value in logits.items()}
+
+
+def toy_logprobs(image: np.ndarray, question: str) -> dict[str, float]:
+    """Log-softmax of :func:`toy_logits`."""
+    return _log_softmax(toy_logits(image, question))
+
+
+SECOND = (".", "!", " indeed")
+
+
+def toy_second_logprobs(image: np.ndarray, question: str) -> dict[str, float]:
+    """Log-probabilities of the second generated token (whatever the first): ``.`` is
+    always the most likely, the more so the brighter the region (``2 r + 1`` against
+    ``0.5`` and ``-r``)."""
+    r = float(np.asarray(image, dtype=np.float64)[REGION].mean()) / 255.0
+    return _log_softmax({".": 2.0 * r + 1.0, "!": 0.5, " indeed": -r})
+
+
+VOCAB = ("<s>", "USER:", "<image>", " ASSISTANT:", *TOKENS, *SECOND)
+
+
+def toy_tokens(text: str) -> list[str]:
+    """Greedy longest-match tokens of ``text`` over the toy's vocabulary; any other
+    character is a token of its own."""
+    known = sorted(set(TOKENS) | set(SECOND), key=len, reverse=True)
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        match = next((t for t in known if text.startswith(t, i)), text[i])
+        out.append(match)
+        i += len(match)
+    return out
+
+
+def toy_answer_logprob(image: np.ndarray, question: str, answer: str) -> float:
+    """The toy's log-probability of generating ``answer`` token by token (the first two
+    positions as generated; any later token -5; a token the position cannot produce
+    -30): what a ``prompt_logprobs`` request returns for the answer's positions."""
+    return sum(_answer_position_logprobs(image, question, toy_tokens(answer)))
+
+
+def _answer_position_logprobs(image: np.ndarray, question: str,
+                              tokens: list[str]) -> list[float]:
+    tables = [toy_logprobs(image, question), toy_second_logprobs(image, question)]
+    return [tables[i].get(t, -30.0) if i < 2 else -5.0 for i, t in enumerate(tokens)]
 
 
 # ------------------------------------------------------------------ the request schema
@@ -87,9 +130,17 @@ class ChatRequest(_Strict):
     messages: list[Message] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     seed: int | None = None
+    # vLLM's extensions (refused by the other flavours, as the hosted API refuses them)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
+    continue_final_message: bool | None = None
+    add_generation_prompt: bool | None = None
+
+
+VLLM_FIELDS = ("prompt_logprobs", "continue_final_message", "add_generation_prompt")
 
 
 class RequestError(Exception):
@@ -113,8 +164,9 @@ def decode_data_url(url: str) -> np.ndarray:
         raise RequestError(400, f"invalid image data: {exc}") from exc
 
 
-def read_request(body: bytes) -> tuple[ChatRequest, np.ndarray, str]:
-    """Validate a chat request: the request, its one image and its text."""
+def read_request(body: bytes, flavour: str = "openai") -> tuple[ChatRequest, np.ndarray, str]:
+    """Validate a chat request: the request, its one image and its text (and, for the
+    ``vllm`` flavour, a final assistant message to continue)."""
     try:
         request = ChatRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -123,6 +175,14 @@ def read_request(body: bytes) -> tuple[ChatRequest, np.ndarray, str]:
         raise RequestError(400, f"{where}: {first['msg']}") from exc
     if request.top_logprobs is not None and not request.logprobs:
         raise RequestError(400, "top_logprobs requires logprobs to be true")
+    extras = [f for f in VLLM_FIELDS if f in request.model_fields_set]
+    if extras and flavour != "vllm":
+        raise RequestError(400, f"{extras[0]}: Extra inputs are not permitted")
+    if request.continue_final_message and request.add_generation_prompt is not False:
+        raise RequestError(400, "Cannot set both `continue_final_message` and "
+                           "`add_generation_prompt` to True.")
+    if request.continue_final_message and (request.messages[-1].role != "assistant"):
+        raise RequestError(400, "continue_final_message needs a final assistant message")
     users = [m for m in request.messages if m.role == "user"]
     if len(users) != 1 or isinstance(users[0].content, str):
         raise RequestError(400, "expected one user message with content parts")
@@ -137,8 +197,10 @@ def read_request(body: bytes) -> tuple[ChatRequest, np.ndarray, str]:
 # ------------------------------------------------------------------ the server
 
 
-def completion(model: str, logprobs: dict[str, float] | None, top: int) -> dict[str, Any]:
-    """A chat completion answering the most likely token, then ``.``."""
+def completion(model: str, logprobs: dict[str, float] | None, top: int,
+               second: dict[str, float] | None = None) -> dict[str, Any]:
+    """A chat completion answering the most likely token, then ``.`` (with ``second``,
+    :func:`toy_second_logprobs`, its logprob from there)."""
     scores = toy_logprobs_order(logprobs) if logprobs else []
     chosen = scores[0][0] if scores else "No"
     choice: dict[str, Any] = {
@@ -150,7 +212,7 @@ def completion(model: str, logprobs: dict[str, float] | None, top: int) -> dict[
     if logprobs is not None:
         listed = [{"token": t, "logprob": v, "bytes": list(t.encode())}
                   for t, v in scores[:top]]
-        dot = {"token": ".", "logprob": -0.01, "bytes": [46]}
+        dot = {"token": ".", "logprob": (second or {}).get(".", -0.01), "bytes": [46]}
         choice["logprobs"] = {"content": [
             {"token": chosen, "logprob": logprobs[chosen], "bytes": list(chosen.encode()),
              "top_logprobs": listed},
@@ -173,6 +235,14 @@ class ChatServer:
     ``faults[i]`` is what the ``i``-th POST gets (then ``"ok"``), ``always`` applies to
     every POST. ``logprobs=False``: a server that never returns logprobs. ``limited``:
     headers added to every successful answer (rate-limit buckets).
+
+    ``flavour``: ``"openai"`` (the hosted API's shapes, vLLM's fields refused), ``"vllm"``
+    (the shapes of vLLM 0.32 in /work/shared/vlm-servers/response_shapes.json, its
+    ``prompt_logprobs`` with a continued assistant message, and its ``max_logprobs`` cap
+    and message), ``"llama"`` (llama-server's shapes: token ids in the logprobs, the
+    model file as the model id). ``refuses``: parameters refused as a hosted reasoning
+    model refuses them (``max_tokens``, ``temperature``, ``logprobs``). ``stop_after``:
+    answer this many POSTs, then stop (every later one is dropped).
     """
 
     name: str = "toy-vlm"
@@ -183,6 +253,12 @@ class ChatServer:
     always: str | None = None
     sleep: float = 1.0
     limited: dict[str, str] = field(default_factory=dict)
+    flavour: str = "openai"
+    max_logprobs: int = 20
+    refuses: tuple[str, ...] = ()
+    stop_after: int | None = None
+    echo_key: bool = False
+    template_space: bool = False  # vllm: the chat template puts a space before the message
     posts: list[float] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -211,7 +287,9 @@ class ChatServer:
     def _check_key(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         if self.api_key is not None and \
                 handler.headers.get("Authorization") != f"Bearer {self.api_key}":
-            raise RequestError(401, "Incorrect API key provided", "invalid_api_key")
+            given = handler.headers.get("Authorization", "")
+            echo = f": {given.removeprefix('Bearer ')}" if self.echo_key else ""
+            raise RequestError(401, f"Incorrect API key provided{echo}", "invalid_api_key")
 
     def _send(self, handler: Any, status: int, body: Any,
               headers: dict[str, str] | None = None) -> None:
@@ -222,7 +300,10 @@ class ChatServer:
             index = len(self.posts)
             self.posts.append(time.monotonic())
         fault = self.always or (self.faults[index] if index < len(self.faults) else "ok")
-        request, image, text = read_request(body)
+        if self.stop_after is not None and index >= self.stop_after:
+            fault = "drop"
+        request, image, text = read_request(body, self.flavour)
+        self._refuse(request)
         if request.model not in self.models:
             raise RequestError(404, f"The model `{request.model}` does not exist",
                                "model_not_found")
@@ -231,8 +312,16 @@ class ChatServer:
             self.texts.append(text)
         if self._fault(handler, fault):
             return
+        if request.prompt_logprobs is not None:
+            answer = self._score(request, image, text)
+            with self.lock:
+                self.answered += 1
+            send_json(handler, 200, json.dumps(answer).encode(), self.limited)
+            return
         logprobs = toy_logprobs(image, text) if self.logprobs and request.logprobs else None
-        answer = completion(request.model, logprobs, request.top_logprobs or 0)
+        answer = completion(request.model, logprobs, request.top_logprobs or 0,
+                            toy_second_logprobs(image, text))
+        self._shape(answer)
         if not self.logprobs:  # the answer is still the toy's
             best = toy_logprobs_order(toy_logprobs(image, text))[0][0]
             answer["choices"][0]["message"]["content"] = f"{best}."
@@ -251,6 +340,74 @@ class ChatServer:
         with self.lock:
             self.answered += 1
         send_json(handler, 200, payload, self.limited)
+
+    def _refuse(self, request: ChatRequest) -> None:
+        """Refuse what this server refuses, in its own words."""
+        asked = request.model_fields_set
+        if "max_tokens" in self.refuses and "max_tokens" in asked:
+            raise RequestError(400, "Unsupported parameter: 'max_tokens' is not supported "
+                               "with this model. Use 'max_completion_tokens' instead.",
+                               "unsupported_parameter")
+        if "temperature" in self.refuses and "temperature" in asked:
+            raise RequestError(400, "Unsupported value: 'temperature' does not support 0 "
+                               "with this model. Only the default (1) value is supported.",
+                               "unsupported_value")
+        if "logprobs" in self.refuses and "logprobs" in asked:
+            raise RequestError(400, "Unsupported parameter: 'logprobs' is not supported "
+                               "with this model.", "unsupported_parameter")
+        if self.flavour == "vllm" and (request.top_logprobs or 0) > self.max_logprobs:
+            raise RequestError(400, f"Requested sample logprobs of {request.top_logprobs}, "
+                               f"which is greater than max allowed: {self.max_logprobs}",
+                               "BadRequestError")
+        if self.flavour == "vllm" and (request.prompt_logprobs or 0) > self.max_logprobs:
+            raise RequestError(400, f"Requested prompt logprobs of {request.prompt_logprobs}"
+                               f", which is greater than max allowed: {self.max_logprobs}",
+                               "BadRequestError")
+
+    def _shape(self, answer: dict[str, Any]) -> None:
+        """The keys a real server adds (vLLM: ``prompt_logprobs`` and more, all null;
+        llama-server: token ids, the model file as the model)."""
+        if self.flavour == "vllm":
+            answer.update({"service_tier": None, "system_fingerprint": "vllm-toy",
+                           "prompt_logprobs": None, "prompt_token_ids": None,
+                           "kv_transfer_params": None})
+            answer["choices"][0].update({"stop_reason": None, "token_ids": None})
+        elif self.flavour == "llama":
+            answer["model"] = "gguf/toy-vlm-f32.gguf"
+            content = (answer["choices"][0]["logprobs"] or {}).get("content", [])
+            for entry in content:
+                entry["id"] = VOCAB.index(entry["token"]) if entry["token"] in VOCAB else 0
+                for alt in entry.get("top_logprobs", []):
+                    alt["id"] = VOCAB.index(alt["token"]) if alt["token"] in VOCAB else 0
+
+    def _score(self, request: ChatRequest, image: np.ndarray, text: str) -> dict[str, Any]:
+        """vLLM's answer with ``prompt_logprobs``: the rendered prompt is ``<s> USER:``,
+        the prompt text's characters, ``<image>``, `` ASSISTANT:`` and the continued
+        assistant message's tokens; every position but the first gets a logprob (the
+        answer's positions the toy's own, the others -1), and ``prompt_logprobs: k`` adds
+        ``k`` alternatives with logprob -9."""
+        final = request.messages[-1]
+        answer = final.content if isinstance(final.content, str) else ""
+        answer = " " + answer if self.template_space else answer
+        head = ["<s>", "USER:", *list(text), "<image>", " ASSISTANT:"]
+        tokens = toy_tokens(answer)
+        values = [-1.0] * (len(head) - 1) + _answer_position_logprobs(image, text, tokens)
+        entries: list[Any] = [None]
+        ids = [VOCAB.index(t) if t in VOCAB else 1000 + ord(t[0]) for t in head + tokens]
+        for position, (token, value) in enumerate(zip(head[1:] + tokens, values,
+                                                      strict=True), start=1):
+            entry = {str(ids[position]): {"logprob": value, "rank": 1,
+                                          "decoded_token": token}}
+            for k in range(request.prompt_logprobs or 0):
+                entry[str(2000 + k)] = {"logprob": -9.0, "rank": k + 2,
+                                        "decoded_token": f"<alt{k}>"}
+            entries.append(entry)
+        answer_body = completion(request.model, None, 0)
+        answer_body["choices"][0]["message"]["content"] = ""
+        answer_body["choices"][0]["finish_reason"] = "length"
+        self._shape(answer_body)
+        answer_body["prompt_logprobs"] = entries
+        return answer_body
 
     def _fault(self, handler: Any, fault: str) -> bool:
         """Answer a fault that replaces the answer; True when done."""
@@ -283,6 +440,10 @@ class ChatServer:
             answer["choices"] = []
         elif fault == "nan":
             first["top_logprobs"][1]["logprob"] = float("nan")
+        elif fault == "huge":  # -10**400: a number JSON holds and a float does not
+            for entry in first["top_logprobs"]:
+                if entry["token"] == "No":
+                    entry["logprob"] = -10**400
         elif fault == "positive":
             first["logprob"] = 0.5
         elif fault == "empty":

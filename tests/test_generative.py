@@ -342,3 +342,11 @@ def test_every_documented_command_runs(
         code, _, err = run_cli([*args, "--grid", "2", "--threads", "1", "--out", str(out)])
         assert code == 0, f"{command}\n{err}"
         assert out.is_dir()
+
+
+def test_trust_remote_code_is_only_for_hf_models(picture: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(["explain", "-m", "easyvqa", "-i", str(picture), "-q", QUESTION,
+                            "--trust-remote-code", "--out", str(tmp_path / "o")])
+    assert code == 2, err
+    assert "--trust-remote-code: only for hf: models" in err
+    assert not (tmp_path / "o").exists()

@@ -28,10 +28,9 @@ from captum.attr._utils.interpretable_input import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 
-from genvlm_toys import build, image  # noqa: E402
-
 from blackbox_vqa.adapters.hf.generative import GenerativeAdapter  # noqa: E402
 from blackbox_vqa.explain import explain  # noqa: E402
+from genvlm_toys import build, image  # noqa: E402
 
 QUESTION = "what color is the shape"
 GRID, SIZE = 8, 64

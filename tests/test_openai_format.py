@@ -291,6 +291,8 @@ def test_requests_in_flight_stay_within_the_concurrency(image: np.ndarray) -> No
     chat = ChatServer(always="slow", sleep=0.15)
     images = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(6)]
     with scripted_server(chat) as url, adapter(url + "/v1", concurrency=3) as remote:
+        remote.prepare(image, QUESTION)  # the first input is asked alone (what does it take?)
+        chat.posts.clear()
         remote.answer_probs_batch(images, [QUESTION] * 6)
     starts = sorted(chat.posts)
     assert len(starts) == 6

@@ -190,9 +190,15 @@ class Explainer:
         )
 
 
+_LISTED = 12  # answers listed in the message about an unknown --answer
+
+
 def _answer_index(answers: Sequence[str], answer: str) -> int:
     if answer not in answers:
-        raise InputError(f"answer {answer!r} is not one of the model's answers")
+        shown = ", ".join(repr(a) for a in answers[:_LISTED])
+        more = f" and {len(answers) - _LISTED} more" if len(answers) > _LISTED else ""
+        raise InputError(f"answer {answer!r} is not one of the model's answers; it can "
+                         f"score {shown}{more}")
     return list(answers).index(answer)
 
 

@@ -1,8 +1,11 @@
 """Image preprocessing shared by the PyTorch and exported-model adapters (torch-free).
 
-One implementation, so a model and its exported copy see bit-identical input tensors:
-resize to ``(H, W)`` (bilinear, antialiased, on the 0-255 scale), scale to 0-1 and
+Resize to ``(H, W)`` (bilinear, antialiased, on the 0-255 scale), scale to 0-1 and
 normalise with ``mean``/``std`` given on the 0-1 scale (as torchvision's ``Normalize``).
+An image already at ``(H, W)`` gives bit-identical tensors here and in the PyTorch adapter
+(:mod:`blackbox_vqa.adapters.torch.preprocessing`); a resized one agrees to 1e-3 on the
+0-255 scale (this module resizes in NumPy with torch's weights, summed in float64, so that
+the ONNX adapter loads no torch; see :mod:`blackbox_vqa.resize`).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ class KindOption:
 
     Attributes:
         name: the key in :class:`ModelOptions` and in model files (``http_timeout``).
-        type: ``str``, ``int``, ``float``, ``bool`` (a flag), ``Path`` or ``list[str]``
+        type: ``str``, ``int``, ``float``, ``Path``, ``bool`` (a flag) or ``list[str]``
             (repeatable).
         help: the ``--help`` line.
         flag: the option without ``--`` (default: ``name`` with ``-`` for ``_``).
@@ -93,8 +93,8 @@ class KindOption:
             return tuple(items)
         kinds: dict[Any, tuple[type, ...]] = {str: (str,), Path: (str,), int: (int,),
                                                float: (int, float), bool: (bool,)}
-        ok = isinstance(value, kinds.get(self.type, (object,))) and (
-            self.type is bool or not isinstance(value, bool))
+        ok = isinstance(value, kinds.get(self.type, (object,))) and \
+            (self.type is bool or not isinstance(value, bool))
         if not ok:
             raise InputError(f"{where}: {self.name} must be {_type_name(self.type)}, got "
                              f"{value!r}")

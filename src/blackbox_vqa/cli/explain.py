@@ -6,7 +6,9 @@ progress, writes the output folder and prints the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,14 +25,70 @@ from blackbox_vqa.cli.method_options import (
     with_method_options,
 )
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
-from blackbox_vqa.errors import GradientUnavailableError
+from blackbox_vqa.errors import GradientUnavailableError, ModelError
 
 if TYPE_CHECKING:
     from blackbox_vqa.explanation import Attribution, Explanation
 
-__all__ = ["explain_command", "metric_lines", "modality_line", "terminal_text"]
+__all__ = ["ANSWER_ONLY", "explain_command", "metric_lines", "modality_line", "terminal_text"]
 
 MARKER = "explanation.json"
+ANSWER_ONLY = "answer-only: maps show answer flips, not probabilities"
+IGNORED_IMAGE = ("every image cell scores exactly like the original: the server may be "
+                 "ignoring the image")
+
+
+def _request_cache(model: Any) -> Any:
+    return getattr(model, "requests", None) if hasattr(model, "mode") else None
+
+
+def _staged_request_cache(model: str, settings: ModelSettings,
+                          folder: Path) -> tuple[ModelSettings, Path | None]:
+    """An http model without ``--request-cache`` keeps its requests in ``.NAME.requests``
+    beside the output folder ``NAME`` (removed once the folder is written)."""
+    from blackbox_vqa.cli.model_options import resolve
+    from blackbox_vqa.specs import kind_of
+
+    spec, _, resolved = resolve(model, settings)
+    if kind_of(spec).name != "http" or "request_cache" in resolved.given:
+        return settings, None
+    staged = folder.parent / f".{folder.name}.requests"
+    return settings.with_values(request_cache=str(staged)), staged
+
+
+def _kept_requests(model: Any) -> str | None:
+    """Where a failed run's completed requests are kept, for its message."""
+    cache = _request_cache(model)
+    if cache is None or not (cache.stored or cache.reused):
+        return None
+    n = cache.stored + cache.reused
+    return f"{n} completed requests are kept in {cache.folder}: a rerun reuses them"
+
+
+def _say_reused(model: Any) -> None:
+    cache = _request_cache(model)
+    if cache is not None and cache.reused:
+        from blackbox_vqa.cli.progress import stderr_console
+
+        stderr_console().print(
+            f"request cache: reused {cache.reused} completed requests from "
+            f"{terminal_text(str(cache.folder))}, sent {cache.stored}")
+
+
+def answer_only(found: Explanation | dict[str, Any]) -> bool:
+    """Whether the scores of an explanation are answer-only (flip maps)."""
+    sections = found.sections if not isinstance(found, dict) else found
+    semantics = sections.get("score_semantics")
+    return isinstance(semantics, dict) and semantics.get("kind") == "answer_only"
+
+
+def _with_warnings(found: Explanation, model: Any) -> Explanation:
+    """A remote model whose every image cell scores like the original gets a warning."""
+    occlusion = found.attribution("occlusion")
+    if not hasattr(model, "mode") or occlusion is None or not occlusion.image_map.size \
+            or np.any(occlusion.image_map != 0):
+        return found
+    return dataclasses.replace(found, sections={**found.sections, "warnings": [IGNORED_IMAGE]})
 
 
 @with_model_options
@@ -86,16 +144,26 @@ def explain_command(
     folder = out if out is not None else new_output_dir(
         Path.cwd(), f"bbvqa-{slugify(question)}")
     check_output_dir(folder, force=force, marker=MARKER)
+    model_settings, staged_cache = _staged_request_cache(model, model_settings, folder)
     loaded = load(model, model_settings)
     explainer = Explainer(loaded.model, methods=names, settings=settings,
                           label=_label(loaded, model))
     _refuse_unavailable(explainer, method)
-    found = explainer.explain(pixels, question, answer=answer, progress=_progress)
-    found = _with_image_path(found, image)
+    try:
+        found = explainer.explain(pixels, question, answer=answer, progress=_progress)
+    except ModelError as exc:
+        kept = _kept_requests(loaded.model)
+        if kept:
+            raise type(exc)(f"{exc}; {kept}") from exc
+        raise
+    _say_reused(loaded.model)
+    found = _with_warnings(_with_image_path(found, image), loaded.model)
     found = _checks(found, loaded.model, pixels, settings, metrics=method_options.metrics,
                     sanity=sanity)
     doc = found.to_dict()
     written = _write(folder, force, found, doc, pixels)
+    if staged_cache is not None:
+        shutil.rmtree(staged_cache, ignore_errors=True)
     if as_json:
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
@@ -266,8 +334,9 @@ def _figures(found: Explanation, pixels: Any) -> list[tuple[str, Callable[[], An
     from blackbox_vqa.report.figures import heatmap_figure, words_figure
 
     figures: list[tuple[str, Callable[[], Any]]] = []
+    suffix = f"\n({ANSWER_ONLY})" if answer_only(found) else ""
     for attribution in found.attributions.values():
-        title = f"{attribution.method}: {attribution.answer!r}"
+        title = f"{attribution.method}: {attribution.answer!r}{suffix}"
         label = get_method(attribution.method).image_label
         words_name = "words.png" if attribution.key == "occlusion" else \
             f"{attribution.key}_words.png"
@@ -285,7 +354,7 @@ def _figures(found: Explanation, pixels: Any) -> list[tuple[str, Callable[[], An
                            {"label": "L2 norm of the word's embedding gradient"})
             figures.append((words_name, partial(
                 words_figure, attribution.tokens, attribution.word_map,
-                title=_words_title(attribution), **words_label)))
+                title=_words_title(attribution) + suffix, **words_label)))
     return figures
 
 
@@ -301,13 +370,23 @@ def _save_npy(array: Any, handle: Any) -> None:
 
 def _print(console: Any, found: Explanation) -> None:
     console.print(f"[bold]Q:[/bold] {terminal_text(found.question)}")
-    console.print(f"[bold]A:[/bold] {terminal_text(found.answer)}  (p = {found.probability:.4f})")
+    flips = answer_only(found)
+    score = "answer-only" if flips else f"p = {found.probability:.4f}"
+    console.print(f"[bold]A:[/bold] {terminal_text(found.answer)}  ({score})")
+    semantics = found.sections.get("score_semantics") or {}
+    if flips:
+        console.print(ANSWER_ONLY)
+    for note in semantics.get("notes", ()):
+        if note != ANSWER_ONLY:
+            console.print(f"note: {terminal_text(note)}")
+    for warning in found.sections.get("warnings", ()):
+        console.print(f"warning: {terminal_text(warning)}")
     if found.attribution("occlusion") is not None:
         others = ", ".join(f"{a} {s:.3f}" for a, s in found.top_answers[1:4])
         console.print(f"   next: {terminal_text(others)}")
     for attribution in found.attributions.values():
         if attribution.key == "occlusion":
-            _print_occlusion(console, attribution)
+            _print_occlusion(console, attribution, flips=flips)
         elif attribution.key in ("guided_backprop", "gradient"):
             _print_gradient(console, attribution)
         elif attribution.key == "mm_shap":
@@ -321,17 +400,18 @@ def _print(console: Any, found: Explanation) -> None:
         console.print(terminal_text(line))
 
 
-def _print_occlusion(console: Any, occlusion: Attribution) -> None:
+def _print_occlusion(console: Any, occlusion: Attribution, *, flips: bool = False) -> None:
     from rich.table import Table
 
-    words = Table(title="word occlusion", caption="importance: drop in p without the word")
+    what = "1 where the answer flips" if flips else "drop in p"
+    words = Table(title="word occlusion", caption=f"importance: {what} without the word")
     words.add_column("#", justify="right")
     words.add_column("word")
     words.add_column("importance", justify="right")
     for i, (word, value) in enumerate(zip(occlusion.tokens, occlusion.word_map, strict=True)):
         words.add_row(str(i), terminal_text(word), f"{value:+.4f}")
     console.print(words)
-    cells = Table(title="top image patches", caption="importance: drop in p when occluded")
+    cells = Table(title="top image patches", caption=f"importance: {what} when occluded")
     cells.add_column("row", justify="right")
     cells.add_column("col", justify="right")
     cells.add_column("importance", justify="right")
@@ -340,10 +420,10 @@ def _print_occlusion(console: Any, occlusion: Attribution) -> None:
     for index in np.argsort(-flat, kind="stable")[:5]:
         cells.add_row(str(index // cols), str(index % cols), f"{flat[index]:+.4f}")
     console.print(cells)
-    flips = occlusion.extras["flips"]
+    counts = occlusion.extras["flips"]
     console.print(
-        f"answer flips: {flips['image']}/{flips['image_total']} patches, "
-        f"{flips['words']}/{flips['words_total']} words"
+        f"answer flips: {counts['image']}/{counts['image_total']} patches, "
+        f"{counts['words']}/{counts['words_total']} words"
     )
 
 

@@ -117,9 +117,6 @@ def _check(settings: ModelSettings) -> ModelSettings:
 def _annotation(option: Any) -> Any:
     """``Annotated[type | None, typer.Option(...)]`` of a kind option."""
     kind = list[str] if option.type in (list[str], tuple[str, ...]) else option.type
-    if kind is bool:  # a flag: given (True) or not
-        return Annotated[bool | None, typer.Option(option.option, help=option.help,
-                                                   rich_help_panel=_PANEL)]
     return Annotated[kind | None, typer.Option(option.option, help=option.help,
                                                 rich_help_panel=_PANEL)]
 
@@ -148,8 +145,7 @@ def with_model_options_except(
 
 def _settings(values: dict[str, Any]) -> ModelSettings:
     given = {name: (tuple(value) if isinstance(value, list) else value)
-             for name, value in values.items() if value is not None
-             and not (isinstance(value, (list, tuple)) and not value) and value is not False}
+             for name, value in values.items() if value not in (None, [], ())}
     return _check(ModelSettings(given))
 
 

@@ -186,7 +186,7 @@ def _guided_note(result: GuidedBackpropResult) -> dict[str, Any]:
 
 
 def gradient_attribution(
-    result: GuidedBackpropResult, *, method: str, key: str, source: str, seconds: float = 0.0
+    result: GuidedBackpropResult, *, method: str, key: str, source: str
 ) -> Attribution:
     """``result`` as an attribution: the section ``bbvqa explain`` writes under ``key``, the
     raw gradient as ``<key>.npy`` beside it."""
@@ -206,5 +206,4 @@ def gradient_attribution(
         extras=extras,
         stats={"probability": result.probability},
         arrays={file_name: result.gradient},
-        seconds=seconds,
     )

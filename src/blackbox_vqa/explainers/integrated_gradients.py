@@ -327,7 +327,7 @@ def integrated_gradients_dict(
 
 
 def ig_attribution(
-    result: IntegratedGradientsResult, *, source: str = "model", seconds: float = 0.0
+    result: IntegratedGradientsResult, *, source: str = "model"
 ) -> Attribution:
     """``result`` as the ``integrated_gradients`` attribution: its section of
     ``explanation.json``, the raw attributions as ``integrated_gradients.npy`` beside it."""
@@ -348,5 +348,4 @@ def ig_attribution(
         extras=extras,
         stats={"completeness_gap": float(result.completeness_gap)},
         arrays={file_name: np.asarray(result.attributions, dtype=np.float32)},
-        seconds=seconds,
     )

@@ -360,8 +360,7 @@ def _finite_list(values: NDArray[np.float64]) -> list[Any]:
     return [_finite(float(v)) for v in np.asarray(values).reshape(-1)]
 
 
-def modality_share_attribution(result: ModalityShareResult, *,
-                               seconds: float = 0.0) -> Attribution:
+def modality_share_attribution(result: ModalityShareResult) -> Attribution:
     """``result`` as the ``mm_shap`` attribution: the cells' Shapley values as the image
     map (``grid x grid``), the words' as the word map, T-SHAP/V-SHAP and the standard
     errors in its section (null where undefined)."""
@@ -405,5 +404,4 @@ def modality_share_attribution(result: ModalityShareResult, *,
         tokens=result.words,
         extras=extras,
         stats=stats,
-        seconds=seconds,
     )

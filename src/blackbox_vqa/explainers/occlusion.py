@@ -391,7 +391,7 @@ def _baseline_rgb(baseline: Any) -> tuple[float, float, float] | None:
     return None
 
 
-def occlusion_attribution(result: OcclusionResult, *, seconds: float = 0.0) -> Attribution:
+def occlusion_attribution(result: OcclusionResult) -> Attribution:
     """``result`` as the ``occlusion`` attribution (its section of ``explanation.json``)."""
     extras = {
         "mode": result.mode,
@@ -430,5 +430,4 @@ def occlusion_attribution(result: OcclusionResult, *, seconds: float = 0.0) -> A
             "image_total": float(result.image_perturbations),
             "evaluations": float(result.evaluations),
         },
-        seconds=seconds,
     )

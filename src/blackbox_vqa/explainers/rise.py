@@ -262,7 +262,7 @@ class Rise:
         return list(self.model.answers).index(answer)
 
 
-def rise_attribution(result: RiseResult, *, seconds: float = 0.0) -> Attribution:
+def rise_attribution(result: RiseResult) -> Attribution:
     """``result`` as the ``rise`` attribution (an image map at the image's size; no word
     map)."""
     return Attribution(
@@ -278,5 +278,4 @@ def rise_attribution(result: RiseResult, *, seconds: float = 0.0) -> Attribution
         extras={"image_size": list(result.image_map.shape), "settings": dict(result.settings),
                 "evaluations": result.evaluations},
         stats={"evaluations": float(result.evaluations)},
-        seconds=seconds,
     )

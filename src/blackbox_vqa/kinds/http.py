@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from blackbox_vqa.errors import NotSupportedError
+from typing import Any
+
+from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.kinds.common import MAX_TOKENS, PROMPT, REMOTE_MODEL
 from blackbox_vqa.specs import KindOption, ModelKind, ModelOptions
 
 __all__ = ["KIND", "OPTIONS"]
+
+
+_NO_CACHE = ("off", "none")
+
+
+def _answer_score(value: Any) -> None:
+    from blackbox_vqa.adapters.http.endpoint import SCORES
+
+    if value not in SCORES:
+        raise InputError(f"--answer-score must be one of {', '.join(SCORES)}, got {value!r}")
 
 
 OPTIONS = (
@@ -24,6 +36,20 @@ OPTIONS = (
     REMOTE_MODEL,
     PROMPT,
     MAX_TOKENS,
+    KindOption("top_logprobs", int,
+               help="--http-format openai: alternatives asked for at each position (default "
+               "20; a server naming a lower cap is asked again with it)."),
+    KindOption("answer_score", str, check=_answer_score,
+               help="--http-format openai: auto (the whole answer's probability where the "
+               "server can score a given text, else its first token's), sequence (an error "
+               "where it cannot) or first-token."),
+    KindOption("require_logprobs", bool,
+               help="--http-format openai: a server answering without logprobs is an error "
+               "(exit 1) instead of answer-only flip maps."),
+    KindOption("request_cache", str,
+               help="Chat requests (--http-format openai): folder keeping every completed "
+               "request, reused by a rerun (default for explain: .NAME.requests beside the "
+               "output folder, removed once the output is written; 'off': none)."),
 )
 
 
@@ -36,6 +62,9 @@ def _load(spec: str, options: ModelOptions) -> object:
     given = dict(options.extra)
     if "header" in given:
         given["http_headers"] = list(given.pop("header"))
+    cache = given.get("request_cache")
+    if isinstance(cache, str) and cache.strip().lower() in _NO_CACHE:
+        given["request_cache"] = None
     if given.get("http_max_response_mb") is not None:
         given["http_max_response_bytes"] = int(given.pop("http_max_response_mb") * 2**20)
     return HttpAdapter.from_options(spec, given)

@@ -313,4 +313,20 @@ def explanation_report(
     footer = tuple((key, value) for key, value in (
         ("created", explanation.created), ("version", explanation.version),
         ("schema", SCHEMA)) if value)
-    return ReportView(title=f"bbvqa explain: {view.name}", items=(item,), footer=footer)
+    return ReportView(title=f"bbvqa explain: {view.name}", items=(item,), footer=footer,
+                      notes=_score_notes(explanation))
+
+
+def _score_notes(explanation: Explanation) -> tuple[str, ...]:
+    """What a reader must know about the scores: answer-only flip maps, a fallback of the
+    score kind, a server that seems to ignore the image."""
+    semantics = explanation.sections.get("score_semantics")
+    notes: list[str] = []
+    if isinstance(semantics, Mapping):
+        if semantics.get("kind") == "answer_only":
+            notes.append("answer-only: maps show answer flips, not probabilities")
+        notes.extend(str(n) for n in semantics.get("notes", ()) if str(n) not in notes)
+    warnings = explanation.sections.get("warnings")
+    if isinstance(warnings, list):
+        notes.extend(f"warning: {w}" for w in warnings)
+    return tuple(notes)

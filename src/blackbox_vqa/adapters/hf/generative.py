@@ -239,6 +239,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         self._fixed = False
         self._prepared: tuple[str, str] | None = None
         self._candidate_ids: list[tuple[int, ...]] = []
+        self._valid: set[str] = set()  # questions already checked
         if answer is not None:
             self.choose_answer(answer)
 
@@ -300,10 +301,14 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
     def validate_question(self, question: str) -> str:
         """The stripped question; :class:`QuestionError` when the prompt would not fit."""
         question = validate_question(question)
+        if question in self._valid:
+            return question
         count = len(self.tokenizer(self.prompts(question))["input_ids"])
         if self.max_positions and count >= self.max_positions:
             raise QuestionError(f"the prompt has {count} tokens but {self.name} takes at most "
                                 f"{self.max_positions}")
+        if len(self._valid) < 4096:
+            self._valid.add(question)
         return question
 
     def choose_answer(self, answer: str) -> None:

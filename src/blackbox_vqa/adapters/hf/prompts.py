@@ -53,6 +53,7 @@ class PromptBuilder:
                 f"prompt format (known without a template: {', '.join(PLAIN_PROMPT_MODELS)})"
             )
         self.format = "chat-template" if self.chat else "plain"
+        self._built: dict[str, str] = {}  # question -> prompt (the template is rendered once)
 
     def text(self, question: str) -> str:
         """The user text: the question, or the template filled with it."""
@@ -61,10 +62,15 @@ class PromptBuilder:
     def __call__(self, question: str) -> str:
         """The full prompt string for ``question`` (image placeholder included where the
         chat template puts one)."""
+        found = self._built.get(question)
+        if found is not None:
+            return found
         text = self.text(question)
-        if not self.chat:
-            return text
-        messages = [{"role": "user",
-                     "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return str(self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False))
+        if self.chat:
+            messages = [{"role": "user",
+                         "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+            text = str(self.processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False))
+        if len(self._built) < 4096:
+            self._built[question] = text
+        return text

@@ -23,6 +23,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -54,14 +55,18 @@ from blackbox_vqa.adapters.http.openai import (
     ChatAnswer,
     ChatFormat,
     ChatVocabulary,
+    adapt_to_refusal,
     chat_semantics,
     check_chat_options,
     parse_model_list,
 )
+from blackbox_vqa.adapters.http.request_cache import RequestCache
+from blackbox_vqa.adapters.http.sequence import SequenceFormat, SequenceScore, sequence_semantics
 from blackbox_vqa.adapters.http.transport import (
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_TOTAL_TIMEOUT,
     AbortedError,
+    HttpStatusError,
     ResponseLimits,
     RetryingClient,
     RetryPolicy,
@@ -96,16 +101,24 @@ OPTION_KEYS = {
     "max_tokens": "max_tokens",
     "http_total_timeout": "total_timeout",
     "http_max_response_bytes": "max_response_bytes",
+    "top_logprobs": "top_logprobs",
+    "answer_score": "score",
+    "require_logprobs": "require_logprobs",
+    "request_cache": "request_cache",
 }
+SCORES = ("auto", "sequence", "first-token")
+# Two log-probabilities of one answer that agree (the server's own float noise is ~1e-6).
+_SAME_LOGPROB = 1e-3
 # Options of the openai format alone (None: the format's default).
 _CHAT_OPTIONS = {"remote_model": "--remote-model", "prompt": "--prompt",
-                 "max_tokens": "--max-tokens", "top_logprobs": "top_logprobs"}
+                 "max_tokens": "--max-tokens", "top_logprobs": "--top-logprobs",
+                 "score": "--answer-score", "require_logprobs": "--require-logprobs"}
 # An upper estimate of one score's share of an 'ours' JSON answer ("1.2345678901234567e-05, ").
 _SCORE_JSON_BYTES = 25
 _CACHE_BYTES = 64 * 2**20
 _BODY_FILL = 0.9
 # What one input's answer is before it becomes a score row (see http_formats.Raw).
-Answer = Raw | ChatAnswer
+Answer = Raw | ChatAnswer | SequenceScore
 
 
 def _image_key(image: NDArray[Any]) -> bytes:
@@ -165,6 +178,14 @@ class HttpAdapter:
         top_logprobs: ``openai``: alternatives asked for at each position (default 20,
             OpenAI's maximum; a server may allow more).
         remote_seed: ``openai``: the request's ``seed`` (None: none sent).
+        score: ``openai``: ``"auto"`` (whole-answer likelihood where the server offers
+            it, else first token), ``"sequence"`` (an error where it does not) or
+            ``"first-token"``.
+        require_logprobs: ``openai``: a server answering without logprobs is an error
+            instead of answer-only flip maps.
+        request_cache: a folder keeping every completed chat request's answer, so that a
+            rerun sends nothing twice (None: none; the other formats keep none, and
+            ignore it).
         cache: do not send an input already answered.
         transport: an ``httpx`` transport (the I/O seam for tests and proxies).
         sleep: called with each retry wait in seconds (default: wait on an event).
@@ -195,6 +216,9 @@ class HttpAdapter:
         max_tokens: int | None = None,
         top_logprobs: int | None = None,
         remote_seed: int | None = DEFAULT_SEED,
+        score: str | None = None,
+        require_logprobs: bool | None = None,
+        request_cache: str | Path | None = None,
         cache: bool = True,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] | None = None,
@@ -239,9 +263,20 @@ class HttpAdapter:
         self._index: dict[str, int] = {}
         self.info: ServerInfo | None = None
         self._chat: ChatVocabulary | None = None
-        self._format: WireFormat | ChatFormat
+        self._format: WireFormat | ChatFormat | SequenceFormat
         chat = {"remote_model": remote_model, "prompt": prompt, "max_tokens": max_tokens,
-                "top_logprobs": top_logprobs}
+                "top_logprobs": top_logprobs, "score": score,
+                "require_logprobs": require_logprobs or None}
+        self.score = "auto" if score is None else score
+        if self.score not in SCORES:
+            raise InputError(f"answer score (--answer-score) must be one of "
+                             f"{', '.join(SCORES)}; got {score!r}")
+        self.require_logprobs = bool(require_logprobs)
+        self.notes: list[str] = []
+        self.mode: str | None = None  # openai: sequence, first_token or answer_only
+        self.server_model: str | None = None
+        self.requests = RequestCache(request_cache) if request_cache is not None and \
+            wire_format == "openai" else None
         if wire_format != "openai":
             for key, value in chat.items():
                 if value is not None:
@@ -267,6 +302,11 @@ class HttpAdapter:
             self._max_items = 1
             for answer in answers or ():
                 self._learn(answer)
+
+    @property
+    def _chat_settings(self) -> ChatFormat:
+        fmt = self._format
+        return fmt.chat if isinstance(fmt, SequenceFormat) else fmt  # type: ignore[return-value]
 
     def _chat_format(self, remote_model: str | None, prompt: str | None,
                      max_tokens: int | None, top_logprobs: int | None,
@@ -319,32 +359,17 @@ class HttpAdapter:
     @property
     def score_semantics(self) -> dict[str, Any] | None:
         """What the scores mean when they are not the model's own (None for ``ours``)."""
-        if isinstance(self._format, ChatFormat) and self._chat is not None:
-            return chat_semantics(self._format.top_logprobs, self._chat.logprobs)
-        if self.wire_format == "hf":
-            return {
-                "kind": "top_k",
-                "format": "hf",
-                "top_k": self.top_k,
-                "scores": "lower_bounds",
-                "maps": "upper_bounds",
-                "other_answer": OTHER_ANSWER,
-                "note": "The endpoint returns only its top-k answers; an answer missing from "
-                "a list scores 0, so every score is a lower bound of the model's, and an "
-                "importance p(a|original) - p(a|perturbed) is an upper bound wherever the "
-                "answer fell out of the top-k. The answers are those the endpoint gave for "
-                "the original input; '(other)' holds the best score of any other answer.",
-            }
-        if self.wire_format == "answer-only":
-            return {
-                "kind": "answer_only",
-                "format": "answer-only",
-                "maps": "flip",
-                "other_answer": OTHER_ANSWER,
-                "note": "The endpoint returns only its answer, which scores 1 (every other "
-                "answer 0); an importance is 1 where the perturbation changed the answer and "
-                "0 where it did not: the maps are flip maps.",
-            }
+        if self._chat is not None:
+            chat = self._chat_settings
+            found = sequence_semantics() if self.mode == "sequence" else \
+                chat_semantics(chat.top_logprobs, self._chat.logprobs)
+            found["request"] = {**chat.settings(), "score": found["kind"],
+                                "server_model": self.server_model}
+            if self.notes:
+                found["notes"] = list(self.notes)
+            return found
+        if isinstance(self._format, (TopKFormat, AnswerOnlyFormat)):
+            return self._format.semantics()
         return None
 
     def answer_probs(self, image: ImageInput, question: str) -> NDArray[np.float64]:
@@ -380,15 +405,16 @@ class HttpAdapter:
         :meth:`prepare` does) before any row is built."""
         arrays = [to_rgb_array(img) for img in images]
         self._note_sizes(arrays)
+        if self.mode is None and arrays:
+            self._negotiate(arrays[0], str(questions[0]))
         raws = [raw for raw in self._raw(arrays, [str(q) for q in questions])
-                if isinstance(raw, ChatAnswer)]
-        if not chat.names and raws:
-            chat.learn(raws[0])
+                if isinstance(raw, (ChatAnswer, SequenceScore))]
         width = len(self.answers)
         if not raws:
             return np.zeros((0, width), dtype=np.float64)
         try:
-            rows = [chat.row(raw, width) for raw in raws]
+            rows = [_sequence_row(raw, width) if isinstance(raw, SequenceScore)
+                    else chat.row(raw, width) for raw in raws]
         except WireError as exc:
             url = display_url(self._endpoint(CHAT_PATH))
             raise ModelOutputError(f"HTTP endpoint {url} {exc}") from exc
@@ -407,13 +433,18 @@ class HttpAdapter:
         self._note_sizes([array])
         if self.info is not None:
             return
+        if self._chat is not None and self.mode is None:
+            self._negotiate(array, str(question))
+            return
+        if self.mode == "sequence":
+            return  # one answer, fixed by the first input
         (raw,) = self._raw([array], [str(question)])
         if isinstance(raw, ChatAnswer):
             if self._chat is not None:
                 self._chat.learn(raw)
         elif isinstance(raw, str):
             self._learn(raw)
-        else:
+        elif not isinstance(raw, SequenceScore):
             for answer, _ in raw:  # type: ignore[misc]
                 self._learn(answer)
 
@@ -533,7 +564,7 @@ class HttpAdapter:
                     for raw in self._fetch_chunk(items[i:i + limit], abort)]
         url = self._endpoint(CHAT_PATH if self._chat is not None else ANSWER_PROBS_PATH)
         try:
-            response = self._http.send(url, self._format.body(items), abort)
+            return self._ask(self._format, items, abort)
         except TooLargeError as exc:
             if len(items) == 1:
                 raise ModelError(f"HTTP endpoint {display_url(url)} refused a single input as "
@@ -541,11 +572,113 @@ class HttpAdapter:
             with self._lock:
                 self._max_items = min(self._max_items, (len(items) + 1) // 2)
             return self._fetch_chunk(items, abort)
-        content_type = response.headers.get("content-type", "")
+
+    def _ask(self, fmt: WireFormat | ChatFormat | SequenceFormat, items: list[Item],
+             abort: threading.Event) -> list[Answer]:
+        """Send ``items`` in ``fmt`` (or read the answer from the request cache) and parse
+        the answer; a parsed answer is kept in the request cache."""
+        url = self._endpoint(CHAT_PATH if self._chat is not None else ANSWER_PROBS_PATH)
+        body = fmt.body(items)
+        key = None if self.requests is None else self.requests.key(url.path, body[0])
+        content = None if key is None or self.requests is None else self.requests.get(key)
+        content_type = "application/json"
+        if content is None:
+            response = self._http.send(url, body, abort)
+            content = response.content
+            content_type = response.headers.get("content-type", "")
         try:
-            return list(self._format.parse(response.content, content_type, len(items)))
+            parsed = list(fmt.parse(content, content_type, len(items)))
         except WireError as exc:
             raise ModelOutputError(f"HTTP endpoint {display_url(url)} {exc}") from exc
+        if key is not None and self.requests is not None:
+            self.requests.put(key, content)
+        return parsed
+
+    def _ask_one(self, fmt: ChatFormat | SequenceFormat, items: list[Item]) -> list[Answer]:
+        try:
+            return self._ask(fmt, items, threading.Event())
+        except TooLargeError as exc:
+            url = display_url(self._endpoint(CHAT_PATH))
+            raise ModelError(f"HTTP endpoint {url} refused a single input as too large "
+                             f"(HTTP 413: {exc})") from exc
+
+    def _negotiate(self, array: NDArray[Any], question: str) -> None:
+        """``openai``: ask about the first input, learning what the server refuses
+        (a lower ``top_logprobs`` cap, ``max_tokens``, ``temperature``, ``logprobs``) and
+        whether it can score a whole answer; fixes :attr:`mode` and the columns."""
+        assert self._chat is not None and isinstance(self._format, ChatFormat)
+        fmt = self._format
+        items = [(array, question)]
+        url = display_url(self._endpoint(CHAT_PATH))
+        for _ in range(8):
+            try:
+                (answer,) = self._ask_one(fmt, items)
+                break
+            except HttpStatusError as exc:
+                adapted = adapt_to_refusal(fmt, exc.status, exc.detail)
+                if adapted is None:
+                    raise
+                fmt, note = adapted
+                self.notes.append(note)
+        else:  # pragma: no cover - each adaptation changes one setting once
+            raise ModelError(f"HTTP endpoint {url} refused every request")
+        assert isinstance(answer, ChatAnswer)
+        self._format = fmt
+        self.server_model = answer.model
+        if answer.first is None:
+            if self.require_logprobs or self.score == "sequence":
+                why = "--require-logprobs" if self.require_logprobs else \
+                    "--answer-score sequence"
+                raise ModelError(f"HTTP endpoint {url} answered without logprobs, and "
+                                 f"{why} was given")
+            self.mode = "answer_only"
+            self.notes.append("answer-only: maps show answer flips, not probabilities")
+        elif self.score != "first-token" and (answer.prompt_logprobs
+                                                or self.score == "sequence"):
+            self._try_sequence(fmt, answer, items, url)
+        else:
+            self.mode = "first_token"
+            if self.score == "auto":
+                self.notes.append("first-token scores: the server offers no whole-answer "
+                                  "likelihood (prompt_logprobs)")
+        if self.mode == "sequence":
+            self._chat.names.append(answer.text)
+            self._chat.named[answer.text] = 0
+            self._chat.logprobs = True
+            return
+        self._chat.learn(answer)
+        if self.cache:
+            self._remember((_image_key(array), question), answer)
+
+    def _try_sequence(self, fmt: ChatFormat, answer: ChatAnswer, items: list[Item],
+                      url: str) -> None:
+        sequence = SequenceFormat(fmt, answer.raw)
+        try:
+            (score,) = self._ask_one(sequence, items)
+        except (HttpStatusError, ModelOutputError) as exc:
+            if self.score == "sequence" or (isinstance(exc, HttpStatusError)
+                                            and exc.status not in (400, 404, 422)):
+                raise
+            self.mode = "first_token"
+            self.notes.append("first-token scores: the server refused to score the whole "
+                              "answer (prompt_logprobs)")
+            return
+        assert isinstance(score, SequenceScore)
+        if answer.total is not None and abs(score.logprob - answer.total) > _SAME_LOGPROB:
+            # The continued message is not the generation: the chat template renders the
+            # assistant turn otherwise, or the text is tokenised otherwise than generated.
+            problem = (f"the server scores its own answer {score.logprob:.4g} as a given "
+                       f"text but {answer.total:.4g} as generated (its chat template or "
+                       "tokeniser changes the answer)")
+            if self.score == "sequence":
+                raise ModelError(f"HTTP endpoint {url}: {problem}")
+            self.mode = "first_token"
+            self.notes.append(f"first-token scores: {problem}")
+            return
+        self._format = sequence
+        self.mode = "sequence"
+        if self.cache:
+            self._remember((_image_key(items[0][0]), items[0][1]), score)
 
     def _endpoint(self, path: str) -> httpx.URL:
         if self.wire_format in ("hf", "answer-only"):
@@ -561,8 +694,13 @@ class HttpAdapter:
         try:
             response = self._http.send(url, None, threading.Event())
             models = parse_model_list(response.content)
+        except HttpStatusError as exc:
+            if exc.status in (404, 405):
+                raise ModelLoadError(f"{exc} (or name the model with --remote-model)") \
+                    from exc
+            raise ModelLoadError(str(exc)) from exc
         except ModelError as exc:
-            raise ModelLoadError(f"{exc} (or name the model with --remote-model)") from exc
+            raise ModelLoadError(str(exc)) from exc
         except (TooLargeError, WireError) as exc:
             raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc} "
                                  "(pass --remote-model)") from exc
@@ -577,6 +715,13 @@ class HttpAdapter:
         url = self._endpoint(INFO_PATH)
         try:
             response = self._http.send(url, None, threading.Event())
+        except HttpStatusError as exc:
+            if exc.status in (404, 405) and self.url.path.rstrip("/").endswith("/v1"):
+                raise ModelLoadError(
+                    f"HTTP endpoint {display_url(url)} answered HTTP {exc.status}; the URL "
+                    "ends in /v1, as an OpenAI-compatible server's does: use --http-format "
+                    "openai") from exc
+            raise ModelLoadError(str(exc)) from exc
         except ModelError as exc:
             raise ModelLoadError(str(exc)) from exc
         except TooLargeError as exc:
@@ -585,6 +730,14 @@ class HttpAdapter:
             return parse_info(response.content)
         except WireError as exc:
             raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc}") from exc
+
+def _sequence_row(score: SequenceScore, width: int) -> NDArray[np.float64]:
+    """``[p, 0]``: the answer's probability; ``(other)`` is not scored (a generated
+    answer is the model's own even when its whole-text probability is below 1/2)."""
+    row = np.zeros(width, dtype=np.float64)
+    row[0] = score.probability
+    return row
+
 
 def _hint(wire_format: str) -> str:
     """What a 404/405 answer probably means."""

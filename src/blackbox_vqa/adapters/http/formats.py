@@ -205,6 +205,22 @@ class TopKFormat:
                    "parameters": {"top_k": self.top_k}}
         return json.dumps(payload).encode("utf-8"), JSON_CONTENT_TYPE
 
+    def semantics(self) -> dict[str, Any]:
+        """``score_semantics``: lower-bound scores from top-k lists."""
+        return {
+            "kind": "top_k",
+            "format": "hf",
+            "top_k": self.top_k,
+            "scores": "lower_bounds",
+            "maps": "upper_bounds",
+            "other_answer": OTHER_ANSWER,
+            "note": "The endpoint returns only its top-k answers; an answer missing from "
+            "a list scores 0, so every score is a lower bound of the model's, and an "
+            "importance p(a|original) - p(a|perturbed) is an upper bound wherever the "
+            "answer fell out of the top-k. The answers are those the endpoint gave for "
+            "the original input; '(other)' holds the best score of any other answer.",
+        }
+
     def parse(self, content: bytes, content_type: str, n: int) -> list[Raw]:
         data = load_json(content)
         if isinstance(data, list) and len(data) == 1 and isinstance(data[0], list):
@@ -228,6 +244,18 @@ class AnswerOnlyFormat:
     ``[{"answer": ...}, ...]`` (the first counts) or a plain-text body."""
 
     name: str = "answer-only"
+
+    def semantics(self) -> dict[str, Any]:
+        """``score_semantics``: flip maps."""
+        return {
+            "kind": "answer_only",
+            "format": "answer-only",
+            "maps": "flip",
+            "other_answer": OTHER_ANSWER,
+            "note": "The endpoint returns only its answer, which scores 1 (every other "
+            "answer 0); an importance is 1 where the perturbation changed the answer and "
+            "0 where it did not: the maps are flip maps.",
+        }
 
     def body(self, items: Sequence[Item]) -> tuple[bytes, str]:
         (image, question), = items

@@ -20,8 +20,9 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from blackbox_vqa.adapters.http.formats import (
     load_json,
 )
 from blackbox_vqa.errors import InputError
-from blackbox_vqa.text import normalise_answer
+from blackbox_vqa.text import normalise_answer, terminal_safe
 from blackbox_vqa.wire import png_bytes
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "ChatAnswer",
     "ChatFormat",
     "ChatVocabulary",
+    "adapt_to_refusal",
     "chat_semantics",
     "check_chat_options",
     "parse_model_list",
@@ -80,10 +82,17 @@ def token_key(token: str) -> str:
 class ChatAnswer:
     """One chat completion, read: ``text`` is the normalised answer; ``first`` pairs each
     key (:func:`token_key`) listed at the first generated position with its probability,
-    the generated token's key first; None when the server sent no logprobs."""
+    the generated token's key first; None when the server sent no logprobs. ``raw`` is the
+    message content as generated, ``model`` the model id the server reported, and
+    ``prompt_logprobs`` whether the answer has vLLM's ``prompt_logprobs`` key (a server
+    that can score a given text)."""
 
     text: str
     first: tuple[tuple[str, float], ...] | None
+    raw: str = ""
+    model: str | None = None
+    prompt_logprobs: bool = False
+    total: float | None = None  # sum of the generated tokens' logprobs, when all are listed
 
 
 @dataclass(frozen=True)
@@ -96,24 +105,42 @@ class ChatFormat:
     top_logprobs: int = DEFAULT_TOP_LOGPROBS
     seed: int | None = DEFAULT_SEED
     name: str = "openai"
+    # What a hosted API may refuse (learned from its 400 answers): the name of the
+    # token limit, and whether temperature and logprobs are sent at all.
+    token_parameter: str = "max_tokens"
+    temperature: bool = True
+    logprobs: bool = True
+
+    def user_message(self, image: NDArray[Any], question: str) -> dict[str, Any]:
+        """The one user message: the prompt and the image as a PNG data URL."""
+        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+        return {"role": "user", "content": [
+            {"type": "text", "text": render_prompt(self.prompt, question)},
+            {"type": "image_url", "image_url": {"url": url}},
+        ]}
 
     def request(self, image: NDArray[Any], question: str) -> dict[str, Any]:
         """The request object for one input."""
-        url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
         payload: dict[str, Any] = {
             "model": self.remote_model,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": render_prompt(self.prompt, question)},
-                {"type": "image_url", "image_url": {"url": url}},
-            ]}],
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
-            "logprobs": True,
-            "top_logprobs": self.top_logprobs,
+            "messages": [self.user_message(image, question)],
+            self.token_parameter: self.max_tokens,
         }
+        if self.temperature:
+            payload["temperature"] = 0
+        if self.logprobs:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = self.top_logprobs
         if self.seed is not None:
             payload["seed"] = self.seed
         return payload
+
+    def settings(self) -> dict[str, Any]:
+        """What determines an answer besides the input, for ``explanation.json``."""
+        return {"remote_model": self.remote_model, "prompt": self.prompt,
+                "max_tokens": self.max_tokens, "token_parameter": self.token_parameter,
+                "seed": self.seed, "temperature": 0 if self.temperature else None,
+                "top_logprobs": self.top_logprobs if self.logprobs else None}
 
     def body(self, items: Sequence[Item]) -> tuple[bytes, str]:
         """The request body and its content type."""
@@ -124,7 +151,8 @@ class ChatFormat:
         """Read one chat completion (``n`` is 1)."""
         data = load_json(content)
         if isinstance(data, dict) and "error" in data:
-            raise WireError(f"answered with an error: {str(data['error'])[:_SNIPPET]}")
+            raise WireError(f"answered with an error: "
+                            f"{terminal_safe(str(data['error'])[:_SNIPPET])}")
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise WireError("answered without a 'choices' list")
@@ -138,19 +166,46 @@ class ChatFormat:
         answer = normalise_answer(text)
         if not answer:
             raise WireError("answered with an empty answer")
-        return [ChatAnswer(answer, _first_position(choice.get("logprobs")))]
+        model = data.get("model")
+        return [ChatAnswer(answer, _first_position(choice.get("logprobs"), self.top_logprobs),
+                           raw=text, model=model if isinstance(model, str) else None,
+                           prompt_logprobs="prompt_logprobs" in data,
+                           total=_total(choice.get("logprobs")))]
 
 
 def _logprob(value: object, where: str) -> float:
-    number = float(value) if isinstance(value, (int, float)) and \
-        not isinstance(value, bool) else math.nan
+    """The probability of a logprob (a huge negative integer is probability 0)."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and \
+            not isinstance(value, bool) else math.nan
+    except OverflowError:  # an integer beyond float: -10**400 is -inf, +10**400 is not <= 0
+        number = -math.inf if value < 0 else math.inf  # type: ignore[operator]
     if math.isnan(number) or number > _LOGPROB_SLACK:
         raise WireError(f"{where} has a logprob that is not a number <= 0: {value!r}")
     return math.exp(min(number, 0.0))
 
 
-def _first_position(logprobs: object) -> tuple[tuple[str, float], ...] | None:
-    """Key -> probability at the first generated position that is not white space."""
+def _total(logprobs: object) -> float | None:
+    """The sum of every generated token's logprob (None when any is missing or odd)."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content:
+        return None
+    total = 0.0
+    for entry in content:
+        value = entry.get("logprob") if isinstance(entry, dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        try:
+            total += float(value)
+        except OverflowError:
+            return None
+    return total if math.isfinite(total) else None
+
+
+def _first_position(logprobs: object, top: int) -> tuple[tuple[str, float], ...] | None:
+    """Key -> probability at the first generated position that is not white space; of its
+    ``top_logprobs`` list only the ``top`` entries asked for are read (a server sending
+    more would cost time and memory for nothing)."""
     if logprobs is None:
         return None
     content = logprobs.get("content") if isinstance(logprobs, dict) else None
@@ -170,7 +225,7 @@ def _first_position(logprobs: object) -> tuple[tuple[str, float], ...] | None:
     alternatives = entry.get("top_logprobs") or []
     if not isinstance(alternatives, list):
         raise WireError(f"{where} has a 'top_logprobs' that is not a list")
-    for j, alt in enumerate(alternatives):
+    for j, alt in enumerate(alternatives[:top]):
         if not isinstance(alt, dict) or not isinstance(alt.get("token"), str):
             raise WireError(f"{where}, top_logprobs entry {j} has no 'token' string")
         key = token_key(alt["token"])
@@ -201,6 +256,7 @@ class ChatVocabulary:
     names: list[str] = field(default_factory=list)
     columns: dict[str, int] = field(default_factory=dict)  # first-token key or text -> column
     logprobs: bool | None = None
+    named: dict[str, int] = field(default_factory=dict)  # name -> column
 
     def learn(self, answer: ChatAnswer) -> None:
         """Add the columns ``answer`` brings (none when they are known already)."""
@@ -217,10 +273,10 @@ class ChatVocabulary:
     def _add(self, name: str, key: str) -> None:
         if key in self.columns or name == OTHER_ANSWER:
             return
-        if name in self.names:  # another token starting the same answer: same column
-            self.columns[key] = self.names.index(name)
+        if name in self.named:  # another token starting the same answer: same column
+            self.columns[key] = self.named[name]
             return
-        self.columns[key] = len(self.names)
+        self.columns[key] = self.named[name] = len(self.names)
         self.names.append(name)
 
     def row(self, answer: ChatAnswer, width: int) -> NDArray[np.float64]:
@@ -281,3 +337,49 @@ def check_chat_options(prompt: str, max_tokens: int, top_logprobs: int,
             raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InputError(f"remote seed must be an integer or None, got {seed!r}")
+
+
+_CAP_RE = re.compile(r"(?:greater than|more than|at most|max(?:imum)?(?: allowed)?)\D{0,24}?(\d+)",
+                     re.IGNORECASE)
+_REFUSED_RE = r"(?:unsupported|not supported|unknown|unrecognized|extra)[^.]{0,40}\W{param}\W"
+
+
+def _refuses(detail: str, param: str) -> bool:
+    pattern = _REFUSED_RE.replace("{param}", re.escape(param))
+    text = detail.lower()
+    return bool(re.search(pattern, text)) or bool(
+        re.search(r"\W" + re.escape(param) + r"\W[^.]{0,40}(?:not supported|unsupported|"
+                  r"not permitted|not allowed)", text))
+
+
+def adapt_to_refusal(fmt: ChatFormat, status: int, detail: str) \
+        -> tuple[ChatFormat, str] | None:
+    """A request the server may take, after it refused ``fmt`` with HTTP ``status`` saying
+    ``detail``, and a note saying what changed; None when nothing would help.
+
+    A 400 naming a lower ``top_logprobs`` cap (vLLM: "Requested sample logprobs of 20,
+    which is greater than max allowed: 5") asks for that many; a refused ``max_tokens``
+    becomes ``max_completion_tokens``; a refused ``temperature`` or ``logprobs`` is left
+    out (hosted reasoning models; without logprobs the maps become answer-only).
+    """
+    if status not in (400, 422):
+        return None
+    text = detail.lower()
+    if fmt.logprobs and "logprob" in text:
+        found = _CAP_RE.search(detail)
+        cap = int(found.group(1)) if found else None
+        if cap is not None and cap < fmt.top_logprobs:
+            return (replace(fmt, top_logprobs=cap),
+                    f"the server allows at most {cap} top_logprobs: asked for {cap} "
+                    f"instead of {fmt.top_logprobs}")
+    if fmt.token_parameter == "max_tokens" and "max_completion_tokens" in text \
+            and "max_tokens" in text.replace("max_completion_tokens", ""):
+        return (replace(fmt, token_parameter="max_completion_tokens"),
+                "the server refuses max_tokens: sent max_completion_tokens")
+    if fmt.temperature and _refuses(detail, "temperature"):
+        return (replace(fmt, temperature=False),
+                "the server refuses temperature: sent none (the server's default)")
+    if fmt.logprobs and (_refuses(detail, "logprobs") or _refuses(detail, "top_logprobs")):
+        return (replace(fmt, logprobs=False),
+                "the server refuses logprobs: answer-only")
+    return None

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_TOTAL_TIMEOUT",
     "AbortedError",
+    "HttpStatusError",
     "ResponseBoundError",
     "ResponseLimits",
     "RetryPolicy",
@@ -52,6 +53,7 @@ __all__ = [
     "parse_headers",
     "parse_retry_after",
     "read_bounded",
+    "redact",
 ]
 
 # 64 MiB holds an 'ours' answer of 64 inputs x 40k answers (<= 25 bytes per score); the
@@ -153,6 +155,25 @@ def error_message(response: httpx.Response) -> str:
         text = response.content[:_MESSAGE_CHARS].decode("utf-8", errors="replace")
     text = terminal_safe(" ".join(text.split())[:_MESSAGE_CHARS])
     return text or terminal_safe(response.reason_phrase) or "no details"
+
+
+class HttpStatusError(ModelError):
+    """The endpoint refused a request with a 4xx status that is not worth retrying;
+    ``status`` is the code and ``detail`` the server's own words (secrets redacted)."""
+
+    def __init__(self, message: str, *, status: int, detail: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret (and every word of one, as ``Bearer KEY`` is echoed as
+    ``KEY``) replaced by ``***``."""
+    words = {w for secret in secrets for w in (secret, *secret.split()) if len(w) >= 4}
+    for word in sorted(words, key=len, reverse=True):
+        text = text.replace(word, "***")
+    return text
 
 
 class TooLargeError(Exception):
@@ -323,6 +344,7 @@ class RetryingClient:
             verify=tls,
         )
         self._finalizer = weakref.finalize(self, self._client.close)
+        self._secrets = [value for value in headers.values() if value]
 
     def close(self) -> None:
         """Close the connections."""
@@ -361,8 +383,12 @@ class RetryingClient:
                 if status == 413:
                     raise TooLargeError(error_message(response))
                 if status != 429 and status < 500:
-                    raise ModelError(f"{where} {_refusal(response, self.hint)}")
-                problem = f"answered HTTP {status} ({error_message(response)})"
+                    detail = redact(error_message(response), self._url_secrets(url))
+                    raise HttpStatusError(
+                        f"{where} {_refusal(response, self.hint, detail)}",
+                        status=status, detail=detail)
+                problem = f"answered HTTP {status} " \
+                    f"({redact(error_message(response), self._url_secrets(url))})"
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 if retry_after is None and status == 429:
                     retry_after = rate_limit_wait(response.headers, refused=True)
@@ -382,6 +408,12 @@ class RetryingClient:
                 raise AbortedError()
             if abort.is_set():
                 raise AbortedError()
+
+    def _url_secrets(self, url: httpx.URL) -> list[str]:
+        """The header values, and the URL's password and query values: what a server's
+        error message must never repeat."""
+        found = [*self._secrets, *(v for _, v in url.params.multi_items())]
+        return [*found, url.password] if url.password else found
 
     def _note_limits(self, headers: httpx.Headers) -> None:
         """An answer saying a rate-limit bucket is empty holds later requests back."""
@@ -441,13 +473,13 @@ def _transport_problem(exc: httpx.TransportError) -> str:
     return f"failed in transit: {type(exc).__name__} ({detail})"
 
 
-def _refusal(response: httpx.Response, hint: str) -> str:
+def _refusal(response: httpx.Response, hint: str, message: str) -> str:
     status = response.status_code
-    message = error_message(response)
     if 300 <= status < 400:
         location = terminal_safe(response.headers.get("location", "?"))
         return f"answered with a redirect (HTTP {status} to {location}); use that URL"
     if status in (401, 403):
+        # ``message`` was redacted: a server may echo the key it refused.
         return (f"refused the request: HTTP {status} ({message}); an API key or token is "
                 "missing or wrong (pass one with --header 'Authorization: Bearer ...')")
     if status in (404, 405):
