@@ -27,7 +27,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
-from blackbox_vqa.adapters.capabilities import check_question, prepare_model, score_semantics
+from blackbox_vqa.adapters.capabilities import (
+    check_question,
+    choose_answer,
+    own_answer,
+    prepare_model,
+    score_semantics,
+)
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.explainers.registry import (
     BoundMethod,
@@ -142,11 +148,13 @@ class Explainer:
         pixels = load_image(path) if path is not None else to_rgb_array(image)
         pixels = pixels.astype(np.float32, copy=False)
         question = check_question(self.model, question)
+        choose_answer(self.model, answer)
         prepare_model(self.model, pixels, question)
         answers = tuple(self.model.answers)
         raw = self.model.answer_probs_batch([pixels], [question])
         scores = check_scores(raw, 1, len(answers), source=model_name(self.model))[0]
-        predicted = int(np.argmax(scores))
+        own = own_answer(self.model)
+        predicted = int(np.argmax(scores)) if own is None else _answer_index(answers, own)
         index = predicted if answer is None else _answer_index(answers, answer)
         attributions: dict[str, Attribution] = {}
         unavailable = dict(self.unavailable)

@@ -12,6 +12,10 @@ A model that lacks a capability gets the default behaviour.
   answer list is complete (HTTP endpoints that return top-k lists or only an answer learn
   their vocabulary from it). Explainers call :func:`prepare_model` before reading
   ``answers``, so the answer list is fixed once an explanation starts.
+- :class:`SupportsAnswerChoice`: the model explains any answer text it is given
+  (generative models); the answer list then holds it.
+- :class:`SupportsOwnAnswer`: the answer to explain by default is the model's own (its
+  greedy answer), not the arg-max of its scores.
 - :class:`SupportsScoreSemantics`: the model's scores are not its own probabilities (lower
   bounds, flips...); the explanation records what they mean.
 - :class:`SupportsTokenAblation`: the model's image path is a lattice of patch tokens; it
@@ -30,12 +34,16 @@ from blackbox_vqa.images import ImageInput
 from blackbox_vqa.text import validate_question
 
 __all__ = [
+    "SupportsAnswerChoice",
+    "SupportsOwnAnswer",
     "SupportsPreferredBatchSize",
     "SupportsPreparation",
     "SupportsQuestionValidation",
     "SupportsScoreSemantics",
     "SupportsTokenAblation",
     "check_question",
+    "choose_answer",
+    "own_answer",
     "preferred_batch_size",
     "prepare_model",
     "score_semantics",
@@ -72,6 +80,37 @@ class SupportsScoreSemantics(Protocol):
 
     @property
     def score_semantics(self) -> Mapping[str, Any] | None: ...
+
+
+@runtime_checkable
+class SupportsAnswerChoice(Protocol):
+    """The model can be told which answer text to explain (generative models: any text,
+    not only one from a fixed list)."""
+
+    def choose_answer(self, answer: str) -> None: ...
+
+
+@runtime_checkable
+class SupportsOwnAnswer(Protocol):
+    """The model's own answer is not the arg-max of its scores (a generative model's greedy
+    answer, scored by its sequence probability beside "(other)"): explainers explain it."""
+
+    @property
+    def own_answer(self) -> str | None: ...
+
+
+def own_answer(model: object) -> str | None:
+    """The model's own answer when it declares one (after :func:`prepare_model`), else None."""
+    if isinstance(model, SupportsOwnAnswer):
+        found = model.own_answer
+        return found if isinstance(found, str) else None
+    return None
+
+
+def choose_answer(model: object, answer: str | None) -> None:
+    """Tell a model that supports it which answer to explain (no-op otherwise)."""
+    if answer is not None and isinstance(model, SupportsAnswerChoice):
+        model.choose_answer(answer)
 
 
 def check_question(model: object, question: object) -> str:

@@ -91,8 +91,10 @@ def _nan_to_none(values: Iterable[float]) -> list[float | None]:
     return [float(v) if math.isfinite(v) else None for v in values]
 
 
-def _score_summary(scores: NDArray[np.float64], answers: Sequence[str]) -> dict[str, Any]:
-    index = int(np.argmax(scores))
+def _score_summary(scores: NDArray[np.float64], answers: Sequence[str],
+                   own: int | None = None) -> dict[str, Any]:
+    """``own``: the model's own answer when it is not the arg-max (generative models)."""
+    index = int(np.argmax(scores)) if own is None else own
     ordered = np.sort(scores)[::-1]
     total = float(scores.sum())
     p = scores / total if total > 0 else np.full_like(scores, 1.0 / scores.size)
@@ -162,7 +164,7 @@ class ItemEvaluator:
         self, item: Item, pixels: NDArray[Any], found: Explanation, base: dict[str, Any],
         started: float, files: Mapping[str, bytes],
     ) -> ItemRecord:
-        summary = _score_summary(found.scores, list(found.answers))
+        summary = _score_summary(found.scores, list(found.answers), found.answer_index)
         outputs: dict[str, Any] = {}
         arrays: dict[str, NDArray[np.float64]] = {}
         seconds: dict[str, float] = {}

@@ -1,0 +1,533 @@
+"""GenerativeAdapter: chat vision-language models (LLaVA, Qwen2-VL, Idefics3/SmolVLM,
+PaliGemma: ``AutoModelForImageTextToText`` / ``AutoModelForVision2Seq``) behind ``hf:``.
+
+The answer explained is the model's own greedy answer on the original input
+(``generate``, at most ``max_tokens`` new tokens, stopping at end-of-sequence), or a
+given answer text. The score of any (perturbed) input is the answer's exact sequence
+probability under teacher forcing::
+
+    p(answer | image, question) = exp(sum_i log p(token_i | image, prompt, tokens_<i))
+
+with the end-of-sequence token included when the model ended its answer with it (it did
+stop there: leaving it out would score every longer continuation of the answer alike).
+A given ``--answer`` always gets the end-of-sequence token. The answer list the protocol
+sees is ``(answer, "(other)")`` with scores ``(p, 1 - p)``; ``score_semantics["kind"]``
+is ``"sequence"``. With candidate answers (``--answers FILE``) the scores are instead a
+softmax over the candidates' total log-likelihoods (each with end-of-sequence), as for
+BLIP (kind ``"candidate-normalised"``).
+
+Perturbed inputs are scored in batches: one forward pass of the language model per batch
+(right padding, so every row's positions and causal attention are those of its
+unbatched pass) and the vocabulary projection only at the answer positions.
+
+Images go to the model's own processor as whole 0-255 levels: transformers' Pillow-based
+image processors cannot resize fractional float images, so a float image is rounded to
+the nearest level first (half a level at most; occlusion with a fractional baseline is
+scored on the rounded image, the same for every method and for the direct computation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
+from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
+from blackbox_vqa.adapters.hf.prompts import PromptBuilder
+from blackbox_vqa.adapters.torch.forward import eval_mode
+from blackbox_vqa.errors import (
+    BlackboxVQAError,
+    ImageError,
+    InputError,
+    ModelError,
+    ModelLoadError,
+    NotSupportedError,
+    QuestionError,
+)
+from blackbox_vqa.images import ImageInput, to_rgb_array
+from blackbox_vqa.text import validate_question
+
+__all__ = [
+    "OTHER",
+    "GenerativeAdapter",
+    "is_generative_vlm",
+    "load_generative",
+]
+
+OTHER = "(other)"
+EMPTY = "(empty answer)"
+DEFAULT_MAX_TOKENS = 8
+DEFAULT_BATCH = 16
+
+
+def _generative_names() -> set[str]:
+    """Class names of ``AutoModelForImageTextToText`` / ``AutoModelForVision2Seq`` models."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for table in ("MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                  "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES"):
+        for value in getattr(modeling_auto, table, {}).values():
+            names.update([value] if isinstance(value, str) else list(value))
+    return names - {"BlipForQuestionAnswering", "BlipForConditionalGeneration"}
+
+
+def is_generative_vlm(config: Any) -> bool:
+    """Whether ``config`` names a generative image-text-to-text architecture."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    return bool(set(architectures) & _generative_names())
+
+
+def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, processor)`` of a generative VLM folder (or hub id), in one place.
+
+    ``trust_remote_code`` is passed explicitly (never left to transformers, which would ask
+    on stdin); a model whose config points at remote code is refused without it.
+    """
+    import transformers
+
+    from blackbox_vqa.adapters.hf.vqa import _first_line, _quiet_transformers
+
+    hf: Any = transformers
+    with _quiet_transformers():
+        try:
+            config = hf.AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            if "trust_remote_code" in str(exc):
+                raise NotSupportedError(
+                    f"{location!r} needs trust_remote_code (its code lives in the folder); "
+                    "pass --trust-remote-code if you trust it"
+                ) from exc
+            raise NotSupportedError(f"{location!r} holds no transformers model config "
+                                    f"({_first_line(exc)})") from exc
+        if getattr(config, "auto_map", None) and not trust_remote_code:
+            raise NotSupportedError(
+                f"{location!r} needs trust_remote_code (config.auto_map names code in the "
+                "folder); pass --trust-remote-code if you trust it"
+            )
+        names = [a for a in (getattr(config, "architectures", None) or [])
+                 if a in _generative_names()]
+        try:
+            model_cls = getattr(hf, names[0], None) if names else None
+            if model_cls is None:
+                model_cls = hf.AutoModelForImageTextToText
+            model = model_cls.from_pretrained(location, trust_remote_code=trust_remote_code)
+            try:
+                processor = hf.AutoProcessor.from_pretrained(
+                    location, trust_remote_code=trust_remote_code)
+            except (AttributeError, ImportError) as exc:  # video support needs torchvision
+                if "orchvision" not in str(exc) and "_extra_content" not in str(exc):
+                    raise
+                processor = image_processor_only(hf, location)
+        except BlackboxVQAError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(
+                f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
+            ) from exc
+    return model, processor
+
+
+def image_processor_only(hf: Any, location: str) -> Any:
+    """The folder's processor built without its video processor.
+
+    transformers cannot build the processors of video-capable models (Qwen2-VL...) without
+    torchvision (their video processor class is missing); images need none of it, so the
+    processor class is built from its tokenizer, image processor and chat template alone.
+    """
+    import json
+
+    folder = Path(location)
+    config: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            config = {**json.loads(path.read_text(encoding="utf-8")), **config}
+    cls_name = str(config.get("processor_class", ""))
+    base = getattr(hf, cls_name, None)
+    if base is None:
+        raise ModelLoadError(f"cannot load {location!r}: no processor class {cls_name!r}")
+
+    class _ImagesOnly(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = hf.AutoTokenizer.from_pretrained(location, trust_remote_code=False)
+    images = hf.AutoImageProcessor.from_pretrained(location, trust_remote_code=False)
+    template = None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    template = template or config.get("chat_template") or getattr(tokenizer, "chat_template",
+                                                                   None)
+    _ImagesOnly.__name__ = base.__name__
+    return _ImagesOnly(image_processor=images, tokenizer=tokenizer, video_processor=None,
+                       chat_template=template)
+
+
+class GenerativeAdapter(BaseAdapter, GenerativeGradients):
+    """A generative VLM scored by the exact likelihood of one answer (see module docstring).
+
+    Args:
+        model: an image-text-to-text ``transformers`` model.
+        processor: its processor (tokenizer, image processor, chat template).
+        prompt: text template with ``{question}`` (default: the question itself).
+        max_tokens: most tokens generated for the model's own answer (default 8).
+        answer: explain this answer text instead of the generated one.
+        candidates: candidate answers (candidate mode: softmax over candidates).
+        batch_size: most inputs per forward pass (default 16).
+        device: torch device (default: CUDA when available).
+        name: display name.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        prompt: str | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        answer: str | None = None,
+        candidates: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        device: str | torch.device | None = None,
+        name: str | None = None,
+    ) -> None:
+        cls_name = type(model).__name__
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens (--max-tokens) must be an integer >= 1, "
+                             f"got {max_tokens!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.candidates = [c for c in dict.fromkeys(str(c).strip() for c in candidates or ())
+                           if c]
+        super().__init__(self.candidates or ["(answer)", OTHER], name=name or cls_name)
+        self.module: Any = model
+        self.processor = processor
+        self.tokenizer: Any = getattr(processor, "tokenizer", None)
+        if self.tokenizer is None or getattr(processor, "image_processor", None) is None:
+            raise ModelLoadError(f"{self.name}: the processor {type(processor).__name__} lacks "
+                                 "a tokenizer or an image processor")
+        config = model.config
+        self.model_type = str(getattr(config, "model_type", ""))
+        self.prompts = PromptBuilder(processor, model_type=self.model_type, template=prompt,
+                                     name=self.name)
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        self.module.to(self.device)
+        text_config = getattr(config, "text_config", config)
+        self.max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.eos_ids = _eos_ids(model, self.tokenizer)
+        self.pad_id = _pad_id(model, self.tokenizer)
+        self.answer_ids: tuple[int, ...] = ()
+        self.answer_tokens: tuple[str, ...] = ()
+        self.eos_included = False
+        self.generated_answer: str | None = None
+        self._fixed = False
+        self._prepared: tuple[str, str] | None = None
+        self._candidate_ids: list[tuple[int, ...]] = []
+        self._valid: set[str] = set()  # questions already checked
+        if answer is not None:
+            self.choose_answer(answer)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike[str],
+        *,
+        trust_remote_code: bool = False,
+        answers_file: str | os.PathLike[str] | None = None,
+        **options: Any,
+    ) -> GenerativeAdapter:
+        """Load a ``save_pretrained`` folder with :func:`load_generative`; ``options`` go to
+        the constructor."""
+        text = os.fspath(source)
+        local = Path(text).expanduser()
+        location = str(local) if local.exists() else text
+        model, processor = load_generative(location, trust_remote_code=trust_remote_code)
+        candidates = None
+        if answers_file is not None:
+            from blackbox_vqa.adapters.onnx.runtime import read_answers
+
+            candidates = read_answers(answers_file)
+        options.setdefault("name", f"hf:{text}")
+        return cls(model, processor, candidates=candidates, **options)
+
+    # -- capabilities ----------------------------------------------------------------------
+
+    @property
+    def score_semantics(self) -> dict[str, Any]:
+        """What the scores mean (recorded in ``explanation.json``)."""
+        if self.candidates:
+            return {"kind": "candidate-normalised",
+                    "note": "softmax over the candidate answers of each candidate's total "
+                    "log-likelihood (answer tokens plus end-of-sequence) under teacher forcing",
+                    "prompt_format": self.prompts.format}
+        return {
+            "kind": "sequence",
+            "note": "exact probability of the explained answer's token sequence under "
+            "teacher forcing, exp(sum of token log-probabilities); '(other)' is 1 minus it",
+            "answer_tokens": list(self.answer_tokens),
+            "eos_included": self.eos_included,
+            "prompt_format": self.prompts.format,
+        }
+
+    @property
+    def own_answer(self) -> str | None:
+        """The answer explained by default: the generated (or chosen) one; None in candidate
+        mode (the arg-max of the candidates is explained there)."""
+        return None if self.candidates or not self.answer_ids else self._answers[0]
+
+    @property
+    def preferred_batch_size(self) -> int:
+        """Inputs per call: one forward pass each."""
+        return self.batch_size
+
+    def validate_question(self, question: str) -> str:
+        """The stripped question; :class:`QuestionError` when the prompt would not fit."""
+        question = validate_question(question)
+        if question in self._valid:
+            return question
+        count = len(self.tokenizer(self.prompts(question))["input_ids"])
+        if self.max_positions and count >= self.max_positions:
+            raise QuestionError(f"the prompt has {count} tokens but {self.name} takes at most "
+                                f"{self.max_positions}")
+        if len(self._valid) < 4096:
+            self._valid.add(question)
+        return question
+
+    def choose_answer(self, answer: str) -> None:
+        """Explain ``answer`` (text) instead of the generated one (``--answer``)."""
+        text = str(answer).strip()
+        if not text:
+            raise InputError("--answer must not be empty")
+        if self.candidates:
+            if text not in self.candidates:
+                self.candidates.append(text)
+                self._answers = tuple(self.candidates)
+            return
+        ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        decoded = str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip()
+        if not ids or (unk is not None and unk in ids) or decoded != text:
+            raise InputError(f"--answer {text!r}: the tokenizer of {self.name} cannot encode it "
+                             f"(it reads back as {decoded!r})")
+        eos = next(iter(self.eos_ids), None)
+        self._set_answer(text, ids, eos_included=eos is not None, eos=eos)
+        self._fixed = True
+
+    def prepare(self, image: ImageInput, question: str) -> None:
+        """Generate the model's answer on this input (once per input) unless an answer was
+        chosen; the answer list is then ``(answer, "(other)")``."""
+        if self._fixed:
+            return
+        key = (question, _digest(to_rgb_array(image)))
+        if self._prepared == key:
+            return
+        answer = self.generate_answer(image, question)
+        self._prepared = key
+        if self.candidates:
+            if answer not in self.candidates:
+                self._answers = (*self.candidates, answer)
+            return
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate_answer(self, image: ImageInput, question: str) -> str:
+        """The model's greedy answer (text) on one input; sets the explained answer."""
+        question = self.validate_question(question)
+        encoded = self.encode([_levels(to_rgb_array(image))], [question])
+        with eval_mode(self.module), torch.inference_mode(), _wrapped(self.name, "generate"):
+            out = self.module.generate(**encoded, max_new_tokens=self.max_tokens,
+                                       do_sample=False, num_beams=1)
+        new = [int(t) for t in out[0, encoded["input_ids"].shape[1]:].tolist()]
+        stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+        ids = new if stop is None else new[:stop]
+        text = str(self.tokenizer.decode(ids, skip_special_tokens=True)).strip() or EMPTY
+        eos = None if stop is None else new[stop]
+        self.generated_answer = text
+        if not self.candidates:
+            self._set_answer(text, ids, eos_included=stop is not None, eos=eos)
+        return text
+
+    def _set_answer(self, text: str, ids: Sequence[int], *, eos_included: bool,
+                    eos: int | None) -> None:
+        sequence = [*ids, eos] if eos_included and eos is not None else list(ids)
+        if not sequence:
+            raise ModelError(f"{self.name}: the answer has no tokens to score")
+        self.answer_ids = tuple(sequence)
+        self.answer_tokens = tuple(str(self.tokenizer.convert_ids_to_tokens(i))
+                                   for i in sequence)
+        self.eos_included = eos_included
+        label = text if text != OTHER else f"{text} "
+        self._answers = (label, OTHER)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def encode(self, images: Sequence[NDArray[np.uint8]], questions: Sequence[str]
+               ) -> dict[str, torch.Tensor]:
+        """The processor's tensors for ``B`` prompts and images, right-padded, on the device
+        (``input_ids [B, T]``, ``attention_mask [B, T]``, pixel tensors of the family)."""
+        prompts = [self.prompts(q) for q in questions]
+        side = getattr(self.tokenizer, "padding_side", "right")
+        self.tokenizer.padding_side = "right"
+        from blackbox_vqa.adapters.hf.vqa import _first_line, _quiet_transformers
+
+        try:
+            with _quiet_transformers():
+                encoded = self.processor(text=prompts, images=[[im] for im in images],
+                                         padding=True, return_tensors="pt")
+        except BlackboxVQAError:
+            raise
+        except Exception as exc:
+            shape = "x".join(str(s) for s in images[0].shape) if images else "?"
+            raise ImageError(f"{self.name}: the processor rejects the image ({shape}): "
+                             f"{_first_line(exc)}") from exc
+        finally:
+            self.tokenizer.padding_side = side
+        return {k: v.to(self.device) for k, v in encoded.items() if k != "labels"}
+
+    # -- scores ----------------------------------------------------------------------------
+
+    def _predict_batch(self, images: list[ImageArray], questions: list[str]
+                       ) -> NDArray[np.floating[Any]]:
+        questions = [self.validate_question(q) for q in questions]
+        if not self._fixed and self._prepared is None:  # first input seen: its answer
+            self.prepare(images[0], questions[0])
+        levels = [_levels(image) for image in images]
+        rows = []
+        for start in range(0, len(levels), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            rows.append(self._scores(levels[chunk], questions[chunk]))
+        return np.concatenate(rows, axis=0)
+
+    def _scores(self, images: list[NDArray[np.uint8]], questions: list[str]
+                ) -> NDArray[np.float64]:
+        encoded = self.encode(images, questions)
+        if self.candidates:
+            logliks = np.stack([self.token_logprobs(encoded, ids).sum(axis=1)
+                                for ids in self._candidates_ids()], axis=1)
+            shifted = np.exp(logliks - logliks.max(axis=1, keepdims=True))
+            return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+        logp = self.token_logprobs(encoded, self.answer_ids).sum(axis=1)
+        prob = np.exp(logp)
+        return np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
+
+    def _candidates_ids(self) -> list[tuple[int, ...]]:
+        eos = next(iter(self.eos_ids), None)
+        return [(*self.tokenizer(a, add_special_tokens=False)["input_ids"],
+                 *(() if eos is None else (eos,))) for a in self.answers]
+
+    def sequence_logprob(self, image: ImageInput, question: str) -> float:
+        """log p(answer | image, question): the explained answer's summed token
+        log-probabilities on one input (unbatched)."""
+        question = self.validate_question(question)
+        if not self._fixed and self._prepared is None:
+            self.prepare(image, question)
+        encoded = self.encode([_levels(to_rgb_array(image))], [question])
+        return float(self.token_logprobs(encoded, self.answer_ids).sum())
+
+    def token_logprobs(self, encoded: dict[str, torch.Tensor], answer_ids: Sequence[int]
+                       ) -> NDArray[np.float64]:
+        """``[B, L]`` (float64): log p(answer token i | input, tokens < i) for each input,
+        one teacher-forced forward pass over the prompts with the answer appended."""
+        ids, mask = encoded["input_ids"], encoded["attention_mask"]
+        lengths = mask.sum(dim=1)
+        count, width = ids.shape
+        answer = torch.tensor(list(answer_ids), dtype=ids.dtype, device=ids.device)
+        size = answer.shape[0]
+        if self.max_positions and int(lengths.max()) + size > self.max_positions:
+            raise InputError(
+                f"the prompt ({int(lengths.max())} tokens) and the answer ({size} tokens) "
+                f"exceed {self.name}'s context of {self.max_positions} positions"
+            )
+        full = ids.new_full((count, width + size), self.pad_id)
+        full_mask = mask.new_zeros((count, width + size))
+        types = ids.new_zeros((count, width + size))
+        for row, length in enumerate(lengths.tolist()):
+            full[row, :length] = ids[row, :length]
+            full[row, length:length + size] = answer
+            full_mask[row, :length + size] = 1
+            types[row, length:length + size] = 1
+        extra = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+        for key, value in encoded.items():  # per-token tensors: the answer's are text tokens
+            if key in extra and tuple(value.shape) == (count, width):
+                grown = value.new_zeros((count, width + size))
+                for row, length in enumerate(lengths.tolist()):
+                    grown[row, :length] = value[row, :length]
+                extra[key] = grown
+        if "token_type_ids" in encoded:  # PaliGemma: prefix 0 (bidirectional), answer 1
+            extra["token_type_ids"] = types
+        with eval_mode(self.module), torch.inference_mode(), \
+                _wrapped(self.name, "forward pass"):
+            hidden = self.module.model(input_ids=full, attention_mask=full_mask,
+                                       **extra).last_hidden_state
+            positions = lengths[:, None] - 1 + torch.arange(size, device=ids.device)[None]
+            picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            logits = self.module.get_output_embeddings()(picked).double()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logp = torch.log_softmax(logits, dim=-1)
+            found = logp.gather(-1, answer[None, :, None].expand(count, -1, 1))[..., 0]
+        return found.cpu().numpy()
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _levels(image: ImageArray) -> NDArray[np.uint8]:
+    """``image`` as whole 0-255 levels (rounded to nearest)."""
+    if image.dtype == np.uint8:
+        return np.asarray(image)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _digest(image: ImageArray) -> str:
+    data = np.ascontiguousarray(image)
+    return hashlib.sha1(data.tobytes() + str(data.shape).encode()).hexdigest()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    values = found if isinstance(found, (list, tuple)) else [found]
+    ids = [int(v) for v in values if v is not None]
+    if tokenizer.eos_token_id is not None and int(tokenizer.eos_token_id) not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return tuple(ids)
+
+
+def _pad_id(model: Any, tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id,
+                  getattr(getattr(model, "generation_config", None), "pad_token_id", None),
+                  tokenizer.eos_token_id):
+        if value is not None:
+            return int(value if not isinstance(value, (list, tuple)) else value[0])
+    return 0
+
+
+@contextmanager
+def _wrapped(name: str, what: str) -> Iterator[None]:
+    from blackbox_vqa.adapters.hf.vqa import _first_line
+
+    try:
+        yield
+    except BlackboxVQAError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"{name}: {what} failed: {type(exc).__name__}: {_first_line(exc)}") \
+            from exc
