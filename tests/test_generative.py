@@ -315,8 +315,8 @@ def test_image_the_processor_rejects(folders: dict[str, Path]) -> None:
 def test_every_documented_command_runs(
     folders: dict[str, Path], picture: Path, tmp_path: Path
 ) -> None:
-    """Each ``bbvqa`` line of docs/models/generative.md, on the tiny models (smaller grid
-    and answers, to be fast)."""
+    """Each ``bbvqa`` line of docs/models/generative.md and of the README's section, on the
+    tiny models (smaller grid and answers, to be fast)."""
     import re
     import shlex
 
@@ -324,11 +324,14 @@ def test_every_documented_command_runs(
 
     from hf_toys import build_vilt
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "models" / "generative.md")
-    blocks = re.findall(r"```bash\n(.*?)```", page.read_text(), flags=re.S)
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs" / "models" / "generative.md").read_text()
+    readme = (root / "README.md").read_text().split("## Generative vision-language models")[1]
+    readme = readme.split("\n## ")[0]
+    blocks = re.findall(r"```bash\n(.*?)```", page + readme, flags=re.S)
     commands = [line for block in blocks for line in block.splitlines()
                 if line.startswith("bbvqa ")]
-    assert len(commands) == 7
+    assert len(commands) == 11
     fx = build_vqa_fixture(tmp_path / "data")
     paths = {"models/llava": folders["llava"], "models/qwen2vl": folders["qwen2vl"],
              "models/smolvlm": folders["idefics3"], "models/paligemma": folders["paligemma"],
