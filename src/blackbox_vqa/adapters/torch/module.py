@@ -28,7 +28,7 @@ from blackbox_vqa.adapters.incremental import (
     IncrementalScoring,
 )
 from blackbox_vqa.adapters.questions import QuestionTokens, pad_tokens
-from blackbox_vqa.adapters.torch.forward import eval_mode, scores_from_logits
+from blackbox_vqa.adapters.torch.forward import eval_mode, gradient_mode, scores_from_logits
 from blackbox_vqa.adapters.torch.hooks import embedding_offsets, find_embedding, guided_relu
 from blackbox_vqa.adapters.torch.incremental.scoring import TorchIncremental
 from blackbox_vqa.adapters.torch.path_gradients import (
@@ -275,7 +275,7 @@ class TorchAdapter(BaseAdapter, IncrementalScoring, ApproximateScoring):
         leaf = image_tensor.detach().clone().requires_grad_(True)
         offsets, note = self._word_offsets(tokens)
         wrt = [leaf] if offsets is None else [leaf, offsets]
-        with eval_mode(self.module), torch.inference_mode(False), torch.enable_grad():
+        with gradient_mode(self.module):
             logits = self._logits_with_offsets(leaf, tokens, offsets)
             scores = scores_from_logits(logits, self.output)[0]
             values = scores.detach().double().cpu().numpy()
@@ -347,7 +347,7 @@ class TorchAdapter(BaseAdapter, IncrementalScoring, ApproximateScoring):
             return scores_from_logits(logits, self.output)[:, answer_index]
 
         words_in = None if embedding is None else torch.from_numpy(embeddings).to(self.device)
-        with eval_mode(self.module):
+        with gradient_mode(self.module):
             scores, image_grad, word_grad = score_gradients(
                 score_fn, torch.from_numpy(images).to(self.device), words_in, name=self.name
             )
