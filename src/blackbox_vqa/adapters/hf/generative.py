@@ -87,46 +87,31 @@ def is_generative_vlm(config: Any) -> bool:
 
 
 def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """``(model, processor)`` of a generative VLM folder (or hub id), in one place.
-
-    ``trust_remote_code`` is passed explicitly (never left to transformers, which would ask
-    on stdin); a model whose config points at remote code is refused without it.
-    """
+    """``(model, processor)`` of a generative VLM folder (or hub id), through
+    :mod:`~blackbox_vqa.adapters.hf.loading` (bounded, checked reads; a folder naming code
+    of its own is refused unless ``trust_remote_code``)."""
     import transformers
 
+    from blackbox_vqa.adapters.hf import loading
     from blackbox_vqa.adapters.hf.vqa import _first_line, _quiet_transformers
 
     hf: Any = transformers
     with _quiet_transformers():
         try:
-            config = hf.AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
+            config = loading.load_config(location, trust_remote_code=trust_remote_code)
+        except BlackboxVQAError:
+            raise
         except Exception as exc:
-            if "trust_remote_code" in str(exc):
-                raise NotSupportedError(
-                    f"{location!r} needs trust_remote_code (its code lives in the folder); "
-                    "pass --trust-remote-code if you trust it"
-                ) from exc
             raise NotSupportedError(f"{location!r} holds no transformers model config "
                                     f"({_first_line(exc)})") from exc
-        if getattr(config, "auto_map", None) and not trust_remote_code:
-            raise NotSupportedError(
-                f"{location!r} needs trust_remote_code (config.auto_map names code in the "
-                "folder); pass --trust-remote-code if you trust it"
-            )
         names = [a for a in (getattr(config, "architectures", None) or [])
                  if a in _generative_names()]
         try:
             model_cls = getattr(hf, names[0], None) if names else None
             if model_cls is None:
                 model_cls = hf.AutoModelForImageTextToText
-            model = model_cls.from_pretrained(location, trust_remote_code=trust_remote_code)
-            try:
-                processor = hf.AutoProcessor.from_pretrained(
-                    location, trust_remote_code=trust_remote_code)
-            except (AttributeError, ImportError) as exc:  # video support needs torchvision
-                if "orchvision" not in str(exc) and "_extra_content" not in str(exc):
-                    raise
-                processor = image_processor_only(hf, location)
+            model = loading.load_model(model_cls, location, trust_remote_code=trust_remote_code)
+            processor = loading.load_processor(location, trust_remote_code=trust_remote_code)
         except BlackboxVQAError:
             raise
         except Exception as exc:
@@ -134,45 +119,6 @@ def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[
                 f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
             ) from exc
     return model, processor
-
-
-def image_processor_only(hf: Any, location: str) -> Any:
-    """The folder's processor built without its video processor.
-
-    transformers cannot build the processors of video-capable models (Qwen2-VL...) without
-    torchvision (their video processor class is missing); images need none of it, so the
-    processor class is built from its tokenizer, image processor and chat template alone.
-    """
-    import json
-
-    folder = Path(location)
-    config: dict[str, Any] = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        path = folder / name
-        if path.is_file():
-            config = {**json.loads(path.read_text(encoding="utf-8")), **config}
-    cls_name = str(config.get("processor_class", ""))
-    base = getattr(hf, cls_name, None)
-    if base is None:
-        raise ModelLoadError(f"cannot load {location!r}: no processor class {cls_name!r}")
-
-    class _ImagesOnly(base):  # type: ignore[misc, valid-type]
-        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    tokenizer = hf.AutoTokenizer.from_pretrained(location, trust_remote_code=False)
-    images = hf.AutoImageProcessor.from_pretrained(location, trust_remote_code=False)
-    template = None
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    template = template or config.get("chat_template") or getattr(tokenizer, "chat_template",
-                                                                   None)
-    _ImagesOnly.__name__ = base.__name__
-    return _ImagesOnly(image_processor=images, tokenizer=tokenizer, video_processor=None,
-                       chat_template=template)
 
 
 class GenerativeAdapter(BaseAdapter, GenerativeGradients):

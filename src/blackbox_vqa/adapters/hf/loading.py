@@ -1,8 +1,9 @@
 """Safe loading of ``transformers`` folders: the one place ``hf:`` adapters call
 ``from_pretrained``.
 
-- ``trust_remote_code=False`` on every call (config, model, processor, tokenizer), so
-  transformers never asks on standard input whether to run a folder's own Python; a folder
+- ``trust_remote_code`` passed explicitly on every call (config, model, processor,
+  tokenizer), ``False`` unless the user gave ``--trust-remote-code``, so transformers never
+  asks on standard input whether to run a folder's own Python; without the flag a folder
   whose config or processor files name custom code (``auto_map``) is refused with one line.
 - Every file of a local folder is checked before transformers opens it: regular files only
   (no FIFO, device or socket), JSON configs at most :data:`CONFIG_LIMIT` bytes and 64
@@ -21,7 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from blackbox_vqa.bounded_files import CONFIG_LIMIT, check_regular, read_json_bounded
+from blackbox_vqa.bounded_files import (
+    CONFIG_LIMIT,
+    check_regular,
+    read_json_bounded,
+    read_text_bounded,
+)
 from blackbox_vqa.errors import InputError, ModelLoadError
 
 __all__ = [
@@ -31,6 +37,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_processor",
+    "processor_without_video",
 ]
 
 FILE_LIMIT = 256 << 20  # a tokenizer or other non-weight file: 256 MiB
@@ -52,9 +59,10 @@ CONFIG_BOUNDS: dict[str, int] = {
 _SIDE_KEYS = ("size", "image_size", "shortest_edge", "longest_edge", "height", "width", "crop_size")
 
 
-def check_folder(folder: Path) -> None:
-    """Refuse a local model folder that could run code, hang or exhaust memory (see the
-    module doc); :class:`InputError` naming the file and what is wrong."""
+def check_folder(folder: Path, *, trust_remote_code: bool = False) -> None:
+    """Refuse a local model folder that could run code (unless ``trust_remote_code``), hang
+    or exhaust memory (see the module doc); :class:`InputError` naming the file and what is
+    wrong."""
     for path in sorted(folder.iterdir()):
         if path.is_dir() and not path.is_symlink():
             continue
@@ -64,7 +72,8 @@ def check_folder(folder: Path) -> None:
             continue
         if path.name.lower().endswith(("config.json", "special_tokens_map.json")):
             data = read_json_bounded(path, limit=CONFIG_LIMIT, what="model config")
-            _refuse_remote_code(data, path)
+            if not trust_remote_code:
+                _refuse_remote_code(data, path)
             _check_bounds(data, path)
         elif info.st_size > FILE_LIMIT:
             raise InputError(f"{what} {info.st_size} bytes; the most accepted is {FILE_LIMIT}")
@@ -74,7 +83,8 @@ def _refuse_remote_code(data: Any, path: Path) -> None:
     if isinstance(data, dict) and any(k in data for k in ("auto_map", "custom_pipelines")):
         raise InputError(
             f"{path} asks to run the folder's own Python code (auto_map); hf: models load "
-            "with trust_remote_code=False and never run a folder's code"
+            "with trust_remote_code=False and never run a folder's code (pass "
+            "--trust-remote-code for a folder you trust)"
         )
 
 
@@ -105,21 +115,23 @@ def _local(location: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_config(location: str) -> Any:
-    """``AutoConfig.from_pretrained`` without remote code, after :func:`check_folder`."""
+def load_config(location: str, *, trust_remote_code: bool = False) -> Any:
+    """``AutoConfig.from_pretrained`` after :func:`check_folder`; remote code only when
+    ``trust_remote_code``."""
     import transformers
 
     folder = _local(location)
     if folder is not None:
-        check_folder(folder)
+        check_folder(folder, trust_remote_code=trust_remote_code)
     auto: Any = transformers.AutoConfig
-    return auto.from_pretrained(location, trust_remote_code=False)
+    return auto.from_pretrained(location, trust_remote_code=trust_remote_code)
 
 
-def load_model(model_cls: Any, location: str) -> Any:
-    """``model_cls.from_pretrained`` without remote code; :class:`InputError` when a weight
-    is missing (it would be random), unused or of the wrong shape."""
-    model, info = model_cls.from_pretrained(location, trust_remote_code=False,
+def load_model(model_cls: Any, location: str, *, trust_remote_code: bool = False) -> Any:
+    """``model_cls.from_pretrained`` (remote code only when ``trust_remote_code``);
+    :class:`InputError` when a weight is missing (it would be random), unused or of the
+    wrong shape."""
+    model, info = model_cls.from_pretrained(location, trust_remote_code=trust_remote_code,
                                             output_loading_info=True)
     for key, label in (("missing_keys", "missing (they would be random)"),
                        ("unexpected_keys", "not used by the architecture"),
@@ -134,9 +146,12 @@ def load_model(model_cls: Any, location: str) -> Any:
     return model
 
 
-def load_processor(location: str) -> Any:
-    """``AutoProcessor.from_pretrained`` without remote code; :class:`InputError` for a
-    folder without a tokenizer file or whose tokenizer holds no ordinary word."""
+def load_processor(location: str, *, trust_remote_code: bool = False) -> Any:
+    """``AutoProcessor.from_pretrained`` (remote code only when ``trust_remote_code``);
+    :class:`InputError` for a folder without a tokenizer file or whose tokenizer holds no
+    ordinary word. A processor that transformers cannot build for want of torchvision (the
+    video processor of video-capable models) is built for images alone
+    (:func:`processor_without_video`)."""
     import transformers
 
     folder = _local(location)
@@ -144,7 +159,12 @@ def load_processor(location: str) -> Any:
         raise InputError(f"{location}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
                          "the processor with its tokenizer (processor.save_pretrained)")
     auto: Any = transformers.AutoProcessor
-    processor = auto.from_pretrained(location, trust_remote_code=False)
+    try:
+        processor = auto.from_pretrained(location, trust_remote_code=trust_remote_code)
+    except (AttributeError, ImportError) as exc:  # video support needs torchvision
+        if folder is None or ("orchvision" not in str(exc) and "_extra_content" not in str(exc)):
+            raise
+        processor = processor_without_video(folder)
     tokenizer = getattr(processor, "tokenizer", processor)
     special = set(getattr(tokenizer, "all_special_tokens", []) or [])
     try:
@@ -155,6 +175,46 @@ def load_processor(location: str) -> Any:
         raise InputError(f"{location}: the tokenizer is empty (only special tokens); every "
                          "word would be unknown")
     return processor
+
+
+def processor_without_video(folder: Path) -> Any:
+    """The folder's processor built without its video processor.
+
+    transformers cannot build the processors of video-capable models (Qwen2-VL...) without
+    torchvision (their video processor class is missing); images need none of it, so the
+    processor class is built from its tokenizer, image processor and chat template alone.
+    """
+    import transformers
+
+    hf: Any = transformers
+    config: dict[str, Any] = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            loaded = read_json_bounded(path, limit=CONFIG_LIMIT, what="processor config")
+            config = {**(loaded if isinstance(loaded, dict) else {}), **config}
+    cls_name = str(config.get("processor_class", ""))
+    base = getattr(hf, cls_name, None)
+    if base is None:
+        raise ModelLoadError(f"cannot load {str(folder)!r}: no processor class {cls_name!r}")
+
+    class _ImagesOnly(base):  # type: ignore[misc, valid-type]
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    images = hf.AutoImageProcessor.from_pretrained(folder, trust_remote_code=False)
+    template = None
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        template = read_text_bounded(jinja, limit=FILE_LIMIT, what="chat template")
+    template = template or config.get("chat_template") or getattr(tokenizer, "chat_template",
+                                                                   None)
+    _ImagesOnly.__name__ = base.__name__
+    return _ImagesOnly(image_processor=images, tokenizer=tokenizer, video_processor=None,
+                       chat_template=template)
 
 
 def folder_of(location: str | os.PathLike[str]) -> Path | None:
