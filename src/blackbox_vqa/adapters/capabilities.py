@@ -39,15 +39,15 @@ from blackbox_vqa.images import ImageInput
 from blackbox_vqa.text import validate_question
 
 __all__ = [
+    "AnswerTokens",
     "SupportsAnswerChoice",
+    "SupportsAnswerTokenScores",
     "SupportsOwnAnswer",
     "SupportsPreferredBatchSize",
     "SupportsPreparation",
     "SupportsQuestionValidation",
     "SupportsScoreSemantics",
     "SupportsTokenAblation",
-    "AnswerTokens",
-    "SupportsAnswerTokenScores",
     "answer_tokens",
     "check_question",
     "choose_answer",
