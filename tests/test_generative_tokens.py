@@ -2,7 +2,7 @@
 each token's occlusion map equals a direct teacher-forced computation with plain
 transformers calls, the token maps sum to the log-probability map, they come from the
 scoring passes themselves, and they reach explanation.json, the terminal, the report and
-``bbvqa compare``."""
+``bbvqa compare``; MM-SHAP's token maps are checked on a hand-computable two-token model."""
 
 from __future__ import annotations
 
@@ -331,3 +331,99 @@ class _Sections(Page):
         if self._in_h2 and self._current == "":
             self._current = data.strip()
             self.models[self._current] = 0
+
+
+class TwoTokenToy:
+    """A hand-computable model whose answer "ab" has two tokens: log p(a) from the image's
+    mean brightness, log p(b | a) from the question's length; p("ab") = p(a) p(b | a)."""
+
+    answers = ("ab", "(other)")
+    token_answer = "ab"
+    answer_token_labels = ("a", "b")
+    answer_token_texts = ("a", "b")
+    name = "two-token toy"
+
+    @staticmethod
+    def logprobs(image: np.ndarray, question: str) -> np.ndarray:
+        pixels = np.asarray(image, dtype=np.float64)
+        first = -np.log1p(np.exp(-(pixels[:16, :16].mean() / 255 * 4 - 1)))
+        second = -np.log1p(np.exp(-(len(question.split()) - 1.5 + pixels[16:].mean() / 255)))
+        return np.array([first, second])
+
+    def answer_probs_with_token_logprobs(
+        self, images: Any, questions: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.stack([self.logprobs(i, q) for i, q in zip(images, questions, strict=True)])
+        prob = np.exp(tokens.sum(axis=1))
+        return np.stack([prob, 1 - prob], axis=1), tokens
+
+    def answer_probs_batch(self, images: Any, questions: Any) -> np.ndarray:
+        return self.answer_probs_with_token_logprobs(images, questions)[0]
+
+    def answer_probs(self, image: Any, question: str) -> np.ndarray:
+        return self.answer_probs_batch([image], [question])[0]
+
+
+def test_mm_shap_token_maps_are_exact_shapley_values_of_each_token() -> None:
+    """With every permutation walked, each token's MM-SHAP values equal the subset formula
+    on that token's log-probability; they sum to the log-probability values."""
+    from blackbox_vqa.explainers.modality_share import ModalityShare, modality_share_attribution
+    from blackbox_vqa.explainers.shapley import exact_shapley
+
+    model = TwoTokenToy()
+    assert isinstance(model, SupportsAnswerTokenScores)
+    pixels = image(4, 32).astype(np.float32)
+    question = "what color"
+    result = ModalityShare(model, grid=2, sampling="exhaustive", baseline="0,0,0",
+                           score="log-probability").explain(pixels, question)
+    maps = result.token_maps
+    assert maps is not None and maps.tokens == ("a", "b")
+
+    def value(mask: np.ndarray, token: int) -> float:
+        shown = pixels.copy()
+        for k in range(4):  # cell (r, c) = rows 16r..16r+15, columns 16c..16c+15
+            if not mask[k]:
+                r, c = divmod(k, 2)
+                shown[16 * r:16 * r + 16, 16 * c:16 * c + 16] = 0
+        words = [w for w, keep in zip(question.split(), mask[4:], strict=True) if keep]
+        return float(model.logprobs(shown, " ".join(words))[token])
+
+    for token in range(2):
+        expected = exact_shapley(lambda m, t=token: value(m, t), 6)
+        got = np.concatenate([maps.image_maps[token].reshape(-1), maps.word_maps[token]])
+        np.testing.assert_allclose(got, expected, atol=1e-12)
+    np.testing.assert_allclose(sum(maps.image_maps), result.image_map, atol=1e-12)
+    np.testing.assert_allclose(sum(maps.word_maps), result.word_map, atol=1e-12)
+    np.testing.assert_allclose(maps.logprobs, model.logprobs(pixels, question))
+    section = modality_share_attribution(result).section()
+    assert len(section["answer_tokens"]["maps"]) == 2
+
+
+def test_toy_occlusion_and_rise_token_maps() -> None:
+    """The same capability on a non-transformers model: occlusion's token maps are the
+    drops of each token's log-probability, RISE's the mask-weighted means."""
+    from blackbox_vqa.explainers.rise import Rise
+
+    model = TwoTokenToy()
+    pixels = image(6, 32).astype(np.float32)
+    found = explain(model, pixels, "what color is it", methods="occlusion", grid=2,
+                    baseline="0,0,0")
+    maps = found.attribution("occlusion").answer_tokens  # type: ignore[union-attr]
+    assert maps is not None
+    base = model.logprobs(pixels, "what color is it")
+    for k in range(4):
+        r, c = divmod(k, 2)
+        shown = pixels.copy()
+        shown[16 * r:16 * r + 16, 16 * c:16 * c + 16] = 0
+        drop = base - model.logprobs(shown, "what color is it")
+        np.testing.assert_allclose([maps.image_maps[0][r, c], maps.image_maps[1][r, c]], drop,
+                                   atol=1e-12)
+    np.testing.assert_allclose(maps.word_maps[0], 0.0, atol=1e-12)  # token a: no words
+    rise = Rise(model, masks=6, cells=4, baseline="0,0,0")
+    result = rise.explain(pixels, "what color")
+    assert result.token_maps is not None
+    masks = rise.masks(32, 32)
+    for token in range(2):
+        values = [model.logprobs(m[..., None] * pixels, "what color")[token] for m in masks]
+        expected = np.tensordot(np.asarray(values), masks.astype(np.float64), axes=1) / (6 * 0.5)
+        np.testing.assert_allclose(result.token_maps.image_maps[token], expected, atol=1e-9)
