@@ -433,7 +433,6 @@ def modality_share_attribution(result: ModalityShareResult) -> Attribution:
         if math.isfinite(value):
             stats[key] = float(value)
     return Attribution(
-        answer_tokens=result.token_maps,
         method="mm-shap",
         key="mm_shap",
         signed=True,
@@ -445,4 +444,5 @@ def modality_share_attribution(result: ModalityShareResult) -> Attribution:
         tokens=result.words,
         extras=extras,
         stats=stats,
+        answer_tokens=result.token_maps,
     )

@@ -511,7 +511,6 @@ def occlusion_attribution(result: OcclusionResult) -> Attribution:
     if result.approx is not None:
         extras["approx"] = result.approx.to_json()
     return Attribution(
-        answer_tokens=result.token_maps,
         method="occlusion",
         key="occlusion",
         signed=True,
@@ -528,4 +527,5 @@ def occlusion_attribution(result: OcclusionResult) -> Attribution:
             "image_total": float(result.image_perturbations),
             "evaluations": float(result.evaluations),
         },
+        answer_tokens=result.token_maps,
     )

@@ -254,7 +254,6 @@ class Rise:
                               [m / norm for m in per_token],
                               [np.zeros(0) for _ in per_token])
         return RiseResult(
-            token_maps=maps,
             answer=self.model.answers[index],
             answer_index=index,
             predicted_index=predicted,
@@ -266,6 +265,7 @@ class Rise:
                 "baseline": "rgb" if isinstance(self.baseline, tuple) else self.baseline,
                 "score": self.score, "batch_size": batch,
             },
+            token_maps=maps,
         )
 
     def _scores(self, images: list[NDArray[np.float32]], question: str, tokens: bool
@@ -287,7 +287,6 @@ def rise_attribution(result: RiseResult) -> Attribution:
     """``result`` as the ``rise`` attribution (an image map at the image's size; no word
     map)."""
     return Attribution(
-        answer_tokens=result.token_maps,
         method="rise",
         key="rise",
         signed=False,
@@ -300,4 +299,5 @@ def rise_attribution(result: RiseResult) -> Attribution:
         extras={"image_size": list(result.image_map.shape), "settings": dict(result.settings),
                 "evaluations": result.evaluations},
         stats={"evaluations": float(result.evaluations)},
+        answer_tokens=result.token_maps,
     )
