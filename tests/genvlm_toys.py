@@ -234,3 +234,34 @@ def image(seed: int = 0, size: int = 40) -> np.ndarray:
     """A random ``size x size x 3`` uint8 image."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+def direct_token_logprobs(model: Any, processor: Any, pixels: np.ndarray, question: str,
+                          answer: list[int]) -> list[float]:
+    """log p(answer token i | image, question, tokens < i) straight from transformers: the
+    processor on one input (the chat template's user turn, or the bare question without
+    one), the prompt plus answer through the full model, log-softmax of all logits."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=False)
+    else:
+        prompt = question
+    levels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    inputs = processor(text=[prompt], images=[[levels]], return_tensors="pt")
+    ids = inputs.pop("input_ids")
+    n = ids.shape[1]
+    full = torch.cat([ids, torch.tensor([answer])], dim=1)
+    kwargs: dict[str, Any] = {k: v for k, v in inputs.items() if k != "labels"}
+    kwargs["attention_mask"] = torch.ones_like(full)
+    if "mm_token_type_ids" in kwargs:  # Qwen2-VL: the answer's tokens are text (0)
+        kwargs["mm_token_type_ids"] = torch.cat(
+            [kwargs["mm_token_type_ids"], torch.zeros((1, len(answer)), dtype=ids.dtype)], dim=1)
+    if "token_type_ids" in kwargs:  # PaliGemma: prefix 0, answer 1
+        kwargs["token_type_ids"] = torch.cat(
+            [torch.zeros_like(ids), torch.ones((1, len(answer)), dtype=ids.dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full, **kwargs).logits[0].double()
+    logp = torch.log_softmax(logits, dim=-1)
+    return [float(logp[n - 1 + i, t]) for i, t in enumerate(answer)]

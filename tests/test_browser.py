@@ -226,6 +226,27 @@ def test_explain_report_renders_offline(
     check_rendered(tab, heatmaps=1)
 
 
+def test_answer_token_strip_renders_offline(
+    chromium: DevTools, square_image: Path, tmp_path: Path
+) -> None:
+    """A model that scores its answer token by token: the main heat map, then a strip of
+    two small token maps, both loaded and drawn at half the main map's width."""
+    out = tmp_path / "tokens"
+    bbvqa(["explain", "-i", str(square_image), "-q", "is it dark", "--model",
+           "toys:two_token_model", "--answer", "ab", "--grid", "8", "--out", str(out)])
+    tab = chromium.open(out / "report.html")
+    main_map = tab.evaluate(HEATMAPS)
+    assert len(main_map) == 1 and main_map[0][0] and main_map[0][3] > 200
+    assert tab.errors() == [] and tab.requests() == []
+    found = tab.evaluate(HEATMAPS.replace("img.heatmap", "img.tokenmap"))
+    assert len(found) == 2
+    assert all(ok and w > 0 and h > 0 and 100 <= shown <= 120 for ok, w, h, shown in found)
+    tops = tab.evaluate("['img.heatmap', 'img.tokenmap'].map(s => "
+                        "document.querySelector(s).getBoundingClientRect().top)")
+    assert tops[1] > tops[0]  # the strip is under the main map
+    assert "'a'" in tab.evaluate("document.body.innerText")
+
+
 def test_markup_in_question_answers_and_file_name_never_runs(
     chromium: DevTools, tmp_path: Path
 ) -> None:

@@ -118,3 +118,39 @@ def toy_torch_model() -> Any:
 
     return TorchAdapter(LinearVQANet(), TOY_ANSWERS, toy_tokenizer(), image_size=16,
                         device="cpu", name="toy-linear")
+
+
+class TwoTokenToy:
+    """A hand-computable model whose answer "ab" has two tokens: log p(a) from the image's
+    mean brightness, log p(b | a) from the question's length; p("ab") = p(a) p(b | a)."""
+
+    answers = ("ab", "(other)")
+    token_answer = "ab"
+    answer_token_labels = ("a", "b")
+    answer_token_texts = ("a", "b")
+    name = "two-token toy"
+
+    @staticmethod
+    def logprobs(image: np.ndarray, question: str) -> np.ndarray:
+        pixels = np.asarray(image, dtype=np.float64)
+        first = -np.log1p(np.exp(-(pixels[:16, :16].mean() / 255 * 4 - 1)))
+        second = -np.log1p(np.exp(-(len(question.split()) - 1.5 + pixels[16:].mean() / 255)))
+        return np.array([first, second])
+
+    def answer_probs_with_token_logprobs(
+        self, images: Any, questions: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.stack([self.logprobs(i, q) for i, q in zip(images, questions, strict=True)])
+        prob = np.exp(tokens.sum(axis=1))
+        return np.stack([prob, 1 - prob], axis=1), tokens
+
+    def answer_probs_batch(self, images: Any, questions: Any) -> np.ndarray:
+        return self.answer_probs_with_token_logprobs(images, questions)[0]
+
+    def answer_probs(self, image: Any, question: str) -> np.ndarray:
+        return self.answer_probs_batch([image], [question])[0]
+
+
+def two_token_model() -> TwoTokenToy:
+    """:class:`TwoTokenToy` (for ``--model toys:two_token_model``)."""
+    return TwoTokenToy()

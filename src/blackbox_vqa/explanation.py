@@ -7,8 +7,10 @@ module is the only place that turns them into the document (schema
 ``blackbox_vqa.explanation/1``, see docs/concepts/explanation-json.md) and reads them back.
 
 Each method's section of the document is ``{**attribution.extras, "image": image_map,
-"words": word_map}`` under the method's JSON key (``occlusion``, ``guided_backprop``...);
-a method that could not run has ``{"available": false, "reason": ...}`` there.
+"words": word_map}`` under the method's JSON key (``occlusion``, ``guided_backprop``...),
+plus ``"answer_tokens"`` (:class:`TokenMaps`, format ``blackbox_vqa.answer_tokens/1``) when
+the method gave one map per answer token; a method that could not run has
+``{"available": false, "reason": ...}`` there.
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ from blackbox_vqa.version import __version__
 
 __all__ = [
     "SCHEMA",
+    "TOKEN_MAPS_FORMAT",
     "Attribution",
     "Explanation",
+    "TokenMaps",
     "Unavailable",
     "set_html_renderer",
     "top_answers",
 ]
 
 SCHEMA = "blackbox_vqa.explanation/1"
+TOKEN_MAPS_FORMAT = "blackbox_vqa.answer_tokens/1"
+"""Format of a method section's ``answer_tokens`` block (an addition to schema /1: present
+only for per-token maps, so documents of other models are unchanged)."""
 
 ALWAYS_PRESENT = ("occlusion", "guided_backprop")
 """Method keys the document always has (null when the method did not run)."""
@@ -47,6 +54,67 @@ def top_answers(
     """The ``k`` highest-scoring answers as ``{"answer", "score"}``, best first."""
     order = np.argsort(-np.asarray(scores), kind="stable")[:k]
     return [{"answer": answers[i], "score": float(scores[i])} for i in order]
+
+
+@dataclass(frozen=True)
+class TokenMaps:
+    """One map per token of the explained answer, for a model whose score is a product
+    over the answer's tokens (generative models).
+
+    The map of token ``i`` is computed exactly like the method's main map with the score
+    ``log p(token_i | input, tokens_<i)`` in place of the answer's score (always a
+    log-probability, whatever the main map's score); for occlusion the maps sum over the
+    tokens to the main map with ``--score log-probability``.
+
+    Attributes:
+        tokens: the answer's tokens as the tokenizer names them (end-of-sequence
+            included when it is scored); ``texts`` each decoded alone.
+        logprobs: ``float64 [L]``, each token's log-probability on the original input.
+        image_maps: ``L`` maps shaped like the main image map (empty ``0 x 0`` when the
+            method has none).
+        word_maps: ``L`` maps shaped like the main word map (empty when it has none).
+    """
+
+    tokens: tuple[str, ...]
+    texts: tuple[str, ...]
+    logprobs: NDArray[np.float64]
+    image_maps: tuple[NDArray[np.float64], ...]
+    word_maps: tuple[NDArray[np.float64], ...]
+
+    def __post_init__(self) -> None:
+        sizes = {len(self.tokens), len(self.texts), len(self.logprobs),
+                 len(self.image_maps), len(self.word_maps)}
+        if len(sizes) != 1:
+            raise InputError(f"token maps: tokens, texts, logprobs and maps must have one "
+                             f"entry per token, got lengths {sorted(sizes)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``answer_tokens`` block of a method's section."""
+        return {
+            "format": TOKEN_MAPS_FORMAT,
+            "score": "log-probability of the token given its prefix",
+            "tokens": list(self.tokens),
+            "texts": list(self.texts),
+            "logprobs": [float(v) for v in self.logprobs],
+            "maps": [{"image": image.tolist(), "words": words.tolist()}
+                     for image, words in zip(self.image_maps, self.word_maps, strict=True)],
+        }
+
+    @classmethod
+    def from_json(cls, block: Mapping[str, Any]) -> TokenMaps:
+        """Read an ``answer_tokens`` block back."""
+        maps = list(block["maps"])
+        images = []
+        for entry in maps:
+            image = np.asarray(entry.get("image") or np.zeros((0, 0)), dtype=np.float64)
+            images.append(image.reshape(0, 0) if image.size == 0 else image)
+        return cls(
+            tokens=tuple(str(t) for t in block["tokens"]),
+            texts=tuple(str(t) for t in block.get("texts", block["tokens"])),
+            logprobs=np.asarray(block["logprobs"], dtype=np.float64),
+            image_maps=tuple(images),
+            word_maps=tuple(np.asarray(e.get("words") or [], dtype=np.float64) for e in maps),
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +138,8 @@ class Attribution:
         arrays: large arrays written beside the document, file name -> array (e.g. the
             raw gradient ``guided_backprop.npy``); not part of the JSON.
         seconds: wall time of the method.
+        answer_tokens: one map per answer token (:class:`TokenMaps`) when the method
+            gives them (black-box methods on a generative model), else None.
     """
 
     method: str
@@ -85,6 +155,7 @@ class Attribution:
     stats: Mapping[str, float] = field(default_factory=dict)
     arrays: Mapping[str, NDArray[Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    answer_tokens: TokenMaps | None = None
 
     def section(self, *, with_files: bool = True) -> dict[str, Any]:
         """The method's section of ``explanation.json``; without files (the ``arrays`` are
@@ -93,7 +164,10 @@ class Attribution:
         if not with_files:
             extras = {k: None if isinstance(v, str) and v in self.arrays else v
                       for k, v in extras.items()}
-        return {**extras, "image": self.image_map.tolist(), "words": self.word_map.tolist()}
+        found = {**extras, "image": self.image_map.tolist(), "words": self.word_map.tolist()}
+        if self.answer_tokens is not None:
+            found["answer_tokens"] = self.answer_tokens.to_json()
+        return found
 
 
 @dataclass(frozen=True)
@@ -248,7 +322,9 @@ def _attribution(
     name: str, key: str, signed: bool, section: Mapping[str, Any], doc: Mapping[str, Any],
     tokens: tuple[str, ...], timing: Mapping[str, Any],
 ) -> Attribution:
-    extras = {k: v for k, v in section.items() if k not in ("image", "words")}
+    extras = {k: v for k, v in section.items()
+              if k not in ("image", "words", "answer_tokens")}
+    block = section.get("answer_tokens")
     image = np.asarray(section.get("image") or np.zeros((0, 0)), dtype=np.float64)
     words = np.asarray(section.get("words") or [], dtype=np.float64)
     own = section.get("tokens")
@@ -264,6 +340,7 @@ def _attribution(
         tokens=tuple(str(t) for t in own) if isinstance(own, list) and own else tokens,
         extras=extras,
         seconds=float(timing.get(f"{key}_s", 0.0)),
+        answer_tokens=TokenMaps.from_json(block) if isinstance(block, Mapping) else None,
     )
 
 

@@ -21,26 +21,34 @@ A model that lacks a capability gets the default behaviour.
 - :class:`SupportsTokenAblation`: the model's image path is a lattice of patch tokens; it
   scores the input with chosen image tokens ablated after the vision embedding (the
   image is embedded once), for token occlusion.
+- :class:`SupportsAnswerTokenScores`: the explained answer's score is a product over its
+  tokens (a generative model's sequence probability); the model returns each token's
+  log-probability given its prefix from the same forward pass as the scores, so
+  black-box methods give one map per answer token at no extra cost.
 
 The gradient protocol lives in :mod:`blackbox_vqa.adapters.gradients` (it needs torch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from blackbox_vqa.images import ImageInput
 from blackbox_vqa.text import validate_question
 
 __all__ = [
+    "AnswerTokens",
     "SupportsAnswerChoice",
+    "SupportsAnswerTokenScores",
     "SupportsOwnAnswer",
     "SupportsPreferredBatchSize",
     "SupportsPreparation",
     "SupportsQuestionValidation",
     "SupportsScoreSemantics",
     "SupportsTokenAblation",
+    "answer_tokens",
     "check_question",
     "choose_answer",
     "own_answer",
@@ -163,3 +171,53 @@ class SupportsTokenAblation(Protocol):
     def token_ablation_scores(
         self, image: ImageInput, question: str, cells: Any
     ) -> Any: ...
+
+
+@runtime_checkable
+class SupportsAnswerTokenScores(Protocol):
+    """The score of one answer is the product of its tokens' probabilities, each given its
+    prefix (a generative model's teacher-forced sequence probability).
+
+    ``token_answer`` is that answer (one of ``answers``), or None when no answer has
+    token scores now (candidate mode, no answer chosen yet); ``answer_token_labels`` its
+    tokens as the tokenizer names them and ``answer_token_texts`` each decoded alone
+    (end-of-sequence included when it is scored). ``answer_probs_with_token_logprobs(
+    images, questions)`` returns the scores ``[B, A]`` (exactly ``answer_probs_batch``'s)
+    and ``log p(token_i | input, tokens_<i)`` ``[B, L]`` (``float64``), both from the same
+    forward passes.
+    """
+
+    @property
+    def token_answer(self) -> str | None: ...
+
+    @property
+    def answer_token_labels(self) -> Sequence[str]: ...
+
+    @property
+    def answer_token_texts(self) -> Sequence[str]: ...
+
+    def answer_probs_with_token_logprobs(
+        self, images: Sequence[ImageInput], questions: Sequence[str]
+    ) -> tuple[Any, Any]: ...
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """The tokens of the answer being explained, when the model scores them one by one:
+    ``labels`` as the tokenizer names them, ``texts`` each decoded alone."""
+
+    labels: tuple[str, ...]
+    texts: tuple[str, ...]
+
+
+def answer_tokens(model: object, answer: str) -> AnswerTokens | None:
+    """The tokens of ``answer`` when the model scores them one by one (after
+    :func:`prepare_model`) and there are two or more of them, else None: a one-token
+    answer's map is the log-probability map itself."""
+    if not isinstance(model, SupportsAnswerTokenScores) or model.token_answer != answer:
+        return None
+    labels = tuple(str(t) for t in model.answer_token_labels)
+    texts = tuple(str(t) for t in model.answer_token_texts)
+    if len(labels) < 2 or len(texts) != len(labels):
+        return None
+    return AnswerTokens(labels, texts)

@@ -396,6 +396,8 @@ def _print(console: Any, found: Explanation) -> None:
             _print_generic(console, attribution)
         else:
             _print_generic(console, attribution)
+        for line in token_lines(attribution):
+            console.print(terminal_text(line), soft_wrap=True)
     for name, gone in found.unavailable.items():
         console.print(f"{name}: unavailable: {terminal_text(gone.reason)}")
     for line in metric_lines(found.sections):
@@ -427,6 +429,31 @@ def _print_occlusion(console: Any, occlusion: Attribution, *, flips: bool = Fals
         f"answer flips: {counts['image']}/{counts['image_total']} patches, "
         f"{counts['words']}/{counts['words_total']} words"
     )
+
+
+def token_lines(found: Attribution) -> list[str]:
+    """One line per answer token of a method's per-token maps (none without them): the
+    token, its log-probability, and where its map is highest (cell, word)."""
+    maps = found.answer_tokens
+    if maps is None:
+        return []
+    lines = []
+    count = len(maps.tokens)
+    for i, text in enumerate(maps.texts):
+        parts = []
+        image = maps.image_maps[i]
+        if image.size:
+            row, col = np.unravel_index(int(np.argmax(image)), image.shape)
+            parts.append(f"highest at ({row}, {col}) of {image.shape[0]}x{image.shape[1]} "
+                         f"{image[row, col]:+.4g}")
+        words = maps.word_maps[i]
+        if words.size:
+            top = int(np.argmax(words))
+            label = found.tokens[top] if top < len(found.tokens) else f"#{top}"
+            parts.append(f"top word {label!r} {words[top]:+.4g}")
+        lines.append(f"{found.method}: token {i + 1}/{count} {text!r} "
+                     f"(log p {maps.logprobs[i]:+.4f}): " + "; ".join(parts))
+    return lines
 
 
 def modality_line(found: Attribution) -> str:

@@ -52,7 +52,8 @@ from blackbox_vqa.explainers.shapley import (
     t_shap_standard_error,
     unit_estimate,
 )
-from blackbox_vqa.explanation import Attribution
+from blackbox_vqa.explainers.token_scores import score_batch, token_maps, token_scoring
+from blackbox_vqa.explanation import Attribution, TokenMaps
 from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import keep_words, split_words
 
@@ -95,6 +96,10 @@ class ModalityShareResult:
             ``answer_probs_batch`` calls.
         settings: ``grid``, ``permutations``, ``sampling``, ``seed``, ``baseline``,
             ``score``, ``batch_size``.
+        token_maps: for a model that scores the answer token by token (generative
+            models), the Shapley values of each answer token's log-probability given its
+            prefix (same permutations, same model calls), as ``grid x grid`` and word
+            maps; they sum over the tokens to the ``"log-probability"`` values. Else None.
     """
 
     answer: str
@@ -115,6 +120,7 @@ class ModalityShareResult:
     evaluations: int
     model_calls: int
     settings: dict[str, Any]
+    token_maps: TokenMaps | None = None
 
     @property
     def cells(self) -> int:
@@ -160,6 +166,8 @@ class _Coalitions:
         self._questions: dict[bytes, str] = {}
         self.calls = 0
         self.index = -1
+        self.tokens = token_scoring(model)
+        self.token_scores: dict[int, NDArray[np.float64]] = {}
 
     def present(self, masks: Sequence[int]) -> NDArray[np.bool_]:
         """``bool [len(masks), players]`` membership of each coalition."""
@@ -189,8 +197,10 @@ class _Coalitions:
 
     def raw(self, masks: Sequence[int]) -> NDArray[np.float64]:
         images, questions = self.inputs(masks)
-        result = self.model.answer_probs_batch(images, questions)
+        result, logp = score_batch(self.model, images, questions, tokens=self.tokens)
         self.calls += 1
+        if logp is not None:
+            self.token_scores.update(zip(masks, logp, strict=True))
         return check_scores(result, len(masks), len(self.model.answers),
                             source=model_name(self.model))
 
@@ -289,7 +299,7 @@ class ModalityShare:
         coalitions.index = index
         values = answer_score(ends[:, index], self.score)
         coalitions.scores.update({full: float(values[0]), 0: float(values[1])})
-        units = self._units(coalitions, players, batch)
+        units, token_units = self._units(coalitions, players, batch)
         phi, phi_se = unit_estimate(units)
         if self.sampling == "exhaustive":
             phi_se = np.zeros_like(phi)
@@ -309,14 +319,31 @@ class ModalityShare:
                       "sampling": self.sampling, "seed": self.seed,
                       "baseline": "rgb" if isinstance(self.baseline, tuple) else self.baseline,
                       "score": self.score, "batch_size": batch},
+            token_maps=self._token_maps(coalitions, token_units, index),
         )
 
-    def _units(self, coalitions: _Coalitions, players: int, batch: int) -> NDArray[np.float64]:
+    def _token_maps(self, coalitions: _Coalitions, token_units: NDArray[np.float64] | None,
+                    index: int) -> TokenMaps | None:
+        """Per answer token: the mean over units of its Shapley vectors ``[U, n, L]``."""
+        if token_units is None or not len(token_units):
+            return None
+        phi = token_units.mean(axis=0)  # [n, L]
+        cells = self.grid * self.grid
+        full = (1 << phi.shape[0]) - 1
+        return token_maps(self.model, self.model.answers[index], coalitions.token_scores[full],
+                          [phi[:cells, i].reshape(self.grid, self.grid)
+                           for i in range(phi.shape[1])],
+                          [phi[cells:, i].copy() for i in range(phi.shape[1])])
+
+    def _units(self, coalitions: _Coalitions, players: int, batch: int
+               ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
         """Every unit's Shapley vector ``[U, n]``: whole permutations are scored together
-        (pending coalitions go to the model when the next unit would not fit a batch)."""
+        (pending coalitions go to the model when the next unit would not fit a batch);
+        with answer-token scores also each unit's per-token vectors ``[U, n, L]``."""
         total = math.factorial(players) if self.sampling == "exhaustive" else \
             self.permutations
         rows: list[NDArray[np.float64]] = []
+        token_rows: list[NDArray[np.float64]] = []
         pending: list[list[NDArray[np.int64]]] = []
         wanted: dict[int, None] = {}
         done = 0
@@ -328,6 +355,10 @@ class ModalityShare:
                 marginals = [permutation_marginals(order, np.array(
                     [coalitions.scores[m] for m in prefix_masks(order)])) for order in unit]
                 rows.append(np.mean(marginals, axis=0))
+                if coalitions.token_scores:
+                    token_rows.append(np.mean([_token_marginals(order, np.array(
+                        [coalitions.token_scores[m] for m in prefix_masks(order)]))
+                        for order in unit], axis=0))
                 done += len(unit)
             pending.clear()
             wanted.clear()
@@ -342,7 +373,8 @@ class ModalityShare:
             pending.append(unit)
             wanted.update(dict.fromkeys(new))
         flush()
-        return np.asarray(rows, dtype=np.float64)
+        tokens = np.asarray(token_rows, dtype=np.float64) if token_rows else None
+        return np.asarray(rows, dtype=np.float64), tokens
 
     def _answer_index(self, answer: str | None, predicted: int) -> int:
         if answer is None:
@@ -350,6 +382,14 @@ class ModalityShare:
         if answer not in self.model.answers:
             raise InputError(f"answer {answer!r} is not one of the model's answers")
         return list(self.model.answers).index(answer)
+
+
+def _token_marginals(order: NDArray[np.int64], prefix_values: NDArray[np.float64]
+                     ) -> NDArray[np.float64]:
+    """:func:`permutation_marginals` of ``[n + 1, L]`` prefix values: ``[n, L]``."""
+    out = np.empty((order.size, prefix_values.shape[1]), dtype=np.float64)
+    out[order] = np.diff(prefix_values, axis=0)
+    return out
 
 
 def _finite(value: float) -> float | None:
@@ -404,4 +444,5 @@ def modality_share_attribution(result: ModalityShareResult) -> Attribution:
         tokens=result.words,
         extras=extras,
         stats=stats,
+        answer_tokens=result.token_maps,
     )

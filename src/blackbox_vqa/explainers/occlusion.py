@@ -37,7 +37,8 @@ from blackbox_vqa.explainers.masks import (
     window_boxes,
     window_map,
 )
-from blackbox_vqa.explanation import Attribution
+from blackbox_vqa.explainers.token_scores import score_batch, token_maps, token_scoring
+from blackbox_vqa.explanation import Attribution, TokenMaps
 from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import drop_word, split_words
 
@@ -102,6 +103,11 @@ class OcclusionResult:
             says why the plain path ran, or what the incremental path reused;
             ``"approx"`` when the image cells were scored approximately, with
             ``approx`` the error measured on a few cells also scored exactly.
+        token_maps: for a model that scores the answer token by token (generative
+            models), one image and word map per answer token, each with the importance
+            ``log p(token_i | original, prefix) - log p(token_i | perturbed, prefix)``
+            (whatever ``score``); they sum over the tokens to the ``"log-probability"``
+            maps. None otherwise (and on the incremental path).
     """
 
     answer: str
@@ -127,6 +133,7 @@ class OcclusionResult:
     incremental: str = "off"
     incremental_note: str = ""
     approx: ApproxEstimate | None = None
+    token_maps: TokenMaps | None = None
 
     @property
     def probability(self) -> float:
@@ -240,17 +247,21 @@ class Occlusion:
         words = split_words(question) if self.occlude_words else []
         fill = self._fill(pixels)
         mode, note = "off", ""
+        tokens: NDArray[np.float64] | None = None
         if self.tau is not None or (
                 self.incremental == "exact" and isinstance(self.model, IncrementalScoring)):
             scores, batch, mode, note = self._run_incremental(
                 self.model, pixels, fill, boxes, question, words  # type: ignore[arg-type]
             )
         else:
-            scores, batch = self._run(pixels, fill, boxes, question, words)
+            scores, batch, tokens = self._run(pixels, fill, boxes, question, words)
             if self.incremental == "off":
                 note = "incremental scoring turned off"
         result = self._result(scores, batch, boxes, words, (height, width), answer)
         result = replace(result, incremental=mode, incremental_note=note)
+        if mode == "off" and tokens is not None:
+            result = replace(result, token_maps=self._token_maps(
+                result.answer, tokens, boxes, (height, width)))
         if mode == "approx" and self.tau is not None:
             checked = self._check(pixels, fill, boxes, question, scores, result.answer_index,
                                   self.tau)
@@ -297,9 +308,13 @@ class Occlusion:
         boxes: list[Box],
         question: str,
         words: list[str],
-    ) -> tuple[NDArray[np.float64], int]:
-        """Scores ``[1 + len(boxes) + len(words), A]`` (original, cells, words); batch size."""
+    ) -> tuple[NDArray[np.float64], int, NDArray[np.float64] | None]:
+        """Scores ``[1 + len(boxes) + len(words), A]`` (original, cells, words), the batch
+        size, and the answer tokens' log-probabilities ``[same rows, L]`` when the model
+        gives them (same forward passes), else None."""
         total = 1 + len(boxes) + len(words)
+        with_tokens = token_scoring(self.model)
+        tokens: NDArray[np.float64] | None = None
         batch = self.batch_size or auto_batch_size(
             self.model, pixels.shape, total, memory_budget=self.memory_budget
         )
@@ -309,13 +324,30 @@ class Occlusion:
         for start in range(0, total, batch):
             stop = min(total, start + batch)
             images, questions = self._items(pixels, fill, boxes, question, dropped, start, stop)
-            result = self.model.answer_probs_batch(images, questions)
+            result, logp = score_batch(self.model, images, questions, tokens=with_tokens)
             if start == 0:  # read after the first call: a model may learn its answers in it
                 out = np.empty((total, len(self.model.answers)), dtype=np.float64)
+                if logp is not None:
+                    tokens = np.empty((total, logp.shape[1]), dtype=np.float64)
             out[start:stop] = check_scores(result, stop - start, out.shape[1], source=name)
+            if tokens is not None and logp is not None:
+                tokens[start:stop] = logp
             if self.progress is not None:
                 self.progress(stop, total)
-        return out, batch
+        return out, batch, tokens
+
+    def _token_maps(
+        self, answer: str, tokens: NDArray[np.float64], boxes: list[Box],
+        shape: tuple[int, int],
+    ) -> TokenMaps | None:
+        """One image and word map per answer token: ``tokens`` ``[rows, L]`` in
+        :meth:`_run`'s row order, compared in log space."""
+        image_deltas = tokens[0] - tokens[1 : 1 + len(boxes)]
+        word_deltas = tokens[0] - tokens[1 + len(boxes) :]
+        images = [self._image_map(image_deltas[:, i], boxes, shape)[0]
+                  for i in range(tokens.shape[1])]
+        words = [word_deltas[:, i].copy() for i in range(tokens.shape[1])]
+        return token_maps(self.model, answer, tokens[0], images, words)
 
     def _run_incremental(
         self,
@@ -495,4 +527,5 @@ def occlusion_attribution(result: OcclusionResult) -> Attribution:
             "image_total": float(result.image_perturbations),
             "evaluations": float(result.evaluations),
         },
+        answer_tokens=result.token_maps,
     )

@@ -32,7 +32,8 @@ from blackbox_vqa.errors import InputError
 from blackbox_vqa.explainers.batching import auto_batch_size, parse_batch_size
 from blackbox_vqa.explainers.masks import baseline_image, parse_baseline
 from blackbox_vqa.explainers.occlusion import Score, answer_score, parse_score
-from blackbox_vqa.explanation import Attribution
+from blackbox_vqa.explainers.token_scores import score_batch, token_maps, token_scoring
+from blackbox_vqa.explanation import Attribution, TokenMaps
 from blackbox_vqa.images import ImageInput, to_rgb_array
 
 __all__ = [
@@ -110,6 +111,10 @@ class RiseResult:
         evaluations: inputs scored (the original and one per mask).
         settings: ``masks``, ``cells``, ``p``, ``seed``, ``baseline``, ``score``,
             ``batch_size``.
+        token_maps: for a model that scores the answer token by token (generative
+            models), one ``H x W`` map per answer token, ``sum_i f_i M_i / (N p)`` with
+            ``f_i = log p(token | masked_i, prefix)``; they sum over the tokens to the
+            ``"log-probability"`` map. None otherwise.
     """
 
     answer: str
@@ -119,6 +124,7 @@ class RiseResult:
     image_map: NDArray[np.float64]
     evaluations: int
     settings: dict[str, Any]
+    token_maps: TokenMaps | None = None
 
     @property
     def probability(self) -> float:
@@ -220,21 +226,33 @@ class Rise:
         fill = baseline_image(pixels, self.baseline, blur_sigma=sigma).astype(np.float32)
         total = 1 + self.n_masks
         batch = self.batch_size or auto_batch_size(self.model, pixels.shape, total)
-        original = self._scores([pixels], question)[0]
+        with_tokens = token_scoring(self.model)
+        found, first = self._scores([pixels], question, with_tokens)
+        original = found[0]
         predicted = int(np.argmax(original))
         index = self._answer_index(answer, predicted)
         saliency = np.zeros((height, width), dtype=np.float64)
+        per_token = None if first is None else np.zeros((first.shape[1], height, width))
         done = 1
         for start in range(0, self.n_masks, batch):
             stop = min(self.n_masks, start + batch)
             masks = rise_masks(grids[start:stop], shifts[start:stop], height, width)
             images = fill + masks[..., None] * (pixels - fill)
-            scores = self._scores(list(images), question)
+            scores, logp = self._scores(list(images), question, with_tokens)
             values = answer_score(scores[:, index], self.score)
-            saliency += np.tensordot(values, masks.astype(np.float64), axes=1)
+            weights = masks.astype(np.float64)
+            saliency += np.tensordot(values, weights, axes=1)
+            if per_token is not None and logp is not None:
+                per_token += np.tensordot(logp.T, weights, axes=1)
             done += stop - start
             if self.progress is not None:
                 self.progress(done, total)
+        maps = None
+        if per_token is not None and first is not None:
+            norm = self.n_masks * self.p
+            maps = token_maps(self.model, self.model.answers[index], first[0],
+                              [m / norm for m in per_token],
+                              [np.zeros(0) for _ in per_token])
         return RiseResult(
             answer=self.model.answers[index],
             answer_index=index,
@@ -247,12 +265,15 @@ class Rise:
                 "baseline": "rgb" if isinstance(self.baseline, tuple) else self.baseline,
                 "score": self.score, "batch_size": batch,
             },
+            token_maps=maps,
         )
 
-    def _scores(self, images: list[NDArray[np.float32]], question: str) -> NDArray[np.float64]:
-        result = self.model.answer_probs_batch(images, [question] * len(images))
+    def _scores(self, images: list[NDArray[np.float32]], question: str, tokens: bool
+                ) -> tuple[NDArray[np.float64], NDArray[np.float64] | None]:
+        result, logp = score_batch(self.model, images, [question] * len(images),
+                                   tokens=tokens)
         return check_scores(result, len(images), len(self.model.answers),
-                            source=model_name(self.model))
+                            source=model_name(self.model)), logp
 
     def _answer_index(self, answer: str | None, predicted: int) -> int:
         if answer is None:
@@ -278,4 +299,5 @@ def rise_attribution(result: RiseResult) -> Attribution:
         extras={"image_size": list(result.image_map.shape), "settings": dict(result.settings),
                 "evaluations": result.evaluations},
         stats={"evaluations": float(result.evaluations)},
+        answer_tokens=result.token_maps,
     )

@@ -116,12 +116,28 @@ class _WordTable:
 
 
 @dataclass(frozen=True)
+class _TokenFigure:
+    text: str
+    logprob: str
+    uri: str
+    top_word: str
+
+
+@dataclass(frozen=True)
+class _TokenStrip:
+    method: str
+    scale: str
+    tokens: tuple[_TokenFigure, ...]
+
+
+@dataclass(frozen=True)
 class _ModelPart:
     name: str
     failed: str | None
     facts: tuple[tuple[str, str], ...] = ()
     figures: tuple[_Figure, ...] = ()
     word_tables: tuple[_WordTable, ...] = ()
+    strips: tuple[_TokenStrip, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,6 +225,43 @@ def _figures(
     return tuple(figures)
 
 
+def _strip_scale(maps: list[NDArray[np.float64]], signed: bool) -> ColourScale:
+    """One scale for a strip: ``±max|v|`` when signed, else its own ``min..max`` (per-token
+    maps of an unsigned method are log-probabilities, all negative)."""
+    if signed or not maps:
+        return shared_scale(maps, signed=signed)
+    low = min(float(m.min()) for m in maps)
+    high = max(float(m.max()) for m in maps)
+    return ColourScale(low, high if high > low else low + 1e-12, "Reds")
+
+
+def _token_strips(model: ModelView, image: NDArray[Any] | None) -> tuple[_TokenStrip, ...]:
+    """Per method with per-answer-token maps: the small maps, one per token, on one scale
+    shared by the strip (the main map's scale is the method's, across models)."""
+    strips = []
+    for method in model.methods:
+        if method.unavailable is not None or not method.answer_tokens:
+            continue
+        maps = [t.image_map for t in method.answer_tokens if t.image_map is not None]
+        scale = _strip_scale(maps, method.signed)
+        labels = method.words or model.words
+        figures = []
+        for token in method.answer_tokens:
+            uri = ""
+            if token.image_map is not None and image is not None:
+                uri = png_data_uri(heatmap_png(image, token.image_map, scale))
+            top = ""
+            if token.word_map is not None and token.word_map.size:
+                index = int(np.argmax(token.word_map))
+                word = labels[index] if index < len(labels) else f"#{index}"
+                top = f"top word {word} {_number(float(token.word_map[index]))}"
+            figures.append(_TokenFigure(repr(token.text), _number(token.logprob, "+.3f"),
+                                        uri, top))
+        strips.append(_TokenStrip(
+            method.name, f"{_number(scale.vmin)} to {_number(scale.vmax)}", tuple(figures)))
+    return tuple(strips)
+
+
 def _word_table(model: ModelView, method: MethodView, bound: float) -> _WordTable | None:
     if method.word_map is None:
         return None
@@ -258,6 +311,7 @@ def _model_part(
         facts=_facts(model),
         figures=_figures(model, image, scales),
         word_tables=tuple(t for t in tables if t is not None),
+        strips=_token_strips(model, image),
     )
 
 

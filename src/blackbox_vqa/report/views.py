@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.evaluation.agreement import EVAL_SIZE, pair_agreement
-from blackbox_vqa.explanation import SCHEMA, Explanation
+from blackbox_vqa.explanation import SCHEMA, Explanation, TokenMaps
 
 __all__ = [
     "AgreementView",
@@ -26,6 +26,7 @@ __all__ = [
     "ModelView",
     "ReportView",
     "TableView",
+    "TokenView",
     "agreement_views",
     "explanation_report",
     "method_views",
@@ -33,12 +34,24 @@ __all__ = [
 ]
 
 @dataclass(frozen=True)
+class TokenView:
+    """One answer token's maps (a method's per-token maps): ``text`` the token decoded,
+    ``logprob`` its log-probability given its prefix on the original input."""
+
+    text: str
+    logprob: float
+    image_map: NDArray[np.float64] | None
+    word_map: NDArray[np.float64] | None
+
+
+@dataclass(frozen=True)
 class MethodView:
     """One method's result for one model: maps, or why the method is not available.
 
     ``image_map`` is 2-D (a ``grid x grid`` lattice or a per-pixel map); ``word_map``
     has one value per word of the question, or per token in ``words`` when the method
-    saw other tokens. Both maps are None when ``unavailable`` is set.
+    saw other tokens. Both maps are None when ``unavailable`` is set. ``answer_tokens``
+    holds one view per answer token when the method gave per-token maps.
     """
 
     name: str
@@ -47,6 +60,7 @@ class MethodView:
     signed: bool = True
     unavailable: str | None = None
     words: tuple[str, ...] | None = None
+    answer_tokens: tuple[TokenView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -146,12 +160,23 @@ def method_views(
             continue
         words = (attribution.tokens if attribution.tokens != explanation.tokens else None)
         views.append(MethodView(name, image_map, word_map, attribution.signed,
-                                words=words or None))
+                                words=words or None,
+                                answer_tokens=_token_views(attribution.answer_tokens)))
     present = {view.name for view in views}
     for name, reason in (unavailable or {}).items():
         if name not in present:
             views.append(MethodView(name, signed=_signed(name, get_method), unavailable=reason))
     return tuple(views)
+
+
+def _token_views(maps: TokenMaps | None) -> tuple[TokenView, ...]:
+    if maps is None:
+        return ()
+    return tuple(
+        TokenView(text, float(logprob), image if image.size else None,
+                  words if words.size else None)
+        for text, logprob, image, words in zip(maps.texts, maps.logprobs, maps.image_maps,
+                                               maps.word_maps, strict=True))
 
 
 def _signed(name: str, lookup: Any) -> bool:

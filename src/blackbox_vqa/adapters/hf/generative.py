@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
+from blackbox_vqa.adapters.base import BaseAdapter, ImageArray, check_pairs, check_scores
 from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
 from blackbox_vqa.adapters.torch.forward import eval_mode
@@ -373,6 +373,49 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         logp = self.token_logprobs(encoded, self.answer_ids).sum(axis=1)
         prob = np.exp(logp)
         return np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
+
+    # -- per-answer-token scores (SupportsAnswerTokenScores) -------------------------------
+
+    @property
+    def token_answer(self) -> str | None:
+        """The answer whose tokens are scored one by one: the explained answer; None in
+        candidate mode (scores there are a softmax over candidates, not one product)."""
+        return self.own_answer
+
+    @property
+    def answer_token_labels(self) -> tuple[str, ...]:
+        """The explained answer's tokens as the tokenizer names them (end-of-sequence
+        included when it is scored)."""
+        return () if self.candidates else self.answer_tokens
+
+    @property
+    def answer_token_texts(self) -> tuple[str, ...]:
+        """Each of :attr:`answer_token_labels` decoded alone (special tokens kept)."""
+        return tuple(str(self.tokenizer.decode([i], skip_special_tokens=False))
+                     for i in (() if self.candidates else self.answer_ids))
+
+    def answer_probs_with_token_logprobs(
+        self, images: Sequence[ImageInput], questions: Sequence[str]
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``answer_probs_batch`` and, from the same forward passes, ``[B, L]`` (float64)
+        log p(answer token i | input, tokens < i) of the explained answer."""
+        if self.candidates:
+            raise NotSupportedError(f"{self.name}: candidate mode has no per-token scores")
+        check_pairs(images, questions)
+        arrays = [to_rgb_array(im) for im in images]
+        questions = [self.validate_question(str(q)) for q in questions]
+        if arrays and not self._fixed and self._prepared is None:
+            self.prepare(arrays[0], questions[0])
+        levels = [_levels(a) for a in arrays]
+        rows = [np.zeros((0, len(self.answer_ids)))]
+        for start in range(0, len(levels), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            rows.append(self.token_logprobs(self.encode(levels[chunk], questions[chunk]),
+                                            self.answer_ids))
+        found = np.concatenate(rows, axis=0)
+        prob = np.exp(found.sum(axis=1))
+        scores = np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
+        return check_scores(scores, len(arrays), 2, source=self.name), found
 
     def _candidates_ids(self) -> list[tuple[int, ...]]:
         eos = next(iter(self.eos_ids), None)
