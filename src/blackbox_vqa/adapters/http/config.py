@@ -310,5 +310,6 @@ def refuse_chat_options(options: Mapping[str, object]) -> None:
     ``options`` (a value that is not None or False), as a format other than ``openai``
     does."""
     for name, flag in CHAT_FLAGS.items():
-        if options.get(name) not in (None, False):
+        value = options.get(name)
+        if value is not None and value is not False:
             raise InputError(f"{name} ({flag}) is only for --http-format openai")
