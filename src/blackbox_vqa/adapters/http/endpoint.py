@@ -7,13 +7,21 @@ and goes on. An input already
 answered (same pixels, same question) is not sent again. Every response is validated, and
 every failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the endpoint.
 
-Four wire formats (see :mod:`blackbox_vqa.adapters.http.formats`): ``ours`` (what
-``bbvqa serve`` speaks), ``hf`` (Hugging Face VQA inference, top-k lists),
-``answer-only`` and ``openai`` (chat completions with logprobs,
-:mod:`blackbox_vqa.adapters.http.openai`). With the last three the answer vocabulary is
-learned from the endpoint's answers (:meth:`HttpAdapter.prepare`; an ``openai`` adapter
-also learns it from the first input it is asked about) plus an ``(other)`` column, and
-:attr:`HttpAdapter.score_semantics` says what the scores mean.
+Settings are small frozen objects (:mod:`blackbox_vqa.adapters.http.config`):
+:class:`~blackbox_vqa.adapters.http.config.Timeouts`,
+:class:`~blackbox_vqa.adapters.http.config.Limits`,
+:class:`~blackbox_vqa.adapters.http.config.RetryPolicy`,
+:class:`~blackbox_vqa.adapters.http.config.Headers` and, for ``openai``,
+:class:`~blackbox_vqa.adapters.http.config.ChatOptions`.
+
+Each wire format is one strategy object (:mod:`blackbox_vqa.adapters.http.wires`, looked
+up by name in a registry that takes formats of one's own): ``ours`` (what ``bbvqa serve``
+speaks), ``hf`` (Hugging Face VQA inference, top-k lists), ``answer-only`` and ``openai``
+(chat completions with logprobs, :mod:`blackbox_vqa.adapters.http.openai`). With all but
+``ours`` the answer vocabulary is learned from the endpoint's answers
+(:meth:`HttpAdapter.prepare`; an ``openai`` adapter also learns it from the first input it
+is asked about) plus an ``(other)`` column, and :attr:`HttpAdapter.score_semantics` says
+what the scores mean.
 """
 
 from __future__ import annotations
@@ -234,7 +242,6 @@ class HttpAdapter:
         return cls(url, wire_format=wire, headers=given.get("http_headers"), limits=limits,
                    timeouts=timeouts, chat=ChatOptions(**chat),
                    request_cache=given.get("request_cache"))
-
 
     @staticmethod
     def _parse_url(url: str) -> httpx.URL:
