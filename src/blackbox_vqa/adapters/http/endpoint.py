@@ -234,8 +234,7 @@ class HttpAdapter:
         given = {key: value for key, value in extra.items() if value is not None}
         cls._parse_url(url)  # a bad URL is the first thing said, as a bad format next
         wire = _wire(given.get("http_format", "ours"))
-        limits = Limits(**{f: given[k] for k, f in _LIMIT_KEYS.items() if k in given})
-        timeouts = Timeouts(**{f: given[k] for k, f in _TIMEOUT_KEYS.items() if k in given})
+        limits, timeouts = _bounds(given)
         chat = {field: given[key] for key, field in _CHAT_KEYS.items() if key in given}
         if not wire.takes_chat:  # named as given, before any value is checked
             refuse_chat_options(chat)
@@ -596,6 +595,23 @@ def _sequence_row(score: SequenceScore, width: int) -> NDArray[np.float64]:
     row = np.zeros(width, dtype=np.float64)
     row[0] = score.probability
     return row
+
+
+def _bounds(given: Mapping[str, Any]) -> tuple[Limits, Timeouts]:
+    """:class:`Limits` and :class:`Timeouts` from model options, each value checked as it
+    is added, in the order ``bbvqa`` names a bad one (concurrency, read timeout, answer
+    size, total time)."""
+    limits: dict[str, Any] = {}
+    timeouts: dict[str, Any] = {}
+    for key in ("http_concurrency", "http_timeout", "http_max_response_bytes",
+                "http_total_timeout"):
+        if key in _LIMIT_KEYS and key in given:
+            limits[_LIMIT_KEYS[key]] = given[key]
+            Limits(**limits)
+        elif key in given:
+            timeouts[_TIMEOUT_KEYS[key]] = given[key]
+            Timeouts(**timeouts)
+    return Limits(**limits), Timeouts(**timeouts)
 
 
 def _wire(value: object) -> Wire:
