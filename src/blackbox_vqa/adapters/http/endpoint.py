@@ -147,6 +147,9 @@ class HttpAdapter:
         sleep: called with each retry wait in seconds (default: wait on an event).
         seed: seed of the jitter's random numbers.
         name: display name (default: the URL without credentials or query).
+
+    The settings stay readable as :attr:`wire` (the strategy), :attr:`wire_format` (its
+    name), :attr:`timeouts`, :attr:`limits`, :attr:`policy` and :attr:`chat`.
     """
 
     def __init__(
