@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    from blackbox_vqa.adapters.http.config import Limits
     from blackbox_vqa.adapters.http.endpoint import HttpAdapter
     from blackbox_vqa.explainers.occlusion import Occlusion
     from models import build_model
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def remote(concurrency: int | None) -> Callable[[], Any]:
             def run() -> Any:
-                options = {} if concurrency is None else {"concurrency": concurrency}
-                with HttpAdapter(url, **options) as adapter:
+                limits = None if concurrency is None else Limits(concurrency=concurrency)
+                with HttpAdapter(url, limits=limits) as adapter:
                     adapter.prepare(case.image, case.question)  # as bbvqa explain does
                     return Occlusion(adapter, grid=args.grid).explain(case.image, case.question)
             return run

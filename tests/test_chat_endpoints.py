@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blackbox_vqa.adapters.http.config import ChatOptions, RetryPolicy, Timeouts
 from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.adapters.http.formats import OTHER_ANSWER, WireError
 from blackbox_vqa.adapters.http.openai import ChatFormat, ChatVocabulary
@@ -52,10 +53,14 @@ def image_file(image: np.ndarray, tmp_path: Path) -> Path:
     return path
 
 
+FAST = RetryPolicy(backoff=0.01, max_backoff=0.05)
+
+
 def adapter(url: str, **options: Any) -> HttpAdapter:
     options.setdefault("sleep", lambda _: None)
-    return HttpAdapter(url, wire_format="openai", backoff=0.01, max_backoff=0.05,
-                       timeout=options.pop("timeout", 5), **options)
+    options.setdefault("retries", FAST)
+    options.setdefault("timeouts", Timeouts(read=5))
+    return HttpAdapter(url, wire_format="openai", **options)
 
 
 def occluded(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -175,11 +180,11 @@ def test_a_refused_scoring_request_falls_back_or_fails_when_sequence_is_asked(
             "first-token scores: the server refused to score the whole answer "
             "(prompt_logprobs)"]
     with scripted_server(ChatServer()) as url, \
-            adapter(url + "/v1", score="sequence") as remote, \
+            adapter(url + "/v1", chat=ChatOptions(score="sequence")) as remote, \
             pytest.raises(ModelError, match=r"HTTP 400 .*prompt_logprobs: Extra inputs"):
         remote.prepare(image, QUESTION)
     with scripted_server(ChatServer(flavour="vllm")) as url, \
-            adapter(url + "/v1", score="first-token") as remote:
+            adapter(url + "/v1", chat=ChatOptions(score="first-token")) as remote:
         remote.prepare(image, QUESTION)
         assert remote.mode == "first_token" and remote.notes == []
 
@@ -195,7 +200,8 @@ def test_a_template_that_changes_the_answer_falls_back_with_a_note(image: np.nda
     assert note == (f"first-token scores: the server scores its own answer {given:.4g} as a "
                     f"given text but {generated:.4g} as generated (its chat template or "
                     "tokeniser changes the answer)")
-    with scripted_server(chat) as url, adapter(url + "/v1", score="sequence") as remote, \
+    with scripted_server(chat) as url, \
+            adapter(url + "/v1", chat=ChatOptions(score="sequence")) as remote, \
             pytest.raises(ModelError, match="chat template or tokeniser"):
         remote.prepare(image, QUESTION)
 
@@ -387,7 +393,7 @@ def test_a_401_names_header_only_and_never_echoes_the_key(image: np.ndarray) -> 
     with scripted_server(ChatServer(api_key="right", echo_key=True)) as url:
         with pytest.raises(ModelLoadError) as info:
             adapter(url + "/v1", headers=[f"Authorization: Bearer {secret}"])
-        with adapter(url + "/v1", remote_model="toy-vlm",
+        with adapter(url + "/v1", chat=ChatOptions(remote_model="toy-vlm"),
                      headers=[f"Authorization: Bearer {secret}"]) as remote, \
                 pytest.raises(ModelError) as posted:
             remote.prepare(image, QUESTION)
@@ -402,7 +408,7 @@ def _hang(handler: http.server.BaseHTTPRequestHandler, method: str, body: bytes)
 
 def test_a_timeout_names_http_timeout_only() -> None:
     with scripted_server(_hang) as url, pytest.raises(ModelLoadError) as info:
-        adapter(url + "/v1", timeout=0.2, retries=0)
+        adapter(url + "/v1", timeouts=Timeouts(read=0.2), retries=RetryPolicy(retries=0))
     message = str(info.value)
     assert "--http-timeout" in message and "--remote-model" not in message
 

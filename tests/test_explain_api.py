@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from blackbox_vqa.adapters.http.endpoint import HttpAdapter
+from blackbox_vqa.adapters.http.wires import TopKWire
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.explain import Explainer, explain
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -197,7 +198,7 @@ def test_an_hf_endpoint_explains_from_python_without_prepare() -> None:
     image = _square()
     local = Occlusion(BrightnessModel(), grid=4, baseline="black").explain(image, QUESTION)
     with scripted_server(_hf_handler) as url, \
-            HttpAdapter(url, wire_format="hf", top_k=2) as remote:
+            HttpAdapter(url, wire_format=TopKWire(top_k=2)) as remote:
         result = Occlusion(remote, grid=4, baseline="black").explain(image, QUESTION)
         found = explain(remote, image, QUESTION, grid=4, baseline="black")
     assert result.answer == local.answer == found.answer

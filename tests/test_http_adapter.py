@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blackbox_vqa.adapters.http.config import Limits
 from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.adapters.http.formats import OTHER_ANSWER
 from blackbox_vqa.adapters.http.transport import (
@@ -27,6 +28,7 @@ from blackbox_vqa.adapters.http.transport import (
     parse_header,
     parse_retry_after,
 )
+from blackbox_vqa.adapters.http.wires import TopKWire
 from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -92,7 +94,7 @@ def test_batches_are_shared_out_over_concurrent_requests(
     url, model = brightness_server
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(100)]
-    with HttpAdapter(url, concurrency=3) as remote:
+    with HttpAdapter(url, limits=Limits(concurrency=3)) as remote:
         assert remote.preferred_batch_size is None  # no image seen yet: the explainer picks
         scores = remote.answer_probs_batch(images, ["bright?"] * 100)
         assert sorted(model.calls) == [32, 34, 34]  # ceil(100 / 3), at least 32 a request
@@ -113,7 +115,7 @@ def test_batches_are_shared_out_over_concurrent_requests(
         remote.clear_cache()
         remote.answer_probs(images[0], "bright?")
         assert model.calls == [1, 1]
-    with HttpAdapter(url, cache=False, batch_size=3, concurrency=1) as uncached:
+    with HttpAdapter(url, cache=False, limits=Limits(batch_size=3, concurrency=1)) as uncached:
         model.calls.clear()
         uncached.answer_probs_batch(images[:7], ["q"] * 7)
         uncached.answer_probs_batch(images[:7], ["q"] * 7)
@@ -125,7 +127,7 @@ def test_prepared_explanations_hand_over_batches_for_every_request_in_flight(
 ) -> None:
     url, model = brightness_server
     image = square(32)
-    with HttpAdapter(url, concurrency=4) as remote:
+    with HttpAdapter(url, limits=Limits(concurrency=4)) as remote:
         remote.prepare(image, QUESTION)
         assert model.calls == []  # nothing to learn from an 'ours' endpoint
         assert remote.preferred_batch_size == 4 * 32
@@ -133,7 +135,7 @@ def test_prepared_explanations_hand_over_batches_for_every_request_in_flight(
     # 1 + 64 cells + 4 words in one explainer call, shared out in requests of >= 32.
     assert result.batch_size == 69 and sorted(model.calls) == [5, 32, 32]
     big = np.zeros((1024, 1024, 3), dtype=np.uint8)  # 12 MiB as float32
-    with HttpAdapter(url, concurrency=4) as remote:
+    with HttpAdapter(url, limits=Limits(concurrency=4)) as remote:
         remote.prepare(big, QUESTION)
         assert remote.preferred_batch_size == 4  # one image a request
 
@@ -144,7 +146,7 @@ def test_requests_stay_within_the_announced_body_limit() -> None:
     images = [rng.integers(0, 256, (16, 16, 3)).astype(np.float32) for _ in range(6)]
     one = len(json.dumps({"image": "x" * ((16 * 16 * 12 + 128) * 4 // 3), "question": "q"}))
     with uvicorn_server(create_app(model, max_body_bytes=int(2.5 * one))) as url, \
-            HttpAdapter(url, concurrency=1, batch_size=6) as remote:
+            HttpAdapter(url, limits=Limits(concurrency=1, batch_size=6)) as remote:
         scores = remote.answer_probs_batch(images, ["q"] * 6)
         assert model.calls == [2, 2, 2]
         expected = [im.mean(dtype=np.float64) / 255 for im in images]
@@ -173,7 +175,8 @@ def test_requests_in_flight_are_bounded_and_connections_kept_alive() -> None:
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (4, 4, 3), dtype=np.uint8) for _ in range(9)]
     with scripted_server(handle) as url:
-        remote = HttpAdapter(url, wire_format="hf", concurrency=3, answers=["cat"])
+        remote = HttpAdapter(url, wire_format="hf", limits=Limits(concurrency=3),
+                             answers=["cat"])
         remote.answer_probs_batch(images, ["q"] * 9)
         remote.answer_probs_batch(images, ["other"] * 9)
         remote.close()
@@ -217,7 +220,7 @@ def test_hf_scores_are_lower_bounds_over_a_learned_vocabulary() -> None:
 
     image = square(8)
     with scripted_server(handle) as url:
-        remote = HttpAdapter(url + "/models/vqa", wire_format="hf", top_k=2)
+        remote = HttpAdapter(url + "/models/vqa", wire_format=TopKWire(top_k=2))
         assert list(remote.answers) == [OTHER_ANSWER]
         # No prepare call: the first input teaches the vocabulary, then it stays fixed.
         np.testing.assert_array_equal(remote.answer_probs(image, "q1"), [0.6, 0.3, 0.0])
@@ -374,7 +377,7 @@ def test_load_model_builds_an_http_adapter_from_options(
              "http_timeout": 5.0}
     model = load_model(url + "/", ModelOptions(extra=extra))
     assert isinstance(model, HttpAdapter)
-    assert (model.concurrency, model.timeout, model.name) == (2, 5.0, url)
+    assert (model.limits.concurrency, model.timeouts.read, model.name) == (2, 5.0, url)
     assert list(model.answers) == ["dark", "bright"]
     with pytest.raises(InputError, match="endpoint URL must look like"):
         HttpAdapter("http://")

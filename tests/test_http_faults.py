@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from blackbox_vqa.adapters.http.config import Limits, RetryPolicy, Timeouts
 from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -212,10 +213,14 @@ def served(fault: FaultyServer) -> Any:
     return scripted_server(fault)
 
 
+FAST = RetryPolicy(backoff=0.01, max_backoff=0.05)
+
+
 def fast_adapter(url: str, **options: Any) -> HttpAdapter:
     delays: list[float] = []
-    adapter = HttpAdapter(url, backoff=0.01, max_backoff=0.05, timeout=options.pop("timeout", 5),
-                          sleep=delays.append, **options)
+    options.setdefault("retries", FAST)
+    options.setdefault("timeouts", Timeouts(read=5))
+    adapter = HttpAdapter(url, sleep=delays.append, **options)
     adapter.delays = delays  # type: ignore[attr-defined]
     return adapter
 
@@ -229,7 +234,7 @@ def test_a_failed_request_is_retried_and_the_batch_completes(
 ) -> None:
     fault = FaultyServer(faults=["ok", first])  # the second request of the batch fails once
     with served(fault) as url:
-        remote = fast_adapter(url, concurrency=4, batch_size=6)
+        remote = fast_adapter(url, limits=Limits(concurrency=4, batch_size=6))
         result = Occlusion(remote, grid=4, batch_size=21).explain(image, QUESTION)
     expected = local_result(image)
     np.testing.assert_array_equal(result.image_map, expected.image_map)
@@ -250,7 +255,7 @@ def test_429_retry_after_is_honoured(image: np.ndarray) -> None:
 def test_a_slow_answer_is_retried_after_the_read_timeout(image: np.ndarray) -> None:
     fault = FaultyServer(faults=["slow"], sleep=0.6)
     with served(fault) as url:
-        remote = fast_adapter(url, timeout=0.2)
+        remote = fast_adapter(url, timeouts=Timeouts(read=0.2))
         scores = remote.answer_probs(image, QUESTION)
     assert fault.posts == [1, 1] and len(remote.delays) == 1
     np.testing.assert_array_equal(scores, BrightnessModel().answer_probs(image, QUESTION))
@@ -259,7 +264,7 @@ def test_a_slow_answer_is_retried_after_the_read_timeout(image: np.ndarray) -> N
 def test_a_413_splits_the_batch_and_goes_on(image: np.ndarray) -> None:
     fault = FaultyServer(max_items=3)
     with served(fault) as url:
-        remote = fast_adapter(url, concurrency=1, batch_size=16)
+        remote = fast_adapter(url, limits=Limits(concurrency=1, batch_size=16))
         result = Occlusion(remote, grid=4, batch_size=21).explain(image, QUESTION)
     expected = local_result(image)
     np.testing.assert_array_equal(result.image_map, expected.image_map)
@@ -303,7 +308,8 @@ def test_unusable_answers_raise_one_clear_error(
 def test_a_far_retry_after_fails_at_once(image: np.ndarray) -> None:
     fault = FaultyServer(always="429")
     with served(fault) as url:
-        remote = fast_adapter(url, max_retry_after=0.01)
+        remote = fast_adapter(url, retries=RetryPolicy(backoff=0.01, max_backoff=0.05,
+                                                       max_retry_after=0.01))
         with pytest.raises(ModelError, match=r"asked to retry after 0.05 s \(more than 0.01 s\)"):
             remote.answer_probs(image, QUESTION)
     assert fault.posts == [1]
@@ -343,7 +349,8 @@ def test_an_answer_over_the_size_or_time_bound_fails_once_and_early(
     with served(server) as url:
         # Only the drip meets the total time (a tight one elsewhere could cut a slow start).
         total = 1.5 if fault == "drip" else 30.0
-        remote = fast_adapter(url, max_response_bytes=2**20, total_timeout=total)
+        remote = fast_adapter(url, limits=Limits(max_response_bytes=2**20),
+                              timeouts=Timeouts(read=5, total=total))
         started = time.monotonic()
         with pytest.raises(ModelError, match=r"HTTP endpoint http://127\.0\.0\.1:\d+") as info:
             remote.answer_probs(image, QUESTION)
@@ -372,20 +379,22 @@ def test_unreadable_json_numbers_and_nesting_name_the_endpoint(
 def test_the_bounds_are_options_with_finite_defaults() -> None:
     with served(FaultyServer()) as url:
         remote = HttpAdapter(url)
-        assert remote.limits.max_bytes == 64 * 2**20 and remote.limits.total == 300.0
+        assert remote.limits.max_response_bytes == 64 * 2**20
+        assert remote.timeouts.total == 300.0
         built = HttpAdapter.from_options(url, {"http_total_timeout": 7.5,
                                                "http_max_response_bytes": 4096})
-        assert built.limits.max_bytes == 4096 and built.limits.total == 7.5
-        for bad in ({"total_timeout": float("inf")}, {"total_timeout": 0},
-                    {"max_response_bytes": 0}):
+        assert built.limits.max_response_bytes == 4096 and built.timeouts.total == 7.5
+        for bad in ({"http_total_timeout": float("inf")}, {"http_total_timeout": 0},
+                    {"http_max_response_bytes": 0}):
             with pytest.raises(InputError, match=r"http (total timeout|max response bytes)"):
-                HttpAdapter(url, **bad)  # type: ignore[arg-type]
+                HttpAdapter.from_options(url, bad)
 
 
 def test_a_large_vocabulary_gets_fewer_inputs_per_request(image: np.ndarray) -> None:
     server = FaultyServer()
     with served(server) as url:
-        remote = fast_adapter(url, concurrency=1, batch_size=16, max_response_bytes=1024)
+        remote = fast_adapter(url, limits=Limits(concurrency=1, batch_size=16,
+                                                   max_response_bytes=1024))
         # 2 answers: a row is at most 25 * 2 + 16 bytes, so half of 1 KiB holds 7 rows.
         result = Occlusion(remote, grid=4, batch_size=21).explain(image, QUESTION)
     assert max(server.answered) == 7

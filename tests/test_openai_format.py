@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blackbox_vqa.adapters.http.config import ChatOptions, Limits, RetryPolicy, Timeouts
 from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.adapters.http.formats import OTHER_ANSWER
 from blackbox_vqa.adapters.http.openai import (
@@ -55,11 +57,15 @@ def server() -> Iterator[tuple[str, ChatServer]]:
         yield url + "/v1", chat
 
 
+FAST = RetryPolicy(backoff=0.01, max_backoff=0.05)
+
+
 def adapter(url: str, **options: Any) -> HttpAdapter:
     delays: list[float] = []
     options.setdefault("sleep", delays.append)
-    remote = HttpAdapter(url, wire_format="openai", backoff=0.01, max_backoff=0.05,
-                         timeout=options.pop("timeout", 5), **options)
+    options.setdefault("retries", FAST)
+    options.setdefault("timeouts", Timeouts(read=5))
+    remote = HttpAdapter(url, wire_format="openai", **options)
     remote.delays = delays  # type: ignore[attr-defined]
     return remote
 
@@ -104,7 +110,7 @@ def test_maps_are_the_toys_first_token_probabilities_without_a_prepare_call(
     image: np.ndarray, server: tuple[str, ChatServer]
 ) -> None:
     url, chat = server
-    with adapter(url, remote_model="toy-vlm") as remote:
+    with adapter(url, chat=ChatOptions(remote_model="toy-vlm")) as remote:
         assert list(remote.answers) == [OTHER_ANSWER]  # nothing learned yet
         result = Occlusion(remote, grid=GRID, baseline="black").explain(image, QUESTION)
         answers = list(remote.answers)
@@ -139,7 +145,7 @@ def test_a_short_top_list_gives_lower_bounds_and_an_other_column(
     image: np.ndarray, server: tuple[str, ChatServer]
 ) -> None:
     url, chat = server
-    with adapter(url, top_logprobs=3, max_tokens=3, remote_seed=None) as remote:
+    with adapter(url, chat=ChatOptions(top_logprobs=3, max_tokens=3, remote_seed=None)) as remote:
         result = Occlusion(remote, grid=GRID, baseline="black").explain(image, QUESTION)
         answers = list(remote.answers)
         without_red = remote.answer_probs(image, drop_word(QUESTION, 2))
@@ -161,7 +167,7 @@ def test_prepare_adds_answers_and_columns_never_move(
 ) -> None:
     url, chat = server
     dark = np.zeros_like(image)
-    with adapter(url, top_logprobs=1) as remote:
+    with adapter(url, chat=ChatOptions(top_logprobs=1)) as remote:
         assert remote.answer_probs(image, QUESTION).shape == (2,)  # learned: yes, (other)
         remote.prepare(dark, QUESTION)  # answers "No."
         assert list(remote.answers) == ["yes", "no", OTHER_ANSWER]
@@ -199,9 +205,10 @@ def test_the_model_name_comes_from_the_server_or_the_option(image: np.ndarray) -
         with pytest.raises(ModelLoadError, match=r"/v1/models serves 2 models: a, b; choose "
                            "one with --remote-model"):
             adapter(url + "/v1")
-        with adapter(url + "/v1/chat/completions", remote_model="b") as remote:  # full URL
+        full = url + "/v1/chat/completions"  # the chat URL itself
+        with adapter(full, chat=ChatOptions(remote_model="b")) as remote:
             assert remote.answer_probs(image, QUESTION).shape == (6,)
-        with adapter(url + "/v1", remote_model="c") as remote, \
+        with adapter(url + "/v1", chat=ChatOptions(remote_model="c")) as remote, \
                 pytest.raises(ModelError, match=r"/v1/chat/completions answered HTTP 404 \(The "
                               "model `c` does not exist\\); is the URL right, the API's base"):
             remote.answer_probs(image, QUESTION)
@@ -221,20 +228,21 @@ def test_api_keys_reach_the_server_and_are_never_shown(image: np.ndarray) -> Non
 
 
 @pytest.mark.parametrize(
-    ("options", "words"),
+    ("chat", "other", "words"),
     [
-        ({"prompt": "Answer in one word."}, "must contain the placeholder {question}"),
-        ({"max_tokens": 0}, "max tokens (--max-tokens) must be an integer >= 1, got 0"),
-        ({"top_logprobs": -1}, "top_logprobs must be an integer >= 0, got -1"),
-        ({"remote_model": " "}, "remote model (--remote-model) must be a model name"),
-        ({"answers": ["yes"]}, "answers= is not for the openai format"),
-        ({"wire_format": "hf", "remote_model": "m"}, "only for --http-format openai"),
+        ({"prompt": "Answer in one word."}, {}, "must contain the placeholder {question}"),
+        ({"max_tokens": 0}, {}, "max tokens (--max-tokens) must be an integer >= 1, got 0"),
+        ({"top_logprobs": -1}, {}, "top_logprobs must be an integer >= 0, got -1"),
+        ({"remote_model": " "}, {}, "remote model (--remote-model) must be a model name"),
+        ({}, {"answers": ["yes"]}, "answers= is not for the openai format"),
+        ({"remote_model": "m"}, {"wire_format": "hf"}, "only for --http-format openai"),
     ],
 )
-def test_bad_options_are_refused_by_name(options: dict[str, Any], words: str) -> None:
-    options.setdefault("wire_format", "openai")
+def test_bad_options_are_refused_by_name(chat: dict[str, Any], other: dict[str, Any],
+                                         words: str) -> None:
+    other.setdefault("wire_format", "openai")
     with pytest.raises(InputError) as info:
-        HttpAdapter("http://127.0.0.1:9/v1", **options)
+        HttpAdapter("http://127.0.0.1:9/v1", chat=ChatOptions(**chat), **other)
     assert words in str(info.value)
 
 
@@ -280,7 +288,7 @@ def test_an_empty_bucket_holds_later_requests_back(image: np.ndarray) -> None:
     chat = ChatServer(limited={"x-ratelimit-remaining-requests": "0",
                                "x-ratelimit-reset-requests": "200ms"})
     images = [np.full((32, 32, 3), v, dtype=np.uint8) for v in (0, 80, 160)]
-    with scripted_server(chat) as url, adapter(url + "/v1", concurrency=1,
+    with scripted_server(chat) as url, adapter(url + "/v1", limits=Limits(concurrency=1),
                                                sleep=None) as remote:
         remote.answer_probs_batch(images, [QUESTION] * 3)
     gaps = np.diff(chat.posts)
@@ -290,7 +298,7 @@ def test_an_empty_bucket_holds_later_requests_back(image: np.ndarray) -> None:
 def test_requests_in_flight_stay_within_the_concurrency(image: np.ndarray) -> None:
     chat = ChatServer(always="slow", sleep=0.15)
     images = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(6)]
-    with scripted_server(chat) as url, adapter(url + "/v1", concurrency=3) as remote:
+    with scripted_server(chat) as url, adapter(url + "/v1", limits=Limits(concurrency=3)) as remote:
         remote.prepare(image, QUESTION)  # the first input is asked alone (what does it take?)
         chat.posts.clear()
         remote.answer_probs_batch(images, [QUESTION] * 6)
@@ -325,7 +333,7 @@ def test_retry_after_is_honoured_and_a_far_one_fails_at_once(
         assert remote.delays == [0.05, 0.05]  # type: ignore[attr-defined]
     assert len(chat.posts) == 3
     chat.always = "429"
-    with adapter(url, max_retry_after=0.01) as remote, \
+    with adapter(url, retries=replace(FAST, max_retry_after=0.01)) as remote, \
             pytest.raises(ModelError, match=r"asked to retry after 0.05 s \(more than 0.01 s\)"):
         remote.answer_probs(image, "is it red?")
     assert len(chat.posts) == 4
@@ -333,8 +341,8 @@ def test_retry_after_is_honoured_and_a_far_one_fails_at_once(
 
 def test_a_slow_answer_is_retried_after_the_read_timeout(image: np.ndarray) -> None:
     chat = ChatServer(faults=["slow"], sleep=0.6)
-    with scripted_server(chat) as url, adapter(url + "/v1", timeout=0.2,
-                                               remote_model="toy-vlm") as remote:
+    with scripted_server(chat) as url, adapter(url + "/v1", timeouts=Timeouts(read=0.2),
+                                               chat=ChatOptions(remote_model="toy-vlm")) as remote:
         scores = remote.answer_probs(image, QUESTION)
     assert len(chat.posts) == 2 and len(remote.delays) == 1  # type: ignore[attr-defined]
     assert scores[0] == first_token_score(image, QUESTION, "yes")
@@ -374,7 +382,7 @@ def test_logprobs_that_stop_mid_explanation_are_an_error(
 ) -> None:
     url, chat = server
     chat.faults = ["ok", "no-logprobs"]
-    with adapter(url, concurrency=1) as remote, \
+    with adapter(url, limits=Limits(concurrency=1)) as remote, \
             pytest.raises(ModelOutputError, match="answered without logprobs, after answering"):
         Occlusion(remote, grid=GRID, baseline="black").explain(image, QUESTION)
 
@@ -384,7 +392,7 @@ def test_unreachable_endpoint_fails_in_one_line() -> None:
         pass  # the port is closed again
     with pytest.raises(ModelLoadError, match=r"/v1/models cannot be connected to .*4 attempts"):
         adapter(url + "/v1")
-    with adapter(url + "/v1", remote_model="m") as remote, \
+    with adapter(url + "/v1", chat=ChatOptions(remote_model="m")) as remote, \
             pytest.raises(ModelError, match=r"/v1/chat/completions cannot be connected to"):
         remote.answer_probs(np.zeros((8, 8, 3), dtype=np.uint8), "q")
 

@@ -15,7 +15,7 @@ _NO_CACHE = ("off", "none")
 
 
 def _answer_score(value: Any) -> None:
-    from blackbox_vqa.adapters.http.endpoint import SCORES
+    from blackbox_vqa.adapters.http.config import SCORES
 
     if value not in SCORES:
         raise InputError(f"--answer-score must be one of {', '.join(SCORES)}, got {value!r}")

@@ -7,118 +7,103 @@ and goes on. An input already
 answered (same pixels, same question) is not sent again. Every response is validated, and
 every failure becomes one :class:`~blackbox_vqa.errors.ModelError` naming the endpoint.
 
-Four wire formats (see :mod:`blackbox_vqa.adapters.http.formats`): ``ours`` (what
-``bbvqa serve`` speaks), ``hf`` (Hugging Face VQA inference, top-k lists),
-``answer-only`` and ``openai`` (chat completions with logprobs,
-:mod:`blackbox_vqa.adapters.http.openai`). With the last three the answer vocabulary is
-learned from the endpoint's answers (:meth:`HttpAdapter.prepare`; an ``openai`` adapter
-also learns it from the first input it is asked about) plus an ``(other)`` column, and
-:attr:`HttpAdapter.score_semantics` says what the scores mean.
+Settings are small frozen objects (:mod:`blackbox_vqa.adapters.http.config`):
+:class:`~blackbox_vqa.adapters.http.config.Timeouts`,
+:class:`~blackbox_vqa.adapters.http.config.Limits`,
+:class:`~blackbox_vqa.adapters.http.config.RetryPolicy`,
+:class:`~blackbox_vqa.adapters.http.config.Headers` and, for ``openai``,
+:class:`~blackbox_vqa.adapters.http.config.ChatOptions`.
+
+Each wire format is one strategy object (:mod:`blackbox_vqa.adapters.http.wires`, looked
+up by name in a registry that takes formats of one's own): ``ours`` (what ``bbvqa serve``
+speaks), ``hf`` (Hugging Face VQA inference, top-k lists), ``answer-only`` and ``openai``
+(chat completions with logprobs, :mod:`blackbox_vqa.adapters.http.openai`). With all but
+``ours`` the answer vocabulary is learned from the endpoint's answers
+(:meth:`HttpAdapter.prepare`; an ``openai`` adapter also learns it from the first input it
+is asked about) plus an ``(other)`` column, and :attr:`HttpAdapter.score_semantics` says
+what the scores mean.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_pairs, check_scores
+from blackbox_vqa.adapters.http.config import (
+    DEFAULT_CONCURRENCY,
+    SCORES,
+    ChatOptions,
+    Headers,
+    Limits,
+    RetryPolicy,
+    Timeouts,
+    refuse_chat_options,
+)
 from blackbox_vqa.adapters.http.formats import (
-    FORMATS,
     OTHER_ANSWER,
-    AnswerOnlyFormat,
     Item,
     OursFormat,
     Raw,
     ServerInfo,
-    TopKFormat,
     WireError,
-    WireFormat,
-    parse_info,
     vocabulary_row,
 )
 from blackbox_vqa.adapters.http.openai import (
-    CHAT_PATH,
-    DEFAULT_MAX_TOKENS,
-    DEFAULT_PROMPT,
-    DEFAULT_SEED,
-    DEFAULT_TOP_LOGPROBS,
-    MODELS_PATH,
     ChatAnswer,
     ChatFormat,
     ChatVocabulary,
     adapt_to_refusal,
     chat_semantics,
-    check_chat_options,
-    parse_model_list,
 )
 from blackbox_vqa.adapters.http.request_cache import RequestCache
 from blackbox_vqa.adapters.http.sequence import SequenceFormat, SequenceScore, sequence_semantics
 from blackbox_vqa.adapters.http.transport import (
-    DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_TOTAL_TIMEOUT,
     AbortedError,
     HttpStatusError,
-    ResponseLimits,
     RetryingClient,
-    RetryPolicy,
     TooLargeError,
     display_url,
-    parse_headers,
 )
-from blackbox_vqa.errors import InputError, ModelError, ModelLoadError, ModelOutputError
+from blackbox_vqa.adapters.http.wires import LearnedFormat, RequestFormat, Wire, resolve_wire
+from blackbox_vqa.errors import InputError, ModelError, ModelOutputError
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.wire import ANSWER_PROBS_PATH, INFO_PATH
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
-    "OPTION_KEYS",
+    "SCORES",
     "HttpAdapter",
 ]
 
-DEFAULT_CONCURRENCY = 4
 # A request carries at least this many inputs, or as many as make _REQUEST_BYTES of float32
 # pixels if fewer (measured on loopback: a request costs the server a few milliseconds of
 # its own, so many small requests cost more than they gain in overlap).
 MIN_REQUEST_ITEMS = 32
 _REQUEST_BYTES = 4 * 2**20
-# ``ModelOptions.extra`` keys (what ``bbvqa explain --http-...`` passes) -> parameters.
-OPTION_KEYS = {
-    "http_format": "wire_format",
-    "http_headers": "headers",
-    "http_concurrency": "concurrency",
-    "http_timeout": "timeout",
-    "remote_model": "remote_model",
-    "prompt": "prompt",
-    "max_tokens": "max_tokens",
-    "http_total_timeout": "total_timeout",
-    "http_max_response_bytes": "max_response_bytes",
-    "top_logprobs": "top_logprobs",
-    "answer_score": "score",
-    "require_logprobs": "require_logprobs",
-    "request_cache": "request_cache",
-}
-SCORES = ("auto", "sequence", "first-token")
+# ``ModelOptions.extra`` keys (what ``bbvqa explain --http-...`` passes) -> config fields.
+_TIMEOUT_KEYS = {"http_timeout": "read", "http_total_timeout": "total"}
+_LIMIT_KEYS = {"http_concurrency": "concurrency",
+               "http_max_response_bytes": "max_response_bytes"}
+_CHAT_KEYS = {"remote_model": "remote_model", "prompt": "prompt", "max_tokens": "max_tokens",
+              "top_logprobs": "top_logprobs", "answer_score": "score",
+              "require_logprobs": "require_logprobs"}
 # Two log-probabilities of one answer that agree (the server's own float noise is ~1e-6).
 _SAME_LOGPROB = 1e-3
-# Options of the openai format alone (None: the format's default).
-_CHAT_OPTIONS = {"remote_model": "--remote-model", "prompt": "--prompt",
-                 "max_tokens": "--max-tokens", "top_logprobs": "--top-logprobs",
-                 "score": "--answer-score", "require_logprobs": "--require-logprobs"}
 # An upper estimate of one score's share of an 'ours' JSON answer ("1.2345678901234567e-05, ").
 _SCORE_JSON_BYTES = 25
 _CACHE_BYTES = 64 * 2**20
 _BODY_FILL = 0.9
 # What one input's answer is before it becomes a score row (see http_formats.Raw).
 Answer = Raw | ChatAnswer | SequenceScore
+_C = TypeVar("_C", Timeouts, Limits, RetryPolicy, ChatOptions)
 
 
 def _image_key(image: NDArray[Any]) -> bytes:
@@ -128,21 +113,6 @@ def _image_key(image: NDArray[Any]) -> bytes:
     return digest.digest()
 
 
-def _positive_int(value: object, name: str, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
-
-
-def _seconds(value: object, name: str, *, zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) and (value >= 0 if zero else value > 0)
-    if not ok:
-        bound = ">= 0" if zero else "> 0"
-        raise InputError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
 class HttpAdapter:
     """A model behind an HTTP endpoint.
 
@@ -150,39 +120,25 @@ class HttpAdapter:
         url: ``http(s)://host:port[/path]``; for ``ours`` the base of ``/v1/...``, for
             ``hf`` and ``answer-only`` the URL to POST to, for ``openai`` the API's base
             (``.../v1``, to which ``/chat/completions`` is added).
-        wire_format: ``"ours"``, ``"hf"``, ``"answer-only"`` or ``"openai"``.
-        headers: extra headers (``{"Name": "value"}`` or ``["Name: value"]``), e.g. an API
-            key; never shown in messages or outputs.
-        concurrency: most requests in flight at once.
-        timeout: read (and write) timeout per request, seconds: the longest wait for the
-            next piece of an answer; ``connect_timeout`` for opening a connection.
-        total_timeout: the longest one request may take, from sending it to the last byte
-            of its answer, seconds (checked as the answer arrives, so at most one read
-            timeout more); passed: an error, not retried.
-        max_response_bytes: the largest answer body accepted, counted after
-            decompression; larger: an error, not retried. For ``ours`` the adapter sends
-            few enough inputs per request that an honest answer fits in half of it.
-        retries: retries after the first attempt, on connection errors, timeouts, 5xx and
-            429; ``backoff`` and ``max_backoff`` shape the waits (seconds), and a
-            ``Retry-After`` above ``max_retry_after`` seconds fails at once.
-        batch_size: most inputs per request (``ours``; default: a batch shared out over
-            ``concurrency`` requests of at least 32 inputs, within the server's announced
-            limits).
-        top_k: ``top_k`` asked of an ``hf`` endpoint.
+        wire_format: a registered format name (``"ours"``, ``"hf"``, ``"answer-only"``,
+            ``"openai"``, or one added with
+            :func:`~blackbox_vqa.adapters.http.wires.register_wire_format`), or a
+            :class:`~blackbox_vqa.adapters.http.wires.Wire` strategy such as
+            ``TopKWire(top_k=5)``.
+        headers: extra headers (:class:`~blackbox_vqa.adapters.http.config.Headers`,
+            ``{"Name": "value"}`` or ``["Name: value"]``), e.g. an API key; never shown in
+            messages or outputs.
+        timeouts: read, connect and whole-request timeouts
+            (:class:`~blackbox_vqa.adapters.http.config.Timeouts`; default: 60, 10, 300 s).
+        limits: requests in flight, largest answer, inputs a request
+            (:class:`~blackbox_vqa.adapters.http.config.Limits`; default: 4, 64 MiB,
+            chosen by the adapter).
+        retries: when and how long to retry
+            (:class:`~blackbox_vqa.adapters.http.config.RetryPolicy`; default: 3 retries).
+        chat: what an ``openai`` endpoint is asked
+            (:class:`~blackbox_vqa.adapters.http.config.ChatOptions`); the other formats
+            refuse any option set in it.
         answers: a known vocabulary for ``hf``/``answer-only`` (else learned).
-        remote_model: ``openai``: the request's ``model`` (default: the only model the
-            server lists at ``GET {url}/models``).
-        prompt: ``openai``: the text sent with the image; ``{question}`` is replaced by
-            the question (default :data:`~blackbox_vqa.adapters.http.openai.DEFAULT_PROMPT`).
-        max_tokens: ``openai``: most tokens generated (default 8).
-        top_logprobs: ``openai``: alternatives asked for at each position (default 20,
-            OpenAI's maximum; a server may allow more).
-        remote_seed: ``openai``: the request's ``seed`` (None: none sent).
-        score: ``openai``: ``"auto"`` (whole-answer likelihood where the server offers
-            it, else first token), ``"sequence"`` (an error where it does not) or
-            ``"first-token"``.
-        require_logprobs: ``openai``: a server answering without logprobs is an error
-            instead of answer-only flip maps.
         request_cache: a folder keeping every completed chat request's answer, so that a
             rerun sends nothing twice (None: none; the other formats keep none, and
             ignore it).
@@ -191,33 +147,22 @@ class HttpAdapter:
         sleep: called with each retry wait in seconds (default: wait on an event).
         seed: seed of the jitter's random numbers.
         name: display name (default: the URL without credentials or query).
+
+    The settings stay readable as :attr:`wire` (the strategy), :attr:`wire_format` (its
+    name), :attr:`timeouts`, :attr:`limits`, :attr:`policy` and :attr:`chat`.
     """
 
     def __init__(
         self,
         url: str,
         *,
-        wire_format: str = "ours",
-        headers: Mapping[str, str] | Sequence[str] | None = None,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        timeout: float = 60.0,
-        connect_timeout: float = 10.0,
-        total_timeout: float = DEFAULT_TOTAL_TIMEOUT,
-        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-        retries: int = 3,
-        backoff: float = 0.25,
-        max_backoff: float = 8.0,
-        max_retry_after: float = 60.0,
-        batch_size: int | None = None,
-        top_k: int = 10,
+        wire_format: str | Wire = "ours",
+        headers: Headers | Mapping[str, str] | Sequence[str] | None = None,
+        timeouts: Timeouts | None = None,
+        limits: Limits | None = None,
+        retries: RetryPolicy | None = None,
+        chat: ChatOptions | None = None,
         answers: Sequence[str] | None = None,
-        remote_model: str | None = None,
-        prompt: str | None = None,
-        max_tokens: int | None = None,
-        top_logprobs: int | None = None,
-        remote_seed: int | None = DEFAULT_SEED,
-        score: str | None = None,
-        require_logprobs: bool | None = None,
         request_cache: str | Path | None = None,
         cache: bool = True,
         transport: httpx.BaseTransport | None = None,
@@ -226,113 +171,79 @@ class HttpAdapter:
         name: str | None = None,
     ) -> None:
         self.url = self._parse_url(url)
-        if wire_format not in FORMATS:
-            raise InputError(f"http format (--http-format) must be one of "
-                             f"{', '.join(FORMATS)}; got {wire_format!r}")
-        self.wire_format = wire_format
-        self.concurrency = _positive_int(concurrency, "http concurrency (--http-concurrency)")
-        self.timeout = _seconds(timeout, "http timeout (--http-timeout)")
-        self.connect_timeout = _seconds(connect_timeout, "connect timeout")
-        self.limits = ResponseLimits(
-            max_bytes=_positive_int(max_response_bytes,
-                                    "http max response bytes (--http-max-response-mb)"),
-            total=_seconds(total_timeout, "http total timeout (--http-total-timeout)"),
-        )
-        self.policy = RetryPolicy(
-            retries=_positive_int(retries, "retries", low=0),
-            backoff=_seconds(backoff, "backoff", zero=True),
-            max_backoff=_seconds(max_backoff, "max_backoff", zero=True),
-            max_retry_after=_seconds(max_retry_after, "max_retry_after", zero=True),
-        )
-        self.batch_size = None if batch_size is None else _positive_int(batch_size, "batch_size")
-        self.top_k = _positive_int(top_k, "top_k")
+        self.wire = _wire(wire_format)
+        self.wire_format = self.wire.name
+        self.timeouts = _config(timeouts, Timeouts, "timeouts")
+        self.limits = _config(limits, Limits, "limits")
+        self.policy = _config(retries, RetryPolicy, "retries")
+        self.chat = _config(chat, ChatOptions, "chat")
+        self.wire.check(answers, self.chat)
         self.cache = cache
         self.name = name or display_url(self.url)
         self._lock = threading.Lock()
         self._cache: dict[tuple[bytes, str], Answer] = {}
         self._http = RetryingClient(
-            headers=parse_headers(headers), timeout=self.timeout,
-            connect_timeout=self.connect_timeout, connections=self.concurrency,
-            policy=self.policy, limits=self.limits, transport=transport, sleep=sleep,
-            seed=seed,
-            tls=self.url.scheme == "https",
-            hint=_hint(wire_format),
+            headers=Headers.parse(headers), timeouts=self.timeouts, limits=self.limits,
+            policy=self.policy, transport=transport, sleep=sleep, seed=seed,
+            tls=self.url.scheme == "https", hint=self.wire.hint(),
         )
+        self._request_url = self.wire.endpoint(self.url, self.wire.request_path)
         self._image_bytes: int | None = None
         self._vocab: list[str] = []
         self._index: dict[str, int] = {}
         self.info: ServerInfo | None = None
         self._chat: ChatVocabulary | None = None
-        self._format: WireFormat | ChatFormat | SequenceFormat
-        chat = {"remote_model": remote_model, "prompt": prompt, "max_tokens": max_tokens,
-                "top_logprobs": top_logprobs, "score": score,
-                "require_logprobs": require_logprobs or None}
-        self.score = "auto" if score is None else score
-        if self.score not in SCORES:
-            raise InputError(f"answer score (--answer-score) must be one of "
-                             f"{', '.join(SCORES)}; got {score!r}")
-        self.require_logprobs = bool(require_logprobs)
         self.notes: list[str] = []
         self.mode: str | None = None  # openai: sequence, first_token or answer_only
         self.server_model: str | None = None
         self.requests = RequestCache(request_cache) if request_cache is not None and \
-            wire_format == "openai" else None
-        if wire_format != "openai":
-            for key, value in chat.items():
-                if value is not None:
-                    raise InputError(f"{key} ({_CHAT_OPTIONS[key]}) is only for "
-                                     "--http-format openai")
-        if wire_format == "openai":
-            if answers is not None:
-                raise InputError("answers= is not for the openai format: its answers are "
-                                 "identified by their first token, learned from the endpoint")
-            self._format = self._chat_format(remote_model, prompt, max_tokens, top_logprobs,
-                                             remote_seed)
-            self._chat = ChatVocabulary()
-            self._max_items = 1
-        elif wire_format == "ours":
-            if answers is not None:
-                raise InputError("answers= is only for the hf and answer-only formats; "
-                                 "an 'ours' endpoint announces its answers")
-            self.info = self._fetch_info()
-            self._format = OursFormat(self.info)
+            self.wire.keeps_requests else None
+        self._format: RequestFormat = self.wire.open(self._http, self.url, self.chat)
+        self._max_items = 1
+        if isinstance(self._format, OursFormat):
+            self.info = self._format.info
             self._max_items = self.info.max_batch or 2**31
-        else:
-            self._format = TopKFormat(self.top_k) if wire_format == "hf" else AnswerOnlyFormat()
-            self._max_items = 1
-            for answer in answers or ():
-                self._learn(answer)
+        elif isinstance(self._format, ChatFormat):
+            self._chat = ChatVocabulary()
+        elif not isinstance(self._format, LearnedFormat):
+            raise InputError(f"wire format {self.wire_format!r} opened a "
+                             f"{type(self._format).__name__}, which has no semantics()")
+        for answer in answers or ():
+            self._learn(answer)
+
+    @property
+    def concurrency(self) -> int:
+        """Most requests in flight at once (``limits.concurrency``)."""
+        return self.limits.concurrency
+
+    @property
+    def batch_size(self) -> int | None:
+        """Most inputs a request (``limits.batch_size``; None: the adapter chooses)."""
+        return self.limits.batch_size
 
     @property
     def _chat_settings(self) -> ChatFormat:
         fmt = self._format
         return fmt.chat if isinstance(fmt, SequenceFormat) else fmt  # type: ignore[return-value]
 
-    def _chat_format(self, remote_model: str | None, prompt: str | None,
-                     max_tokens: int | None, top_logprobs: int | None,
-                     seed: int | None) -> ChatFormat:
-        prompt = DEFAULT_PROMPT if prompt is None else prompt
-        max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-        top_logprobs = DEFAULT_TOP_LOGPROBS if top_logprobs is None else top_logprobs
-        check_chat_options(prompt, max_tokens, top_logprobs, seed)
-        if remote_model is None:
-            remote_model = self._only_model()
-        elif not isinstance(remote_model, str) or not remote_model.strip():
-            raise InputError(f"remote model (--remote-model) must be a model name, "
-                             f"got {remote_model!r}")
-        return ChatFormat(remote_model, prompt, max_tokens, top_logprobs, seed)
-
     @classmethod
     def from_options(cls, url: str, extra: Mapping[str, Any]) -> HttpAdapter:
-        """Build from a model spec's options: ``http_format``, ``http_headers``,
-        ``http_concurrency``, ``http_timeout``, ``http_total_timeout``,
-        ``http_max_response_bytes``, and for ``openai`` ``remote_model``, ``prompt``,
-        ``max_tokens`` (a missing or None value keeps the default)."""
-        settings: dict[str, Any] = {}
-        for key, param in OPTION_KEYS.items():
-            if extra.get(key) is not None:
-                settings[param] = extra[key]
-        return cls(url, **settings)
+        """Build from a model spec's options (a missing or None value keeps the default):
+        ``http_format``, ``http_headers``, ``request_cache``; ``http_timeout`` and
+        ``http_total_timeout`` (:class:`Timeouts`); ``http_concurrency`` and
+        ``http_max_response_bytes`` (:class:`Limits`); ``remote_model``, ``prompt``,
+        ``max_tokens``, ``top_logprobs``, ``answer_score`` and ``require_logprobs``
+        (:class:`ChatOptions`)."""
+        given = {key: value for key, value in extra.items() if value is not None}
+        cls._parse_url(url)  # a bad URL is the first thing said, as a bad format next
+        wire = _wire(given.get("http_format", "ours"))
+        limits, timeouts = _bounds(given)
+        chat = {field: given[key] for key, field in _CHAT_KEYS.items() if key in given}
+        if not wire.takes_chat:  # named as given, before any value is checked
+            refuse_chat_options(chat)
+        return cls(url, wire_format=wire, headers=given.get("http_headers"), limits=limits,
+                   timeouts=timeouts, chat=ChatOptions(**chat),
+                   request_cache=given.get("request_cache"))
 
     @staticmethod
     def _parse_url(url: str) -> httpx.URL:
@@ -368,7 +279,7 @@ class HttpAdapter:
             if self.notes:
                 found["notes"] = list(self.notes)
             return found
-        if isinstance(self._format, (TopKFormat, AnswerOnlyFormat)):
+        if isinstance(self._format, LearnedFormat):
             return self._format.semantics()
         return None
 
@@ -416,7 +327,7 @@ class HttpAdapter:
             rows = [_sequence_row(raw, width) if isinstance(raw, SequenceScore)
                     else chat.row(raw, width) for raw in raws]
         except WireError as exc:
-            url = display_url(self._endpoint(CHAT_PATH))
+            url = display_url(self._request_url)
             raise ModelOutputError(f"HTTP endpoint {url} {exc}") from exc
         return check_scores(np.stack(rows), len(raws), width, source=f"HTTP endpoint {self.name}")
 
@@ -490,7 +401,7 @@ class HttpAdapter:
         """The most inputs whose 'ours' answer (JSON score rows) fills half of the
         response limit at most."""
         row = _SCORE_JSON_BYTES * len(self.answers) + 16
-        return max(1, self.limits.max_bytes // 2 // row)
+        return max(1, self.limits.max_response_bytes // 2 // row)
 
     def _learn(self, answer: str) -> None:
         if answer != OTHER_ANSWER and answer not in self._index:
@@ -562,7 +473,7 @@ class HttpAdapter:
         if len(items) > limit:
             return [raw for i in range(0, len(items), limit)
                     for raw in self._fetch_chunk(items[i:i + limit], abort)]
-        url = self._endpoint(CHAT_PATH if self._chat is not None else ANSWER_PROBS_PATH)
+        url = self._request_url
         try:
             return self._ask(self._format, items, abort)
         except TooLargeError as exc:
@@ -573,11 +484,11 @@ class HttpAdapter:
                 self._max_items = min(self._max_items, (len(items) + 1) // 2)
             return self._fetch_chunk(items, abort)
 
-    def _ask(self, fmt: WireFormat | ChatFormat | SequenceFormat, items: list[Item],
+    def _ask(self, fmt: RequestFormat, items: list[Item],
              abort: threading.Event) -> list[Answer]:
         """Send ``items`` in ``fmt`` (or read the answer from the request cache) and parse
         the answer; a parsed answer is kept in the request cache."""
-        url = self._endpoint(CHAT_PATH if self._chat is not None else ANSWER_PROBS_PATH)
+        url = self._request_url
         body = fmt.body(items)
         key = None if self.requests is None else self.requests.key(url.path, body[0])
         content = None if key is None or self.requests is None else self.requests.get(key)
@@ -598,7 +509,7 @@ class HttpAdapter:
         try:
             return self._ask(fmt, items, threading.Event())
         except TooLargeError as exc:
-            url = display_url(self._endpoint(CHAT_PATH))
+            url = display_url(self._request_url)
             raise ModelError(f"HTTP endpoint {url} refused a single input as too large "
                              f"(HTTP 413: {exc})") from exc
 
@@ -609,7 +520,7 @@ class HttpAdapter:
         assert self._chat is not None and isinstance(self._format, ChatFormat)
         fmt = self._format
         items = [(array, question)]
-        url = display_url(self._endpoint(CHAT_PATH))
+        url = display_url(self._request_url)
         for _ in range(8):
             try:
                 (answer,) = self._ask_one(fmt, items)
@@ -626,19 +537,19 @@ class HttpAdapter:
         self._format = fmt
         self.server_model = answer.model
         if answer.first is None:
-            if self.require_logprobs or self.score == "sequence":
-                why = "--require-logprobs" if self.require_logprobs else \
+            if self.chat.require_logprobs or self.chat.score_mode == "sequence":
+                why = "--require-logprobs" if self.chat.require_logprobs else \
                     "--answer-score sequence"
                 raise ModelError(f"HTTP endpoint {url} answered without logprobs, and "
                                  f"{why} was given")
             self.mode = "answer_only"
             self.notes.append("answer-only: maps show answer flips, not probabilities")
-        elif self.score != "first-token" and (answer.prompt_logprobs
-                                                or self.score == "sequence"):
+        elif self.chat.score_mode != "first-token" and (
+                answer.prompt_logprobs or self.chat.score_mode == "sequence"):
             self._try_sequence(fmt, answer, items, url)
         else:
             self.mode = "first_token"
-            if self.score == "auto":
+            if self.chat.score_mode == "auto":
                 self.notes.append("first-token scores: the server offers no whole-answer "
                                   "likelihood (prompt_logprobs)")
         if self.mode == "sequence":
@@ -656,7 +567,7 @@ class HttpAdapter:
         try:
             (score,) = self._ask_one(sequence, items)
         except (HttpStatusError, ModelOutputError) as exc:
-            if self.score == "sequence" or (isinstance(exc, HttpStatusError)
+            if self.chat.score_mode == "sequence" or (isinstance(exc, HttpStatusError)
                                             and exc.status not in (400, 404, 422)):
                 raise
             self.mode = "first_token"
@@ -670,7 +581,7 @@ class HttpAdapter:
             problem = (f"the server scores its own answer {score.logprob:.4g} as a given "
                        f"text but {answer.total:.4g} as generated (its chat template or "
                        "tokeniser changes the answer)")
-            if self.score == "sequence":
+            if self.chat.score_mode == "sequence":
                 raise ModelError(f"HTTP endpoint {url}: {problem}")
             self.mode = "first_token"
             self.notes.append(f"first-token scores: {problem}")
@@ -680,56 +591,6 @@ class HttpAdapter:
         if self.cache:
             self._remember((_image_key(items[0][0]), items[0][1]), score)
 
-    def _endpoint(self, path: str) -> httpx.URL:
-        if self.wire_format in ("hf", "answer-only"):
-            return self.url
-        base = self.url.path.rstrip("/")
-        if self.wire_format == "openai" and base.endswith(CHAT_PATH):
-            base = base[: -len(CHAT_PATH)]  # the chat URL itself was given
-        return self.url.copy_with(path=base + path)
-
-    def _only_model(self) -> str:
-        """The one model an ``openai`` server lists, when no ``remote_model`` is given."""
-        url = self._endpoint(MODELS_PATH)
-        try:
-            response = self._http.send(url, None, threading.Event())
-            models = parse_model_list(response.content)
-        except HttpStatusError as exc:
-            if exc.status in (404, 405):
-                raise ModelLoadError(f"{exc} (or name the model with --remote-model)") \
-                    from exc
-            raise ModelLoadError(str(exc)) from exc
-        except ModelError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        except (TooLargeError, WireError) as exc:
-            raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc} "
-                                 "(pass --remote-model)") from exc
-        if len(models) != 1:
-            listed = ", ".join(models[:10]) + (", ..." if len(models) > 10 else "")
-            raise ModelLoadError(
-                f"HTTP endpoint {display_url(url)} serves {len(models)} models"
-                f"{': ' + listed if models else ''}; choose one with --remote-model")
-        return models[0]
-
-    def _fetch_info(self) -> ServerInfo:
-        url = self._endpoint(INFO_PATH)
-        try:
-            response = self._http.send(url, None, threading.Event())
-        except HttpStatusError as exc:
-            if exc.status in (404, 405) and self.url.path.rstrip("/").endswith("/v1"):
-                raise ModelLoadError(
-                    f"HTTP endpoint {display_url(url)} answered HTTP {exc.status}; the URL "
-                    "ends in /v1, as an OpenAI-compatible server's does: use --http-format "
-                    "openai") from exc
-            raise ModelLoadError(str(exc)) from exc
-        except ModelError as exc:
-            raise ModelLoadError(str(exc)) from exc
-        except TooLargeError as exc:
-            raise ModelLoadError(f"HTTP endpoint {display_url(url)}: HTTP 413 ({exc})") from exc
-        try:
-            return parse_info(response.content)
-        except WireError as exc:
-            raise ModelLoadError(f"HTTP endpoint {display_url(url)}: {exc}") from exc
 
 def _sequence_row(score: SequenceScore, width: int) -> NDArray[np.float64]:
     """``[p, 0]``: the answer's probability; ``(other)`` is not scored (a generated
@@ -739,11 +600,36 @@ def _sequence_row(score: SequenceScore, width: int) -> NDArray[np.float64]:
     return row
 
 
-def _hint(wire_format: str) -> str:
-    """What a 404/405 answer probably means."""
-    base = ", the API's base (ending in /v1)" if wire_format == "openai" else ""
-    return f"is the URL right{base}, and does it speak the '{wire_format}' format " \
-        "(--http-format)?"
+def _bounds(given: Mapping[str, Any]) -> tuple[Limits, Timeouts]:
+    """:class:`Limits` and :class:`Timeouts` from model options, each value checked as it
+    is added, in the order ``bbvqa`` names a bad one (concurrency, read timeout, answer
+    size, total time)."""
+    limits: dict[str, Any] = {}
+    timeouts: dict[str, Any] = {}
+    for key in ("http_concurrency", "http_timeout", "http_max_response_bytes",
+                "http_total_timeout"):
+        if key in _LIMIT_KEYS and key in given:
+            limits[_LIMIT_KEYS[key]] = given[key]
+            Limits(**limits)
+        elif key in given:
+            timeouts[_TIMEOUT_KEYS[key]] = given[key]
+            Timeouts(**timeouts)
+    return Limits(**limits), Timeouts(**timeouts)
+
+
+def _wire(value: object) -> Wire:
+    if not isinstance(value, (str, Wire)):
+        raise InputError(f"wire_format must be a format name or a Wire, got {value!r}")
+    return resolve_wire(value)
+
+
+def _config(value: object, kind: type[_C], name: str) -> _C:
+    """``value``, or ``kind()`` for None; anything else is refused by name."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise InputError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 def _first_failure(futures: list[Future[list[Answer]]], done: set[Future[list[Answer]]]) \

@@ -1,4 +1,6 @@
-"""The wire formats the HTTP adapter speaks: request bodies and response parsing.
+"""The request formats of the HTTP adapter's wire formats: request bodies and response
+parsing (the strategy objects that choose them, by format name, are in
+:mod:`blackbox_vqa.adapters.http.wires`).
 
 - ``ours``: the ``blackbox_vqa.http/1`` protocol that ``bbvqa serve`` speaks (batches,
   full score rows, exact float images as ``.npy``).
@@ -33,7 +35,6 @@ from blackbox_vqa.wire import (
 )
 
 __all__ = [
-    "FORMATS",
     "OTHER_ANSWER",
     "AnswerOnlyFormat",
     "OursFormat",
@@ -41,13 +42,11 @@ __all__ = [
     "ServerInfo",
     "TopKFormat",
     "WireError",
-    "WireFormat",
     "load_json",
     "parse_info",
     "vocabulary_row",
 ]
 
-FORMATS = ("ours", "hf", "answer-only", "openai")
 OTHER_ANSWER = "(other)"
 _SNIPPET = 120
 JSON_CONTENT_TYPE = "application/json"
@@ -277,9 +276,6 @@ class AnswerOnlyFormat:
         if not answer:
             raise WireError("answered with an empty answer")
         return [answer]
-
-
-WireFormat = OursFormat | TopKFormat | AnswerOnlyFormat
 
 
 def vocabulary_row(raw: Raw, index: dict[str, int], width: int) -> NDArray[np.float64]:

@@ -28,6 +28,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from blackbox_vqa.adapters.http.config import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_PROMPT,
+    DEFAULT_SEED,
+    DEFAULT_TOP_LOGPROBS,
+    check_chat_options,
+)
 from blackbox_vqa.adapters.http.formats import (
     JSON_CONTENT_TYPE,
     OTHER_ANSWER,
@@ -35,7 +42,6 @@ from blackbox_vqa.adapters.http.formats import (
     WireError,
     load_json,
 )
-from blackbox_vqa.errors import InputError
 from blackbox_vqa.text import normalise_answer, terminal_safe
 from blackbox_vqa.wire import png_bytes
 
@@ -59,10 +65,6 @@ __all__ = [
 
 CHAT_PATH = "/chat/completions"
 MODELS_PATH = "/models"
-DEFAULT_PROMPT = "{question}\nAnswer the question with a single word or number."
-DEFAULT_MAX_TOKENS = 8
-DEFAULT_TOP_LOGPROBS = 20
-DEFAULT_SEED = 0
 _SNIPPET = 120
 _LOGPROB_SLACK = 1e-6  # a logprob a hair above 0 is rounding, not an error
 
@@ -323,20 +325,6 @@ def chat_semantics(top_logprobs: int, logprobs: bool | None) -> dict[str, Any]:
         "generated for the original input and the alternatives to its first token; "
         "'(other)' holds the best score of any other token.",
     }
-
-
-def check_chat_options(prompt: str, max_tokens: int, top_logprobs: int,
-                       seed: int | None) -> None:
-    """Raise :class:`InputError` naming the option when one is out of range."""
-    if not isinstance(prompt, str) or "{question}" not in prompt:
-        raise InputError("prompt (--prompt) must contain the placeholder {question}, "
-                         f"got {prompt!r}")
-    for value, name, low in ((max_tokens, "max tokens (--max-tokens)", 1),
-                             (top_logprobs, "top_logprobs", 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InputError(f"remote seed must be an integer or None, got {seed!r}")
 
 
 _CAP_RE = re.compile(r"(?:greater than|more than|at most|max(?:imum)?(?: allowed)?)\D{0,24}?(\d+)",

@@ -19,21 +19,30 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 import httpx
 
+from blackbox_vqa.adapters.http.config import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_TOTAL_TIMEOUT,
+    Headers,
+    Limits,
+    RetryPolicy,
+    Timeouts,
+    parse_header,
+    parse_headers,
+)
 from blackbox_vqa.adapters.http.formats import WireError, load_json
 from blackbox_vqa.adapters.http.ratelimit import rate_limit_wait
-from blackbox_vqa.errors import InputError, ModelError
+from blackbox_vqa.errors import ModelError
 from blackbox_vqa.text import terminal_safe
 
 __all__ = [
@@ -56,51 +65,8 @@ __all__ = [
     "redact",
 ]
 
-# 64 MiB holds an 'ours' answer of 64 inputs x 40k answers (<= 25 bytes per score); the
-# adapter sends fewer inputs per request when its vocabulary is larger. hf and answer-only
-# answers are a few kilobytes.
-DEFAULT_MAX_RESPONSE_BYTES = 64 * 2**20
-# Five minutes: a full batch on a slow CPU model takes about a minute.
-DEFAULT_TOTAL_TIMEOUT = 300.0
 _ACCEPT_ENCODING = "gzip, deflate"
-_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _MESSAGE_CHARS = 200
-
-
-def parse_header(text: str, position: int = 1) -> tuple[str, str]:
-    """``"Name: value"`` -> ``("Name", "value")``.
-
-    The error never quotes the text: a header usually carries a secret.
-    """
-    name, sep, value = text.partition(":")
-    name, value = name.strip(), value.strip()
-    if not sep:
-        raise InputError(f"--header #{position} must look like 'Name: value' (no ':' found)")
-    if not _HEADER_NAME_RE.match(name):
-        raise InputError(f"--header #{position} has an invalid name (use letters, digits, "
-                         "'-' and '_' before the ':')")
-    if "\r" in value or "\n" in value:
-        raise InputError(f"--header #{position} has a line break in its value")
-    return name, value
-
-
-def parse_headers(headers: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
-    """Headers given as a mapping or as ``"Name: value"`` strings, validated."""
-    if headers is None:
-        return {}
-    if isinstance(headers, Mapping):
-        pairs = [f"{k}: {v}" for k, v in headers.items()]
-    elif isinstance(headers, str):
-        pairs = [headers]
-    else:
-        pairs = list(headers)
-    out: dict[str, str] = {}
-    for i, text in enumerate(pairs, start=1):
-        if not isinstance(text, str):
-            raise InputError(f"--header #{i} must be a string 'Name: value'")
-        name, value = parse_header(text, i)
-        out[name] = value
-    return out
 
 
 def display_url(url: httpx.URL) -> str:
@@ -281,61 +247,49 @@ def read_bounded(response: httpx.Response, limits: ResponseLimits, deadline: flo
     return b"".join(pieces)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how long to retry: ``retries`` after the first attempt, waits of
-    :func:`backoff_delay` (``backoff``, ``max_backoff`` seconds), and a ``Retry-After`` over
-    ``max_retry_after`` seconds fails at once."""
-
-    retries: int = 3
-    backoff: float = 0.25
-    max_backoff: float = 8.0
-    max_retry_after: float = 60.0
-
-
 class RetryingClient:
     """A keep-alive ``httpx`` client that retries what is worth retrying.
 
     Args:
         headers: sent with every request (never shown in messages).
-        timeout, connect_timeout: read/write and connect timeouts, seconds.
-        connections: most connections open at once (one per request in flight).
+        timeouts: read/write, connect and whole-request timeouts.
+        limits: connections open at once (``concurrency``: one per request in flight) and
+            the largest answer body.
         policy: the retry policy.
-        limits: bounds on each answer's size and total time.
         hint: what a 404/405 answer probably means (shown in its message).
         transport: an ``httpx`` transport (the I/O seam).
         sleep: called with each retry wait (default: wait on the abort event).
         seed: seed of the jitter.
+        tls: load the CA bundle (https).
     """
 
     def __init__(
         self,
         *,
-        headers: Mapping[str, str],
-        timeout: float,
-        connect_timeout: float,
-        connections: int,
+        headers: Headers,
+        timeouts: Timeouts,
+        limits: Limits,
         policy: RetryPolicy,
         hint: str,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] | None = None,
         seed: int | None = None,
         tls: bool = True,
-        limits: ResponseLimits | None = None,
     ) -> None:
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self.timeout = timeouts.read
+        self.connect_timeout = timeouts.connect
         self.policy = policy
-        self.limits = limits or ResponseLimits()
+        self.limits = ResponseLimits(max_bytes=limits.max_response_bytes, total=timeouts.total)
         self.hint = hint
         self._sleep = sleep
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._not_before = 0.0  # time.monotonic() before which no request goes out
+        connections = limits.concurrency
         self._client = httpx.Client(
             headers={"User-Agent": "blackbox-vqa", "Accept-Encoding": _ACCEPT_ENCODING,
-                     **headers},
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+                     **headers.as_dict()},
+            timeout=httpx.Timeout(self.timeout, connect=self.connect_timeout),
             limits=httpx.Limits(max_connections=connections,
                                 max_keepalive_connections=connections),
             transport=transport,
@@ -344,7 +298,7 @@ class RetryingClient:
             verify=tls,
         )
         self._finalizer = weakref.finalize(self, self._client.close)
-        self._secrets = [value for value in headers.values() if value]
+        self._secrets = [value for _, value in headers.pairs if value]
 
     def close(self) -> None:
         """Close the connections."""
