@@ -398,3 +398,47 @@ def test_toy_occlusion_and_rise_token_maps() -> None:
         values = [model.logprobs(m[..., None] * pixels, "what color")[token] for m in masks]
         expected = np.tensordot(np.asarray(values), masks.astype(np.float64), axes=1) / (6 * 0.5)
         np.testing.assert_allclose(result.token_maps.image_maps[token], expected, atol=1e-9)
+
+
+def test_mm_shap_on_a_generative_model_is_the_exact_shapley_value(
+    folders: dict[str, Path],
+) -> None:
+    """MM-SHAP on a tiny LLaVA, every permutation of 3 players (the whole image as one cell
+    and two words), equals the Shapley subset formula over values computed here with plain
+    transformers calls; the empty coalition drops every word (an empty question: the user
+    turn holds the image alone)."""
+    from itertools import combinations
+
+    from blackbox_vqa.explainers.modality_share import ModalityShare
+
+    adapter = GenerativeAdapter.from_pretrained(folders["llava"], device="cpu")
+    pixels = image(5, 40).astype(np.float32)
+    question = "what color"
+    fill = np.empty_like(pixels)
+    fill[...] = (10.0, 20.0, 30.0)
+    adapter.prepare(pixels, question)  # the model's own answer on this input
+    found = ModalityShare(adapter, grid=1, sampling="exhaustive", baseline="10,20,30",
+                          score="log-probability").explain(pixels, question,
+                                                           answer=adapter.answers[0])
+    answer = list(adapter.answer_ids)
+    words = ("what", "color")
+
+    def value(players: frozenset[int]) -> float:
+        shown = pixels if 0 in players else fill
+        text = " ".join(w for i, w in enumerate(words) if i + 1 in players)
+        return sum(direct_token_logprobs(adapter.module, adapter.processor, shown, text,
+                                         answer))
+
+    everyone = frozenset(range(3))
+    expected = []
+    for player in range(3):
+        others = sorted(everyone - {player})
+        total = 0.0
+        for size in range(3):
+            weight = math.factorial(size) * math.factorial(2 - size) / math.factorial(3)
+            for subset in combinations(others, size):
+                s = frozenset(subset)
+                total += weight * (value(s | {player}) - value(s))
+        expected.append(total)
+    assert np.allclose(found.phi, expected, atol=1e-5, rtol=0), (found.phi, expected)
+    assert abs(found.phi.sum() - (value(everyone) - value(frozenset()))) < 1e-5

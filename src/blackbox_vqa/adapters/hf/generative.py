@@ -53,7 +53,7 @@ from blackbox_vqa.errors import (
     QuestionError,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import validate_question
+from blackbox_vqa.text import split_words, validate_question
 
 __all__ = [
     "OTHER",
@@ -257,6 +257,14 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
             self._valid.add(question)
         return question
 
+    def _scored_question(self, question: str) -> str:
+        """A (perturbed) input's question for scoring: as :meth:`validate_question`, but a
+        question with every word dropped (empty, or punctuation alone: MM-SHAP's empty
+        coalition, word occlusion of a one-word question) is scored too. A chat VLM takes
+        such a prompt: the user turn then holds the image (and the punctuation) alone."""
+        text = str(question).strip()
+        return self.validate_question(text) if split_words(text) else text
+
     def choose_answer(self, answer: str) -> None:
         """Explain ``answer`` (text) instead of the generated one (``--answer``)."""
         text = str(answer).strip()
@@ -352,7 +360,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
 
     def _predict_batch(self, images: list[ImageArray], questions: list[str]
                        ) -> NDArray[np.floating[Any]]:
-        questions = [self.validate_question(q) for q in questions]
+        questions = [self._scored_question(q) for q in questions]
         if not self._fixed and self._prepared is None:  # first input seen: its answer
             self.prepare(images[0], questions[0])
         levels = [_levels(image) for image in images]
@@ -403,7 +411,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
             raise NotSupportedError(f"{self.name}: candidate mode has no per-token scores")
         check_pairs(images, questions)
         arrays = [to_rgb_array(im) for im in images]
-        questions = [self.validate_question(str(q)) for q in questions]
+        questions = [self._scored_question(q) for q in questions]
         if arrays and not self._fixed and self._prepared is None:
             self.prepare(arrays[0], questions[0])
         levels = [_levels(a) for a in arrays]
