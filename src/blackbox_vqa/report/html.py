@@ -351,12 +351,15 @@ def _item_part(item: ItemView) -> _ItemPart:
 
 def render_report(view: ReportView) -> str:
     """The report as one HTML document (a string)."""
+    items = [_item_part(item) for item in view.items]
     return _TEMPLATES.get_template("report.html.j2").render(
         csp=CSP,
         title=view.title,
         notes=view.notes,
         tables=view.tables,
-        items=[_item_part(item) for item in view.items],
+        items=items,
+        # the strips' styles only where there are strips: other reports stay as they were
+        token_strips=any(model.strips for item in items for model in item.models),
         footer=view.footer,
     )
 
