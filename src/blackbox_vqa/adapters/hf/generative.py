@@ -18,7 +18,10 @@ BLIP (kind ``"candidate-normalised"``).
 
 Perturbed inputs are scored in batches: one forward pass of the language model per batch
 (right padding, so every row's positions and causal attention are those of its
-unbatched pass) and the vocabulary projection only at the answer positions.
+unbatched pass) and the vocabulary projection only at the answer positions. Within one
+explanation the vision tower's output and the key/value cache of the shared prompt prefix
+are reused (:mod:`blackbox_vqa.adapters.hf.generative_reuse`; ``reuse=False`` turns it
+off); every score stays that of the plain unbatched pass.
 
 Images go to the model's own processor as whole 0-255 levels: transformers' Pillow-based
 image processors cannot resize fractional float images, so a float image is rounded to
@@ -41,6 +44,7 @@ from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray, check_pairs, check_scores
 from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
+from blackbox_vqa.adapters.hf.generative_reuse import Reuse
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.errors import (
@@ -134,6 +138,8 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         batch_size: most inputs per forward pass (default 16).
         device: torch device (default: CUDA when available).
         name: display name.
+        reuse: reuse the vision tower's output and the shared prompt prefix's key/value
+            cache across the inputs of one explanation (default True; exact either way).
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         batch_size: int = DEFAULT_BATCH,
         device: str | torch.device | None = None,
         name: str | None = None,
+        reuse: bool = True,
     ) -> None:
         cls_name = type(model).__name__
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -186,6 +193,9 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         self._prepared: tuple[str, str] | None = None
         self._candidate_ids: list[tuple[int, ...]] = []
         self._valid: set[str] = set()  # questions already checked
+        self.reuse = Reuse(model, self.model_type)
+        self.reuse.enabled = self.reuse.enabled and bool(reuse)
+        self._reuse_key: tuple[str, str] | None = None
         if answer is not None:
             self.choose_answer(answer)
 
@@ -287,11 +297,13 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
 
     def prepare(self, image: ImageInput, question: str) -> None:
         """Generate the model's answer on this input (once per input) unless an answer was
-        chosen; the answer list is then ``(answer, "(other)")``."""
-        if self._fixed:
-            return
+        chosen; the answer list is then ``(answer, "(other)")``. A new input clears the
+        reuse caches."""
         key = (question, _digest(to_rgb_array(image)))
-        if self._prepared == key:
+        if self._reuse_key != key:
+            self.reuse.clear()
+            self._reuse_key = key
+        if self._fixed or self._prepared == key:
             return
         answer = self.generate_answer(image, question)
         self._prepared = key
@@ -470,12 +482,16 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
                 extra[key] = grown
         if "token_type_ids" in encoded:  # PaliGemma: prefix 0 (bidirectional), answer 1
             extra["token_type_ids"] = types
+        positions = lengths[:, None] - 1 + torch.arange(size, device=ids.device)[None]
         with eval_mode(self.module), torch.inference_mode(), \
                 _wrapped(self.name, "forward pass"):
-            hidden = self.module.model(input_ids=full, attention_mask=full_mask,
-                                       **extra).last_hidden_state
-            positions = lengths[:, None] - 1 + torch.arange(size, device=ids.device)[None]
-            picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            if self.reuse.applies(extra, count):
+                picked = self.reuse.picked(full, full_mask, extra, positions)
+            else:
+                hidden = self.module.model(input_ids=full, attention_mask=full_mask,
+                                           **extra).last_hidden_state
+                picked = hidden.gather(1, positions[..., None].expand(-1, -1,
+                                                                      hidden.shape[-1]))
             logits = self.module.get_output_embeddings()(picked).double()
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
