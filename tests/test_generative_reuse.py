@@ -1,0 +1,123 @@
+"""Reuse within one explanation (vision output, prompt-prefix key/value cache) changes no
+score: on the four tiny families, word-drop and image-cell inputs scored with the caches
+equal the plain unbatched, uncached computation (direct transformers calls) to 1e-5 in
+log-probability for batch sizes 1, 5 and 40; the caches stay bounded and a new input
+clears them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers")
+
+from blackbox_vqa.adapters.hf.generative import GenerativeAdapter  # noqa: E402
+from blackbox_vqa.adapters.hf.generative_reuse import (  # noqa: E402
+    PREFIX_ENTRIES,
+    VISION_ENTRIES,
+    Reuse,
+)
+from blackbox_vqa.explain import explain  # noqa: E402
+from genvlm_toys import build, image  # noqa: E402
+from test_generative import _direct  # noqa: E402
+
+FAMILIES = ("llava", "qwen2vl", "idefics3", "paligemma")
+QUESTION = "what color is the shape in the picture"
+GRID, SIZE = 4, 40
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("genreuse")
+    return {family: build(family, root / family) for family in FAMILIES}
+
+
+def _inputs(pixels: np.ndarray) -> tuple[list[np.ndarray], list[str]]:
+    """The original, every cell of a 4 x 4 grid filled black, then every word dropped."""
+    images, questions = [pixels], [QUESTION]
+    cell = SIZE // GRID
+    for r in range(GRID):
+        for c in range(GRID):
+            filled = pixels.copy()
+            filled[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = 0
+            images.append(filled)
+            questions.append(QUESTION)
+    words = QUESTION.split()
+    for i in range(len(words)):
+        images.append(pixels)
+        questions.append(" ".join(words[:i] + words[i + 1:]))
+    return images, questions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_scores_equal_plain_unbatched_uncached(
+    family: str, folders: dict[str, Path]
+) -> None:
+    adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3, device="cpu")
+    pixels = image(3, SIZE)
+    adapter.prepare(pixels, QUESTION)
+    images, questions = _inputs(pixels)
+    answer = list(adapter.answer_ids)
+    expected = np.array([_direct(adapter, im, q, answer)
+                         for im, q in zip(images, questions, strict=True)])
+    assert np.ptp(expected) > 1e-3  # the inputs do change the score
+    for size in (1, 5, 40):
+        adapter.reuse.clear()
+        adapter.reuse.counts = dict.fromkeys(adapter.reuse.counts, 0)
+        adapter.batch_size = size
+        found = np.log(adapter.answer_probs_batch(images, questions)[:, 0])
+        assert np.abs(found - expected).max() < 1e-5, (family, size)
+        counts = adapter.reuse.counts
+        assert counts["vision_runs"] == 1 + GRID * GRID  # the original's once
+        if family == "paligemma":  # bidirectional prefix: vision output only
+            assert counts["prefix_runs"] == counts["prefix_hits"] == 0
+        else:
+            assert counts["prefix_runs"] >= 1
+            if size > 1:  # the text before the image, and the word drops' longer prefix
+                assert counts["prefix_runs"] + counts["prefix_hits"] >= 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_maps_with_and_without_reuse_are_equal(family: str, folders: dict[str, Path]) -> None:
+    maps = []
+    for reuse in (True, False):
+        adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3,
+                                                    device="cpu", reuse=reuse)
+        result = explain(adapter, image(4, SIZE), QUESTION, methods="occlusion", grid=GRID,
+                         baseline="0,0,0", score="log-probability", batch_size=7)
+        found = result.attribution("occlusion")
+        maps.append((found.image_map, found.word_map))
+    np.testing.assert_allclose(maps[0][0], maps[1][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(maps[0][1], maps[1][1], atol=1e-5, rtol=0)
+
+
+def test_caches_are_bounded_and_cleared_by_a_new_input(folders: dict[str, Path]) -> None:
+    adapter = GenerativeAdapter.from_pretrained(folders["llava"], max_tokens=3, device="cpu",
+                                                batch_size=4)
+    adapter.prepare(image(3, SIZE), QUESTION)
+    for seed in range(6):  # many distinct images and questions through one adapter
+        images = [image(100 + seed * 10 + i, SIZE) for i in range(10)]
+        questions = [QUESTION if i % 2 else f"is it {i} red" for i in range(10)]
+        adapter.answer_probs_batch(images, questions)
+        vision, prefixes = adapter.reuse.sizes
+        assert vision <= 1 + VISION_ENTRIES and prefixes <= PREFIX_ENTRIES
+    adapter.prepare(image(4, SIZE), QUESTION)  # a new input: both caches dropped
+    assert adapter.reuse.sizes == (0, 0)
+    adapter.prepare(image(4, SIZE), QUESTION)
+    adapter.answer_probs_batch([image(4, SIZE)], [QUESTION])
+    assert adapter.reuse.sizes[0] == 1
+    adapter.prepare(image(4, SIZE), QUESTION)  # the same input again keeps them
+    assert adapter.reuse.sizes[0] == 1
+
+
+def test_other_families_take_the_plain_path() -> None:
+    class Config:
+        image_token_id = 5
+
+    class Model:
+        config = Config()
+
+    assert not Reuse(Model(), "blip-2").enabled
+    assert Reuse(Model(), "paligemma").enabled and not Reuse(Model(), "paligemma").prefix_kv
