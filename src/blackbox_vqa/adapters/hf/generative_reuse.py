@@ -14,7 +14,9 @@ Two caches, both bounded and cleared whenever the adapter prepares a new input:
   group, so the language model runs only each row's differing suffix and the answer.
   Rows sharing one image (word drops) share everything before the first changed
   question token, image tokens included; rows with different images (image occlusion)
-  share the text before the first image token. ``PREFIX_ENTRIES`` caches at most, LRU.
+  share the text before the first image token (cached only from ``MIN_PREFIX`` tokens on,
+  e.g. a system prompt: the few tokens of a bare chat turn's header are not worth a pass).
+  ``PREFIX_ENTRIES`` caches at most, LRU.
 
 Per family (``FAMILIES``): LLaVA, Qwen2-VL and Idefics3 (SmolVLM) attend causally, so a
 prefix's keys and values do not depend on what follows and both caches apply; Qwen2-VL's
@@ -41,6 +43,9 @@ FAMILIES = {"llava": True, "qwen2_vl": True, "idefics3": True, "paligemma": Fals
 PIXEL_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes")
 VISION_ENTRIES = 8
 PREFIX_ENTRIES = 4
+#: shorter shared prefixes are not cached: a separate batch-1 pass plus a copy of its cache
+#: into every row costs more than the few tokens it saves
+MIN_PREFIX = 16
 
 
 class Reuse:
@@ -151,7 +156,8 @@ class Reuse:
                        ) -> int:
         """Tokens every row shares (at most each row's prompt length minus one: the last
         prompt token's state is needed); before the first image token unless the rows
-        share their image; 0 where the family's prefix is not causal."""
+        share their image; 0 where the family's prefix is not causal or the prefix is
+        shorter than ``MIN_PREFIX``."""
         if not self.prefix_kv:
             return 0
         same = (ids == ids[:1]).all(dim=0).long().cumprod(dim=0)
@@ -160,7 +166,7 @@ class Reuse:
             images = (ids[0, :max(size, 0)] == self.image_token).nonzero()
             if images.numel():
                 size = int(images[0, 0])
-        return max(size, 0)
+        return size if size >= max(MIN_PREFIX, 1) else 0
 
     def _prefix(self, ids: torch.Tensor, features: torch.Tensor, digest: str | None,
                 rope: torch.Tensor | None) -> Any:
