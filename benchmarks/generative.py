@@ -17,6 +17,7 @@ allocated before it; on CPU the peak resident set (``/proc/self/statm``, sampled
 
 usage: PYTHONPATH=src:tests python benchmarks/generative.py [--shapes tiny,smolvlm]
        [--repeats 3] [--captum-repeats N] [--threads 2] [--device cpu|cuda]
+       [--words-only smolvlm]
 """
 
 from __future__ import annotations
@@ -90,19 +91,20 @@ class Peak:
         self.mib = (peak - self._start) / 2**20
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of ``repeats`` runs (after one warm-up), then the peak memory above
-    the start of one more run (MiB)."""
-    fn()
+def timed(fn: Callable[[], Any], repeats: int, device: torch.device, *, warmup: bool
+          ) -> dict[str, float]:
+    """Median seconds of ``repeats`` runs (after one warm-up run if ``warmup``) and the
+    peak memory above the start of the timed runs (MiB)."""
+    if warmup:
+        fn()
     times = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - started)
     with Peak(device) as peak:
-        fn()
+        for _ in range(repeats):
+            _sync(device)
+            started = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - started)
     return {"s": round(statistics.median(times), 4), "peak_mib": round(peak.mib, 1)}
 
 
@@ -285,25 +287,46 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         captum_image()
         captum_words()
 
+    words_only = shape in args.words_only.split(",")
+    plan = [("ours_words", ours_words, args.repeats), ("floor_words", floor_words, args.repeats),
+            ("captum_words", captum_words, args.repeats)]
+    if not words_only:
+        plan = [("ours", ours, args.repeats), ("floor", floor, args.repeats),
+                ("captum", captum, args.captum_repeats or args.repeats), *plan]
     found: dict[str, Any] = {}
-    for name, fn, repeats in (("ours", ours, args.repeats), ("floor", floor, args.repeats),
-                              ("captum", captum, args.captum_repeats or args.repeats),
-                              ("ours_words", ours_words, args.repeats),
-                              ("floor_words", floor_words, args.repeats),
-                              ("captum_words", captum_words, args.repeats)):
-        found[name] = timed(fn, repeats, device)
+    for name, fn, repeats in plan:
+        found[name] = timed(fn, repeats, device, warmup=not words_only)
         print(shape, name, found[name], flush=True)
-    split = {"ours": vision_split(adapter, ours), "floor": vision_split(adapter, floor)}
-    split["ours"]["vision_passes"] = words
-    return {
-        "shape": shape, "inputs": len(images), "answer_tokens": len(answer),
-        "runs": found, "split_one_run": split,
-        "ours_over_floor": round(found["ours"]["s"] / found["floor"]["s"], 3),
-        "captum_over_ours": round(found["captum"]["s"] / found["ours"]["s"], 2),
-        "words_ours_over_floor": round(found["ours_words"]["s"] / found["floor_words"]["s"], 3),
-        "words_captum_over_ours": round(found["captum_words"]["s"] / found["ours_words"]["s"],
-                                        2),
-    }
+    result: dict[str, Any] = {"shape": shape, "inputs": len(images) if not words_only
+                              else len(images) - words + 1, "answer_tokens": len(answer),
+                              "runs": found}
+    split = {"ours_words": vision_split(adapter, ours_words),
+             "floor_words": vision_split(adapter, floor_words)}
+    if not words_only:
+        split["ours"] = vision_split(adapter, ours)
+        split["floor"] = vision_split(adapter, floor)
+        result["ours_over_floor"] = round(found["ours"]["s"] / found["floor"]["s"], 3)
+        result["captum_over_ours"] = round(found["captum"]["s"] / found["ours"]["s"], 2)
+    result["split_one_run"] = split
+    result["vision_per_image_s"] = vision_probe(adapter, all_batches[0])
+    result["words_ours_over_floor"] = round(found["ours_words"]["s"] / found["floor_words"]["s"],
+                                            3)
+    result["words_captum_over_ours"] = round(
+        found["captum_words"]["s"] / found["ours_words"]["s"], 2)
+    return result
+
+
+def vision_probe(adapter: GenerativeAdapter, batch: dict[str, torch.Tensor]) -> float:
+    """Seconds per image of one batched vision-tower (+ projector) pass over the first 8
+    inputs of ``batch``: exact image occlusion needs one such pass per perturbed image."""
+    pixels = {k: batch[k][:8] for k in ("pixel_values", "pixel_attention_mask") if k in batch}
+    base, device = adapter.module.model, adapter.device
+    with torch.inference_mode():
+        _sync(device)
+        started = time.perf_counter()
+        base.get_image_features(**pixels)
+        _sync(device)
+    return round((time.perf_counter() - started) / pixels["pixel_values"].shape[0], 4)
 
 
 def main() -> None:
@@ -314,6 +337,8 @@ def main() -> None:
                         help="repeats of the full Captum run (default: --repeats)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--words-only", default="",
+                        help="shapes (comma-separated) to run the word map alone on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -14,16 +14,16 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from blackbox_vqa.adapters.hf import generative_reuse as reuse  # noqa: E402
-from blackbox_vqa.adapters.hf.generative import GenerativeAdapter  # noqa: E402
-from blackbox_vqa.adapters.hf.generative_reuse import (  # noqa: E402
+from blackbox_vqa.adapters.hf import generative_reuse as reuse
+from blackbox_vqa.adapters.hf.generative import GenerativeAdapter
+from blackbox_vqa.adapters.hf.generative_reuse import (
     PREFIX_ENTRIES,
     VISION_ENTRIES,
     Reuse,
 )
-from blackbox_vqa.explain import explain  # noqa: E402
-from genvlm_toys import build, image  # noqa: E402
-from test_generative import _direct  # noqa: E402
+from blackbox_vqa.explain import explain
+from genvlm_toys import build, image
+from test_generative import _direct
 
 FAMILIES = ("llava", "qwen2vl", "idefics3", "paligemma")
 QUESTION = "what color is the shape in the picture"
@@ -88,9 +88,9 @@ def test_cached_scores_equal_plain_unbatched_uncached(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_maps_with_and_without_reuse_are_equal(family: str, folders: dict[str, Path]) -> None:
     maps = []
-    for reuse in (True, False):
+    for on in (True, False):
         adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3,
-                                                    device="cpu", reuse=reuse)
+                                                    device="cpu", reuse=on)
         result = explain(adapter, image(4, SIZE), QUESTION, methods="occlusion", grid=GRID,
                          baseline="0,0,0", score="log-probability", batch_size=7)
         found = result.attribution("occlusion")

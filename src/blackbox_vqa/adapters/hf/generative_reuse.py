@@ -261,7 +261,7 @@ class Reuse:
         """Each row's own pixel tensors (batch 1), as the family's vision tower takes them."""
         if "image_grid_thw" in extra:  # Qwen2-VL: flattened patches, one image per row
             grid = extra["image_grid_thw"]
-            chunks = extra["pixel_values"].split(grid.prod(dim=-1).tolist())
+            chunks = torch.split(extra["pixel_values"], grid.prod(dim=-1).tolist())
             return [{"pixel_values": chunks[i], "image_grid_thw": grid[i:i + 1]}
                     for i in range(count)]
         return [{k: extra[k][i:i + 1] for k in PIXEL_KEYS if k in extra} for i in range(count)]
