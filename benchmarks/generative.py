@@ -11,9 +11,11 @@ patch 16, 512 x 512, one tile, no image splitting, scale factor 4 (64 image toke
 SmolLM2-135M's Llama 30 x 576, 9 heads, 3 key/value heads, intermediate 1536, vocabulary
 49280; random weights; compute-dominated).
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the run minus the memory
-allocated before it; on CPU the peak resident set (``/proc/self/statm``, sampled every
-2 ms by a thread) minus the resident set before the run (tracemalloc does not see torch).
+Every run gets one warm-up, then the runs are interleaved (one of each per round); the
+median of the rounds is reported. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``
+over the run minus the memory allocated before it; on CPU the peak resident set
+(``/proc/self/statm``, sampled every 2 ms by a thread) minus the resident set before the
+run (tracemalloc does not see torch).
 
 usage: PYTHONPATH=src:tests python benchmarks/generative.py [--shapes tiny,smolvlm]
        [--repeats 3] [--captum-repeats N] [--threads 2] [--device cpu|cuda]
@@ -91,21 +93,29 @@ class Peak:
         self.mib = (peak - self._start) / 2**20
 
 
-def timed(fn: Callable[[], Any], repeats: int, device: torch.device, *, warmup: bool
-          ) -> dict[str, float]:
-    """Median seconds of ``repeats`` runs (after one warm-up run if ``warmup``) and the
-    peak memory above the start of the timed runs (MiB)."""
-    if warmup:
+def timed(plan: list[tuple[str, Callable[[], Any], int]], device: torch.device
+          ) -> dict[str, dict[str, float]]:
+    """Median seconds and peak memory above the start (MiB) of each ``(name, fn, repeats)``
+    after one warm-up run of each; the runs are interleaved (one of each per round) so
+    that a change of load on a shared machine falls on all of them alike."""
+    for _, fn, _ in plan:
         fn()
-    times = []
-    with Peak(device) as peak:
-        for _ in range(repeats):
-            _sync(device)
-            started = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - started)
-    return {"s": round(statistics.median(times), 4), "peak_mib": round(peak.mib, 1)}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in plan}
+    peaks: dict[str, float] = dict.fromkeys(times, 0.0)
+    for round_ in range(max(repeats for _, _, repeats in plan)):
+        for name, fn, repeats in plan:
+            if round_ >= repeats:
+                continue
+            with Peak(device) as peak:
+                _sync(device)
+                started = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - started)
+            peaks[name] = max(peaks[name], peak.mib)
+    return {name: {"s": round(statistics.median(times[name]), 4),
+                   "peak_mib": round(peaks[name], 1),
+                   "all_s": [round(t, 3) for t in times[name]]} for name in times}
 
 
 def smolvlm_256m_shaped(device: str) -> GenerativeAdapter:
@@ -121,7 +131,8 @@ def smolvlm_256m_shaped(device: str) -> GenerativeAdapter:
                                      image_size=512, patch_size=16)
     text = tf.LlamaConfig(vocab_size=49280, hidden_size=576, intermediate_size=1536,
                           num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                          max_position_embeddings=8192, rope_theta=100000.0,
+                          max_position_embeddings=8192,
+                          rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
                           rms_norm_eps=1e-5, tie_word_embeddings=True,
                           bos_token_id=tokenizer.bos_token_id,
                           eos_token_id=tokenizer.eos_token_id,
@@ -293,10 +304,8 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     if not words_only:
         plan = [("ours", ours, args.repeats), ("floor", floor, args.repeats),
                 ("captum", captum, args.captum_repeats or args.repeats), *plan]
-    found: dict[str, Any] = {}
-    for name, fn, repeats in plan:
-        found[name] = timed(fn, repeats, device, warmup=not words_only)
-        print(shape, name, found[name], flush=True)
+    found = timed(plan, device)
+    print(shape, found, flush=True)
     result: dict[str, Any] = {"shape": shape, "inputs": len(images) if not words_only
                               else len(images) - words + 1, "answer_tokens": len(answer),
                               "runs": found}
