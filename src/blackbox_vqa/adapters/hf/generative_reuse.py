@@ -66,6 +66,7 @@ class Reuse:
         self._pinned: tuple[str, torch.Tensor] | None = None
         self._vision: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._prefixes: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._layers_ok: bool | None = None
         self.counts = {"vision_runs": 0, "vision_hits": 0, "prefix_runs": 0, "prefix_hits": 0}
 
     def clear(self) -> None:
@@ -158,7 +159,7 @@ class Reuse:
         prompt token's state is needed); before the first image token unless the rows
         share their image; 0 where the family's prefix is not causal or the prefix is
         shorter than ``MIN_PREFIX``."""
-        if not self.prefix_kv:
+        if not self.prefix_kv or not self._full_attention_cache():
             return 0
         same = (ids == ids[:1]).all(dim=0).long().cumprod(dim=0)
         size = min(int(same.sum()), int(mask.sum(dim=1).min()) - 1)
@@ -167,6 +168,17 @@ class Reuse:
             if images.numel():
                 size = int(images[0, 0])
         return size if size >= max(MIN_PREFIX, 1) else 0
+
+    def _full_attention_cache(self) -> bool:
+        """Whether the model's ``DynamicCache`` holds plain full-attention layers only
+        (sliding-window or other layers: no prefix reuse, the plain pass instead)."""
+        if self._layers_ok is None:
+            from transformers import DynamicCache
+            from transformers.cache_utils import DynamicLayer
+
+            layers = DynamicCache(config=self.model.config).layers
+            self._layers_ok = bool(layers) and all(type(x) is DynamicLayer for x in layers)
+        return self._layers_ok
 
     def _prefix(self, ids: torch.Tensor, features: torch.Tensor, digest: str | None,
                 rope: torch.Tensor | None) -> Any:
