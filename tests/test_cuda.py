@@ -62,16 +62,17 @@ def test_reference_model_methods_agree_with_the_cpu() -> None:
     worst = {}
     for method in methods:
         a, b = cpu.attribution(method), gpu.attribution(method)
-        scale = max(float(np.max(np.abs(a.image_map))), 1e-12)
+        # Occlusion and RISE are differences of probabilities: compared absolutely. The
+        # gradient maps relative to their largest value.
+        scale = 1.0 if method in ("occlusion", "rise") else \
+            max(float(np.max(np.abs(a.image_map))), 1e-12)
         worst[method] = _report(f"{method} image map", a.image_map, b.image_map) / scale
         if a.word_map.size:
-            _report(f"{method} word map", a.word_map, b.word_map)
-    # Occlusion and RISE are differences of probabilities: 1e-5 absolute. The gradient
-    # maps are compared relative to their largest value.
-    for method in methods:
-        assert worst[method] < 1e-3, (method, worst)
-    assert _report("occlusion (absolute)", cpu.attribution("occlusion").image_map,
-                   gpu.attribution("occlusion").image_map) < 1e-5
+            worst[method] = max(worst[method], _report(f"{method} word map", a.word_map,
+                                                       b.word_map) / scale)
+    assert max(worst.values()) < 1e-5, worst
+    # TF32 is off only while the model runs (adapters/torch/forward.full_float32)
+    assert torch.backends.cudnn.allow_tf32
 
 
 def test_incremental_occlusion_on_cuda_equals_plain() -> None:

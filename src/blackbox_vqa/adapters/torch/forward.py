@@ -3,13 +3,14 @@ scores from logits."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "gradient_mode", "scores_from_logits"]
+__all__ = ["eval_mode", "full_float32", "gradient_mode", "scores_from_logits"]
 
 
 def scores_from_logits(logits: torch.Tensor, output: str) -> torch.Tensor:
@@ -21,15 +22,49 @@ def scores_from_logits(logits: torch.Tensor, output: str) -> torch.Tensor:
     return logits
 
 
+_TF32_LOCK = threading.Lock()
+_tf32_depth = 0
+_tf32_saved = False
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """cuDNN convolutions in full float32 (no TF32) for the block; nothing on CPU.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit mantissa), which
+    moved the reference model's occlusion scores by up to 3e-5 from the CPU's on an H200;
+    with TF32 off they agree to about 1e-7 (tests/test_cuda.py). The global flag is set by
+    the first block to enter and restored by the last to leave (blocks may overlap across
+    threads)."""
+    global _tf32_depth, _tf32_saved
+    if not torch.cuda.is_available():
+        yield
+        return
+    with _TF32_LOCK:
+        if _tf32_depth == 0:
+            _tf32_saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False
+        _tf32_depth += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _tf32_depth -= 1
+            if _tf32_depth == 0:
+                torch.backends.cudnn.allow_tf32 = _tf32_saved
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block, restoring its training flags after."""
+    """Put ``module`` in eval mode for the block, restoring its training flags after; on
+    CUDA the block's convolutions run in full float32 (:func:`full_float32`), as on CPU."""
     flags = [(m, m.training) for m in module.modules()]
     training = any(flag for _, flag in flags)
     if training:  # (already in eval mode: skip the slow attribute-setting walks)
         module.eval()
     try:
-        yield module
+        with full_float32():
+            yield module
     finally:
         if training or any(mod.training for mod, _ in flags):
             for mod, flag in flags:
