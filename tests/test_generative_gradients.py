@@ -280,7 +280,7 @@ def test_tiled_idefics3_is_unavailable_with_the_reason(
     assert set(found.unavailable) == {"gradient", "integrated-gradients"}
     for gone in found.unavailable.values():
         assert "Idefics3ForConditionalGeneration" in gone.reason
-        assert "without image splitting (one tile) gradients are available" in gone.reason
+        assert "with image splitting off, one tile, gradients are available" in gone.reason
     assert "occlusion" in found.attributions
 
 

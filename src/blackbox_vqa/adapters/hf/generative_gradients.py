@@ -173,7 +173,7 @@ def pixel_layout(encoded: dict[str, torch.Tensor], config: Any
     patch sizes)."""
     pixels = encoded.get("pixel_values")
     if pixels is None:
-        return None, "its processor gives no pixel_values"
+        return None, "its processor gives no pixel_values, so there is no image to differentiate"
     shape = "x".join(map(str, pixels.shape))
     if "image_grid_thw" in encoded:
         vision = getattr(config, "vision_config", None)
@@ -183,31 +183,35 @@ def pixel_layout(encoded: dict[str, torch.Tensor], config: Any
         if not all(isinstance(v, int) and v > 0 for v in sizes):
             return None, ("its flattened patches (pixel_values of shape " + shape + ") come "
                           "with no patch_size, spatial_merge_size and temporal_patch_size in "
-                          "the vision config to unflatten them")
+                          "the vision config to unflatten them into the image")
         patch, merge, temporal = (int(v) for v in sizes)  # type: ignore[arg-type]
         if tuple(grid.shape) != (1, 3) or int(grid[0, 0]) != 1:
-            return None, f"image_grid_thw {grid.tolist()} is not one image of one frame"
+            return None, (f"image_grid_thw {grid.tolist()} is not one image of one frame, "
+                          "so its patches cannot be laid out as one image")
         rows, size = int(grid[0, 1]), int(grid[0, 2])
         if (pixels.ndim != 2 or pixels.shape[0] != rows * size
                 or pixels.shape[1] != 3 * temporal * patch * patch
                 or rows % merge or size % merge):
             return None, (f"its flattened patches (pixel_values of shape {shape}) do not "
-                          f"match image_grid_thw {grid.tolist()} and patch size {patch}")
+                          f"match image_grid_thw {grid.tolist()} and patch size {patch}, "
+                          "so they cannot be laid out as one image")
         return PixelLayout("patches", (rows, size), patch, merge, temporal), ""
     if pixels.ndim == 5 and pixels.shape[0] == 1 and pixels.shape[2] == 3:
         if pixels.shape[1] != 1:
             return None, (f"its processor splits the image into {pixels.shape[1]} tiles "
                           f"(pixel_values of shape {shape}: crops plus a downscaled global "
-                          "view), so no one image tensor holds what the model sees; "
-                          "without image splitting (one tile) gradients are available")
+                          "view), so no one image tensor holds what the model sees (with "
+                          "image splitting off, one tile, gradients are available)")
         mask = encoded.get("pixel_attention_mask")
         if mask is not None and not bool(mask.bool().all()):
-            return None, f"its one tile (pixel_values of shape {shape}) is partly padding"
+            return None, (f"its one tile (pixel_values of shape {shape}) is partly "
+                          "padding, so the tile is not the image")
         return PixelLayout("tile"), ""
     if pixels.ndim == 4 and pixels.shape[0] == 1 and pixels.shape[1] == 3:
         return PixelLayout("image"), ""
     return None, (f"its processor gives pixel_values of shape {shape}, not one image, "
-                  "flattened Qwen2-VL patches or one Idefics3 tile")
+                  "flattened Qwen2-VL patches or one Idefics3 tile, so gradients cannot be "
+                  "shown as an image map")
 
 
 class GenerativeGradients:
@@ -260,8 +264,7 @@ class GenerativeGradients:
             return None
         layout, why = pixel_layout(encoded, getattr(self.module, "config", None))
         if layout is None:
-            return (f"{self.name} ({type(self.module).__name__}): {why}, so gradients "
-                    "cannot be shown as an image map")
+            return f"{self.name} ({type(self.module).__name__}): {why}"
         extra = sorted(set(encoded) - _KNOWN)
         if extra:
             return (f"{self.name}: its processor also gives {', '.join(extra)}, which the "
