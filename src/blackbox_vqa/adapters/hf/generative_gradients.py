@@ -4,7 +4,7 @@
 The score differentiated is the log of the explained answer's score: for the answer
 itself its teacher-forced log-likelihood ``sum_i log p(token_i | image, prompt,
 tokens_<i)`` (the quantity the adapter scores, end-of-sequence included as there), for
-``"(other)"`` ``log(1 - p)``. Inputs are the processor's ``pixel_values [3, H, W]`` and the
+``"(other)"`` ``log(1 - p)``. Inputs are the processor's image ``[3, H, W]`` (below) and the
 word-embedding vectors of the prompt's ``T`` tokens (``get_input_embeddings()`` output,
 replaced by a forward hook; the answer's embeddings stay fixed). A question word's
 gradient is the sum of its sub-word tokens' gradients.
@@ -364,7 +364,7 @@ class GenerativeGradients:
                         answer: str | int | None = None, guided: bool = False
                         ) -> InputGradients:
         """Gradients of the log score of ``answer`` (default: the explained answer, index
-        0) w.r.t. ``pixel_values [3, H, W]`` and each question word's embedding (``words
+        0) w.r.t. the processor's image ``[3, H, W]`` and each question word's embedding (``words
         [W, D]``: sub-word gradients summed; ``None`` with ``words_note`` when the
         question's tokens cannot be located in the prompt)."""
         question, encoded, layout = self._grad_encoded(image, question, own_answer=True)
@@ -408,9 +408,10 @@ class GenerativeGradients:
     # -- path-gradient protocol ------------------------------------------------------------
 
     def gradient_inputs(self, image: ImageInput, question: str) -> GradientInputs:
-        """``pixel_values [3, H, W]``, the prompt's token embeddings ``[T, D]``, the padding
-        token's embedding, each question word's token positions and the scores. The
-        explained answer stays the one already chosen (the first input's, as for scores)."""
+        """The processor's image ``[3, H, W]``, the prompt's token embeddings ``[T, D]``,
+        the padding token's embedding, each question word's token positions and the scores.
+        The explained answer stays the one already chosen (the first input's, as for
+        scores)."""
         question, encoded, layout = self._grad_encoded(image, question, own_answer=False)
         scores = np.asarray(self.answer_probs_batch([to_rgb_array(image)], [question])[0],
                             dtype=np.float64)
