@@ -109,6 +109,28 @@ def test_generative_llava_on_cuda(tmp_path: Path) -> None:
     assert _report("llava gradient", grad_cpu, grad_gpu) / scale < 1e-3
 
 
+@pytest.mark.parametrize("family", ["qwen2vl", "idefics3"])
+def test_generative_patch_and_tile_gradients_on_cuda(family: str, tmp_path: Path,
+                                                      device: str = "cuda") -> None:
+    """Qwen2-VL (patches unflattened to the image) and one-tile Idefics3: the gradient and
+    integrated-gradients maps on CUDA are the CPU's."""
+    from blackbox_vqa.adapters.hf.generative import GenerativeAdapter
+    from blackbox_vqa.explain import explain
+    from genvlm_toys import build, image
+
+    folder = build(family, tmp_path / family)
+    picture = image(3, 40)
+    methods = ("gradient", "integrated-gradients")
+    found = [explain(GenerativeAdapter.from_pretrained(folder, answer="blue square",
+                                                       device=where),
+                     picture, QUESTION, methods=methods, ig_steps=16)
+             for where in ("cpu", device)]
+    for method in methods:
+        a, b = (f.attribution(method).image_map for f in found)
+        scale = max(float(np.max(np.abs(a))), 1e-12)
+        assert _report(f"{family} {method}", a, b) / scale < 1e-3
+
+
 def test_vilt_on_cuda(tmp_path: Path) -> None:
     from blackbox_vqa.adapters.hf.vqa import HfAdapter
 
