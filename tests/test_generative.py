@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ import torch
 
 from blackbox_vqa.adapters.hf.generative import OTHER, GenerativeAdapter
 from blackbox_vqa.explain import explain
-from genvlm_toys import build, image
+from genvlm_toys import build, direct_token_logprobs, image
 
 TESTED = ("llava", "qwen2vl", "idefics3", "paligemma")
 QUESTION = "what color is the shape"
@@ -48,33 +47,10 @@ def picture(tmp_path: Path) -> Path:
 
 def _direct(adapter: GenerativeAdapter, pixels: np.ndarray, question: str,
             answer: list[int]) -> float:
-    """log p(answer | image, question) straight from transformers: the processor on one
-    input, the prompt plus answer through the full model, log-softmax of all logits."""
-    processor, model = adapter.processor, adapter.module
-    if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True,
-                                               tokenize=False)
-    else:
-        prompt = question
-    levels = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-    inputs = processor(text=[prompt], images=[[levels]], return_tensors="pt")
-    ids = inputs.pop("input_ids")
-    n = ids.shape[1]
-    full = torch.cat([ids, torch.tensor([answer])], dim=1)
-    kwargs: dict[str, Any] = {k: v for k, v in inputs.items() if k != "labels"}
-    kwargs["attention_mask"] = torch.ones_like(full)
-    if "mm_token_type_ids" in kwargs:  # Qwen2-VL: the answer's tokens are text (0)
-        kwargs["mm_token_type_ids"] = torch.cat(
-            [kwargs["mm_token_type_ids"], torch.zeros((1, len(answer)), dtype=ids.dtype)], dim=1)
-    if "token_type_ids" in kwargs:
-        kwargs["token_type_ids"] = torch.cat(
-            [torch.zeros_like(ids), torch.ones((1, len(answer)), dtype=ids.dtype)], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=full, **kwargs).logits[0].double()
-    logp = torch.log_softmax(logits, dim=-1)
-    return float(sum(logp[n - 1 + i, t] for i, t in enumerate(answer)))
+    """log p(answer | image, question) straight from transformers (see
+    :func:`genvlm_toys.direct_token_logprobs`)."""
+    return float(sum(direct_token_logprobs(adapter.module, adapter.processor, pixels,
+                                           question, answer)))
 
 
 @pytest.mark.parametrize("family", TESTED)

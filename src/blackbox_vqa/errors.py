@@ -20,6 +20,7 @@ __all__ = [
     "ModelOutputError",
     "NotSupportedError",
     "QuestionError",
+    "first_line",
 ]
 
 
@@ -73,3 +74,10 @@ class ClusterError(BlackboxVQAError, RuntimeError):
     """A compute cluster (Ray) cannot be reached or lost the run's workers (exit code 1)."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party exception's message (its type name if empty), for
+    one-line errors that wrap it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

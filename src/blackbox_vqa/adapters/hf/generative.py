@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ import torch
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray, check_pairs, check_scores
+from blackbox_vqa.adapters.hf.calls import quiet_transformers, wrapped
 from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
 from blackbox_vqa.adapters.hf.generative_reuse import Reuse
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
@@ -55,6 +55,7 @@ from blackbox_vqa.errors import (
     ModelLoadError,
     NotSupportedError,
     QuestionError,
+    first_line,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
 from blackbox_vqa.text import split_words, validate_question
@@ -97,17 +98,16 @@ def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[
     import transformers
 
     from blackbox_vqa.adapters.hf import loading
-    from blackbox_vqa.adapters.hf.vqa import _first_line, _quiet_transformers
 
     hf: Any = transformers
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             config = loading.load_config(location, trust_remote_code=trust_remote_code)
         except BlackboxVQAError:
             raise
         except Exception as exc:
             raise NotSupportedError(f"{location!r} holds no transformers model config "
-                                    f"({_first_line(exc)})") from exc
+                                    f"({first_line(exc)})") from exc
         names = [a for a in (getattr(config, "architectures", None) or [])
                  if a in _generative_names()]
         try:
@@ -120,7 +120,7 @@ def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[
             raise
         except Exception as exc:
             raise ModelLoadError(
-                f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
+                f"cannot load {location!r}: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
     return model, processor
 
@@ -318,7 +318,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         """The model's greedy answer (text) on one input; sets the explained answer."""
         question = self.validate_question(question)
         encoded = self.encode([_levels(to_rgb_array(image))], [question])
-        with eval_mode(self.module), torch.inference_mode(), _wrapped(self.name, "generate"):
+        with eval_mode(self.module), torch.inference_mode(), wrapped(self.name, "generate"):
             out = self.module.generate(**encoded, max_new_tokens=self.max_tokens,
                                        do_sample=False, num_beams=1)
         new = [int(t) for t in out[0, encoded["input_ids"].shape[1]:].tolist()]
@@ -352,10 +352,9 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         prompts = [self.prompts(q) for q in questions]
         side = getattr(self.tokenizer, "padding_side", "right")
         self.tokenizer.padding_side = "right"
-        from blackbox_vqa.adapters.hf.vqa import _first_line, _quiet_transformers
 
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 encoded = self.processor(text=prompts, images=[[im] for im in images],
                                          padding=True, return_tensors="pt")
         except BlackboxVQAError:
@@ -363,7 +362,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         except Exception as exc:
             shape = "x".join(str(s) for s in images[0].shape) if images else "?"
             raise ImageError(f"{self.name}: the processor rejects the image ({shape}): "
-                             f"{_first_line(exc)}") from exc
+                             f"{first_line(exc)}") from exc
         finally:
             self.tokenizer.padding_side = side
         return {k: v.to(self.device) for k, v in encoded.items() if k != "labels"}
@@ -484,7 +483,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
             extra["token_type_ids"] = types
         positions = lengths[:, None] - 1 + torch.arange(size, device=ids.device)[None]
         with eval_mode(self.module), torch.inference_mode(), \
-                _wrapped(self.name, "forward pass"):
+                wrapped(self.name, "forward pass"):
             if self.reuse.applies(extra, count):
                 picked = self.reuse.picked(full, full_mask, extra, positions)
             else:
@@ -533,14 +532,3 @@ def _pad_id(model: Any, tokenizer: Any) -> int:
     return 0
 
 
-@contextmanager
-def _wrapped(name: str, what: str) -> Iterator[None]:
-    from blackbox_vqa.adapters.hf.vqa import _first_line
-
-    try:
-        yield
-    except BlackboxVQAError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"{name}: {what} failed: {type(exc).__name__}: {_first_line(exc)}") \
-            from exc

@@ -37,6 +37,7 @@ from torch import nn
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray
 from blackbox_vqa.adapters.gradients import InputGradients, answer_index
 from blackbox_vqa.adapters.hf import loading
+from blackbox_vqa.adapters.hf.calls import quiet_transformers, wrapped
 from blackbox_vqa.adapters.hf.processing import HfProcessing, hf_score_semantics, word_positions
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.adapters.torch.hooks import embedding_offsets, guided_relu
@@ -53,6 +54,7 @@ from blackbox_vqa.errors import (
     ModelError,
     ModelLoadError,
     NotSupportedError,
+    first_line,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
 
@@ -83,22 +85,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No progress bars and only errors from transformers while loading."""
-    from transformers.utils import logging
 
-    hf_logging: Any = logging
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 class HfAdapter(BaseAdapter):
@@ -202,7 +189,7 @@ class HfAdapter(BaseAdapter):
             )
         location = str(local) if local.exists() else text
         transformers: Any = hf_module
-        with _quiet_transformers():
+        with quiet_transformers():
             config = _load_config(location)
             model_cls = _model_class(transformers, config, location)
             try:
@@ -212,7 +199,7 @@ class HfAdapter(BaseAdapter):
                 raise
             except Exception as exc:
                 raise ModelLoadError(
-                    f"cannot load {location!r}: {type(exc).__name__}: {_first_line(exc)}"
+                    f"cannot load {location!r}: {type(exc).__name__}: {first_line(exc)}"
                 ) from exc
         if answers_file is not None:
             from blackbox_vqa.adapters.onnx.runtime import read_answers
@@ -293,7 +280,7 @@ class HfAdapter(BaseAdapter):
                               device=self.device)
         out = []
         with eval_mode(self.module), torch.inference_mode(), _rng_kept(), \
-                _wrapped(self.name, "token occlusion"):
+                wrapped(self.name, "token occlusion"):
             tokens, token_mask, (where, _) = embeddings.visual_embed(
                 pixels["pixel_values"], mask, max_image_length=limit)
             # patch_index [1, N, 2]: (row, col) of each token (ViLT shuffles them);
@@ -342,7 +329,7 @@ class HfAdapter(BaseAdapter):
         ``words`` is a context manager factory applied around the text-embedding step
         (hooks on ``get_input_embeddings()`` run only there).
         """
-        with _wrapped(self.name, "forward pass"):
+        with wrapped(self.name, "forward pass"):
             if self.kind == "classifier":
                 with words() if words is not None else nullcontext():
                     logits = self.module(**pixels, **text).logits
@@ -426,7 +413,7 @@ class HfAdapter(BaseAdapter):
         question = self.validate_question(question)
         pixels = self.pixel_inputs([to_rgb_array(image)])
         text = self.text_inputs([question])
-        with eval_mode(self.module), torch.inference_mode(), _wrapped(self.name, "generate"):
+        with eval_mode(self.module), torch.inference_mode(), wrapped(self.name, "generate"):
             out = self.module.generate(
                 input_ids=text["input_ids"], pixel_values=pixels["pixel_values"],
                 attention_mask=text["attention_mask"], max_new_tokens=self.max_answer_tokens,
@@ -490,7 +477,7 @@ class HfAdapter(BaseAdapter):
             values = scores.detach().double().cpu().numpy()
             predicted = int(np.argmax(values))
             index = answer_index(self.answers, answer, predicted)
-            with guided_relu(guided) as mode, _wrapped(self.name, "backward pass"):
+            with guided_relu(guided) as mode, wrapped(self.name, "backward pass"):
                 grads = torch.autograd.grad(scores[index], [leaf, offsets], allow_unused=True)
         image_grad, word_grad = (torch.zeros_like(w) if g is None else g
                                  for g, w in zip(grads, [leaf, offsets], strict=True))
@@ -614,7 +601,7 @@ def _load_config(location: str) -> Any:
         raise
     except Exception as exc:
         raise NotSupportedError(
-            f"{location!r} holds no transformers model config ({_first_line(exc)}); "
+            f"{location!r} holds no transformers model config ({first_line(exc)}); "
             f"supported: {_SUPPORTED_TEXT}"
         ) from exc
 
@@ -638,11 +625,6 @@ def _model_class(transformers: Any, config: Any, location: str) -> Any:
     return getattr(transformers, name)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextmanager
 def _rng_kept() -> Iterator[None]:
     """Keep the caller's CPU random state: ViLT draws a random order of its image patches
@@ -651,14 +633,4 @@ def _rng_kept() -> Iterator[None]:
         yield
 
 
-@contextmanager
-def _wrapped(name: str, what: str) -> Iterator[None]:
-    """Translate third-party errors into :class:`ModelError` naming the model and step."""
-    try:
-        yield
-    except BlackboxVQAError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"{name}: {what} failed: {type(exc).__name__}: {_first_line(exc)}") \
-            from exc
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from blackbox_vqa.adapters.base import OUTPUT_KINDS
 from blackbox_vqa.adapters.torch.module import TorchAdapter
-from blackbox_vqa.errors import InputError, ModelLoadError
+from blackbox_vqa.errors import InputError, ModelLoadError, first_line
 from blackbox_vqa.metadata import KEYS, ExportMetadata
 
 __all__ = ["GraphAdapter", "load_graph"]
@@ -143,7 +143,7 @@ def load_graph(
             )
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot load exported graph {file}: {type(exc).__name__}: {_first_line(exc)}"
+            f"cannot load exported graph {file}: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     props = {
         key: value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -153,6 +153,3 @@ def load_graph(
     return module, props
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
