@@ -276,6 +276,7 @@ class ChatServer:
     echo_key: bool = False
     template_space: bool = False  # vllm: the chat template puts a space before the message
     prompt_drift: float = 0.0  # vllm: added to each answer token's prompt logprob
+    token_ids: bool = True  # vllm: False ignores return_token_ids (sends no prompt ids)
     posts: list[float] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -429,7 +430,7 @@ class ChatServer:
         answer_body["choices"][0]["finish_reason"] = "length"
         self._shape(answer_body)
         answer_body["prompt_logprobs"] = entries
-        if request.return_token_ids:
+        if request.return_token_ids and self.token_ids:
             answer_body["prompt_token_ids"] = ids
         return answer_body
 
@@ -463,7 +464,7 @@ class ChatServer:
         choice["logprobs"] = {"content": [{**listed[0], "top_logprobs": listed}]
                               if listed else [], "refusal": None}
         self._shape(answer)
-        if request.return_token_ids:
+        if request.return_token_ids and self.token_ids:
             answer["prompt_token_ids"] = [toy_id(t) for t in head + tokens]
         return answer
 

@@ -245,15 +245,20 @@ def test_a_score_that_fails_the_token_by_token_check_falls_back_with_a_note(
         remote.prepare(image, QUESTION)
 
 
-def test_a_server_refusing_the_token_by_token_check_falls_back_with_a_note(
-    image: np.ndarray,
+@pytest.mark.parametrize(("server", "note"), [
+    ({"refuses": ("logprob_token_ids",)}, "the server refused the token-by-token check "
+     "(HTTP 400)"),
+    ({"token_ids": False}, "the server sent no prompt token ids, so the score cannot be "
+     "checked"),
+])
+def test_a_score_that_cannot_be_checked_token_by_token_falls_back_with_a_note(
+    image: np.ndarray, server: dict[str, Any], note: str
 ) -> None:
-    chat = ChatServer(flavour="vllm", refuses=("logprob_token_ids",))
+    chat = ChatServer(flavour="vllm", **server)
     with scripted_server(chat) as url, adapter(url + "/v1") as remote:
         remote.prepare(image, QUESTION)
         assert remote.mode == "first_token"
-        assert remote.notes == ["first-token scores: the server refused the token-by-token "
-                                "check (HTTP 400)"]
+        assert remote.notes == [f"first-token scores: {note}"]
 
 
 def test_the_token_by_token_check_sums_per_position_logprobs_aligned_by_id() -> None:
