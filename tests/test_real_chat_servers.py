@@ -1,8 +1,10 @@
 """``--http-format openai`` against real chat servers that nobody on this project wrote,
 set up by /work/shared/vlm-servers/setup_servers.sh under ``RS_DIR`` (default
-``~/.cache/vlm-servers``), each serving a tiny random-weight LLaVA. A server that is not set
-up there is skipped. Each test starts its server on a free port of 127.0.0.1 in its own
-process group and stops it by its pid.
+``~/.cache/vlm-servers``), each serving a tiny random-weight vision-language model (LLaVA
+for vLLM and ``transformers serve``, an Idefics3 GGUF for llama.cpp's ``llama-server``). A
+server that is not set up there is skipped. Each test starts its server on a free port of
+127.0.0.1 in its own process group and stops it by its pid (the vLLM test also kills it
+mid-run, by its process group, and starts it again).
 """
 
 from __future__ import annotations
@@ -272,3 +274,37 @@ def test_vllm_gives_exact_sequence_maps_that_resume_after_the_server_dies(
     print(f"\nvLLM sequence check: answer {answer!r}, {len(scores)} inputs, log p(original) "
           f"{logs[0]:.6g}, largest |whole - token by token| {worst:.3g}, resumed with "
           f"{kept} reused, a run without the cache {seconds:.1f} s")
+
+
+def test_llama_server_gives_first_token_maps_that_repeat_without_its_prompt_cache(
+    image_file: Path, tmp_path: Path
+) -> None:
+    server = RS_DIR / "llama-build" / "bin" / "llama-server"
+    gguf = RS_DIR / "gguf"
+    if not server.exists() or not (gguf / "tiny-idefics3-f32.gguf").exists():
+        pytest.skip(f"llama-server is not set up under {RS_DIR}")
+    port = _port()
+    # as /work/shared/vlm-servers/start_llama_server.sh starts it, without its prompt cache
+    # (with it, an input's logprobs depend on the prompt cached before: 3rd decimal)
+    command = [str(server), "-m", str(gguf / "tiny-idefics3-f32.gguf"), "--mmproj",
+               str(gguf / "mmproj-tiny-idefics3-f32.gguf"), "--host", "127.0.0.1",
+               "--port", str(port), "-c", "512", "-t", "1", "--jinja", "--no-webui",
+               "--no-cache-prompt"]
+    runs = []
+    with _server(command, port, tmp_path / "llama.log") as url:
+        for name in ("a", "b"):
+            code, _, err = run_cli(["explain", "-m", url, "--http-format", "openai",
+                                         "-i", str(image_file), "-q", QUESTION, "--grid",
+                                         str(GRID), "--http-concurrency", "1",
+                                         "--request-cache", "off",
+                                         "--out", str(tmp_path / name)])
+            assert code == 0, err
+            runs.append(json.loads((tmp_path / name / "explanation.json").read_text()))
+    semantics = runs[0]["score_semantics"]
+    assert semantics["kind"] == "first_token"
+    assert semantics["notes"] == ["first-token scores: the server offers no whole-answer "
+                                  "likelihood (prompt_logprobs)"]
+    assert semantics["request"]["server_model"].endswith("tiny-idefics3-f32.gguf")
+    for key in ("image", "words"):
+        np.testing.assert_array_equal(np.asarray(runs[0]["occlusion"][key]),
+                                      np.asarray(runs[1]["occlusion"][key]))
