@@ -95,6 +95,16 @@ def _answer_position_logprobs(image: np.ndarray, question: str,
     return [tables[i].get(t, -30.0) if i < 2 else -5.0 for i, t in enumerate(tokens)]
 
 
+def toy_id(token: str) -> int:
+    """A token's id: its index in :data:`VOCAB`, else ``1000 +`` its first character's."""
+    return VOCAB.index(token) if token in VOCAB else 1000 + ord(token[0])
+
+
+def toy_token(token_id: int) -> str:
+    """The token of an id (:func:`toy_id` undone)."""
+    return VOCAB[token_id] if token_id < len(VOCAB) else chr(token_id - 1000)
+
+
 # ------------------------------------------------------------------ the request schema
 
 
@@ -138,9 +148,13 @@ class ChatRequest(_Strict):
     prompt_logprobs: int | None = Field(default=None, ge=0)
     continue_final_message: bool | None = None
     add_generation_prompt: bool | None = None
+    logprob_token_ids: list[int] | None = None
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
 
 
-VLLM_FIELDS = ("prompt_logprobs", "continue_final_message", "add_generation_prompt")
+VLLM_FIELDS = ("prompt_logprobs", "continue_final_message", "add_generation_prompt",
+               "logprob_token_ids", "return_tokens_as_token_ids", "return_token_ids")
 
 
 class RequestError(Exception):
@@ -241,8 +255,10 @@ class ChatServer:
     ``prompt_logprobs`` with a continued assistant message, and its ``max_logprobs`` cap
     and message), ``"llama"`` (llama-server's shapes: token ids in the logprobs, the
     model file as the model id). ``refuses``: parameters refused as a hosted reasoning
-    model refuses them (``max_tokens``, ``temperature``, ``logprobs``). ``stop_after``:
-    answer this many POSTs, then stop (every later one is dropped).
+    model refuses them (``max_tokens``, ``temperature``, ``logprobs``; ``logprob_token_ids``
+    as a vLLM without that field does). ``prompt_drift``: added to every answer token's
+    ``prompt_logprobs`` value (a server whose prompt scores drift from its generation).
+    ``stop_after``: answer this many POSTs, then stop (every later one is dropped).
     """
 
     name: str = "toy-vlm"
@@ -259,6 +275,8 @@ class ChatServer:
     stop_after: int | None = None
     echo_key: bool = False
     template_space: bool = False  # vllm: the chat template puts a space before the message
+    prompt_drift: float = 0.0  # vllm: added to each answer token's prompt logprob
+    token_ids: bool = True  # vllm: False ignores return_token_ids (sends no prompt ids)
     posts: list[float] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -312,6 +330,12 @@ class ChatServer:
             self.texts.append(text)
         if self._fault(handler, fault):
             return
+        if request.logprob_token_ids is not None:
+            answer = self._next_token(request, image, text)
+            with self.lock:
+                self.answered += 1
+            send_json(handler, 200, json.dumps(answer).encode(), self.limited)
+            return
         if request.prompt_logprobs is not None:
             answer = self._score(request, image, text)
             with self.lock:
@@ -355,6 +379,8 @@ class ChatServer:
         if "logprobs" in self.refuses and "logprobs" in asked:
             raise RequestError(400, "Unsupported parameter: 'logprobs' is not supported "
                                "with this model.", "unsupported_parameter")
+        if "logprob_token_ids" in self.refuses and "logprob_token_ids" in asked:
+            raise RequestError(400, "logprob_token_ids: Extra inputs are not permitted")
         if self.flavour == "vllm" and (request.top_logprobs or 0) > self.max_logprobs:
             raise RequestError(400, f"Requested sample logprobs of {request.top_logprobs}, "
                                f"which is greater than max allowed: {self.max_logprobs}",
@@ -386,14 +412,11 @@ class ChatServer:
         assistant message's tokens; every position but the first gets a logprob (the
         answer's positions the toy's own, the others -1), and ``prompt_logprobs: k`` adds
         ``k`` alternatives with logprob -9."""
-        final = request.messages[-1]
-        answer = final.content if isinstance(final.content, str) else ""
-        answer = " " + answer if self.template_space else answer
-        head = ["<s>", "USER:", *list(text), "<image>", " ASSISTANT:"]
-        tokens = toy_tokens(answer)
-        values = [-1.0] * (len(head) - 1) + _answer_position_logprobs(image, text, tokens)
+        head, tokens = self._prompt(request, text)
+        values = [-1.0] * (len(head) - 1) + [
+            v + self.prompt_drift for v in _answer_position_logprobs(image, text, tokens)]
         entries: list[Any] = [None]
-        ids = [VOCAB.index(t) if t in VOCAB else 1000 + ord(t[0]) for t in head + tokens]
+        ids = [toy_id(t) for t in head + tokens]
         for position, (token, value) in enumerate(zip(head[1:] + tokens, values,
                                                       strict=True), start=1):
             entry = {str(ids[position]): {"logprob": value, "rank": 1,
@@ -407,7 +430,43 @@ class ChatServer:
         answer_body["choices"][0]["finish_reason"] = "length"
         self._shape(answer_body)
         answer_body["prompt_logprobs"] = entries
+        if request.return_token_ids and self.token_ids:
+            answer_body["prompt_token_ids"] = ids
         return answer_body
+
+    def _prompt(self, request: ChatRequest, text: str) -> tuple[list[str], list[str]]:
+        """The rendered prompt's tokens: the head (through `` ASSISTANT:``) and those of
+        a continued assistant message (none for the generation prompt)."""
+        head = ["<s>", "USER:", *list(text), "<image>", " ASSISTANT:"]
+        final = request.messages[-1]
+        if not request.continue_final_message or final.role != "assistant":
+            return head, []
+        answer = final.content if isinstance(final.content, str) else ""
+        answer = " " + answer if self.template_space else answer
+        return head, toy_tokens(answer)
+
+    def _next_token(self, request: ChatRequest, image: np.ndarray,
+                    text: str) -> dict[str, Any]:
+        """vLLM's answer to ``logprob_token_ids`` (tokens as ``token_id:N``): the
+        log-probability of each listed token at the position after the prompt (the
+        toy's own for the answer's first two positions, -5 after)."""
+        head, tokens = self._prompt(request, text)
+        asked = request.logprob_token_ids or []
+        position = len(tokens)
+        listed = [{"token": f"token_id:{i}", "bytes": [],
+                   "logprob": _answer_position_logprobs(
+                       image, text, [""] * position + [toy_token(i)])[position]}
+                  for i in asked]
+        answer = completion(request.model, None, 0)
+        choice = answer["choices"][0]
+        choice["message"]["content"] = ""
+        choice["finish_reason"] = "length"
+        choice["logprobs"] = {"content": [{**listed[0], "top_logprobs": listed}]
+                              if listed else [], "refusal": None}
+        self._shape(answer)
+        if request.return_token_ids and self.token_ids:
+            answer["prompt_token_ids"] = [toy_id(t) for t in head + tokens]
+        return answer
 
     def _fault(self, handler: Any, fault: str) -> bool:
         """Answer a fault that replaces the answer; True when done."""

@@ -23,14 +23,21 @@ from blackbox_vqa.adapters.http.config import ChatOptions, RetryPolicy, Timeouts
 from blackbox_vqa.adapters.http.endpoint import HttpAdapter
 from blackbox_vqa.adapters.http.formats import OTHER_ANSWER, WireError
 from blackbox_vqa.adapters.http.openai import ChatFormat, ChatVocabulary
-from blackbox_vqa.adapters.http.sequence import answer_logprob
+from blackbox_vqa.adapters.http.sequence import (
+    AnswerToken,
+    NextToken,
+    SequenceScore,
+    answer_logprob,
+    check_by_token,
+    prefix_text,
+)
 from blackbox_vqa.errors import ModelError, ModelLoadError
 from blackbox_vqa.explainers.masks import grid_boxes
 from blackbox_vqa.explainers.occlusion import Occlusion
 from blackbox_vqa.text import drop_word, split_words
 from cli_runner import run_cli
 from live_server import scripted_server
-from openai_server import ChatServer, toy_logprobs, toy_second_logprobs
+from openai_server import ChatServer, toy_id, toy_logprobs, toy_second_logprobs
 
 QUESTION = "is the red square bright?"
 GRID = 4
@@ -118,11 +125,22 @@ def test_sequence_scores_are_the_whole_answers_probability(image: np.ndarray) ->
     assert abs(first_only - p) > 0.05
     assert semantics is not None and semantics["kind"] == "sequence"
     assert semantics["request"]["score"] == "sequence" and "notes" not in semantics
-    # the first POST generated the answer; every later one scored it, continuing it
-    generate, *scoring = chat.requests
-    assert "prompt_logprobs" not in generate and len(scoring) == len(chat.requests) - 1
+    # the first POST generated the answer; the original's score was checked token by
+    # token (two prefixes: the generation prompt, then "Yes" continued, each asking the
+    # next token by id); every other POST scored the answer, continuing it
+    generate, *rest = chat.requests
+    checks = [r for r in rest if "logprob_token_ids" in r]
+    scoring = [r for r in rest if "logprob_token_ids" not in r]
+    assert "prompt_logprobs" not in generate and "logprob_token_ids" not in generate
+    assert [(r["add_generation_prompt"], r["messages"][1:], r["logprob_token_ids"])
+            for r in checks] == [
+        (True, [], [toy_id("Yes")]),
+        (False, [{"role": "assistant", "content": "Yes"}], [toy_id(".")])]
+    assert all(r["return_tokens_as_token_ids"] is True and r["return_token_ids"] is True
+               and r["max_tokens"] == 1 for r in checks)
     assert all(r["prompt_logprobs"] == 0 and r["continue_final_message"] is True
                and r["add_generation_prompt"] is False and r["max_tokens"] == 1
+               and r["return_token_ids"] is True
                and r["messages"][-1] == {"role": "assistant", "content": "Yes."}
                for r in scoring)
 
@@ -189,21 +207,74 @@ def test_a_refused_scoring_request_falls_back_or_fails_when_sequence_is_asked(
         assert remote.mode == "first_token" and remote.notes == []
 
 
-def test_a_template_that_changes_the_answer_falls_back_with_a_note(image: np.ndarray) -> None:
+def test_an_answer_tokenised_otherwise_than_generated_is_scored_as_the_server_tokenises_it(
+    image: np.ndarray,
+) -> None:
     chat = ChatServer(flavour="vllm", template_space=True)  # " Yes" is another token
+    with scripted_server(chat) as url, adapter(url + "/v1") as remote:
+        remote.prepare(image, QUESTION)
+        assert remote.mode == "sequence"
+        row = remote.answer_probs(occluded(image, (0, 8, 0, 8)), QUESTION)
+        (note,) = remote.notes
+    generated = toy_logprobs(image, QUESTION)["Yes"] + toy_second_logprobs(image, QUESTION)["."]
+    given = toy_logprobs(image, QUESTION)[" Yes"] + toy_second_logprobs(image, QUESTION)["."]
+    assert note == ("the answer is scored as the server tokenises it (2 tokens, "
+                    f"log-probability {given:.4g}); the model generated it as other tokens "
+                    f"(log-probability {generated:.4g})")
+    perturbed = occluded(image, (0, 8, 0, 8))
+    expected = toy_logprobs(perturbed, QUESTION)[" Yes"] + \
+        toy_second_logprobs(perturbed, QUESTION)["."]
+    assert row[0] == pytest.approx(math.exp(expected), abs=1e-12)
+
+
+def test_a_score_that_fails_the_token_by_token_check_falls_back_with_a_note(
+    image: np.ndarray,
+) -> None:
+    chat = ChatServer(flavour="vllm", prompt_drift=-0.01)  # prompt scoring drifts
     with scripted_server(chat) as url, adapter(url + "/v1") as remote:
         remote.prepare(image, QUESTION)
         assert remote.mode == "first_token"
         (note,) = remote.notes
-    generated = toy_logprobs(image, QUESTION)["Yes"] + toy_second_logprobs(image, QUESTION)["."]
-    given = toy_logprobs(image, QUESTION)[" Yes"] + toy_second_logprobs(image, QUESTION)["."]
-    assert note == (f"first-token scores: the server scores its own answer {given:.4g} as a "
-                    f"given text but {generated:.4g} as generated (its chat template or "
-                    "tokeniser changes the answer)")
+        assert remote.score_semantics["kind"] == "first_token"  # type: ignore[index]
+    by_token = toy_logprobs(image, QUESTION)["Yes"] + toy_second_logprobs(image, QUESTION)["."]
+    assert note == (f"first-token scores: the server scores the answer {by_token - 0.02:.6g} "
+                    f"as a whole but {by_token:.6g} token by token")
     with scripted_server(chat) as url, \
             adapter(url + "/v1", chat=ChatOptions(score="sequence")) as remote, \
-            pytest.raises(ModelError, match="chat template or tokeniser"):
+            pytest.raises(ModelError, match=r"as a whole but .* token by token"):
         remote.prepare(image, QUESTION)
+
+
+@pytest.mark.parametrize(("server", "note"), [
+    ({"refuses": ("logprob_token_ids",)}, "the server refused the token-by-token check "
+     "(HTTP 400)"),
+    ({"token_ids": False}, "the server sent no prompt token ids, so the score cannot be "
+     "checked"),
+])
+def test_a_score_that_cannot_be_checked_token_by_token_falls_back_with_a_note(
+    image: np.ndarray, server: dict[str, Any], note: str
+) -> None:
+    chat = ChatServer(flavour="vllm", **server)
+    with scripted_server(chat) as url, adapter(url + "/v1") as remote:
+        remote.prepare(image, QUESTION)
+        assert remote.mode == "first_token"
+        assert remote.notes == [f"first-token scores: {note}"]
+
+
+def test_the_token_by_token_check_sums_per_position_logprobs_aligned_by_id() -> None:
+    tokens = (AnswerToken(7, 4, " light", -1.0), AnswerToken(8, 9, " blue", -0.5))
+    score = SequenceScore(-1.5, tokens, tuple(range(9)))
+    assert check_by_token(score, [NextToken(-1.0, None), NextToken(-0.50005, None)]) is None
+    assert check_by_token(score, [NextToken(-1.0, None), NextToken(-0.4, None)]) == (
+        "the server scores the answer -1.5 as a whole but -1.4 token by token")
+    assert check_by_token(score, [NextToken(-1.0, None), None]) == (
+        "no prompt reproduces the first 1 of the answer's 2 tokens, so its score cannot be "
+        "checked token by token")
+    # the template's space sits inside the first token: prefixes are the message's text
+    assert [prefix_text(tokens, k, "light blue") for k in range(3)] == \
+        ["", "light", "light blue"]
+    assert [prefix_text(tokens, k, " light blue") for k in range(3)] == \
+        ["", " light", " light blue"]
 
 
 def test_prompt_logprobs_are_read_by_token_id_and_aligned_on_the_answer() -> None:

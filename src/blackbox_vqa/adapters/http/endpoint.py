@@ -65,7 +65,15 @@ from blackbox_vqa.adapters.http.openai import (
     chat_semantics,
 )
 from blackbox_vqa.adapters.http.request_cache import RequestCache
-from blackbox_vqa.adapters.http.sequence import SequenceFormat, SequenceScore, sequence_semantics
+from blackbox_vqa.adapters.http.sequence import (
+    NextToken,
+    PrefixFormat,
+    SequenceFormat,
+    SequenceScore,
+    check_by_token,
+    prefix_text,
+    sequence_semantics,
+)
 from blackbox_vqa.adapters.http.transport import (
     AbortedError,
     HttpStatusError,
@@ -95,14 +103,15 @@ _LIMIT_KEYS = {"http_concurrency": "concurrency",
 _CHAT_KEYS = {"remote_model": "remote_model", "prompt": "prompt", "max_tokens": "max_tokens",
               "top_logprobs": "top_logprobs", "answer_score": "score",
               "require_logprobs": "require_logprobs"}
-# Two log-probabilities of one answer that agree (the server's own float noise is ~1e-6).
-_SAME_LOGPROB = 1e-3
+# The generated tokens' log-probability and the scored ones' differ by more than float
+# noise: the answer was generated as other tokens than the server's tokenisation of it.
+_RETOKENISED = 1e-3
 # An upper estimate of one score's share of an 'ours' JSON answer ("1.2345678901234567e-05, ").
 _SCORE_JSON_BYTES = 25
 _CACHE_BYTES = 64 * 2**20
 _BODY_FILL = 0.9
 # What one input's answer is before it becomes a score row (see http_formats.Raw).
-Answer = Raw | ChatAnswer | SequenceScore
+Answer = Raw | ChatAnswer | SequenceScore | NextToken
 _C = TypeVar("_C", Timeouts, Limits, RetryPolicy, ChatOptions)
 
 
@@ -355,7 +364,7 @@ class HttpAdapter:
                 self._chat.learn(raw)
         elif isinstance(raw, str):
             self._learn(raw)
-        elif not isinstance(raw, SequenceScore):
+        elif not isinstance(raw, (SequenceScore, NextToken)):
             for answer, _ in raw:  # type: ignore[misc]
                 self._learn(answer)
 
@@ -505,7 +514,8 @@ class HttpAdapter:
             self.requests.put(key, content)
         return parsed
 
-    def _ask_one(self, fmt: ChatFormat | SequenceFormat, items: list[Item]) -> list[Answer]:
+    def _ask_one(self, fmt: ChatFormat | SequenceFormat | PrefixFormat,
+                 items: list[Item]) -> list[Answer]:
         try:
             return self._ask(fmt, items, threading.Event())
         except TooLargeError as exc:
@@ -575,21 +585,55 @@ class HttpAdapter:
                               "answer (prompt_logprobs)")
             return
         assert isinstance(score, SequenceScore)
-        if answer.total is not None and abs(score.logprob - answer.total) > _SAME_LOGPROB:
-            # The continued message is not the generation: the chat template renders the
-            # assistant turn otherwise, or the text is tokenised otherwise than generated.
-            problem = (f"the server scores its own answer {score.logprob:.4g} as a given "
-                       f"text but {answer.total:.4g} as generated (its chat template or "
-                       "tokeniser changes the answer)")
+        problem = self._check_by_token(fmt, score, answer.raw, items)
+        if problem is not None:
             if self.chat.score_mode == "sequence":
                 raise ModelError(f"HTTP endpoint {url}: {problem}")
             self.mode = "first_token"
             self.notes.append(f"first-token scores: {problem}")
             return
+        if answer.total is not None and abs(score.logprob - answer.total) > _RETOKENISED:
+            self.notes.append(
+                f"the answer is scored as the server tokenises it ({len(score.tokens)} "
+                f"tokens, log-probability {score.logprob:.4g}); the model generated it as "
+                f"other tokens (log-probability {answer.total:.4g})")
         self._format = sequence
         self.mode = "sequence"
         if self.cache:
             self._remember((_image_key(items[0][0]), items[0][1]), score)
+
+    def _check_by_token(self, fmt: ChatFormat, score: SequenceScore, answer: str,
+                        items: list[Item]) -> str | None:
+        """None when the original input's whole-answer score equals the sum of its tokens'
+        log-probabilities asked one position at a time (:class:`PrefixFormat`, each
+        prompt's ids checked against the scoring prompt's); else the problem, in words."""
+        if score.prompt_ids is None or any(t.token_id is None for t in score.tokens):
+            return "the server sent no prompt token ids, so the score cannot be checked"
+        found: list[NextToken | None] = []
+        for k, token in enumerate(score.tokens):
+            assert token.token_id is not None
+            want = score.prompt_ids[:token.position]
+            # the generation prompt, or an empty continued message, ends before the answer
+            prefixes = [None, ""] if k == 0 else [prefix_text(score.tokens, k, answer)]
+            hit: NextToken | None = None
+            for prefix in prefixes:
+                try:
+                    (next_token,) = self._ask_one(PrefixFormat(fmt, prefix, token.token_id),
+                                                  items)
+                except HttpStatusError as exc:
+                    if exc.status not in (400, 404, 422):
+                        raise
+                    return f"the server refused the token-by-token check (HTTP {exc.status})"
+                except ModelOutputError:
+                    return "the server cannot be asked a token's log-probability by id"
+                assert isinstance(next_token, NextToken)
+                if next_token.prompt_ids == want:
+                    hit = next_token
+                    break
+            found.append(hit)
+            if hit is None:
+                break
+        return check_by_token(score, found)
 
 
 def _sequence_row(score: SequenceScore, width: int) -> NDArray[np.float64]:
