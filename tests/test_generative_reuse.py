@@ -192,3 +192,21 @@ def test_gathered_repeats_rows_and_qwen_patches() -> None:
     assert found["pixel_values"].flatten().tolist() == [2.0, 0.0, 1.0, 2.0]
     assert found["image_grid_thw"].tolist() == [[1, 1, 1], [1, 1, 2], [1, 1, 1]]
     assert gathered({"pixel_values": torch.zeros(3, 2), "scale": 2.0}, [0, 0, 1], 2) is None
+
+
+@pytest.mark.parametrize("family", ("llava", "qwen2vl"))
+def test_prefetching_the_next_batch_changes_no_score(family: str,
+                                                     folders: dict[str, Path]) -> None:
+    adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3, device="cpu",
+                                                batch_size=3)
+    pixels = image(3, SIZE)
+    adapter.prepare(pixels, QUESTION)
+    images, questions = _inputs(pixels)
+    found = {}
+    for prefetch in (False, True):  # on by default on CUDA only; the same code on the CPU
+        adapter.prefetch = prefetch
+        adapter.reuse.clear()
+        found[prefetch] = (adapter.answer_probs_batch(images, questions),
+                           adapter.answer_probs_with_token_logprobs(images, questions)[1])
+    np.testing.assert_array_equal(found[True][0], found[False][0])
+    np.testing.assert_array_equal(found[True][1], found[False][1])

@@ -32,7 +32,8 @@ scored on the rounded image, the same for every method and for the direct comput
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,9 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         name: display name.
         reuse: reuse the vision tower's output and the shared prompt prefix's key/value
             cache across the inputs of one explanation (default True; exact either way).
+
+    On CUDA (``prefetch``) the processor encodes the next batch on a worker thread while the
+    device scores the current one.
     """
 
     def __init__(
@@ -196,6 +200,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         self.reuse = Reuse(model, self.model_type)
         self.reuse.enabled = self.reuse.enabled and bool(reuse)
         self._reuse_key: tuple[str, str] | None = None
+        self.prefetch = self.device.type == "cuda"
         if answer is not None:
             self.choose_answer(answer)
 
@@ -380,18 +385,38 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
             self.prepare(images[0], questions[0])
         levels = [_levels(image) for image in images]
         keys = [image_key(im) for im in levels]
-        rows = []
-        for start in range(0, len(levels), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            rows.append(self._scores(levels[chunk], questions[chunk], keys[chunk]))
+        candidates = self._candidates_ids() if self.candidates else []
+        rows = [self._scores(encoded, keys[chunk], candidates)
+                for chunk, encoded in self._encoded(levels, questions, keys)]
         return np.concatenate(rows, axis=0)
 
-    def _scores(self, images: list[NDArray[np.uint8]], questions: list[str],
-                keys: list[str]) -> NDArray[np.float64]:
-        encoded = self.encode(images, questions, keys=keys)
+    def _encoded(self, images: list[NDArray[np.uint8]], questions: list[str],
+                 keys: list[str]) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """``(rows, encoded)`` of each batch of at most ``batch_size`` inputs in turn; with
+        ``prefetch`` the next batch is encoded on a worker thread meanwhile (the processor
+        is then used by that thread alone)."""
+        chunks = [slice(s, s + self.batch_size) for s in range(0, len(images), self.batch_size)]
+
+        def encode(chunk: slice) -> dict[str, torch.Tensor]:
+            return self.encode(images[chunk], questions[chunk], keys=keys[chunk])
+
+        if not self.prefetch or len(chunks) < 2:
+            for chunk in chunks:
+                yield chunk, encode(chunk)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(encode, chunks[0])
+            for index, chunk in enumerate(chunks):
+                encoded = pending.result()
+                if index + 1 < len(chunks):
+                    pending = pool.submit(encode, chunks[index + 1])
+                yield chunk, encoded
+
+    def _scores(self, encoded: dict[str, torch.Tensor], keys: list[str],
+                candidates: list[tuple[int, ...]]) -> NDArray[np.float64]:
         if self.candidates:
             logliks = np.stack([self.token_logprobs(encoded, ids, image_keys=keys).sum(axis=1)
-                                for ids in self._candidates_ids()], axis=1)
+                                for ids in candidates], axis=1)
             shifted = np.exp(logliks - logliks.max(axis=1, keepdims=True))
             return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
         logp = self.token_logprobs(encoded, self.answer_ids, image_keys=keys).sum(axis=1)
@@ -433,11 +458,8 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         levels = [_levels(a) for a in arrays]
         keys = [image_key(im) for im in levels]
         rows = [np.zeros((0, len(self.answer_ids)))]
-        for start in range(0, len(levels), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            encoded = self.encode(levels[chunk], questions[chunk], keys=keys[chunk])
-            rows.append(self.token_logprobs(encoded, self.answer_ids,
-                                            image_keys=keys[chunk]))
+        for chunk, encoded in self._encoded(levels, questions, keys):
+            rows.append(self.token_logprobs(encoded, self.answer_ids, image_keys=keys[chunk]))
         found = np.concatenate(rows, axis=0)
         prob = np.exp(found.sum(axis=1))
         scores = np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
