@@ -104,8 +104,15 @@ class Reuse:
                    else [_digest(row) for row in self._pixel_rows(extra, count)])
         features = self._features(extra, digests, full)
         rope = self._rope(full, mask, extra)
+        groups = self._groups(digests)
+        if len(groups) == 1:  # one pass over the whole batch: no picking of rows
+            group, shared = groups[0]
+            hidden, offset = self._group_hidden(full, mask, extra, group, features,
+                                                digests[0] if shared else None, rope)
+            return hidden.gather(1, (positions - offset)[..., None].expand(
+                -1, -1, hidden.shape[-1]))
         parts = []
-        for group, shared in self._groups(digests):
+        for group, shared in groups:
             index = torch.tensor(group, device=full.device)
             hidden, offset = self._group_hidden(full[index], mask[index], extra, group,
                                                 [features[i] for i in group],
