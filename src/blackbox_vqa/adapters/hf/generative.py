@@ -476,8 +476,10 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         question = self.validate_question(question)
         if not self._fixed and self._prepared is None:
             self.prepare(image, question)
-        encoded = self.encode([_levels(to_rgb_array(image))], [question])
-        return float(self.token_logprobs(encoded, self.answer_ids).sum())
+        levels = _levels(to_rgb_array(image))
+        keys = [image_key(levels)]
+        encoded = self.encode([levels], [question], keys=keys)
+        return float(self.token_logprobs(encoded, self.answer_ids, image_keys=keys).sum())
 
     def token_logprobs(self, encoded: dict[str, torch.Tensor], answer_ids: Sequence[int], *,
                        image_keys: Sequence[str] | None = None) -> NDArray[np.float64]:
