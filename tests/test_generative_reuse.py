@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
 from blackbox_vqa.adapters.hf import generative_reuse as reuse
 from blackbox_vqa.adapters.hf.generative import GenerativeAdapter
+from blackbox_vqa.adapters.hf.generative_inputs import gathered, images_once
 from blackbox_vqa.adapters.hf.generative_reuse import (
     PREFIX_ENTRIES,
     VISION_ENTRIES,
@@ -127,3 +129,84 @@ def test_other_families_take_the_plain_path() -> None:
 
     assert not Reuse(Model(), "blip-2").enabled
     assert Reuse(Model(), "paligemma").enabled and not Reuse(Model(), "paligemma").prefix_kv
+
+
+class _Counting:
+    """An image processor that records how many images each call gets."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner, self.seen = inner, []  # type: list[int]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def __call__(self, images: list[object], *args: object, **kwargs: object) -> object:
+        self.seen.append(len(images))
+        return self.inner(images, *args, **kwargs)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_repeated_image_is_processed_once_with_the_same_tensors(
+    family: str, folders: dict[str, Path]
+) -> None:
+    adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3, device="cpu")
+    pixels, other = image(3, SIZE), image(4, SIZE)
+    images = [pixels, other, pixels.copy(), pixels, other]
+    questions = [QUESTION, QUESTION, "what color", "is it red", "the shape"]
+    inner = adapter.processor.image_processor
+    counting = _Counting(inner)
+    adapter.processor.image_processor = counting
+    try:
+        found = adapter.encode(images, questions)
+    finally:
+        adapter.processor.image_processor = inner
+    assert counting.seen == [2]  # two distinct images, each once
+    prompts = [adapter.prompts(q) for q in questions]
+    adapter.tokenizer.padding_side = "right"
+    expected = adapter.processor(text=prompts, images=[[im] for im in images], padding=True,
+                                 return_tensors="pt")
+    assert set(found) == {k for k in expected if k != "labels"}
+    for key, value in found.items():
+        assert torch.equal(value, expected[key]), (family, key)
+
+
+def test_the_image_processor_is_restored_after_an_error(folders: dict[str, Path]) -> None:
+    adapter = GenerativeAdapter.from_pretrained(folders["llava"], max_tokens=3, device="cpu")
+    inner = adapter.processor.image_processor
+    with pytest.raises(RuntimeError), images_once(adapter.processor, [], []):
+        assert adapter.processor.image_processor is not inner
+        raise RuntimeError("boom")
+    assert adapter.processor.image_processor is inner
+
+
+def test_gathered_repeats_rows_and_qwen_patches() -> None:
+    out = {"pixel_values": torch.arange(6.0).reshape(3, 2), "rows": [[1], [2], [3]]}
+    found = gathered(out, [2, 0, 2], 3)
+    assert found is not None
+    assert torch.equal(found["pixel_values"], torch.tensor([[4.0, 5.0], [0.0, 1.0], [4.0, 5.0]]))
+    assert found["rows"] == [[3], [1], [3]]
+    grid = torch.tensor([[1, 1, 2], [1, 1, 1]])  # 2 patches, then 1
+    qwen = {"pixel_values": torch.tensor([[0.0], [1.0], [2.0]]), "image_grid_thw": grid}
+    found = gathered(qwen, [1, 0, 1], 2)
+    assert found is not None
+    assert found["pixel_values"].flatten().tolist() == [2.0, 0.0, 1.0, 2.0]
+    assert found["image_grid_thw"].tolist() == [[1, 1, 1], [1, 1, 2], [1, 1, 1]]
+    assert gathered({"pixel_values": torch.zeros(3, 2), "scale": 2.0}, [0, 0, 1], 2) is None
+
+
+@pytest.mark.parametrize("family", ("llava", "qwen2vl"))
+def test_prefetching_the_next_batch_changes_no_score(family: str,
+                                                     folders: dict[str, Path]) -> None:
+    adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3, device="cpu",
+                                                batch_size=3)
+    pixels = image(3, SIZE)
+    adapter.prepare(pixels, QUESTION)
+    images, questions = _inputs(pixels)
+    found = {}
+    for prefetch in (False, True):  # on by default on CUDA only; the same code on the CPU
+        adapter.prefetch = prefetch
+        adapter.reuse.clear()
+        found[prefetch] = (adapter.answer_probs_batch(images, questions),
+                           adapter.answer_probs_with_token_logprobs(images, questions)[1])
+    np.testing.assert_array_equal(found[True][0], found[False][0])
+    np.testing.assert_array_equal(found[True][1], found[False][1])

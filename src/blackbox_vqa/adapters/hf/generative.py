@@ -31,9 +31,9 @@ scored on the rounded image, the same for every method and for the direct comput
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray, check_pairs, check_scores
 from blackbox_vqa.adapters.hf.calls import quiet_transformers, wrapped
 from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
+from blackbox_vqa.adapters.hf.generative_inputs import image_key, images_once
 from blackbox_vqa.adapters.hf.generative_reuse import Reuse
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
 from blackbox_vqa.adapters.torch.forward import eval_mode
@@ -140,6 +141,9 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         name: display name.
         reuse: reuse the vision tower's output and the shared prompt prefix's key/value
             cache across the inputs of one explanation (default True; exact either way).
+
+    On CUDA (``prefetch``) the processor encodes the next batch on a worker thread while the
+    device scores the current one.
     """
 
     def __init__(
@@ -196,6 +200,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         self.reuse = Reuse(model, self.model_type)
         self.reuse.enabled = self.reuse.enabled and bool(reuse)
         self._reuse_key: tuple[str, str] | None = None
+        self.prefetch = self.device.type == "cuda"
         if answer is not None:
             self.choose_answer(answer)
 
@@ -299,7 +304,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         """Generate the model's answer on this input (once per input) unless an answer was
         chosen; the answer list is then ``(answer, "(other)")``. A new input clears the
         reuse caches."""
-        key = (question, _digest(to_rgb_array(image)))
+        key = (question, image_key(to_rgb_array(image)))
         if self._reuse_key != key:
             self.reuse.clear()
             self._reuse_key = key
@@ -345,16 +350,20 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
 
     # -- inputs ----------------------------------------------------------------------------
 
-    def encode(self, images: Sequence[NDArray[np.uint8]], questions: Sequence[str]
-               ) -> dict[str, torch.Tensor]:
+    def encode(self, images: Sequence[NDArray[np.uint8]], questions: Sequence[str], *,
+               keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """The processor's tensors for ``B`` prompts and images, right-padded, on the device
-        (``input_ids [B, T]``, ``attention_mask [B, T]``, pixel tensors of the family)."""
+        (``input_ids [B, T]``, ``attention_mask [B, T]``, pixel tensors of the family).
+        Each distinct image is processed once (``keys``: the images' :func:`image_key`,
+        computed when not given)."""
         prompts = [self.prompts(q) for q in questions]
+        if keys is None:
+            keys = [image_key(im) for im in images]
         side = getattr(self.tokenizer, "padding_side", "right")
         self.tokenizer.padding_side = "right"
 
         try:
-            with quiet_transformers():
+            with quiet_transformers(), images_once(self.processor, images, keys):
                 encoded = self.processor(text=prompts, images=[[im] for im in images],
                                          padding=True, return_tensors="pt")
         except BlackboxVQAError:
@@ -375,21 +384,42 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         if not self._fixed and self._prepared is None:  # first input seen: its answer
             self.prepare(images[0], questions[0])
         levels = [_levels(image) for image in images]
-        rows = []
-        for start in range(0, len(levels), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            rows.append(self._scores(levels[chunk], questions[chunk]))
+        keys = [image_key(im) for im in levels]
+        candidates = self._candidates_ids() if self.candidates else []
+        rows = [self._scores(encoded, keys[chunk], candidates)
+                for chunk, encoded in self._encoded(levels, questions, keys)]
         return np.concatenate(rows, axis=0)
 
-    def _scores(self, images: list[NDArray[np.uint8]], questions: list[str]
-                ) -> NDArray[np.float64]:
-        encoded = self.encode(images, questions)
+    def _encoded(self, images: list[NDArray[np.uint8]], questions: list[str],
+                 keys: list[str]) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """``(rows, encoded)`` of each batch of at most ``batch_size`` inputs in turn; with
+        ``prefetch`` the next batch is encoded on a worker thread meanwhile (the processor
+        is then used by that thread alone)."""
+        chunks = [slice(s, s + self.batch_size) for s in range(0, len(images), self.batch_size)]
+
+        def encode(chunk: slice) -> dict[str, torch.Tensor]:
+            return self.encode(images[chunk], questions[chunk], keys=keys[chunk])
+
+        if not self.prefetch or len(chunks) < 2:
+            for chunk in chunks:
+                yield chunk, encode(chunk)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(encode, chunks[0])
+            for index, chunk in enumerate(chunks):
+                encoded = pending.result()
+                if index + 1 < len(chunks):
+                    pending = pool.submit(encode, chunks[index + 1])
+                yield chunk, encoded
+
+    def _scores(self, encoded: dict[str, torch.Tensor], keys: list[str],
+                candidates: list[tuple[int, ...]]) -> NDArray[np.float64]:
         if self.candidates:
-            logliks = np.stack([self.token_logprobs(encoded, ids).sum(axis=1)
-                                for ids in self._candidates_ids()], axis=1)
+            logliks = np.stack([self.token_logprobs(encoded, ids, image_keys=keys).sum(axis=1)
+                                for ids in candidates], axis=1)
             shifted = np.exp(logliks - logliks.max(axis=1, keepdims=True))
             return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
-        logp = self.token_logprobs(encoded, self.answer_ids).sum(axis=1)
+        logp = self.token_logprobs(encoded, self.answer_ids, image_keys=keys).sum(axis=1)
         prob = np.exp(logp)
         return np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
 
@@ -426,11 +456,10 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         if arrays and not self._fixed and self._prepared is None:
             self.prepare(arrays[0], questions[0])
         levels = [_levels(a) for a in arrays]
+        keys = [image_key(im) for im in levels]
         rows = [np.zeros((0, len(self.answer_ids)))]
-        for start in range(0, len(levels), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            rows.append(self.token_logprobs(self.encode(levels[chunk], questions[chunk]),
-                                            self.answer_ids))
+        for chunk, encoded in self._encoded(levels, questions, keys):
+            rows.append(self.token_logprobs(encoded, self.answer_ids, image_keys=keys[chunk]))
         found = np.concatenate(rows, axis=0)
         prob = np.exp(found.sum(axis=1))
         scores = np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
@@ -447,13 +476,17 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
         question = self.validate_question(question)
         if not self._fixed and self._prepared is None:
             self.prepare(image, question)
-        encoded = self.encode([_levels(to_rgb_array(image))], [question])
-        return float(self.token_logprobs(encoded, self.answer_ids).sum())
+        levels = _levels(to_rgb_array(image))
+        keys = [image_key(levels)]
+        encoded = self.encode([levels], [question], keys=keys)
+        return float(self.token_logprobs(encoded, self.answer_ids, image_keys=keys).sum())
 
-    def token_logprobs(self, encoded: dict[str, torch.Tensor], answer_ids: Sequence[int]
-                       ) -> NDArray[np.float64]:
+    def token_logprobs(self, encoded: dict[str, torch.Tensor], answer_ids: Sequence[int], *,
+                       image_keys: Sequence[str] | None = None) -> NDArray[np.float64]:
         """``[B, L]`` (float64): log p(answer token i | input, tokens < i) for each input,
-        one teacher-forced forward pass over the prompts with the answer appended."""
+        one teacher-forced forward pass over the prompts with the answer appended.
+        ``image_keys``: each row's :func:`image_key` of its ``uint8`` image (the vision
+        cache's key; without them the processed pixel tensors are digested)."""
         ids, mask = encoded["input_ids"], encoded["attention_mask"]
         lengths = mask.sum(dim=1)
         count, width = ids.shape
@@ -464,28 +497,26 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
                 f"the prompt ({int(lengths.max())} tokens) and the answer ({size} tokens) "
                 f"exceed {self.name}'s context of {self.max_positions} positions"
             )
-        full = ids.new_full((count, width + size), self.pad_id)
-        full_mask = mask.new_zeros((count, width + size))
-        types = ids.new_zeros((count, width + size))
-        for row, length in enumerate(lengths.tolist()):
-            full[row, :length] = ids[row, :length]
-            full[row, length:length + size] = answer
-            full_mask[row, :length + size] = 1
-            types[row, length:length + size] = 1
+        place = (torch.arange(width + size, device=ids.device)[None] - lengths[:, None])
+        prompt, in_answer = place < 0, (place >= 0) & (place < size)
+        wide = torch.nn.functional.pad(ids, (0, size), value=self.pad_id)
+        full = torch.where(prompt, wide, answer[place.clamp(0, size - 1)])
+        full = torch.where(prompt | in_answer, full, self.pad_id)
+        full_mask = (place < size).to(mask.dtype)
+        types = in_answer.to(ids.dtype)
         extra = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
         for key, value in encoded.items():  # per-token tensors: the answer's are text tokens
             if key in extra and tuple(value.shape) == (count, width):
-                grown = value.new_zeros((count, width + size))
-                for row, length in enumerate(lengths.tolist()):
-                    grown[row, :length] = value[row, :length]
-                extra[key] = grown
+                grown = torch.nn.functional.pad(value, (0, size))
+                extra[key] = torch.where(prompt, grown, torch.zeros_like(grown))
         if "token_type_ids" in encoded:  # PaliGemma: prefix 0 (bidirectional), answer 1
             extra["token_type_ids"] = types
         positions = lengths[:, None] - 1 + torch.arange(size, device=ids.device)[None]
         with eval_mode(self.module), torch.inference_mode(), \
                 wrapped(self.name, "forward pass"):
             if self.reuse.applies(extra, count):
-                picked = self.reuse.picked(full, full_mask, extra, positions)
+                picked = self.reuse.picked(full, full_mask, extra, positions,
+                                           keys=image_keys)
             else:
                 hidden = self.module.model(input_ids=full, attention_mask=full_mask,
                                            **extra).last_hidden_state
@@ -507,11 +538,6 @@ def _levels(image: ImageArray) -> NDArray[np.uint8]:
     if image.dtype == np.uint8:
         return np.asarray(image)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
-
-
-def _digest(image: ImageArray) -> str:
-    data = np.ascontiguousarray(image)
-    return hashlib.sha1(data.tobytes() + str(data.shape).encode()).hexdigest()
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

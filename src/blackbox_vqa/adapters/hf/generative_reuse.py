@@ -4,7 +4,9 @@ and the key/value cache of the prompt prefix the inputs share.
 Two caches, both bounded and cleared whenever the adapter prepares a new input:
 
 - **vision**: the image features after the projector (what the model scatters into its
-  image-token positions), keyed by a SHA-1 digest of each input's processed pixel tensors.
+  image-token positions), keyed by each input's image key: the adapter's SHA-1 digest of
+  the ``uint8`` image it gave the (deterministic) processor, computed on the host once per
+  input, or without one a digest of the row's processed pixel tensors.
   Word-drop inputs share the original image, so its vision-tower pass runs once; the
   distinct images of one batch (image occlusion) run in one batched vision pass. The
   first image computed after a clear (the explained input's) is kept for the whole
@@ -32,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -91,16 +94,25 @@ class Reuse:
     # -- the cached pass --------------------------------------------------------------------
 
     def picked(self, full: torch.Tensor, mask: torch.Tensor, extra: dict[str, torch.Tensor],
-               positions: torch.Tensor) -> torch.Tensor:
+               positions: torch.Tensor, *, keys: Sequence[str] | None = None
+               ) -> torch.Tensor:
         """Last hidden states ``[B, L, H]`` at ``positions [B, L]`` (absolute) of the
-        teacher-forced rows ``full [B, T]`` (right-padded, ``mask [B, T]``)."""
+        teacher-forced rows ``full [B, T]`` (right-padded, ``mask [B, T]``); ``keys``: each
+        row's image key (see the module doc; None: digests of the pixel tensors)."""
         count = full.shape[0]
-        rows = self._pixel_rows(extra, count)
-        digests = [_digest(row) for row in rows]
-        features = self._features(rows, digests, full)
+        digests = (list(keys) if keys is not None and len(keys) == count
+                   else [_digest(row) for row in self._pixel_rows(extra, count)])
+        features = self._features(extra, digests, full)
         rope = self._rope(full, mask, extra)
+        groups = self._groups(digests)
+        if len(groups) == 1:  # one pass over the whole batch: no picking of rows
+            group, shared = groups[0]
+            hidden, offset = self._group_hidden(full, mask, extra, group, features,
+                                                digests[0] if shared else None, rope)
+            return hidden.gather(1, (positions - offset)[..., None].expand(
+                -1, -1, hidden.shape[-1]))
         parts = []
-        for group, shared in self._groups(digests):
+        for group, shared in groups:
             index = torch.tensor(group, device=full.device)
             hidden, offset = self._group_hidden(full[index], mask[index], extra, group,
                                                 [features[i] for i in group],
@@ -218,7 +230,7 @@ class Reuse:
 
     # -- vision -----------------------------------------------------------------------------
 
-    def _features(self, rows: list[dict[str, torch.Tensor]], digests: list[str],
+    def _features(self, extra: dict[str, torch.Tensor], digests: list[str],
                   full: torch.Tensor) -> list[torch.Tensor]:
         """Image features ``[n_row, H]`` of every row (``n_row`` its image tokens)."""
         found: dict[str, torch.Tensor] = {}
@@ -234,12 +246,12 @@ class Reuse:
                 self.counts["vision_hits"] += 1
         if missing:
             todo = list(missing.values())
-            stacked = {k: torch.cat([rows[i][k] for i in todo]) for k in rows[todo[0]]}
+            stacked = self._pixels_of(extra, todo, full.shape[0])
             pooled = self.model.model.get_image_features(**stacked,
                                                          return_dict=True).pooler_output
             flat = (torch.cat([p.reshape(-1, p.shape[-1]) for p in pooled])
                     if isinstance(pooled, (list, tuple)) else pooled.reshape(-1, pooled.shape[-1]))
-            counts = [int((full[i] == self.image_token).sum()) for i in todo]
+            counts = (full[todo] == self.image_token).sum(dim=1).tolist()
             for row, part in zip(todo, flat.split(counts), strict=True):
                 found[digests[row]] = part
                 self._store(digests[row], part)
@@ -267,6 +279,18 @@ class Reuse:
 
         pooled: Any = torch.cat(features) if self.model_type == "paligemma" else list(features)
         return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+
+    def _pixels_of(self, extra: dict[str, torch.Tensor], todo: list[int], count: int
+                   ) -> dict[str, torch.Tensor]:
+        """The pixel tensors of rows ``todo`` (in that order) as one batch: the batch's
+        own tensors when that is every row, else those rows picked out."""
+        if todo == list(range(count)):
+            return {k: extra[k] for k in (*PIXEL_KEYS, "image_grid_thw") if k in extra}
+        if "image_grid_thw" in extra:
+            rows = self._pixel_rows(extra, count)
+            return {k: torch.cat([rows[i][k] for i in todo]) for k in rows[todo[0]]}
+        index = torch.tensor(todo, device=extra["pixel_values"].device)
+        return {k: extra[k][index] for k in PIXEL_KEYS if k in extra}
 
     def _pixel_rows(self, extra: dict[str, torch.Tensor], count: int
                     ) -> list[dict[str, torch.Tensor]]:

@@ -1,0 +1,114 @@
+"""The processor's work on one batch of a generative VLM, done once per distinct image.
+
+Word-drop inputs all carry the explained image: the image processor (resizing,
+rescaling, normalising on the CPU) would otherwise run on that image once per row. While
+the adapter calls its processor, :func:`images_once` swaps the processor's
+``image_processor`` for a proxy that sends each distinct image through it once and
+repeats its rows of the output (``gathered``), so the processor's own prompt expansion
+(image tokens per image, tiles, grids) sees exactly the batch it would have built
+itself. Any output the proxy cannot repeat row by row falls back to the plain call.
+
+Images are keyed by :func:`image_key`, a SHA-1 digest of the ``uint8`` pixels (the adapter
+rounds images to whole levels before the processor, and the processor is deterministic),
+which also keys the vision cache of :mod:`~blackbox_vqa.adapters.hf.generative_reuse`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+__all__ = ["gathered", "image_key", "images_once"]
+
+
+def image_key(image: NDArray[Any]) -> str:
+    """SHA-1 hex digest of an image array's shape, dtype and bytes."""
+    data = np.ascontiguousarray(image)
+    digest = hashlib.sha1(f"{data.shape}{data.dtype}".encode())
+    digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+def gathered(out: dict[str, Any], inverse: Sequence[int], count: int) -> dict[str, Any] | None:
+    """The image processor's output ``out`` over ``count`` distinct images, repeated to the
+    rows ``inverse`` (row ``r`` holds distinct image ``inverse[r]``): per-image tensors,
+    arrays and lists indexed by ``inverse``; Qwen2-VL's flattened patches
+    (``pixel_values`` with ``image_grid_thw``) split by image first. None when a value has
+    no row per image (the caller then runs the plain call)."""
+    found: dict[str, Any] = {}
+    index = list(inverse)
+    grid = out.get("image_grid_thw")
+    for key, value in out.items():
+        if key == "pixel_values" and grid is not None:
+            sizes = [int(np.prod(np.asarray(row))) for row in grid]
+            if sum(sizes) != len(value) or len(sizes) != count:
+                return None
+            if isinstance(value, torch.Tensor):
+                patches = torch.split(value, sizes)
+                found[key] = torch.cat([patches[i] for i in index])
+            else:
+                chunks = np.split(np.asarray(value), np.cumsum(sizes)[:-1])
+                found[key] = np.concatenate([chunks[i] for i in index])
+        elif isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim and \
+                len(value) == count:
+            found[key] = value[torch.tensor(index) if isinstance(value, torch.Tensor)
+                               else np.asarray(index)]
+        elif isinstance(value, (list, tuple)) and len(value) == count:
+            found[key] = [value[i] for i in index]
+        else:
+            return None
+    return found
+
+
+class _Once:
+    """Stands in for an image processor: each distinct top-level image once (module doc)."""
+
+    def __init__(self, inner: Any, keys: dict[int, str]) -> None:
+        self._inner = inner
+        self._keys = keys
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _key(self, item: Any) -> str:
+        if isinstance(item, (list, tuple)):
+            return "|".join(self._key(x) for x in item)
+        found = self._keys.get(id(item))
+        return found if found is not None else image_key(np.asarray(item))
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(images, (list, tuple)) or len(images) < 2:
+            return self._inner(images, *args, **kwargs)
+        slots: dict[str, int] = {}
+        inverse = [slots.setdefault(self._key(item), len(slots)) for item in images]
+        if len(slots) == len(images):
+            return self._inner(images, *args, **kwargs)
+        first = {slot: row for row, slot in reversed(list(enumerate(inverse)))}
+        distinct = [images[first[slot]] for slot in range(len(slots))]
+        out = self._inner(distinct, *args, **kwargs)
+        data = gathered(dict(out), inverse, len(slots))
+        if data is None:
+            return self._inner(images, *args, **kwargs)
+        for key, value in data.items():
+            out[key] = value
+        return out
+
+
+@contextmanager
+def images_once(processor: Any, images: Sequence[NDArray[Any]], keys: Sequence[str]
+                ) -> Iterator[None]:
+    """Within the block, ``processor``'s image processor runs once per distinct image of
+    ``images`` (keyed by ``keys``, one per image); restored afterwards, also on error."""
+    inner = processor.image_processor
+    processor.image_processor = _Once(inner, {id(im): k for im, k in zip(images, keys,
+                                                                       strict=True)})
+    try:
+        yield
+    finally:
+        processor.image_processor = inner
