@@ -110,39 +110,53 @@ class _Patched:
         return int(self.patch.shape[0])
 
     def full(self) -> torch.Tensor:
-        """The ``[N, C, H, W]`` tensor (a new one)."""
-        out = self.base.expand(self.count, *self.base.shape[1:]).clone()
+        """The ``[N, C, H, W]`` tensor (the patch itself when it covers the map, else a
+        new one)."""
         height, width = self.patch.shape[2:]
-        for n, (t, l_) in enumerate(zip(self.top.tolist(), self.left.tolist(), strict=True)):
-            out[n, :, t : t + height, l_ : l_ + width] = self.patch[n]
+        if (height, width) == tuple(self.base.shape[2:]):
+            return self.patch
+        out = self.base.expand(self.count, *self.base.shape[1:]).clone()
+        device = out.device
+        items = torch.arange(self.count, device=device)[:, None, None]
+        rows = (self.top.to(device)[:, None] + torch.arange(height, device=device))[:, :, None]
+        cols = (self.left.to(device)[:, None] + torch.arange(width, device=device))[:, None, :]
+        out[items, :, rows, cols] = self.patch.permute(0, 2, 3, 1)
         return out
 
     def crop(
         self, row0: torch.Tensor, rows: int, col0: torch.Tensor, cols: int, fill: float
     ) -> torch.Tensor:
         """Each item's ``rows x cols`` window starting at ``(row0[n], col0[n])``:
-        ``[N, C, rows, cols]``; positions outside the map read ``fill``. (Slices, which
-        copy several times faster than :meth:`window`'s gathers.)"""
+        ``[N, C, rows, cols]``; positions outside the map read ``fill``. One gather from
+        the original's sliding windows, one from the patches' (no per-item loop)."""
         height, width = self.base.shape[2:]
-        r0, c0 = row0.tolist(), col0.tolist()
-        pad_top, pad_left = max(0, -min(r0)), max(0, -min(c0))
-        pad_bottom = max(0, max(r0) + rows - height)
-        pad_right = max(0, max(c0) + cols - width)
+        device = self.base.device
+        r0, c0 = row0.to(device), col0.to(device)
+        pad_top, pad_left = max(0, -int(r0.min())), max(0, -int(c0.min()))
+        pad_bottom = max(0, int(r0.max()) + rows - height)
+        pad_right = max(0, int(c0.max()) + cols - width)
         source = self.base[0]
         if pad_top or pad_left or pad_bottom or pad_right:
             source = F.pad(source, (pad_left, pad_right, pad_top, pad_bottom), value=fill)
-        out = torch.empty((self.count, source.shape[0], rows, cols), dtype=source.dtype,
-                          device=source.device)
+        out = _windows_at(source.unsqueeze(0), rows, cols, torch.zeros_like(r0),
+                          r0 + pad_top, c0 + pad_left)
         ph, pw = self.patch.shape[2:]
-        for n, (r, c, t, l_) in enumerate(zip(r0, c0, self.top.tolist(), self.left.tolist(),
-                                              strict=True)):
-            out[n] = source[:, r + pad_top : r + pad_top + rows, c + pad_left : c + pad_left + cols]
-            a, b = max(t, r), min(t + ph, r + rows)
-            e, f = max(l_, c), min(l_ + pw, c + cols)
-            if a < b and e < f:
-                out[n, :, a - r : b - r, e - c : f - c] = self.patch[n, :, a - t : b - t,
-                                                                     e - l_ : f - l_]
-        return out
+        dr, dc = r0 - self.top.to(device), c0 - self.left.to(device)  # window in the patch
+        before_r, before_c = max(0, -int(dr.min())), max(0, -int(dc.min()))
+        after_r = max(0, int(dr.max()) + rows - ph)
+        after_c = max(0, int(dc.max()) + cols - pw)
+        if before_r >= ph + rows or before_c >= pw + cols:  # no window meets its patch
+            return out
+        patch = self.patch
+        if before_r or before_c or after_r or after_c:
+            patch = F.pad(patch, (before_c, after_c, before_r, after_r))
+        items = torch.arange(self.count, device=device)
+        aligned = _windows_at(patch, rows, cols, items, dr + before_r, dc + before_c)
+        in_r = dr[:, None] + torch.arange(rows, device=device)
+        in_c = dc[:, None] + torch.arange(cols, device=device)
+        mask = (((in_r >= 0) & (in_r < ph))[:, None, :, None]
+                & ((in_c >= 0) & (in_c < pw))[:, None, None, :])
+        return torch.where(mask, aligned, out)
 
     def window(self, rows: torch.Tensor, cols: torch.Tensor, fill: float) -> torch.Tensor:
         """Values at rows ``[N, R]`` x columns ``[N, S]`` of each item: ``[N, C, R, S]``;
@@ -164,6 +178,17 @@ class _Patched:
                             local_c.clamp(0, pw - 1)[:, None, :]].permute(0, 3, 1, 2)
         mask = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
         return torch.where(mask, values, out).contiguous()
+
+
+def _windows_at(
+    source: torch.Tensor, rows: int, cols: int, item: torch.Tensor, row0: torch.Tensor,
+    col0: torch.Tensor,
+) -> torch.Tensor:
+    """``source[item[n], :, row0[n]:row0[n]+rows, col0[n]:col0[n]+cols]`` for every ``n``:
+    ``[N, C, rows, cols]`` from ``source`` ``[B, C, H, W]``, in one gather over its
+    sliding-window view (every window must lie inside ``source``)."""
+    view = source.unfold(2, rows, 1).unfold(3, cols, 1)  # [B, C, H', W', rows, cols]
+    return view[item, :, row0, col0]
 
 
 @dataclass
@@ -423,8 +448,9 @@ class IncrementalEngine:
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
-        patch = torch.stack([images[n, :, t : t + h, l_ : l_ + w] for n, (t, l_) in
-                             enumerate(zip(top.tolist(), left.tolist(), strict=True))])
+        device = images.device
+        patch = _windows_at(images, h, w, torch.arange(count, device=device),
+                            top.to(device), left.to(device))
         start = _Patched(run.image, patch, top, left, own)
         values: dict[fx.Node, Any] = {}
         self.stats = {"patched": 0, "full": 0, "truncated": 0}
