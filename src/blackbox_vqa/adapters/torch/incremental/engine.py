@@ -210,12 +210,14 @@ def _pair(value: Any) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _Windowed:
-    """A sliding-window operator: ``apply(window)`` runs it unpadded on a gathered window."""
+    """A sliding-window operator: ``apply(window)`` runs it unpadded on a gathered window,
+    ``full(x)`` runs it as the model does on a whole map."""
 
     rows: WindowSpec
     cols: WindowSpec
     fill: float
     apply: Callable[[torch.Tensor], torch.Tensor]
+    full: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _conv_op(module: nn.Conv2d) -> _Windowed | None:
@@ -232,7 +234,7 @@ def _conv_op(module: nn.Conv2d) -> _Windowed | None:
     return _Windowed(
         WindowSpec(kernel[0], stride[0], dilation[0], padding[0], mode),
         WindowSpec(kernel[1], stride[1], dilation[1], padding[1], mode),
-        0.0, apply,
+        0.0, apply, module,
     )
 
 
@@ -249,7 +251,7 @@ def _max_pool_op(module: nn.MaxPool2d) -> _Windowed | None:
     return _Windowed(
         WindowSpec(kernel[0], stride[0], dilation[0], padding[0]),
         WindowSpec(kernel[1], stride[1], dilation[1], padding[1]),
-        float("-inf"), apply,
+        float("-inf"), apply, module,
     )
 
 
@@ -267,7 +269,7 @@ def _avg_pool_op(module: nn.AvgPool2d) -> _Windowed | None:
     return _Windowed(
         WindowSpec(kernel[0], stride[0], 1, padding[0]),
         WindowSpec(kernel[1], stride[1], 1, padding[1]),
-        0.0, apply,
+        0.0, apply, module,
     )
 
 
@@ -453,7 +455,7 @@ class IncrementalEngine:
                             top.to(device), left.to(device))
         start = _Patched(run.image, patch, top, left, own)
         values: dict[fx.Node, Any] = {}
-        self.stats = {"patched": 0, "full": 0, "truncated": 0}
+        self.stats = {"patched": 0, "full": 0, "truncated": 0, "kept_full": 0}
 
         def lookup(node: fx.Node) -> Any:
             if IMAGE not in self.deps[node]:
@@ -628,8 +630,12 @@ class IncrementalEngine:
             h = int((bottom - top).max().item())
             w = int((right - left).max().item())
             top, left = fit_starts(top, h, out_h), fit_starts(left, w, out_w)
-        if h * w > self.threshold * out_h * out_w:
-            return None
+        # the window a patch reads, halo included, against the input map: past the
+        # threshold the whole layer runs batched (cheaper than gathering most of the map)
+        reads = ((h - 1) * op.rows.stride + op.rows.reach) * ((w - 1) * op.cols.stride
+                                                                + op.cols.reach)
+        if h * w > self.threshold * out_h * out_w or reads > self.threshold * in_h * in_w:
+            return None if own is None else self._full_kept(op, value, base, own)
         if op.rows.mode == op.cols.mode == "constant":
             window = value.crop(top * op.rows.stride - op.rows.padding,
                                 (h - 1) * op.rows.stride + op.rows.reach,
@@ -645,6 +651,24 @@ class IncrementalEngine:
                 f"window arithmetic disagrees with the operator ({tuple(out.shape)} vs {h}x{w})"
             )
         return _Patched(base, out, top, left, own)
+
+    def _full_kept(
+        self, op: _Windowed, value: _Patched, base: torch.Tensor,
+        own: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> _Patched:
+        """Approximate mode past the threshold: the layer on the whole map, batched, then
+        every position outside each item's kept box ``own`` reset to the original's (the
+        same rule as the patched path, as one full-map patch)."""
+        out = op.full(value.full())
+        device = out.device
+        top, bottom, left, right = (v.to(device) for v in own)
+        rows = torch.arange(out.shape[2], device=device)
+        cols = torch.arange(out.shape[3], device=device)
+        inside = (((rows >= top[:, None]) & (rows < bottom[:, None]))[:, None, :, None]
+                  & ((cols >= left[:, None]) & (cols < right[:, None]))[:, None, None, :])
+        self.stats["kept_full"] += 1
+        zero = torch.zeros_like(own[0])
+        return _Patched(base, torch.where(inside, out, base), zero, zero, own)
 
     def _kept(
         self, first: torch.Tensor, stop: torch.Tensor, centre: torch.Tensor, size: int
