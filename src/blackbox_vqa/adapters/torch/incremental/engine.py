@@ -12,9 +12,12 @@ with ``torch.fx``. For one original input every node's value is computed and kep
   norm in eval mode, arithmetic with scalars or per-channel constants) and sums or
   products of two perturbed maps (the union of their boxes) -- only the box plus the
   operator's receptive-field halo is computed, batched over the perturbations, over the
-  original's cached activations. A box that grows past ``threshold`` of its map, or any
-  other operator (global pooling, flatten, linear layers, attention, ...), turns the
-  patches into full tensors and the rest runs as ordinary batched computation.
+  original's cached activations, gathered for all perturbations at once (one indexed
+  read of the sliding-window view, no per-item loop). A box that grows past
+  ``threshold`` of its map, or a window whose reads (halo included) pass ``threshold``
+  of the input map, or any other operator (global pooling, flatten, linear layers,
+  attention, ...), turns the patches into full tensors and the rest runs as ordinary
+  batched computation.
 - **Word perturbations** (same image): nodes that do not depend on the question are
   taken from the original (the image branch runs once); the rest runs batched.
 
@@ -26,7 +29,9 @@ thresholding (Nakandala, Kumar, Papakonstantinou, SIGMOD 2019). At every spatial
 operator and every union of boxes, a box longer than ``ceil(TAU * side)`` on an axis is
 cut to that length, centred on the patch; positions beyond it keep the original's
 activations, so the patch never grows past ``TAU`` of a map and nothing beyond it is
-materialised until the first global operator. The logits are then approximate.
+materialised until the first global operator. Where a kept window's reads pass
+``threshold`` of the map anyway, that layer runs on the whole map, batched, and the cut
+is re-applied to its output (the same rule). The logits are then approximate.
 """
 
 from __future__ import annotations
