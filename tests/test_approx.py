@@ -103,10 +103,14 @@ def dense_approximate(module: TinyVGG, x0: torch.Tensor, x: torch.Tensor,
     return module.head(a.mean(dim=(2, 3)) * words) * 4.0
 
 
-@pytest.mark.parametrize("tau", [0.2, 0.35, 0.5, 0.8])
-def test_engine_equals_the_dense_rule(tau: float) -> None:
+@pytest.mark.parametrize(("tau", "threshold"),
+                         [(0.2, 0.75), (0.35, 0.75), (0.5, 0.75), (0.8, 0.75), (0.35, 0.3),
+                          (0.8, 0.3)])
+def test_engine_equals_the_dense_rule(tau: float, threshold: float) -> None:
+    """Patched layers, and (low ``threshold``) layers run on whole maps with the cut
+    re-applied, both follow the rule."""
     module = TinyVGG()
-    engine = IncrementalEngine(module)
+    engine = IncrementalEngine(module, threshold=threshold)
     gen = torch.Generator().manual_seed(2)
     x0 = torch.randn(1, 3, 48, 48, generator=gen)
     tokens = torch.tensor([[1, 2, 3, 0]])
@@ -126,6 +130,8 @@ def test_engine_equals_the_dense_rule(tau: float) -> None:
     assert float((got - expected).abs().max()) <= 1e-5
     # every feature layer ran on patches; only mean, product, head and scale ran in full
     assert engine.stats["truncated"] > 0 and engine.stats["full"] == 4
+    if threshold < 0.5:  # some windows covered most of their map
+        assert engine.stats["kept_full"] > 0
     if tau <= 0.35:  # the rule really changed something
         assert float((got - exact).abs().max()) > 1e-3
 

@@ -12,9 +12,12 @@ with ``torch.fx``. For one original input every node's value is computed and kep
   norm in eval mode, arithmetic with scalars or per-channel constants) and sums or
   products of two perturbed maps (the union of their boxes) -- only the box plus the
   operator's receptive-field halo is computed, batched over the perturbations, over the
-  original's cached activations. A box that grows past ``threshold`` of its map, or any
-  other operator (global pooling, flatten, linear layers, attention, ...), turns the
-  patches into full tensors and the rest runs as ordinary batched computation.
+  original's cached activations, gathered for all perturbations at once (one indexed
+  read of the sliding-window view, no per-item loop). A box that grows past
+  ``threshold`` of its map, or a window whose reads (halo included) pass ``threshold``
+  of the input map, or any other operator (global pooling, flatten, linear layers,
+  attention, ...), turns the patches into full tensors and the rest runs as ordinary
+  batched computation.
 - **Word perturbations** (same image): nodes that do not depend on the question are
   taken from the original (the image branch runs once); the rest runs batched.
 
@@ -26,7 +29,9 @@ thresholding (Nakandala, Kumar, Papakonstantinou, SIGMOD 2019). At every spatial
 operator and every union of boxes, a box longer than ``ceil(TAU * side)`` on an axis is
 cut to that length, centred on the patch; positions beyond it keep the original's
 activations, so the patch never grows past ``TAU`` of a map and nothing beyond it is
-materialised until the first global operator. The logits are then approximate.
+materialised until the first global operator. Where a kept window's reads pass
+``threshold`` of the map anyway, that layer runs on the whole map, batched, and the cut
+is re-applied to its output (the same rule). The logits are then approximate.
 """
 
 from __future__ import annotations
@@ -110,39 +115,53 @@ class _Patched:
         return int(self.patch.shape[0])
 
     def full(self) -> torch.Tensor:
-        """The ``[N, C, H, W]`` tensor (a new one)."""
-        out = self.base.expand(self.count, *self.base.shape[1:]).clone()
+        """The ``[N, C, H, W]`` tensor (the patch itself when it covers the map, else a
+        new one)."""
         height, width = self.patch.shape[2:]
-        for n, (t, l_) in enumerate(zip(self.top.tolist(), self.left.tolist(), strict=True)):
-            out[n, :, t : t + height, l_ : l_ + width] = self.patch[n]
+        if (height, width) == tuple(self.base.shape[2:]):
+            return self.patch
+        out = self.base.expand(self.count, *self.base.shape[1:]).clone()
+        device = out.device
+        items = torch.arange(self.count, device=device)[:, None, None]
+        rows = (self.top.to(device)[:, None] + torch.arange(height, device=device))[:, :, None]
+        cols = (self.left.to(device)[:, None] + torch.arange(width, device=device))[:, None, :]
+        out[items, :, rows, cols] = self.patch.permute(0, 2, 3, 1)
         return out
 
     def crop(
         self, row0: torch.Tensor, rows: int, col0: torch.Tensor, cols: int, fill: float
     ) -> torch.Tensor:
         """Each item's ``rows x cols`` window starting at ``(row0[n], col0[n])``:
-        ``[N, C, rows, cols]``; positions outside the map read ``fill``. (Slices, which
-        copy several times faster than :meth:`window`'s gathers.)"""
+        ``[N, C, rows, cols]``; positions outside the map read ``fill``. One gather from
+        the original's sliding windows, one from the patches' (no per-item loop)."""
         height, width = self.base.shape[2:]
-        r0, c0 = row0.tolist(), col0.tolist()
-        pad_top, pad_left = max(0, -min(r0)), max(0, -min(c0))
-        pad_bottom = max(0, max(r0) + rows - height)
-        pad_right = max(0, max(c0) + cols - width)
+        device = self.base.device
+        r0, c0 = row0.to(device), col0.to(device)
+        pad_top, pad_left = max(0, -int(r0.min())), max(0, -int(c0.min()))
+        pad_bottom = max(0, int(r0.max()) + rows - height)
+        pad_right = max(0, int(c0.max()) + cols - width)
         source = self.base[0]
         if pad_top or pad_left or pad_bottom or pad_right:
             source = F.pad(source, (pad_left, pad_right, pad_top, pad_bottom), value=fill)
-        out = torch.empty((self.count, source.shape[0], rows, cols), dtype=source.dtype,
-                          device=source.device)
+        out = _windows_at(source.unsqueeze(0), rows, cols, torch.zeros_like(r0),
+                          r0 + pad_top, c0 + pad_left)
         ph, pw = self.patch.shape[2:]
-        for n, (r, c, t, l_) in enumerate(zip(r0, c0, self.top.tolist(), self.left.tolist(),
-                                              strict=True)):
-            out[n] = source[:, r + pad_top : r + pad_top + rows, c + pad_left : c + pad_left + cols]
-            a, b = max(t, r), min(t + ph, r + rows)
-            e, f = max(l_, c), min(l_ + pw, c + cols)
-            if a < b and e < f:
-                out[n, :, a - r : b - r, e - c : f - c] = self.patch[n, :, a - t : b - t,
-                                                                     e - l_ : f - l_]
-        return out
+        dr, dc = r0 - self.top.to(device), c0 - self.left.to(device)  # window in the patch
+        before_r, before_c = max(0, -int(dr.min())), max(0, -int(dc.min()))
+        after_r = max(0, int(dr.max()) + rows - ph)
+        after_c = max(0, int(dc.max()) + cols - pw)
+        if before_r >= ph + rows or before_c >= pw + cols:  # no window meets its patch
+            return out
+        patch = self.patch
+        if before_r or before_c or after_r or after_c:
+            patch = F.pad(patch, (before_c, after_c, before_r, after_r))
+        items = torch.arange(self.count, device=device)
+        aligned = _windows_at(patch, rows, cols, items, dr + before_r, dc + before_c)
+        in_r = dr[:, None] + torch.arange(rows, device=device)
+        in_c = dc[:, None] + torch.arange(cols, device=device)
+        mask = (((in_r >= 0) & (in_r < ph))[:, None, :, None]
+                & ((in_c >= 0) & (in_c < pw))[:, None, None, :])
+        return torch.where(mask, aligned, out)
 
     def window(self, rows: torch.Tensor, cols: torch.Tensor, fill: float) -> torch.Tensor:
         """Values at rows ``[N, R]`` x columns ``[N, S]`` of each item: ``[N, C, R, S]``;
@@ -166,6 +185,17 @@ class _Patched:
         return torch.where(mask, values, out).contiguous()
 
 
+def _windows_at(
+    source: torch.Tensor, rows: int, cols: int, item: torch.Tensor, row0: torch.Tensor,
+    col0: torch.Tensor,
+) -> torch.Tensor:
+    """``source[item[n], :, row0[n]:row0[n]+rows, col0[n]:col0[n]+cols]`` for every ``n``:
+    ``[N, C, rows, cols]`` from ``source`` ``[B, C, H, W]``, in one gather over its
+    sliding-window view (every window must lie inside ``source``)."""
+    view = source.unfold(2, rows, 1).unfold(3, cols, 1)  # [B, C, H', W', rows, cols]
+    return view[item, :, row0, col0]
+
+
 @dataclass
 class OriginalRun:
     """Every node's value on the original input (batch 1), and the logits ``[1, A]``."""
@@ -185,12 +215,14 @@ def _pair(value: Any) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _Windowed:
-    """A sliding-window operator: ``apply(window)`` runs it unpadded on a gathered window."""
+    """A sliding-window operator: ``apply(window)`` runs it unpadded on a gathered window,
+    ``full(x)`` runs it as the model does on a whole map."""
 
     rows: WindowSpec
     cols: WindowSpec
     fill: float
     apply: Callable[[torch.Tensor], torch.Tensor]
+    full: Callable[[torch.Tensor], torch.Tensor]
 
 
 def _conv_op(module: nn.Conv2d) -> _Windowed | None:
@@ -207,7 +239,7 @@ def _conv_op(module: nn.Conv2d) -> _Windowed | None:
     return _Windowed(
         WindowSpec(kernel[0], stride[0], dilation[0], padding[0], mode),
         WindowSpec(kernel[1], stride[1], dilation[1], padding[1], mode),
-        0.0, apply,
+        0.0, apply, module,
     )
 
 
@@ -224,7 +256,7 @@ def _max_pool_op(module: nn.MaxPool2d) -> _Windowed | None:
     return _Windowed(
         WindowSpec(kernel[0], stride[0], dilation[0], padding[0]),
         WindowSpec(kernel[1], stride[1], dilation[1], padding[1]),
-        float("-inf"), apply,
+        float("-inf"), apply, module,
     )
 
 
@@ -242,7 +274,7 @@ def _avg_pool_op(module: nn.AvgPool2d) -> _Windowed | None:
     return _Windowed(
         WindowSpec(kernel[0], stride[0], 1, padding[0]),
         WindowSpec(kernel[1], stride[1], 1, padding[1]),
-        0.0, apply,
+        0.0, apply, module,
     )
 
 
@@ -423,11 +455,12 @@ class IncrementalEngine:
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
-        patch = torch.stack([images[n, :, t : t + h, l_ : l_ + w] for n, (t, l_) in
-                             enumerate(zip(top.tolist(), left.tolist(), strict=True))])
+        device = images.device
+        patch = _windows_at(images, h, w, torch.arange(count, device=device),
+                            top.to(device), left.to(device))
         start = _Patched(run.image, patch, top, left, own)
         values: dict[fx.Node, Any] = {}
-        self.stats = {"patched": 0, "full": 0, "truncated": 0}
+        self.stats = {"patched": 0, "full": 0, "truncated": 0, "kept_full": 0}
 
         def lookup(node: fx.Node) -> Any:
             if IMAGE not in self.deps[node]:
@@ -602,8 +635,12 @@ class IncrementalEngine:
             h = int((bottom - top).max().item())
             w = int((right - left).max().item())
             top, left = fit_starts(top, h, out_h), fit_starts(left, w, out_w)
-        if h * w > self.threshold * out_h * out_w:
-            return None
+        # the window a patch reads, halo included, against the input map: past the
+        # threshold the whole layer runs batched (cheaper than gathering most of the map)
+        reads = ((h - 1) * op.rows.stride + op.rows.reach) * ((w - 1) * op.cols.stride
+                                                                + op.cols.reach)
+        if h * w > self.threshold * out_h * out_w or reads > self.threshold * in_h * in_w:
+            return None if own is None else self._full_kept(op, value, base, own)
         if op.rows.mode == op.cols.mode == "constant":
             window = value.crop(top * op.rows.stride - op.rows.padding,
                                 (h - 1) * op.rows.stride + op.rows.reach,
@@ -619,6 +656,24 @@ class IncrementalEngine:
                 f"window arithmetic disagrees with the operator ({tuple(out.shape)} vs {h}x{w})"
             )
         return _Patched(base, out, top, left, own)
+
+    def _full_kept(
+        self, op: _Windowed, value: _Patched, base: torch.Tensor,
+        own: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> _Patched:
+        """Approximate mode past the threshold: the layer on the whole map, batched, then
+        every position outside each item's kept box ``own`` reset to the original's (the
+        same rule as the patched path, as one full-map patch)."""
+        out = op.full(value.full())
+        device = out.device
+        top, bottom, left, right = (v.to(device) for v in own)
+        rows = torch.arange(out.shape[2], device=device)
+        cols = torch.arange(out.shape[3], device=device)
+        inside = (((rows >= top[:, None]) & (rows < bottom[:, None]))[:, None, :, None]
+                  & ((cols >= left[:, None]) & (cols < right[:, None]))[:, None, None, :])
+        self.stats["kept_full"] += 1
+        zero = torch.zeros_like(own[0])
+        return _Patched(base, torch.where(inside, out, base), zero, zero, own)
 
     def _kept(
         self, first: torch.Tensor, stop: torch.Tensor, centre: torch.Tensor, size: int

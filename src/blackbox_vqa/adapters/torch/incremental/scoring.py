@@ -210,6 +210,9 @@ class TorchIncremental:
                      f"{stats['full']} on full tensors")
             if tau is not None:
                 note += f", {stats['truncated']} box truncations"
+                if stats.get("kept_full"):
+                    note += (f", {stats['kept_full']} layers on whole maps with the cut "
+                             "re-applied")
         mode: IncrementalMode = "approx" if tau is not None and image_items else "exact"
         return IncrementalScores(scores[0], scores[1:], mode, note)
 
