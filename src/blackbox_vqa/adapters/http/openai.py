@@ -137,6 +137,23 @@ class ChatFormat:
             payload["seed"] = self.seed
         return payload
 
+    def one_token_request(self, messages: list[dict[str, Any]],
+                          fields: dict[str, Any]) -> dict[str, Any]:
+        """A scoring request that generates one token: the model, ``messages``, a token
+        limit of 1, ``fields``, then temperature 0 and the seed as :meth:`request` sends
+        them."""
+        payload: dict[str, Any] = {
+            "model": self.remote_model,
+            "messages": messages,
+            self.token_parameter: 1,
+            **fields,
+        }
+        if self.temperature:
+            payload["temperature"] = 0
+        if self.seed is not None:
+            payload["seed"] = self.seed
+        return payload
+
     def settings(self) -> dict[str, Any]:
         """What determines an answer besides the input, for ``explanation.json``."""
         return {"remote_model": self.remote_model, "prompt": self.prompt,

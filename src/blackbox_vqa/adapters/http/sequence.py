@@ -171,21 +171,14 @@ class SequenceFormat:
 
     def request(self, image: Any, question: str) -> dict[str, Any]:
         """The request object for one input."""
-        payload: dict[str, Any] = {
-            "model": self.chat.remote_model,
-            "messages": [self.chat.user_message(image, question),
-                         {"role": "assistant", "content": self.answer}],
-            self.chat.token_parameter: 1,
+        messages = [self.chat.user_message(image, question),
+                    {"role": "assistant", "content": self.answer}]
+        return self.chat.one_token_request(messages, {
             "prompt_logprobs": 0,
             "return_token_ids": True,
             "continue_final_message": True,
             "add_generation_prompt": False,
-        }
-        if self.chat.temperature:
-            payload["temperature"] = 0
-        if self.chat.seed is not None:
-            payload["seed"] = self.chat.seed
-        return payload
+        })
 
     def body(self, items: Sequence[Item]) -> tuple[bytes, str]:
         """The request body and its content type."""
@@ -231,10 +224,7 @@ class PrefixFormat:
         messages = [self.chat.user_message(image, question)]
         if self.prefix is not None:
             messages.append({"role": "assistant", "content": self.prefix})
-        payload: dict[str, Any] = {
-            "model": self.chat.remote_model,
-            "messages": messages,
-            self.chat.token_parameter: 1,
+        return self.chat.one_token_request(messages, {
             "logprobs": True,
             "top_logprobs": 0,
             "logprob_token_ids": [self.token_id],
@@ -242,12 +232,7 @@ class PrefixFormat:
             "return_token_ids": True,
             "continue_final_message": self.prefix is not None,
             "add_generation_prompt": self.prefix is None,
-        }
-        if self.chat.temperature:
-            payload["temperature"] = 0
-        if self.chat.seed is not None:
-            payload["seed"] = self.chat.seed
-        return payload
+        })
 
     def body(self, items: Sequence[Item]) -> tuple[bytes, str]:
         """The request body and its content type."""
