@@ -21,6 +21,8 @@ A model that lacks a capability gets the default behaviour.
 - :class:`SupportsTokenAblation`: the model's image path is a lattice of patch tokens; it
   scores the input with chosen image tokens ablated after the vision embedding (the
   image is embedded once), for token occlusion.
+- :class:`SupportsTokenAblationCheck`: the model can tell before seeing an image why it
+  has no image-token lattice (a model family or processor setting it cannot map).
 - :class:`SupportsAnswerTokenScores`: the explained answer's score is a product over its
   tokens (a generative model's sequence probability); the model returns each token's
   log-probability given its prefix from the same forward pass as the scores, so
@@ -48,6 +50,7 @@ __all__ = [
     "SupportsQuestionValidation",
     "SupportsScoreSemantics",
     "SupportsTokenAblation",
+    "SupportsTokenAblationCheck",
     "answer_tokens",
     "check_question",
     "choose_answer",
@@ -55,6 +58,7 @@ __all__ = [
     "preferred_batch_size",
     "prepare_model",
     "score_semantics",
+    "token_ablation_refusal",
 ]
 
 
@@ -171,6 +175,22 @@ class SupportsTokenAblation(Protocol):
     def token_ablation_scores(
         self, image: ImageInput, question: str, cells: Any
     ) -> Any: ...
+
+
+@runtime_checkable
+class SupportsTokenAblationCheck(Protocol):
+    """``token_ablation_unavailable()``: why the model has no image-token lattice, or None
+    when it has one (an image may still be refused when its tokens are counted)."""
+
+    def token_ablation_unavailable(self) -> str | None: ...
+
+
+def token_ablation_refusal(model: object) -> str | None:
+    """Why ``model`` cannot serve token ablation, when it says so before any image."""
+    if isinstance(model, SupportsTokenAblationCheck):
+        found = model.token_ablation_unavailable()
+        return str(found) if found else None
+    return None
 
 
 @runtime_checkable

@@ -1,10 +1,11 @@
 """Token occlusion: ablate a cell's image tokens after the vision embedding.
 
 For models whose image path is a lattice of patch tokens (the
-:class:`~blackbox_vqa.adapters.capabilities.SupportsTokenAblation` capability: ViLT).
+:class:`~blackbox_vqa.adapters.capabilities.SupportsTokenAblation` capability: ViLT, and
+the generative VLMs of ``hf:``: LLaVA, Idefics3/SmolVLM, Qwen2-VL, PaliGemma).
 The image is embedded once; for each cell of a ``grid x grid`` lattice over the image,
-the patch tokens whose patches overlap the cell are ablated (the model says how: ViLT
-leaves them out of attention) and the input is scored again; importance =
+the patch tokens whose patches overlap the cell are ablated (the model says how: both
+leave them out of attention) and the input is scored again; importance =
 ``p(a | original) - p(a | cell's tokens ablated)``.
 
 This answers a different question from pixel occlusion: not "what if these pixels were
@@ -23,7 +24,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
-from blackbox_vqa.adapters.capabilities import SupportsTokenAblation, check_question
+from blackbox_vqa.adapters.capabilities import (
+    SupportsTokenAblation,
+    check_question,
+    own_answer,
+    prepare_model,
+    token_ablation_refusal,
+)
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.explainers.occlusion import Score, answer_score, parse_score
 from blackbox_vqa.explanation import Attribution
@@ -94,8 +101,11 @@ class TokenOcclusion:
         if not isinstance(model, SupportsTokenAblation):
             raise NotSupportedError(
                 f"token occlusion: {model_name(model)} has no patch-token image path "
-                "(ViLT through hf: has one); use occlusion"
+                "(ViLT and the generative VLMs through hf: have one); use occlusion"
             )
+        reason = token_ablation_refusal(model)
+        if reason:
+            raise NotSupportedError(f"token occlusion: {model_name(model)}: {reason}")
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
             raise InputError(f"grid must be a positive integer, got {grid!r}")
         self.grid = grid
@@ -106,6 +116,7 @@ class TokenOcclusion:
     ) -> TokenOcclusionResult:
         question = check_question(self.model, question)
         pixels = to_rgb_array(image).astype(np.float32)
+        prepare_model(self.model, pixels, question)
         model: Any = self.model
         rows, cols = model.image_token_grid(pixels)
         cells = cell_tokens(rows, cols, self.grid)
@@ -113,7 +124,7 @@ class TokenOcclusion:
         scores = check_scores(raw, 1 + len(cells), len(self.model.answers),
                               source=model_name(self.model))
         predicted = int(np.argmax(scores[0]))
-        index = _answer_index(self.model.answers, answer, predicted)
+        index = _answer_index(self.model.answers, answer or own_answer(self.model), predicted)
         compared = answer_score(scores, self.score)
         deltas = compared[0, index] - compared[1:, index]
         return TokenOcclusionResult(

@@ -46,6 +46,7 @@ from blackbox_vqa.adapters.hf.calls import quiet_transformers, wrapped
 from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
 from blackbox_vqa.adapters.hf.generative_inputs import image_key, images_once
 from blackbox_vqa.adapters.hf.generative_reuse import Reuse
+from blackbox_vqa.adapters.hf.generative_tokens import GenerativeTokenAblation, answer_logprobs
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.errors import (
@@ -126,7 +127,7 @@ def load_generative(location: str, *, trust_remote_code: bool = False) -> tuple[
     return model, processor
 
 
-class GenerativeAdapter(BaseAdapter, GenerativeGradients):
+class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblation):
     """A generative VLM scored by the exact likelihood of one answer (see module docstring).
 
     Args:
@@ -522,11 +523,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients):
                                            **extra).last_hidden_state
                 picked = hidden.gather(1, positions[..., None].expand(-1, -1,
                                                                       hidden.shape[-1]))
-            logits = self.module.get_output_embeddings()(picked).double()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            logp = torch.log_softmax(logits, dim=-1)
-            found = logp.gather(-1, answer[None, :, None].expand(count, -1, 1))[..., 0]
+            found = answer_logprobs(self.module, picked, answer, self.softcap)
         return found.cpu().numpy()
 
 

@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILIES", "PREFIX_ENTRIES", "VISION_ENTRIES", "Reuse"]
+__all__ = ["FAMILIES", "PREFIX_ENTRIES", "VISION_ENTRIES", "Reuse", "encoder_outputs",
+           "expanded"]
 
 #: model_type -> whether the prompt prefix's key/value cache may be reused (causal prefix)
 FAMILIES = {"llava": True, "qwen2_vl": True, "idefics3": True, "paligemma": False}
@@ -157,7 +158,7 @@ class Reuse:
         cache = self._prefix(ids[0, :size], features[0][:images_in_prefix], digest,
                              None if rope is None else rope[:, :1, :size])
         suffix = [f[images_in_prefix:] for f in features]
-        kwargs = {"cache": _expanded(cache, ids.shape[0]), "use_cache": True}
+        kwargs = {"cache": expanded(cache, ids.shape[0]), "use_cache": True}
         if rope is not None:
             kwargs["position_ids"] = rope[:, :, size:]
         if sum(int(f.shape[0]) for f in suffix):
@@ -171,7 +172,7 @@ class Reuse:
         prompt token's state is needed); before the first image token unless the rows
         share their image; 0 where the family's prefix is not causal or the prefix is
         shorter than ``MIN_PREFIX``."""
-        if not self.prefix_kv or not self._full_attention_cache():
+        if not self.prefix_kv or not self.full_attention_cache():
             return 0
         same = (ids == ids[:1]).all(dim=0).long().cumprod(dim=0)
         size = min(int(same.sum()), int(mask.sum(dim=1).min()) - 1)
@@ -181,7 +182,7 @@ class Reuse:
                 size = int(images[0, 0])
         return size if size >= max(MIN_PREFIX, 1) else 0
 
-    def _full_attention_cache(self) -> bool:
+    def full_attention_cache(self) -> bool:
         """Whether the model's ``DynamicCache`` holds plain full-attention layers only
         (sliding-window or other layers: no prefix reuse, the plain pass instead)."""
         if self._layers_ok is None:
@@ -275,10 +276,7 @@ class Reuse:
             self._vision.popitem(last=False)
 
     def _encoder_outputs(self, features: list[torch.Tensor]) -> dict[str, Any]:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        pooled: Any = torch.cat(features) if self.model_type == "paligemma" else list(features)
-        return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+        return encoder_outputs(self.model_type, features)
 
     def _pixels_of(self, extra: dict[str, torch.Tensor], todo: list[int], count: int
                    ) -> dict[str, torch.Tensor]:
@@ -303,16 +301,25 @@ class Reuse:
         return [{k: extra[k][i:i + 1] for k in PIXEL_KEYS if k in extra} for i in range(count)]
 
 
-def _expanded(cache: Any, count: int) -> Any:
-    """A shallow copy of a batch-1 ``DynamicCache`` whose keys and values are expanded
-    (views, no copy) over ``count`` rows; the original is left as it is (``update``
-    concatenates into new tensors)."""
+def encoder_outputs(model_type: str, features: list[torch.Tensor]) -> dict[str, Any]:
+    """``mm_encoder_outputs`` for the base model's forward: each row's image features
+    ``[n, H]`` (PaliGemma takes them concatenated, the others as a list)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    pooled: Any = torch.cat(features) if model_type == "paligemma" else list(features)
+    return {"image": BaseModelOutputWithPooling(pooler_output=pooled)}
+
+
+def expanded(cache: Any, count: int, length: int | None = None) -> Any:
+    """A shallow copy of a batch-1 ``DynamicCache`` whose keys and values (the first
+    ``length`` positions; None: all) are expanded (views, no copy) over ``count`` rows;
+    the original is left as it is (``update`` concatenates into new tensors)."""
     out = copy.copy(cache)
     out.layers = []
     for layer in cache.layers:
         new = copy.copy(layer)
-        new.keys = layer.keys.expand(count, -1, -1, -1)
-        new.values = layer.values.expand(count, -1, -1, -1)
+        new.keys = layer.keys[:, :, :length].expand(count, -1, -1, -1)
+        new.values = layer.values[:, :, :length].expand(count, -1, -1, -1)
         out.layers.append(new)
     return out
 
