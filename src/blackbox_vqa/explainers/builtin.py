@@ -372,7 +372,7 @@ TOKEN_OCCLUSION = Method(
     key="token_occlusion",
     signed=True,
     help="p(a | image) - p(a | the cell's patch tokens ablated after the vision embedding, "
-    "ViLT): a different question from pixel occlusion",
+    "ViLT and hf: chat VLMs): a different question from pixel occlusion",
     bind=_TokenOcclusionMethod,
     image_label="p(a | original) - p(a | tokens ablated)",
     kind="black-box",
