@@ -19,7 +19,8 @@ of ``--rounds`` rounds is reported, with the CPU time spent in the vision tower
 bookkeeping). Spearman's rank correlation is between the token and the pixel map.
 
 usage: PYTHONPATH=src:tests python benchmarks/token_occlusion.py [--shapes smolvlm,tiny]
-       [--rounds 3] [--pixel-grid 8] [--warmup pixel,token]
+       [--rounds 3] [--pixel-grid 8] [--warmup token,token-no-kv,pixel]
+       [--token-batches 8,1] [--no-pixel]
 """
 
 from __future__ import annotations
@@ -98,13 +99,14 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     adapter.prepare(pixels, QUESTION)  # the tiny LLaVA's own answer; SmolVLM's is fixed
     answer = adapter.answers[0]
 
-    def token(kv: bool) -> Any:
-        adapter.reuse.enabled = kv
+    def token(kv: bool, batch: int | None = None) -> Any:
+        adapter.reuse.enabled, size = kv, adapter.batch_size
+        adapter.batch_size = batch or size
         try:
             return TokenOcclusion(adapter, grid=GRID, score="log-probability").explain(
                 pixels, QUESTION, answer=answer)
         finally:
-            adapter.reuse.enabled = True
+            adapter.reuse.enabled, adapter.batch_size = True, size
 
     pixel_grid = args.pixel_grid
     runs: dict[str, tuple[GenerativeAdapter, Callable[[], Any]]] = {
@@ -114,8 +116,15 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
                                              score="log-probability")
                   .explain(pixels, QUESTION, answer=answer)),
     }
+    def batched(size: int) -> Callable[[], Any]:
+        return lambda: token(True, size)
+
+    for batch in [int(b) for b in args.token_batches.split(",") if b]:
+        runs[f"token-batch{batch}"] = (adapter, batched(batch))
+    if args.no_pixel:
+        del runs["pixel"]
     for name in args.warmup.split(","):
-        if name:
+        if name in runs:
             _, spent = timed(*runs[name])
             print(shape, "warm-up", name, round(spent["total_s"], 2), file=sys.stderr,
                   flush=True)
@@ -128,23 +137,27 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
             maps[name] = np.asarray(result.image_map)
             print(shape, name, {k: round(v, 3) for k, v in spent.items()}, file=sys.stderr,
                   flush=True)
-    medians = {name: {key: round(statistics.median(t[key] for t in found), 3)
-                      for key in found[0]} | {"all_s": [round(t["total_s"], 2) for t in found]}
-               for name, found in times.items()}
+    medians: dict[str, dict[str, Any]] = {
+        name: {key: round(statistics.median(t[key] for t in found), 3) for key in found[0]}
+        | {"all_s": [round(t["total_s"], 2) for t in found]}
+        for name, found in times.items()}
+    found = {"shape": shape, "grid": GRID, "rounds": args.rounds, "batch": adapter.batch_size,
+             "answer_tokens": len(adapter.answer_ids), "medians": medians,
+             "speedup_kv_reuse": round(medians["token-no-kv"]["total_s"]
+                                       / medians["token"]["total_s"], 2),
+             "token_maps_equal": float(np.abs(maps["token"] - maps["token-no-kv"]).max())}
+    if "pixel" not in maps:
+        return found
     pixel_map = maps["pixel"]
     token_map = maps["token"]
     if pixel_map.shape != token_map.shape:  # a coarser pixel grid: token map pooled to it
         k = GRID // pixel_map.shape[0]
         token_map = token_map.reshape(pixel_map.shape[0], k, pixel_map.shape[1], k).mean(
             axis=(1, 3))
-    return {
-        "shape": shape, "grid": GRID, "pixel_grid": pixel_grid, "rounds": args.rounds,
-        "answer_tokens": len(adapter.answer_ids), "medians": medians,
+    return found | {
+        "pixel_grid": pixel_grid,
         "speedup_token_vs_pixel": round(medians["pixel"]["total_s"]
                                         / medians["token"]["total_s"], 2),
-        "speedup_kv_reuse": round(medians["token-no-kv"]["total_s"]
-                                  / medians["token"]["total_s"], 2),
-        "token_maps_equal": float(np.abs(maps["token"] - maps["token-no-kv"]).max()),
         "spearman_token_vs_pixel": round(spearman(token_map, pixel_map), 3),
     }
 
@@ -156,6 +169,9 @@ def main() -> None:
     parser.add_argument("--pixel-grid", type=int, default=GRID)
     parser.add_argument("--warmup", default="token,token-no-kv,pixel",
                         help="run kinds warmed up once before the rounds")
+    parser.add_argument("--token-batches", default="",
+                        help="extra token runs at these batch sizes (comma-separated)")
+    parser.add_argument("--no-pixel", action="store_true", help="token runs only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load = Path("/proc/loadavg").read_text().split()[:3]
