@@ -21,7 +21,9 @@ Perturbed inputs are scored in batches: one forward pass of the language model p
 unbatched pass) and the vocabulary projection only at the answer positions. Within one
 explanation the vision tower's output and the key/value cache of the shared prompt prefix
 are reused (:mod:`blackbox_vqa.adapters.hf.generative_reuse`; ``reuse=False`` turns it
-off); every score stays that of the plain unbatched pass.
+off); every score stays that of the plain unbatched pass. Token occlusion (image tokens
+left out of attention after one vision pass) is
+:mod:`blackbox_vqa.adapters.hf.generative_tokens`.
 
 Images go to the model's own processor as whole 0-255 levels: transformers' Pillow-based
 image processors cannot resize fractional float images, so a float image is rounded to
