@@ -245,9 +245,13 @@ def _refuse_unavailable(explainer: Any, method: str) -> None:
     if explainer.unavailable:
         name, gone = next(iter(explainer.unavailable.items()))
         others = [m for m in explainer.available]
-        hint = (f", or use --method {','.join(others)}" if others
-                else ", or use --method occlusion")
-        raise GradientUnavailableError(f"{name}: {gone.reason}{hint}")
+        hint = (f"; use --method {','.join(others)} instead" if others
+                else "; use --method occlusion instead")
+        reason = str(gone.reason)
+        said = name.replace("-", " ") + ": "  # the reason may name its method already
+        if reason.lower().startswith(said):
+            reason = reason[len(said):]
+        raise GradientUnavailableError(f"{name}: {reason}{hint}")
 
 
 @contextmanager

@@ -101,7 +101,7 @@ class TokenOcclusion:
         if not isinstance(model, SupportsTokenAblation):
             raise NotSupportedError(
                 f"token occlusion: {model_name(model)} has no patch-token image path "
-                "(ViLT and the generative VLMs through hf: have one); use occlusion"
+                "(ViLT and the generative VLMs through hf: have one)"
             )
         reason = token_ablation_refusal(model)
         if reason:
