@@ -67,24 +67,38 @@ def test_cached_scores_equal_plain_unbatched_uncached(
     expected = np.array([_direct(adapter, im, q, answer)
                          for im, q in zip(images, questions, strict=True)])
     assert np.ptp(expected) > 1e-3  # the inputs do change the score
-    # every shared prefix cached (1), and only those of 16 tokens or more (the default)
-    for size, shortest in itertools.product((1, 5, 40), (1, reuse.MIN_PREFIX)):
-        monkeypatch.setattr(reuse, "MIN_PREFIX", shortest)
+    # every shared prefix reused (a call costs nothing), and only where it pays (the
+    # default: on these tiny models never, unless a kept cache makes it free)
+    for size, call in itertools.product((1, 5, 40), (0.0, reuse.CALL_MACS)):
+        monkeypatch.setattr(reuse, "CALL_MACS", call)
         adapter.reuse.clear()
         adapter.reuse.counts = dict.fromkeys(adapter.reuse.counts, 0)
         adapter.batch_size = size
         found = np.log(adapter.answer_probs_batch(images, questions)[:, 0])
-        assert np.abs(found - expected).max() < 1e-5, (family, size, shortest)
+        assert np.abs(found - expected).max() < 1e-5, (family, size, call)
         counts = adapter.reuse.counts
         assert counts["vision_runs"] == 1 + GRID * GRID  # the original's once
+        batches = -(-len(images) // size)
         if family == "paligemma":  # bidirectional prefix: vision output only
-            assert counts["prefix_runs"] == counts["prefix_hits"] == 0
-        elif shortest == 1:
-            assert counts["prefix_runs"] >= 1
-            if size > 1:  # the text before the image, and the word drops' longer prefix
-                assert counts["prefix_runs"] + counts["prefix_hits"] >= 2
-        elif family == "llava" and size > 1:  # 16 image tokens: the word drops' prefix
-            assert counts["prefix_runs"] >= 1
+            assert counts["prefix_kept"] == counts["prefix_hits"] == 0
+            assert counts["passes"] == batches
+        elif call == 0.0 and size > 1:  # the cells' text before the image, the word drops
+            assert counts["prefix_hits"] >= 2 and counts["prefix_kept"] >= 1
+            assert counts["passes"] > batches
+        elif call == 0.0:  # one row a batch: each row's cache kept, one pass each
+            assert counts["prefix_kept"] == len(images) and counts["passes"] == batches
+        else:  # a tiny model: one pass per batch, no prefix reuse
+            assert counts["prefix_hits"] == 0 and counts["passes"] == batches
+
+
+def test_reuse_pays_when_the_saved_work_outweighs_the_extra_call() -> None:
+    # 8 rows x 20 prefix tokens x 82240 multiply-adds a token (the tiny LLaVA) = 1.3e7
+    assert not reuse.reuse_pays(8, 20, 82240.0, 1)
+    assert reuse.reuse_pays(8, 20, 82240.0, 0)  # a kept cache and no extra call: free
+    assert not reuse.reuse_pays(8, 0, 82240.0, 0)  # nothing shared: nothing saved
+    # the SmolVLM-256M shape's language model: 8 x 70 tokens x 1.06e8 = 5.9e10
+    assert reuse.reuse_pays(8, 70, 1.06e8, 1)
+    assert reuse.reuse_pays(2, 1, reuse.CALL_MACS / 2, 1)  # exactly the call's cost
 
 
 @pytest.mark.parametrize("family", FAMILIES)
