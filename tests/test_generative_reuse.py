@@ -71,6 +71,7 @@ def test_cached_scores_equal_plain_unbatched_uncached(
     # default: on these tiny models never, unless a kept cache makes it free)
     for size, call in itertools.product((1, 5, 40), (0.0, reuse.CALL_MACS)):
         monkeypatch.setattr(reuse, "CALL_MACS", call)
+        monkeypatch.setattr(reuse, "CALL_TOKENS", 16 if call else 0)
         adapter.reuse.clear()
         adapter.reuse.counts = dict.fromkeys(adapter.reuse.counts, 0)
         adapter.batch_size = size
@@ -91,14 +92,22 @@ def test_cached_scores_equal_plain_unbatched_uncached(
             assert counts["prefix_hits"] == 0 and counts["passes"] == batches
 
 
-def test_reuse_pays_when_the_saved_work_outweighs_the_extra_call() -> None:
-    # 8 rows x 20 prefix tokens x 82240 multiply-adds a token (the tiny LLaVA) = 1.3e7
+def test_reuse_pays_when_the_saved_work_outweighs_the_extra_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reuse, "CALL_MACS", 2e7)
+    monkeypatch.setattr(reuse, "CALL_TOKENS", 16)
+    # the tiny LLaVA (82240 multiply-adds a token): 8 rows x 20 prefix tokens saved = 160
+    # tokens, a call 2e7 / 82240 + 16 = 259 tokens' worth
     assert not reuse.reuse_pays(8, 20, 82240.0, 1)
     assert reuse.reuse_pays(8, 20, 82240.0, 0)  # a kept cache and no extra call: free
     assert not reuse.reuse_pays(8, 0, 82240.0, 0)  # nothing shared: nothing saved
-    # the SmolVLM-256M shape's language model: 8 x 70 tokens x 1.06e8 = 5.9e10
+    # the SmolVLM-256M shape's language model (1.06e8): 8 x 70 = 560 tokens against 16.2
     assert reuse.reuse_pays(8, 70, 1.06e8, 1)
-    assert reuse.reuse_pays(2, 1, reuse.CALL_MACS / 2, 1)  # exactly the call's cost
+    assert not reuse.reuse_pays(1, 16, 1.06e8, 1)  # 16 tokens against 16.2
+    # a call of 4 + 16 tokens' worth: 4 x 5 pays (exactly), 4 x 4 does not, two calls 40
+    assert reuse.reuse_pays(4, 5, 5e6, 1) and not reuse.reuse_pays(4, 4, 5e6, 1)
+    assert not reuse.reuse_pays(4, 5, 5e6, 2) and reuse.reuse_pays(8, 5, 5e6, 2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -169,16 +178,17 @@ def test_a_repeated_image_is_processed_once_with_the_same_tensors(
 ) -> None:
     adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3, device="cpu")
     pixels, other = image(3, SIZE), image(4, SIZE)
-    images = [pixels, other, pixels.copy(), pixels, other]
-    questions = [QUESTION, QUESTION, "what color", "is it red", "the shape"]
-    inner = adapter.processor.image_processor
-    counting = _Counting(inner)
-    adapter.processor.image_processor = counting
+    images = [pixels, other, pixels.copy(), pixels, other, other]
+    questions = [QUESTION, QUESTION, "what color", "is it red", "the shape", QUESTION]
+    inner, tokenizer = adapter.processor.image_processor, adapter.processor.tokenizer
+    counting, texts = _Counting(inner), _Counting(tokenizer)
+    adapter.processor.image_processor, adapter.processor.tokenizer = counting, texts
     try:
         found = adapter.encode(images, questions)
     finally:
-        adapter.processor.image_processor = inner
+        adapter.processor.image_processor, adapter.processor.tokenizer = inner, tokenizer
     assert counting.seen == [2]  # two distinct images, each once
+    assert texts.seen[-1] == 4  # four distinct prompts of six, each tokenised once
     prompts = [adapter.prompts(q) for q in questions]
     adapter.tokenizer.padding_side = "right"
     expected = adapter.processor(text=prompts, images=[[im] for im in images], padding=True,
@@ -190,11 +200,13 @@ def test_a_repeated_image_is_processed_once_with_the_same_tensors(
 
 def test_the_image_processor_is_restored_after_an_error(folders: dict[str, Path]) -> None:
     adapter = GenerativeAdapter.from_pretrained(folders["llava"], max_tokens=3, device="cpu")
-    inner = adapter.processor.image_processor
+    inner, tokenizer = adapter.processor.image_processor, adapter.processor.tokenizer
     with pytest.raises(RuntimeError), images_once(adapter.processor, [], []):
         assert adapter.processor.image_processor is not inner
+        assert adapter.processor.tokenizer is not tokenizer
         raise RuntimeError("boom")
     assert adapter.processor.image_processor is inner
+    assert adapter.processor.tokenizer is tokenizer
 
 
 def test_gathered_repeats_rows_and_qwen_patches() -> None:

@@ -12,7 +12,7 @@ Two caches, both bounded and cleared whenever the adapter prepares a new input:
   first image computed after a clear (the explained input's) is kept for the whole
   explanation; the others are kept least-recently-used, ``VISION_ENTRIES`` at most.
 - **prefix**: the language model's key/value cache (``DynamicCache``, batch 1) of whole
-  rows already run: the lead row of each group below (its keys and values taken out of
+  rows already run: the first (lead) row of each reused group (its keys and values out of
   the batched pass that ran it anyway), and the row of a one-row batch (the explained
   input, which :func:`~blackbox_vqa.explain.explain` scores first). A group of rows that
   shares a token prefix with a kept row runs only its differing suffixes and the answer
@@ -23,9 +23,9 @@ Two caches, both bounded and cleared whenever the adapter prepares a new input:
 
 Whether a group's prefix reuse pays is decided per batch (:func:`reuse_pays`): the
 multiply-adds it saves (rows on the cached prefix x prefix tokens x the language model's
-parameters per token) against the fixed cost of the extra forward call it adds
-(``CALL_MACS`` per call). On tiny models the call costs more than the tokens: the batch
-then runs as one pass (the vision output is still reused).
+parameters per token) against the cost of the extra forward call it adds (a fixed
+``CALL_MACS`` plus ``CALL_TOKENS`` tokens' worth). On tiny models the call costs more
+than the tokens: the batch then runs as one pass (the vision output is still reused).
 
 Per family (``FAMILIES``): LLaVA, Qwen2-VL and Idefics3 (SmolVLM) attend causally, so a
 prefix's keys and values do not depend on what follows and both caches apply; Qwen2-VL's
@@ -47,27 +47,34 @@ from typing import Any
 
 import torch
 
-__all__ = ["CALL_MACS", "FAMILIES", "PREFIX_ENTRIES", "VISION_ENTRIES", "Reuse", "reuse_pays"]
+__all__ = ["CALL_MACS", "CALL_TOKENS", "FAMILIES", "PREFIX_ENTRIES", "VISION_ENTRIES", "Reuse",
+           "reuse_pays"]
 
 #: model_type -> whether the prompt prefix's key/value cache may be reused (causal prefix)
 FAMILIES = {"llava": True, "qwen2_vl": True, "idefics3": True, "paligemma": False}
 PIXEL_KEYS = ("pixel_values", "pixel_attention_mask", "image_sizes")
 VISION_ENTRIES = 8
 PREFIX_ENTRIES = 4
-#: the fixed cost of one more forward call of the language model, in multiply-adds: on
-#: this project's CPU (one thread) a call of a 2-layer, 64-wide Llama costs 1.8 ms however
-#: few its tokens, the time of about 2e7 of its multiply-adds in a large batch; 30 layers
-#: of 576 (SmolLM2-135M) cost about ... ms (see benchmarks/BENCHMARKS.md, "second round")
-CALL_MACS = 3e7
+#: the cost of one more forward call of the language model, in multiply-adds: a fixed
+#: part (``CALL_MACS``: Python, masks, kernel launches; a 2-layer, 64-wide Llama's call
+#: costs 1.8 ms on this project's CPU however few its tokens, the time of about 2e7 of
+#: its multiply-adds in a large batch) plus ``CALL_TOKENS`` tokens' worth (reading every
+#: weight once: a one-token call of a 30 x 576 Llama, 1.06e8 multiply-adds a token,
+#: costs 57 ms, about 18 tokens' time in a large batch); one thread, see
+#: benchmarks/BENCHMARKS.md ("Cutting the overhead, second round")
+CALL_MACS = 2e7
+CALL_TOKENS = 16
 
 
 def reuse_pays(rows: int, prefix: int, token_macs: float, extra_calls: int) -> bool:
     """Whether running ``rows`` rows on a cached ``prefix``-token prefix pays: the
-    multiply-adds saved (``rows * prefix * token_macs``; ``token_macs``: the language
-    model's parameters outside its embeddings) at least ``extra_calls`` times
-    ``CALL_MACS`` (a free reuse, ``extra_calls == 0``, pays whenever it saves a token)."""
+    multiply-adds saved, ``rows * prefix * token_macs`` (``token_macs``: the language
+    model's parameters outside its embeddings), at least ``extra_calls`` times a call's
+    cost, ``CALL_MACS + CALL_TOKENS * token_macs`` (a free reuse, ``extra_calls == 0``,
+    pays whenever it saves a token)."""
     saved = rows * prefix * token_macs
-    return prefix > 0 and rows > 0 and saved >= extra_calls * CALL_MACS
+    call = CALL_MACS + CALL_TOKENS * token_macs
+    return prefix > 0 and rows > 0 and saved >= extra_calls * call
 
 
 @dataclass(frozen=True)
