@@ -68,7 +68,7 @@ def test_cached_scores_equal_plain_unbatched_uncached(
                          for im, q in zip(images, questions, strict=True)])
     assert np.ptp(expected) > 1e-3  # the inputs do change the score
     # every shared prefix reused (a call costs nothing), and only where it pays (the
-    # default: on these tiny models never, unless a kept cache makes it free)
+    # default: on these tiny models never)
     for size, call in itertools.product((1, 5, 40), (0.0, reuse.CALL_MACS)):
         monkeypatch.setattr(reuse, "CALL_MACS", call)
         monkeypatch.setattr(reuse, "CALL_TOKENS", 16 if call else 0)
@@ -100,8 +100,9 @@ def test_reuse_pays_when_the_saved_work_outweighs_the_extra_call(
     # the tiny LLaVA (82240 multiply-adds a token): 8 rows x 20 prefix tokens saved = 160
     # tokens, a call 2e7 / 82240 + 16 = 259 tokens' worth
     assert not reuse.reuse_pays(8, 20, 82240.0, 1)
-    assert reuse.reuse_pays(8, 20, 82240.0, 0)  # a kept cache and no extra call: free
-    assert not reuse.reuse_pays(8, 0, 82240.0, 0)  # nothing shared: nothing saved
+    assert not reuse.reuse_pays(8, 20, 82240.0, 0)  # no extra call: still one's worth
+    assert reuse.reuse_pays(16, 20, 82240.0, 0)  # 320 tokens
+    assert not reuse.reuse_pays(8, 0, 1e9, 0)  # nothing shared: nothing saved
     # the SmolVLM-256M shape's language model (1.06e8): 8 x 70 = 560 tokens against 16.2
     assert reuse.reuse_pays(8, 70, 1.06e8, 1)
     assert not reuse.reuse_pays(1, 16, 1.06e8, 1)  # 16 tokens against 16.2

@@ -70,11 +70,12 @@ def reuse_pays(rows: int, prefix: int, token_macs: float, extra_calls: int) -> b
     """Whether running ``rows`` rows on a cached ``prefix``-token prefix pays: the
     multiply-adds saved, ``rows * prefix * token_macs`` (``token_macs``: the language
     model's parameters outside its embeddings), at least ``extra_calls`` times a call's
-    cost, ``CALL_MACS + CALL_TOKENS * token_macs`` (a free reuse, ``extra_calls == 0``,
-    pays whenever it saves a token)."""
+    cost, ``CALL_MACS + CALL_TOKENS * token_macs``, and at least one call's cost even
+    where no call is added (the cached pass concatenates the cache's keys and values
+    with the rows' own in every layer: a prefix of a few tokens is not worth it)."""
     saved = rows * prefix * token_macs
     call = CALL_MACS + CALL_TOKENS * token_macs
-    return prefix > 0 and rows > 0 and saved >= extra_calls * call
+    return prefix > 0 and rows > 0 and saved >= max(extra_calls, 1) * call
 
 
 @dataclass(frozen=True)
