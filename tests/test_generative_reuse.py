@@ -67,24 +67,48 @@ def test_cached_scores_equal_plain_unbatched_uncached(
     expected = np.array([_direct(adapter, im, q, answer)
                          for im, q in zip(images, questions, strict=True)])
     assert np.ptp(expected) > 1e-3  # the inputs do change the score
-    # every shared prefix cached (1), and only those of 16 tokens or more (the default)
-    for size, shortest in itertools.product((1, 5, 40), (1, reuse.MIN_PREFIX)):
-        monkeypatch.setattr(reuse, "MIN_PREFIX", shortest)
+    # every shared prefix reused (a call costs nothing), and only where it pays (the
+    # default: on these tiny models never)
+    for size, call in itertools.product((1, 5, 40), (0.0, reuse.CALL_MACS)):
+        monkeypatch.setattr(reuse, "CALL_MACS", call)
+        monkeypatch.setattr(reuse, "CALL_TOKENS", 16 if call else 0)
         adapter.reuse.clear()
         adapter.reuse.counts = dict.fromkeys(adapter.reuse.counts, 0)
         adapter.batch_size = size
         found = np.log(adapter.answer_probs_batch(images, questions)[:, 0])
-        assert np.abs(found - expected).max() < 1e-5, (family, size, shortest)
+        assert np.abs(found - expected).max() < 1e-5, (family, size, call)
         counts = adapter.reuse.counts
         assert counts["vision_runs"] == 1 + GRID * GRID  # the original's once
+        batches = -(-len(images) // size)
         if family == "paligemma":  # bidirectional prefix: vision output only
-            assert counts["prefix_runs"] == counts["prefix_hits"] == 0
-        elif shortest == 1:
-            assert counts["prefix_runs"] >= 1
-            if size > 1:  # the text before the image, and the word drops' longer prefix
-                assert counts["prefix_runs"] + counts["prefix_hits"] >= 2
-        elif family == "llava" and size > 1:  # 16 image tokens: the word drops' prefix
-            assert counts["prefix_runs"] >= 1
+            assert counts["prefix_kept"] == counts["prefix_hits"] == 0
+            assert counts["passes"] == batches
+        elif call == 0.0 and size > 1:  # the cells' text before the image, the word drops
+            assert counts["prefix_hits"] >= 2 and counts["prefix_kept"] >= 1
+            assert counts["passes"] > batches
+        elif call == 0.0:  # one row a batch: each row's cache kept, one pass each
+            assert counts["prefix_kept"] == len(images) and counts["passes"] == batches
+        else:  # a tiny model: one pass per batch, no prefix reuse
+            assert counts["prefix_hits"] == 0 and counts["passes"] == batches
+
+
+def test_reuse_pays_when_the_saved_work_outweighs_the_extra_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reuse, "CALL_MACS", 2e7)
+    monkeypatch.setattr(reuse, "CALL_TOKENS", 16)
+    # the tiny LLaVA (82240 multiply-adds a token): 8 rows x 20 prefix tokens saved = 160
+    # tokens, a call 2e7 / 82240 + 16 = 259 tokens' worth
+    assert not reuse.reuse_pays(8, 20, 82240.0, 1)
+    assert not reuse.reuse_pays(8, 20, 82240.0, 0)  # no extra call: still one's worth
+    assert reuse.reuse_pays(16, 20, 82240.0, 0)  # 320 tokens
+    assert not reuse.reuse_pays(8, 0, 1e9, 0)  # nothing shared: nothing saved
+    # the SmolVLM-256M shape's language model (1.06e8): 8 x 70 = 560 tokens against 16.2
+    assert reuse.reuse_pays(8, 70, 1.06e8, 1)
+    assert not reuse.reuse_pays(1, 16, 1.06e8, 1)  # 16 tokens against 16.2
+    # a call of 4 + 16 tokens' worth: 4 x 5 pays (exactly), 4 x 4 does not, two calls 40
+    assert reuse.reuse_pays(4, 5, 5e6, 1) and not reuse.reuse_pays(4, 4, 5e6, 1)
+    assert not reuse.reuse_pays(4, 5, 5e6, 2) and reuse.reuse_pays(8, 5, 5e6, 2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -155,16 +179,17 @@ def test_a_repeated_image_is_processed_once_with_the_same_tensors(
 ) -> None:
     adapter = GenerativeAdapter.from_pretrained(folders[family], max_tokens=3, device="cpu")
     pixels, other = image(3, SIZE), image(4, SIZE)
-    images = [pixels, other, pixels.copy(), pixels, other]
-    questions = [QUESTION, QUESTION, "what color", "is it red", "the shape"]
-    inner = adapter.processor.image_processor
-    counting = _Counting(inner)
-    adapter.processor.image_processor = counting
+    images = [pixels, other, pixels.copy(), pixels, other, other]
+    questions = [QUESTION, QUESTION, "what color", "is it red", "the shape", QUESTION]
+    inner, tokenizer = adapter.processor.image_processor, adapter.processor.tokenizer
+    counting, texts = _Counting(inner), _Counting(tokenizer)
+    adapter.processor.image_processor, adapter.processor.tokenizer = counting, texts
     try:
         found = adapter.encode(images, questions)
     finally:
-        adapter.processor.image_processor = inner
+        adapter.processor.image_processor, adapter.processor.tokenizer = inner, tokenizer
     assert counting.seen == [2]  # two distinct images, each once
+    assert texts.seen[-1] == 4  # four distinct prompts of six, each tokenised once
     prompts = [adapter.prompts(q) for q in questions]
     adapter.tokenizer.padding_side = "right"
     expected = adapter.processor(text=prompts, images=[[im] for im in images], padding=True,
@@ -176,11 +201,13 @@ def test_a_repeated_image_is_processed_once_with_the_same_tensors(
 
 def test_the_image_processor_is_restored_after_an_error(folders: dict[str, Path]) -> None:
     adapter = GenerativeAdapter.from_pretrained(folders["llava"], max_tokens=3, device="cpu")
-    inner = adapter.processor.image_processor
+    inner, tokenizer = adapter.processor.image_processor, adapter.processor.tokenizer
     with pytest.raises(RuntimeError), images_once(adapter.processor, [], []):
         assert adapter.processor.image_processor is not inner
+        assert adapter.processor.tokenizer is not tokenizer
         raise RuntimeError("boom")
     assert adapter.processor.image_processor is inner
+    assert adapter.processor.tokenizer is tokenizer
 
 
 def test_gathered_repeats_rows_and_qwen_patches() -> None:

@@ -8,6 +8,11 @@ repeats its rows of the output (``gathered``), so the processor's own prompt exp
 (image tokens per image, tiles, grids) sees exactly the batch it would have built
 itself. Any output the proxy cannot repeat row by row falls back to the plain call.
 
+The text half likewise: image-occlusion rows all carry the same prompt, so the proxy
+:func:`images_once` also puts over the processor's ``tokenizer`` tokenises each distinct
+text of a call once and repeats its rows (the padded width is the longest distinct text's,
+as in the plain call).
+
 Images are keyed by :func:`image_key`, a SHA-1 digest of the ``uint8`` pixels (the adapter
 rounds images to whole levels before the processor, and the processor is deterministic),
 which also keys the vision cache of :mod:`~blackbox_vqa.adapters.hf.generative_reuse`.
@@ -100,15 +105,46 @@ class _Once:
         return out
 
 
+class _TextsOnce:
+    """Stands in for a tokenizer: each distinct text of a batch call once (module doc)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __call__(self, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+            return self._inner(text, *args, **kwargs)
+        slots: dict[str, int] = {}
+        inverse = [slots.setdefault(t, len(slots)) for t in text]
+        if len(slots) == len(text):
+            return self._inner(text, *args, **kwargs)
+        out = self._inner(list(slots), *args, **kwargs)
+        data = gathered(dict(out), inverse, len(slots))
+        encodings = getattr(out, "_encodings", None)
+        if data is None or (encodings is not None and len(encodings) != len(slots)):
+            return self._inner(text, *args, **kwargs)
+        for key, value in data.items():
+            out[key] = value
+        if encodings is not None:
+            out._encodings = [encodings[i] for i in inverse]
+        return out
+
+
 @contextmanager
 def images_once(processor: Any, images: Sequence[NDArray[Any]], keys: Sequence[str]
                 ) -> Iterator[None]:
     """Within the block, ``processor``'s image processor runs once per distinct image of
-    ``images`` (keyed by ``keys``, one per image); restored afterwards, also on error."""
-    inner = processor.image_processor
+    ``images`` (keyed by ``keys``, one per image) and its tokenizer once per distinct text
+    of a call; both restored afterwards, also on error."""
+    inner, tokenizer = processor.image_processor, processor.tokenizer
     processor.image_processor = _Once(inner, {id(im): k for im, k in zip(images, keys,
                                                                        strict=True)})
+    processor.tokenizer = _TextsOnce(tokenizer)
     try:
         yield
     finally:
         processor.image_processor = inner
+        processor.tokenizer = tokenizer
