@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 
 from blackbox_vqa.adapters.gradients import InputGradients
 from blackbox_vqa.adapters.gradients import answer_index as resolve_answer
+from blackbox_vqa.adapters.hf.generative_host import GenerativeHost
 from blackbox_vqa.adapters.hf.processing import word_positions
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.adapters.torch.hooks import embedding_output_hook, guided_relu
@@ -214,43 +215,12 @@ def pixel_layout(encoded: dict[str, torch.Tensor], config: Any
                   "shown as an image map")
 
 
-class GenerativeGradients:
+class GenerativeGradients(GenerativeHost):
     """Gradient and path-gradient protocols for a generative adapter (see module doc).
 
     Uses the host adapter's ``module``, ``processor``, ``tokenizer``, ``prompts``,
     ``encode``, ``answer_ids``, ``candidates``, ``softcap``, ``device`` and ``name``.
     """
-
-    module: Any
-    tokenizer: Any
-    prompts: Any
-    candidates: list[str]
-    answer_ids: tuple[int, ...]
-    softcap: Any
-    pad_id: int
-    _fixed: bool
-    _prepared: tuple[str, str] | None
-    device: torch.device
-    name: str
-
-    if TYPE_CHECKING:  # the host's methods, declared for type checkers only
-        @property
-        def answers(self) -> Sequence[str]:
-            raise NotImplementedError
-
-        def encode(self, images: Sequence[NDArray[np.uint8]], questions: Sequence[str]
-                   ) -> dict[str, torch.Tensor]:
-            raise NotImplementedError
-
-        def validate_question(self, question: str) -> str:
-            raise NotImplementedError
-
-        def prepare(self, image: ImageInput, question: str) -> None:
-            raise NotImplementedError
-
-        def answer_probs_batch(self, images: Sequence[ImageInput], questions: Sequence[str]
-                               ) -> NDArray[np.floating[Any]]:
-            raise NotImplementedError
 
     # -- checks and inputs -----------------------------------------------------------------
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.hf.calls import wrapped
+from blackbox_vqa.adapters.hf.generative_host import GenerativeHost
 from blackbox_vqa.adapters.hf.generative_reuse import encoder_outputs, expanded
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.errors import InputError, ModelError, NotSupportedError
@@ -146,7 +147,7 @@ def answer_logprobs(module: Any, picked: torch.Tensor, answer: torch.Tensor,
     return logp.gather(-1, answer[None, :, None].expand(picked.shape[0], -1, 1))[..., 0]
 
 
-class GenerativeTokenAblation:
+class GenerativeTokenAblation(GenerativeHost):
     """``SupportsTokenAblation`` for a generative adapter (see module doc).
 
     Uses the host adapter's ``module``, ``processor``, ``encode``, ``answer_ids``,
@@ -154,30 +155,6 @@ class GenerativeTokenAblation:
     """
 
     token_baseline = "attention-mask"
-
-    module: Any
-    processor: Any
-    candidates: list[str]
-    answer_ids: tuple[int, ...]
-    softcap: Any
-    batch_size: int
-    reuse: Any
-    model_type: str
-    name: str
-
-    if TYPE_CHECKING:  # the host's methods, declared for type checkers only
-        def encode(self, images: Sequence[NDArray[np.uint8]], questions: Sequence[str]
-                   ) -> dict[str, torch.Tensor]:
-            raise NotImplementedError
-
-        def validate_question(self, question: str) -> str:
-            raise NotImplementedError
-
-        def prepare(self, image: ImageInput, question: str) -> None:
-            raise NotImplementedError
-
-        def _candidates_ids(self) -> list[tuple[int, ...]]:
-            raise NotImplementedError
 
     def token_ablation_unavailable(self) -> str | None:
         """Why this model has no image-token lattice (None: it has one)."""
