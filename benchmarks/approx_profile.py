@@ -131,7 +131,7 @@ def profile(name: str, grid: int, incremental: str, repeats: int) -> dict[str, A
 
 def show(result: dict[str, Any]) -> None:
     print(f"\n== {result['model']} {result['incremental']} grid {result['grid']}: "
-          f"CPU s {['%.2f' % t for t in result['cpu_s']]} (median "
+          f"CPU s {[round(t, 2) for t in result['cpu_s']]} (median "
           f"{result['median_cpu_s']:.2f}); split of the median run:")
     for phase, spent in sorted(result["phases"].items(), key=lambda kv: -kv[1]):
         print(f"  {phase:40s} {spent:7.3f}")

@@ -143,10 +143,16 @@ class _Patched:
         source = self.base[0]
         if pad_top or pad_left or pad_bottom or pad_right:
             source = F.pad(source, (pad_left, pad_right, pad_top, pad_bottom), value=fill)
-        out = _windows_at(source.unsqueeze(0), rows, cols, torch.zeros_like(r0),
-                          r0 + pad_top, c0 + pad_left)
+        out = _base_windows(source, rows, cols, r0 + pad_top, c0 + pad_left)
         ph, pw = self.patch.shape[2:]
         dr, dc = r0 - self.top.to(device), c0 - self.left.to(device)  # window in the patch
+        offsets, group = torch.unique(torch.stack([dr, dc], dim=1), dim=0, return_inverse=True)
+        if len(offsets) <= _PASTE_GROUPS:  # few distinct offsets: slice copies per offset
+            if len(offsets) == 1:
+                return _paste_at(out, self.patch, int(offsets[0, 0]), int(offsets[0, 1]))
+            for g, (row, col) in enumerate(offsets.tolist()):
+                _paste_at(out, self.patch, row, col, (group == g).nonzero().squeeze(1))
+            return out
         before_r, before_c = max(0, -int(dr.min())), max(0, -int(dc.min()))
         after_r = max(0, int(dr.max()) + rows - ph)
         after_c = max(0, int(dc.max()) + cols - pw)
@@ -183,6 +189,48 @@ class _Patched:
                             local_c.clamp(0, pw - 1)[:, None, :]].permute(0, 3, 1, 2)
         mask = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
         return torch.where(mask, values, out).contiguous()
+
+
+# Most distinct window offsets (in their patches) a crop pastes by slice copies, one per
+# offset; past it, one masked gather (grid cells: an offset for the interior and a few for
+# the borders).
+_PASTE_GROUPS = 16
+
+
+def _base_windows(
+    source: torch.Tensor, rows: int, cols: int, row0: torch.Tensor, col0: torch.Tensor
+) -> torch.Tensor:
+    """``source[:, row0[n]:row0[n]+rows, col0[n]:col0[n]+cols]`` for every ``n``:
+    ``[N, C, rows, cols]`` from one map ``source`` ``[C, H, W]`` (every window inside it),
+    by one ``index_select`` over its flattened positions (cheaper on CPU than indexing the
+    sliding-window view)."""
+    channels, _, width = source.shape
+    device = source.device
+    r = row0.to(device)[:, None] + torch.arange(rows, device=device)
+    c = col0.to(device)[:, None] + torch.arange(cols, device=device)
+    flat = (r[:, :, None] * width + c[:, None, :]).reshape(-1)
+    picked = source.reshape(channels, -1).index_select(1, flat)
+    return picked.view(channels, len(row0), rows, cols).permute(1, 0, 2, 3).contiguous()
+
+
+def _paste_at(
+    out: torch.Tensor, patch: torch.Tensor, dr: int, dc: int, items: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out`` ``[N, C, rows, cols]`` with ``patch`` ``[N, C, h, w]`` written where they
+    overlap, for items whose window starts at offset ``(dr, dc)`` in their patch (all
+    items, or the indices ``items``): window position ``(i, j)`` is patch position
+    ``(i + dr, j + dc)``. Slice copies in place (no padding, gather or select)."""
+    rows, cols = out.shape[2:]
+    ph, pw = patch.shape[2:]
+    r0, r1 = max(0, -dr), min(rows, ph - dr)
+    c0, c1 = max(0, -dc), min(cols, pw - dc)
+    if r0 < r1 and c0 < c1:
+        source = patch[:, :, r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+        if items is None:
+            out[:, :, r0:r1, c0:c1] = source
+        else:
+            out[items, :, r0:r1, c0:c1] = source[items]
+    return out
 
 
 def _windows_at(
