@@ -35,7 +35,8 @@ from blackbox_vqa.explainers.occlusion import Occlusion
 class Profiler:
     """CPU time per phase and per (phase, node, patched/full), from wrapped methods."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
         self.phase = "rest"
         self.phases: dict[str, float] = defaultdict(float)
         self.nodes: dict[tuple[str, str, str], float] = defaultdict(float)
@@ -66,18 +67,27 @@ class Profiler:
             def inner(self: Any, run: Any, images: Any, *, tau: float | None = None) -> Any:
                 if prof.phase == "check cells":
                     phase = "check cells"
+                elif tau is not None:
+                    phase = "approx cells"
+                elif prof.mode == "exact":
+                    phase = "exact cells"
                 else:
-                    phase = "approx cells" if tau is not None else "self-check (engine)"
+                    phase = "self-check (engine)"  # approx mode: one cell, exactly
                 with prof.in_phase(phase):
                     return fn(self, run, images, tau=tau)
             return inner
 
         def image_node(fn: Any) -> Any:
             def inner(self: Any, node: Any, run: Any, lookup: Any) -> Any:
-                before = self.stats.get("patched", 0)
+                before = self.stats.get("patched", 0), self.stats.get("kept_full", 0)
                 start = time.process_time()
                 out = fn(self, node, run, lookup)
-                kind = "patched" if self.stats.get("patched", 0) > before else "full"
+                if self.stats.get("kept_full", 0) > before[1]:
+                    kind = "kept"  # the whole map, the cut re-applied
+                elif self.stats.get("patched", 0) > before[0]:
+                    kind = "patched"
+                else:
+                    kind = "full"
                 prof.nodes[(prof.phase, node.name, kind)] += time.process_time() - start
                 return out
             return inner
@@ -108,7 +118,7 @@ def profile(name: str, grid: int, incremental: str, repeats: int) -> dict[str, A
     totals: list[float] = []
     runs: list[Profiler] = []
     for _ in range(repeats):
-        prof = Profiler()
+        prof = Profiler(incremental)
         restore = prof.install()
         try:
             start = time.process_time()
@@ -129,15 +139,19 @@ def profile(name: str, grid: int, incremental: str, repeats: int) -> dict[str, A
             "phases": phases, "layers": layers}
 
 
+_SHORT = {"approx cells": "A", "exact cells": "E", "check cells": "C"}
+
+
 def show(result: dict[str, Any]) -> None:
     print(f"\n== {result['model']} {result['incremental']} grid {result['grid']}: "
           f"CPU s {[round(t, 2) for t in result['cpu_s']]} (median "
           f"{result['median_cpu_s']:.2f}); split of the median run:")
     for phase, spent in sorted(result["phases"].items(), key=lambda kv: -kv[1]):
-        print(f"  {phase:40s} {spent:7.3f}")
-    print("  per node (s): approx cells / check cells; p = patched, f = full")
+        print(f"  {phase:40s} {spent:7.3f}  {spent / result['median_cpu_s']:6.1%}")
+    print("  per node (CPU s; A approx cells, E exact cells, C check cells; patched, full, "
+          "or kept: whole map with the cut re-applied)")
     for node, cols in result["layers"].items():
-        parts = [f"{k.replace('approx cells', 'A').replace('check cells', 'C')} {v:.3f}"
+        parts = [f"{_SHORT.get(k.split('/')[0], k.split('/')[0])}/{k.split('/')[1]} {v:.3f}"
                  for k, v in cols.items() if v >= 0.005]
         if parts:
             print(f"    {node:24s} " + "  ".join(parts))
