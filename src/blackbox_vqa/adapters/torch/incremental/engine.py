@@ -29,9 +29,14 @@ thresholding (Nakandala, Kumar, Papakonstantinou, SIGMOD 2019). At every spatial
 operator and every union of boxes, a box longer than ``ceil(TAU * side)`` on an axis is
 cut to that length, centred on the patch; positions beyond it keep the original's
 activations, so the patch never grows past ``TAU`` of a map and nothing beyond it is
-materialised until the first global operator. Where a kept window's reads pass
-``threshold`` of the map anyway, that layer runs on the whole map, batched, and the cut
-is re-applied to its output (the same rule). The logits are then approximate.
+materialised until the first global operator. Items of one batch share the patch size
+(the largest kept box); every position of an item's patch outside its own kept box is
+reset to the original's too, so an item's logits do not depend on which items share its
+batch. Each spatial operator runs on patches or on the whole map, whichever computes
+fewer positions, a patch position counted ``patch_cost`` times (:data:`PATCH_COST`); on
+the whole map the cut is re-applied to its output. Both compute the same rule, so the
+choice changes only the rounding. The logits are then approximate. (``TAU = 1`` cuts
+nothing and runs as exact mode does, choosing by ``threshold``.)
 """
 
 from __future__ import annotations
@@ -57,11 +62,19 @@ from blackbox_vqa.adapters.torch.incremental.boxes import (
     source_index,
 )
 
-__all__ = ["DEFAULT_THRESHOLD", "EngineUnsupported", "IncrementalEngine", "OriginalRun"]
+__all__ = ["DEFAULT_THRESHOLD", "PATCH_COST", "EngineUnsupported", "IncrementalEngine",
+           "OriginalRun"]
 
 # Share of a feature map past which a box is computed in full (benchmarks/BENCHMARKS.md,
 # "Incremental occlusion").
 DEFAULT_THRESHOLD = 0.75
+
+# Approximate mode: the cost of one output position computed on a patch (window gathered,
+# operator run on it) in units of one position of the whole map. Measured on CPU with
+# 64-image batches: 0.5-1.1x for 64-256 channels, 1.24-1.28x for 512 channels on 3 x 3
+# and 4 x 4 patches of 7 x 7 maps (BENCHMARKS.md, "Approximate incremental occlusion");
+# the dearest figure, rounded up, so a patch is chosen only where it surely pays.
+PATCH_COST = 1.3
 
 IMAGE, TOKENS = "image", "tokens"
 
@@ -370,13 +383,20 @@ class IncrementalEngine:
 
     Args:
         module: ``forward(image [B,3,H,W], tokens [B,T]) -> logits [B,A]``.
-        threshold: share of a feature map past which a box is computed in full.
+        threshold: share of a feature map past which a box is computed in full (exact
+            mode, and approximate mode at ``tau = 1``).
+        patch_cost: approximate mode (``tau < 1``): a layer runs on patches when
+            ``patch_cost`` times the positions its patches compute is below the whole
+            map's positions, else on the whole map (same values, other rounding).
 
     Raises:
         EngineUnsupported: the module could not be traced or has an unexpected signature.
     """
 
-    def __init__(self, module: nn.Module, *, threshold: float = DEFAULT_THRESHOLD) -> None:
+    def __init__(
+        self, module: nn.Module, *, threshold: float = DEFAULT_THRESHOLD,
+        patch_cost: float = PATCH_COST,
+    ) -> None:
         try:
             traced = fx.symbolic_trace(module)
         except Exception as exc:  # torch.fx raises many kinds of errors
@@ -385,6 +405,7 @@ class IncrementalEngine:
             ) from exc
         self.module = traced
         self.threshold = threshold
+        self.patch_cost = patch_cost
         self.nodes = list(traced.graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 2:
@@ -404,6 +425,11 @@ class IncrementalEngine:
         self.modules = dict(traced.named_modules())
         self.stats: dict[str, int] = {}
         self._tau: float | None = None
+
+    @property
+    def _cuts(self) -> bool:
+        """Approximate mode with ``tau < 1`` (boxes are cut; per-item reset, cost rule)."""
+        return self._tau is not None and self._tau < 1.0
 
     # -- execution helpers ---------------------------------------------------------------
 
@@ -608,7 +634,7 @@ class IncrementalEngine:
             if a is None or b is None:
                 return None
             out = self._call(node, (a.patch, b.patch), {})
-            return self._checked(out, a, base)
+            return self._settled(self._checked(out, a, base))
         if isinstance(a, _Patched) and _channel_constant(b):
             return self._checked(self._call(node, (a.patch, b), {}), a, base)
         if isinstance(b, _Patched) and _channel_constant(a):
@@ -631,7 +657,7 @@ class IncrementalEngine:
         if aligned is None:
             return None
         out = torch.cat([p.patch for p in aligned], dim=1)
-        return self._checked(out, aligned[0], base)
+        return self._settled(self._checked(out, aligned[0], base))
 
     def _union(
         self, a: _Patched, b: _Patched, base: torch.Tensor
@@ -640,8 +666,9 @@ class IncrementalEngine:
         return (None, None) if aligned is None else (aligned[0], aligned[1])
 
     def _aligned(self, values: list[_Patched], base: torch.Tensor) -> list[_Patched] | None:
-        """``values`` re-cut to one common box per item (the union of theirs), or ``None``
-        when that box passes the threshold."""
+        """``values`` re-cut to one common box per item (the union of theirs, capped when
+        boxes are cut), or ``None`` when that box passes the threshold (never when boxes
+        are cut: the rule must hold whatever the batch's largest box)."""
         height, width = base.shape[2:]
         boxes = [v.boxes() for v in values]
         top = torch.stack([b[0] for b in boxes]).amin(dim=0)
@@ -655,7 +682,7 @@ class IncrementalEngine:
             own = (top, bottom, left, right)
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
-        if h * w > self.threshold * height * width:
+        if h * w > self.threshold * height * width and not self._cuts:
             return None
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
         out = []
@@ -687,7 +714,11 @@ class IncrementalEngine:
         # threshold the whole layer runs batched (cheaper than gathering most of the map)
         reads = ((h - 1) * op.rows.stride + op.rows.reach) * ((w - 1) * op.cols.stride
                                                                 + op.cols.reach)
-        if h * w > self.threshold * out_h * out_w or reads > self.threshold * in_h * in_w:
+        if self._cuts:  # the cheaper way by positions computed; both give the same values
+            whole = self.patch_cost * h * w >= out_h * out_w
+        else:
+            whole = h * w > self.threshold * out_h * out_w or reads > self.threshold * in_h * in_w
+        if whole:
             return None if own is None else self._full_kept(op, value, base, own)
         if op.rows.mode == op.cols.mode == "constant":
             window = value.crop(top * op.rows.stride - op.rows.padding,
@@ -703,13 +734,37 @@ class IncrementalEngine:
             raise EngineUnsupported(
                 f"window arithmetic disagrees with the operator ({tuple(out.shape)} vs {h}x{w})"
             )
-        return _Patched(base, out, top, left, own)
+        return self._settled(_Patched(base, out, top, left, own))
+
+    def _settled(self, value: _Patched | None) -> _Patched | None:
+        """When boxes are cut: ``value`` with every patch position outside its item's own
+        kept box reset to the original's (the rule, whatever the batch's common patch
+        size). In place, on the items whose box is smaller than the patch only."""
+        if value is None or value.own is None or not self._cuts:
+            return value
+        ph, pw = value.patch.shape[2:]
+        top, bottom, left, right = value.own
+        rows = value.top[:, None] + torch.arange(ph)
+        cols = value.left[:, None] + torch.arange(pw)
+        in_r = (rows >= top[:, None]) & (rows < bottom[:, None])
+        in_c = (cols >= left[:, None]) & (cols < right[:, None])
+        partial = (~in_r.all(dim=1)) | (~in_c.all(dim=1))
+        if not bool(partial.any()):
+            return value
+        items = partial.nonzero().squeeze(1)
+        device = value.patch.device
+        original = _base_windows(value.base[0], ph, pw, value.top[items], value.left[items])
+        inside = (in_r[items][:, None, :, None] & in_c[items][:, None, None, :]).to(device)
+        index = items.to(device)
+        value.patch[index] = torch.where(inside, value.patch[index], original)
+        return value
 
     def _full_kept(
         self, op: _Windowed, value: _Patched, base: torch.Tensor,
         own: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> _Patched:
-        """Approximate mode past the threshold: the layer on the whole map, batched, then
+        """Approximate mode where the whole map is cheaper (or, at ``tau = 1``, past the
+        threshold): the layer on the whole map, batched, then
         every position outside each item's kept box ``own`` reset to the original's (the
         same rule as the patched path, as one full-map patch)."""
         out = op.full(value.full())
