@@ -204,7 +204,9 @@ def test_tau_one_is_exact(kind: str) -> None:
 def test_error_estimate_agrees_with_the_true_error(head: str, tau: float) -> None:
     """The checked cells' exact importances are the exact map's, to the digit; the mean
     absolute error they estimate lies within a factor 3 of the true mean over the whole
-    map, and their largest error does not exceed the true largest."""
+    map, or both lie below 1 % of the exact map's range (the documented claim; these
+    cases' true errors are above that, so the factor is what is checked); their largest
+    error does not exceed the true largest."""
     adapter = vgg_model(head)
     image = _image(48, 48, seed=5)
     approx = Occlusion(adapter, grid=8, incremental=f"approx:{tau}").explain(image, QUESTION)
@@ -218,7 +220,10 @@ def test_error_estimate_agrees_with_the_true_error(head: str, tau: float) -> Non
     error = np.abs(approx.image_map - exact.image_map)
     true_mean, true_max = float(error.mean()), float(error.max())
     assert true_max > 1e-4  # the approximation changed the map
-    assert true_mean / 3 <= found.mean_abs_error <= 3 * true_mean
+    small = 0.01 * float(np.ptp(exact.image_map))
+    assert true_mean / 3 <= found.mean_abs_error <= 3 * true_mean or (
+        max(true_mean, found.mean_abs_error) < small)
+    assert true_mean > small  # so the factor 3 above is what held
     assert found.max_abs_error <= true_max + 1e-9
     np.testing.assert_allclose(found.max_abs_error, error.flat[cells].max(), atol=1e-6)
     assert approx.evaluations == exact.evaluations + CHECK_CELLS
