@@ -70,10 +70,11 @@ __all__ = ["DEFAULT_THRESHOLD", "PATCH_COST", "EngineUnsupported", "IncrementalE
 DEFAULT_THRESHOLD = 0.75
 
 # Approximate mode: the cost of one output position computed on a patch (window gathered,
-# operator run on it) in units of one position of the whole map. Measured on CPU with
-# 64-image batches: 0.5-1.1x for 64-256 channels, 1.24-1.28x for 512 channels on 3 x 3
-# and 4 x 4 patches of 7 x 7 maps (BENCHMARKS.md, "Approximate incremental occlusion");
-# the dearest figure, rounded up, so a patch is chosen only where it surely pays.
+# operator run on it) in units of one position of the whole map. Measured on CPU, one
+# thread, 64-image batches of 3 x 3 convolutions (benchmarks/patch_cost.py; BENCHMARKS.md,
+# "Approximate incremental occlusion", fourth measurement): 0.72-1.0 on 28-112 maps,
+# 0.89-1.40 on 14 x 14, 1.18-1.58 on 7 x 7 (512 channels). A middle value: where it is
+# wrong the chosen way costs at most about 1.2x the other.
 PATCH_COST = 1.3
 
 IMAGE, TOKENS = "image", "tokens"
