@@ -1,9 +1,9 @@
-"""A/B/C of approximate occlusion's engine (issue 22, approx4): the same explanations with
+"""A/B of approximate occlusion's engine (issue 22, approx4): the same explanations with
 the engine of another checkout (``--old-src``, e.g. ``git archive`` of approx3's last
-commit: the 0.75 read-share rule, no per-item reset), this one, and this one without the
-per-item reset inside the shared patch (``no-reset``), swapped on the adapter in one
-process, interleaved per round; CPU time of this process (``time.process_time``), one
-torch thread, medians. Also the largest difference of each map from the old engine's.
+commit: whole maps past the 0.75 read share) and this one (the cheaper way by positions
+computed), swapped on the adapter in one process, interleaved per round; CPU time of
+this process (``time.process_time``), one torch thread, medians. Also the largest
+difference of the maps.
 
 Run ``python benchmarks/approx_engine_ab.py --help``.
 """
@@ -25,13 +25,6 @@ import torch
 
 from approx import _case, _explain  # this folder (run as a script)
 from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
-
-
-class _NoReset(IncrementalEngine):
-    """This engine without the per-item reset (to time what the reset costs)."""
-
-    def _settled(self, value: Any) -> Any:
-        return value
 
 
 def _old_engine_class(src: Path) -> Any:
@@ -59,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         case = _case(name)
         scorer = case.adapter.incremental  # type: ignore[attr-defined]
         module = case.adapter.module  # type: ignore[attr-defined]
-        engines = {"old": old_class(module), "new": IncrementalEngine(module),
-                   "no-reset": _NoReset(module)}
+        engines = {"old": old_class(module), "new": IncrementalEngine(module)}
         for mode in args.modes.split(","):
             times: dict[str, list[float]] = {k: [] for k in engines}
             maps: dict[str, Any] = {}
@@ -74,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                     _explain(case, args.grid, mode)
                     times[which].append(time.process_time() - start)
             median = {k: statistics.median(v) for k, v in times.items()}
-            diff = {k: float(np.abs(maps[k] - maps["old"]).max()) for k in ("new", "no-reset")}
+            diff = float(np.abs(maps["new"] - maps["old"]).max())
             print(f"{name:10s} {mode:11s} " + "  ".join(
                 f"{k} {v:6.2f} s" for k, v in median.items())
                 + f"  new/old {median['new'] / median['old']:5.3f}"
-                + f"  new/no-reset {median['new'] / median['no-reset']:5.3f}"
                 + f"  max|map - old| {diff}  runs {times}", flush=True)
         scorer._engine = None
     print(json.dumps({"load_average_end": os.getloadavg()}), flush=True)

@@ -30,13 +30,16 @@ operator and every union of boxes, a box longer than ``ceil(TAU * side)`` on an 
 cut to that length, centred on the patch; positions beyond it keep the original's
 activations, so the patch never grows past ``TAU`` of a map and nothing beyond it is
 materialised until the first global operator. Items of one batch share the patch size
-(the largest kept box); every position of an item's patch outside its own kept box is
-reset to the original's too, so an item's logits do not depend on which items share its
-batch. Each spatial operator runs on patches or on the whole map, whichever computes
-fewer positions, a patch position counted ``patch_cost`` times (:data:`PATCH_COST`); on
-the whole map the cut is re-applied to its output. Both compute the same rule, so the
-choice changes only the rounding. The logits are then approximate. (``TAU = 1`` cuts
-nothing and runs as exact mode does, choosing by ``threshold``.)
+(the largest kept box), yet an item's logits do not depend on which items share its
+batch: an item whose box is cut has a patch exactly its box (every kept box is at most
+the cap, so the batch's largest is the cap), and the positions of a longer patch outside
+an item's own box read only unchanged positions, so they hold the original's values
+(up to rounding) without being reset. Each spatial operator runs on patches or on the
+whole map, whichever computes fewer positions, a patch position counted ``patch_cost``
+times (:data:`PATCH_COST`); on the whole map the cut is re-applied to its output. Both
+compute the same rule, so the choice changes only the rounding. The logits are then
+approximate. (``TAU = 1`` cuts nothing and runs as exact mode does, choosing by
+``threshold``.)
 """
 
 from __future__ import annotations
@@ -429,7 +432,7 @@ class IncrementalEngine:
 
     @property
     def _cuts(self) -> bool:
-        """Approximate mode with ``tau < 1`` (boxes are cut; per-item reset, cost rule)."""
+        """Approximate mode with ``tau < 1`` (boxes are cut; full vs patch by cost)."""
         return self._tau is not None and self._tau < 1.0
 
     # -- execution helpers ---------------------------------------------------------------
@@ -635,7 +638,7 @@ class IncrementalEngine:
             if a is None or b is None:
                 return None
             out = self._call(node, (a.patch, b.patch), {})
-            return self._settled(self._checked(out, a, base))
+            return self._checked(out, a, base)
         if isinstance(a, _Patched) and _channel_constant(b):
             return self._checked(self._call(node, (a.patch, b), {}), a, base)
         if isinstance(b, _Patched) and _channel_constant(a):
@@ -658,7 +661,7 @@ class IncrementalEngine:
         if aligned is None:
             return None
         out = torch.cat([p.patch for p in aligned], dim=1)
-        return self._settled(self._checked(out, aligned[0], base))
+        return self._checked(out, aligned[0], base)
 
     def _union(
         self, a: _Patched, b: _Patched, base: torch.Tensor
@@ -735,30 +738,7 @@ class IncrementalEngine:
             raise EngineUnsupported(
                 f"window arithmetic disagrees with the operator ({tuple(out.shape)} vs {h}x{w})"
             )
-        return self._settled(_Patched(base, out, top, left, own))
-
-    def _settled(self, value: _Patched | None) -> _Patched | None:
-        """When boxes are cut: ``value`` with every patch position outside its item's own
-        kept box reset to the original's (the rule, whatever the batch's common patch
-        size). In place, on the items whose box is smaller than the patch only."""
-        if value is None or value.own is None or not self._cuts:
-            return value
-        ph, pw = value.patch.shape[2:]
-        top, bottom, left, right = value.own
-        rows = value.top[:, None] + torch.arange(ph)
-        cols = value.left[:, None] + torch.arange(pw)
-        in_r = (rows >= top[:, None]) & (rows < bottom[:, None])
-        in_c = (cols >= left[:, None]) & (cols < right[:, None])
-        partial = (~in_r.all(dim=1)) | (~in_c.all(dim=1))
-        if not bool(partial.any()):
-            return value
-        items = partial.nonzero().squeeze(1)
-        device = value.patch.device
-        original = _base_windows(value.base[0], ph, pw, value.top[items], value.left[items])
-        inside = (in_r[items][:, None, :, None] & in_c[items][:, None, None, :]).to(device)
-        index = items.to(device)
-        value.patch[index] = torch.where(inside, value.patch[index], original)
-        return value
+        return _Patched(base, out, top, left, own)
 
     def _full_kept(
         self, op: _Windowed, value: _Patched, base: torch.Tensor,
