@@ -144,13 +144,19 @@ def test_engine_equals_the_dense_rule(tau: float) -> None:
 
 
 def _grid_cells(x0: torch.Tensor, grid: int) -> torch.Tensor:
-    """Every cell of a ``grid x grid`` occlusion of ``x0`` ``[1, 3, S, S]``, set to 0."""
+    """Every cell of a ``grid x grid`` occlusion of ``x0`` ``[1, 3, S, S]``, set to 0, the
+    first four replaced by changes of other sizes (one value, strips, a large block)."""
     size = x0.shape[-1]
     edges = [round(i * size / grid) for i in range(grid + 1)]
     batch = x0.repeat(grid * grid, 1, 1, 1)
     for i in range(grid):
         for j in range(grid):
             batch[i * grid + j, :, edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = 0.0
+    batch[:4] = x0
+    batch[0, 1, size // 3, size // 4] += 2.0
+    batch[1, :, 4 : size - 6, 8:11] = 0.5
+    batch[2, :, size // 2 : size // 2 + 2, 2 : size - 3] = -0.5
+    batch[3, :, 5 : size // 2 + 9, 10 : size // 2 + 12] = 0.0
     return batch
 
 
@@ -158,7 +164,8 @@ def _grid_cells(x0: torch.Tensor, grid: int) -> torch.Tensor:
 @pytest.mark.parametrize("tau", [0.3, 0.6])
 def test_approx_does_not_depend_on_the_batch(kind: str, tau: float) -> None:
     """An item's approximate logits are the same in batches of 1, 5 and 64 and in a
-    shuffled order (float64, so that only the rule, not the rounding, could differ)."""
+    shuffled order, with grid cells and changes of other sizes in one batch (float64, so
+    that only the rule, not the rounding, could differ)."""
     module = (TinyVGG() if kind == "vgg" else SpatialVQA("residual")).double()
     size = 48 if kind == "vgg" else 40
     gen = torch.Generator().manual_seed(4)
