@@ -21,7 +21,7 @@ from blackbox_vqa.adapters.incremental import (
     parse_incremental,
 )
 from blackbox_vqa.adapters.torch.incremental.boxes import cap_length, truncate_range
-from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
+from blackbox_vqa.adapters.torch.incremental.engine import PATCH_COST, IncrementalEngine
 from blackbox_vqa.errors import InputError, NotSupportedError
 from blackbox_vqa.explainers.approx_check import CHECK_CELLS, check_cells
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -103,17 +103,9 @@ def dense_approximate(module: TinyVGG, x0: torch.Tensor, x: torch.Tensor,
     return module.head(a.mean(dim=(2, 3)) * words) * 4.0
 
 
-@pytest.mark.parametrize(("tau", "threshold"),
-                         [(0.2, 0.75), (0.35, 0.75), (0.5, 0.75), (0.8, 0.75), (0.35, 0.3),
-                          (0.8, 0.3)])
-def test_engine_equals_the_dense_rule(tau: float, threshold: float) -> None:
-    """Patched layers, and (low ``threshold``) layers run on whole maps with the cut
-    re-applied, both follow the rule."""
-    module = TinyVGG()
-    engine = IncrementalEngine(module, threshold=threshold)
-    gen = torch.Generator().manual_seed(2)
-    x0 = torch.randn(1, 3, 48, 48, generator=gen)
-    tokens = torch.tensor([[1, 2, 3, 0]])
+def _six_cells(x0: torch.Tensor) -> torch.Tensor:
+    """Six perturbations of ``x0`` ``[1, 3, 48, 48]``: corner, inner and edge cells, one
+    value, a tall strip."""
     batch = x0.repeat(6, 1, 1, 1)
     batch[0, :, 0:6, 0:6] = 0.0  # a corner cell
     batch[1, :, 21:27, 30:36] = 1.0  # an inner cell
@@ -121,19 +113,81 @@ def test_engine_equals_the_dense_rule(tau: float, threshold: float) -> None:
     batch[3, 2, 17, 9] += 2.0  # one value
     batch[4, :, 5:40, 10:13] = 0.5  # a tall strip
     batch[5, :, 24:30, 0:6] = 0.0  # the left edge
+    return batch
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.35, 0.5, 0.6, 0.8])
+def test_engine_equals_the_dense_rule(tau: float) -> None:
+    """In float64: layers on patches, layers on whole maps with the cut re-applied, and
+    the default choice by cost all compute the rule, item by item (each item's box is cut
+    on its own, inside a patch sized for the batch's largest)."""
+    module = TinyVGG().double()
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(1, 3, 48, 48, generator=gen, dtype=torch.float64)
+    tokens = torch.tensor([[1, 2, 3, 0]])
+    batch = _six_cells(x0)
     with torch.inference_mode():
-        run = engine.original(x0, tokens)
-        got = engine.image_logits(run, batch, tau=tau)
         expected = torch.cat([dense_approximate(module, x0, batch[n : n + 1], tokens, tau)
                               for n in range(6)])
         exact = module(batch, tokens.expand(6, -1))
-    assert float((got - expected).abs().max()) <= 1e-5
-    # every feature layer ran on patches; only mean, product, head and scale ran in full
-    assert engine.stats["truncated"] > 0 and engine.stats["full"] == 4
-    if threshold < 0.5:  # some windows covered most of their map
-        assert engine.stats["kept_full"] > 0
+        got = {}
+        for cost in (0.0, PATCH_COST, math.inf):  # always patches, by cost, always whole
+            engine = IncrementalEngine(module, patch_cost=cost)
+            got[cost] = engine.image_logits(engine.original(x0, tokens), batch, tau=tau)
+            assert float((got[cost] - expected).abs().max()) <= 1e-12, cost
+            # every feature layer ran cut; only mean, product, head and scale ran in full
+            assert engine.stats["truncated"] > 0 and engine.stats["full"] == 4
+            assert (engine.stats["kept_full"] > 0) == (cost == math.inf)
+    assert float((got[0.0] - got[math.inf]).abs().max()) <= 1e-12  # the choice is rounding
     if tau <= 0.35:  # the rule really changed something
-        assert float((got - exact).abs().max()) > 1e-3
+        assert float((got[PATCH_COST] - exact).abs().max()) > 1e-3
+
+
+def _grid_cells(x0: torch.Tensor, grid: int) -> torch.Tensor:
+    """Every cell of a ``grid x grid`` occlusion of ``x0`` ``[1, 3, S, S]``, set to 0, the
+    first four replaced by changes of other sizes (one value, strips, a large block)."""
+    size = x0.shape[-1]
+    edges = [round(i * size / grid) for i in range(grid + 1)]
+    batch = x0.repeat(grid * grid, 1, 1, 1)
+    for i in range(grid):
+        for j in range(grid):
+            batch[i * grid + j, :, edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = 0.0
+    batch[:4] = x0
+    batch[0, 1, size // 3, size // 4] += 2.0
+    batch[1, :, 4 : size - 6, 8:11] = 0.5
+    batch[2, :, size // 2 : size // 2 + 2, 2 : size - 3] = -0.5
+    batch[3, :, 5 : size // 2 + 9, 10 : size // 2 + 12] = 0.0
+    return batch
+
+
+@pytest.mark.parametrize("kind", ["vgg", "residual"])
+@pytest.mark.parametrize("tau", [0.3, 0.6])
+def test_approx_does_not_depend_on_the_batch(kind: str, tau: float) -> None:
+    """An item's approximate logits are the same in batches of 1, 5 and 64 and in a
+    shuffled order, with grid cells and changes of other sizes in one batch (float64, so
+    that only the rule, not the rounding, could differ)."""
+    module = (TinyVGG() if kind == "vgg" else SpatialVQA("residual")).double()
+    size = 48 if kind == "vgg" else 40
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(1, 3, size, size, generator=gen, dtype=torch.float64)
+    tokens = torch.tensor([[1, 2, 3, 0]])
+    batch = _grid_cells(x0, 8)
+    engine = IncrementalEngine(module)
+    with torch.inference_mode():
+        run = engine.original(x0, tokens)
+
+        def logits(cells: torch.Tensor, size: int) -> torch.Tensor:
+            return torch.cat([engine.image_logits(run, cells[i : i + size], tau=tau)
+                              for i in range(0, len(cells), size)])
+
+        whole = logits(batch, 64)
+        assert engine.stats["truncated"] > 0
+        for size in (1, 5):
+            assert float((logits(batch, size) - whole).abs().max()) <= 1e-12, size
+        order = torch.randperm(64, generator=gen)
+        assert float((logits(batch[order], 64) - whole[order]).abs().max()) <= 1e-12
+        exact = module(batch, tokens.expand(64, -1))
+    assert float((whole - exact).abs().max()) > 1e-6  # the rule changed the logits
 
 
 @pytest.mark.parametrize("kind", ["residual", "concat", "padding-modes"])
@@ -157,7 +211,9 @@ def test_tau_one_is_exact(kind: str) -> None:
 def test_error_estimate_agrees_with_the_true_error(head: str, tau: float) -> None:
     """The checked cells' exact importances are the exact map's, to the digit; the mean
     absolute error they estimate lies within a factor 3 of the true mean over the whole
-    map, and their largest error does not exceed the true largest."""
+    map, or both lie below 1 % of the exact map's range (the documented claim; these
+    cases' true errors are above that, so the factor is what is checked); their largest
+    error does not exceed the true largest."""
     adapter = vgg_model(head)
     image = _image(48, 48, seed=5)
     approx = Occlusion(adapter, grid=8, incremental=f"approx:{tau}").explain(image, QUESTION)
@@ -171,7 +227,10 @@ def test_error_estimate_agrees_with_the_true_error(head: str, tau: float) -> Non
     error = np.abs(approx.image_map - exact.image_map)
     true_mean, true_max = float(error.mean()), float(error.max())
     assert true_max > 1e-4  # the approximation changed the map
-    assert true_mean / 3 <= found.mean_abs_error <= 3 * true_mean
+    small = 0.01 * float(np.ptp(exact.image_map))
+    assert true_mean / 3 <= found.mean_abs_error <= 3 * true_mean or (
+        max(true_mean, found.mean_abs_error) < small)
+    assert true_mean > small  # so the factor 3 above is what held
     assert found.max_abs_error <= true_max + 1e-9
     np.testing.assert_allclose(found.max_abs_error, error.flat[cells].max(), atol=1e-6)
     assert approx.evaluations == exact.evaluations + CHECK_CELLS

@@ -18,7 +18,11 @@ from blackbox_vqa.adapters.torch.incremental.boxes import (
     output_range,
     source_index,
 )
-from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
+from blackbox_vqa.adapters.torch.incremental.engine import (
+    _PASTE_GROUPS,
+    IncrementalEngine,
+    _Patched,
+)
 from blackbox_vqa.adapters.torch.module import TorchAdapter
 from blackbox_vqa.errors import InputError, ModelError
 from blackbox_vqa.explainers.occlusion import Occlusion
@@ -29,6 +33,30 @@ QUESTION = "what color is the shape"
 
 
 # -- pure box arithmetic ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offsets", [1, 4, _PASTE_GROUPS + 8])
+def test_crop_equals_slicing_the_dense_map(offsets: int) -> None:
+    """Windows read from a patched map (one, a few or many distinct offsets of the window
+    in its patch: slice copies per offset, or the masked gather) equal the same windows
+    sliced from the dense map with its padding; bit for bit."""
+    gen = torch.Generator().manual_seed(offsets)
+    count, channels, size, ph, pw, rows, cols = 40, 3, 12, 4, 5, 7, 6
+    base = torch.randn(1, channels, size, size, generator=gen)
+    patch = torch.randn(count, channels, ph, pw, generator=gen)
+    top = torch.randint(0, size - ph + 1, (count,), generator=gen)
+    left = torch.randint(0, size - pw + 1, (count,), generator=gen)
+    # window starts relative to each patch: ``offsets`` distinct pairs, some past the map
+    pairs = [(-1 - i % 4, -2 + i // 4 % 5) for i in range(offsets)]
+    pick = torch.arange(count) % offsets
+    row0 = top + torch.tensor([pairs[i][0] for i in pick.tolist()])
+    col0 = left + torch.tensor([pairs[i][1] for i in pick.tolist()])
+    value = _Patched(base, patch, top, left)
+    got = value.crop(row0, rows, col0, cols, -7.0)
+    dense = F.pad(value.full(), (size, size, size, size), value=-7.0)
+    for n in range(count):
+        r, c = int(row0[n]) + size, int(col0[n]) + size
+        assert torch.equal(got[n], dense[n, :, r : r + rows, c : c + cols])
 
 
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])

@@ -32,7 +32,7 @@ INCREMENTAL_MODES: tuple[str, ...] = ("exact", "off", "approx", "approx:TAU")
 
 # The default share of a feature map's side an approximate update may cover
 # (benchmarks/approx.py, BENCHMARKS.md "Approximate incremental occlusion").
-DEFAULT_TAU = 0.5
+DEFAULT_TAU = 0.6
 
 
 def parse_incremental(value: str) -> str:

@@ -44,7 +44,7 @@ class OcclusionSettings:
 
     incremental: str = setting(
         "exact", help="Occlusion on a PyTorch model: exact (compute only what each patch "
-        "changes; same maps), off, or approx[:TAU] (cap each change at TAU, default 0.5, of "
+        "changes; same maps), off, or approx[:TAU] (cap each change at TAU, default 0.6, of "
         "every feature map's side: faster, approximate, error measured on 16 cells).")
 
     def __post_init__(self) -> None:

@@ -174,7 +174,7 @@ class Occlusion:
             capability scores the perturbations incrementally (same scores, less work);
             ``"off"``: always through ``answer_probs_batch``; ``"approx"`` or
             ``"approx:TAU"``: a model with the ``ApproximateScoring`` capability caps each
-            changed region at ``TAU`` (default 0.5) of each feature map's side (Krypton's
+            changed region at ``TAU`` (default 0.6) of each feature map's side (Krypton's
             projective-field thresholding; approximate maps), and a seeded sample of
             cells is also scored exactly to measure the error.
     """

@@ -29,9 +29,17 @@ thresholding (Nakandala, Kumar, Papakonstantinou, SIGMOD 2019). At every spatial
 operator and every union of boxes, a box longer than ``ceil(TAU * side)`` on an axis is
 cut to that length, centred on the patch; positions beyond it keep the original's
 activations, so the patch never grows past ``TAU`` of a map and nothing beyond it is
-materialised until the first global operator. Where a kept window's reads pass
-``threshold`` of the map anyway, that layer runs on the whole map, batched, and the cut
-is re-applied to its output (the same rule). The logits are then approximate.
+materialised until the first global operator. Items of one batch share the patch size
+(the largest kept box), yet an item's logits do not depend on which items share its
+batch: an item whose box is cut has a patch exactly its box (every kept box is at most
+the cap, so the batch's largest is the cap), and the positions of a longer patch outside
+an item's own box read only unchanged positions, so they hold the original's values
+(up to rounding) without being reset. Each spatial operator runs on patches or on the
+whole map, whichever computes fewer positions, a patch position counted ``patch_cost``
+times (:data:`PATCH_COST`); on the whole map the cut is re-applied to its output. Both
+compute the same rule, so the choice changes only the rounding. The logits are then
+approximate. (``TAU = 1`` cuts nothing and runs as exact mode does, choosing by
+``threshold``.)
 """
 
 from __future__ import annotations
@@ -57,11 +65,20 @@ from blackbox_vqa.adapters.torch.incremental.boxes import (
     source_index,
 )
 
-__all__ = ["DEFAULT_THRESHOLD", "EngineUnsupported", "IncrementalEngine", "OriginalRun"]
+__all__ = ["DEFAULT_THRESHOLD", "PATCH_COST", "EngineUnsupported", "IncrementalEngine",
+           "OriginalRun"]
 
 # Share of a feature map past which a box is computed in full (benchmarks/BENCHMARKS.md,
 # "Incremental occlusion").
 DEFAULT_THRESHOLD = 0.75
+
+# Approximate mode: the cost of one output position computed on a patch (window gathered,
+# operator run on it) in units of one position of the whole map. Measured on CPU, one
+# thread, 64-image batches of 3 x 3 convolutions (benchmarks/patch_cost.py; BENCHMARKS.md,
+# "Approximate incremental occlusion", fourth measurement): 0.72-1.0 on 28-112 maps,
+# 0.89-1.40 on 14 x 14, 1.18-1.58 on 7 x 7 (512 channels). A middle value: where it is
+# wrong the chosen way costs at most about 1.2x the other.
+PATCH_COST = 1.3
 
 IMAGE, TOKENS = "image", "tokens"
 
@@ -143,10 +160,16 @@ class _Patched:
         source = self.base[0]
         if pad_top or pad_left or pad_bottom or pad_right:
             source = F.pad(source, (pad_left, pad_right, pad_top, pad_bottom), value=fill)
-        out = _windows_at(source.unsqueeze(0), rows, cols, torch.zeros_like(r0),
-                          r0 + pad_top, c0 + pad_left)
+        out = _base_windows(source, rows, cols, r0 + pad_top, c0 + pad_left)
         ph, pw = self.patch.shape[2:]
         dr, dc = r0 - self.top.to(device), c0 - self.left.to(device)  # window in the patch
+        offsets, group = torch.unique(torch.stack([dr, dc], dim=1), dim=0, return_inverse=True)
+        if len(offsets) <= _PASTE_GROUPS:  # few distinct offsets: slice copies per offset
+            if len(offsets) == 1:
+                return _paste_at(out, self.patch, int(offsets[0, 0]), int(offsets[0, 1]))
+            for g, (row, col) in enumerate(offsets.tolist()):
+                _paste_at(out, self.patch, row, col, (group == g).nonzero().squeeze(1))
+            return out
         before_r, before_c = max(0, -int(dr.min())), max(0, -int(dc.min()))
         after_r = max(0, int(dr.max()) + rows - ph)
         after_c = max(0, int(dc.max()) + cols - pw)
@@ -183,6 +206,48 @@ class _Patched:
                             local_c.clamp(0, pw - 1)[:, None, :]].permute(0, 3, 1, 2)
         mask = (inside_r[:, :, None] & inside_c[:, None, :])[:, None]
         return torch.where(mask, values, out).contiguous()
+
+
+# Most distinct window offsets (in their patches) a crop pastes by slice copies, one per
+# offset; past it, one masked gather (grid cells: an offset for the interior and a few for
+# the borders).
+_PASTE_GROUPS = 16
+
+
+def _base_windows(
+    source: torch.Tensor, rows: int, cols: int, row0: torch.Tensor, col0: torch.Tensor
+) -> torch.Tensor:
+    """``source[:, row0[n]:row0[n]+rows, col0[n]:col0[n]+cols]`` for every ``n``:
+    ``[N, C, rows, cols]`` from one map ``source`` ``[C, H, W]`` (every window inside it),
+    by one ``index_select`` over its flattened positions (cheaper on CPU than indexing the
+    sliding-window view)."""
+    channels, _, width = source.shape
+    device = source.device
+    r = row0.to(device)[:, None] + torch.arange(rows, device=device)
+    c = col0.to(device)[:, None] + torch.arange(cols, device=device)
+    flat = (r[:, :, None] * width + c[:, None, :]).reshape(-1)
+    picked = source.reshape(channels, -1).index_select(1, flat)
+    return picked.view(channels, len(row0), rows, cols).permute(1, 0, 2, 3).contiguous()
+
+
+def _paste_at(
+    out: torch.Tensor, patch: torch.Tensor, dr: int, dc: int, items: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out`` ``[N, C, rows, cols]`` with ``patch`` ``[N, C, h, w]`` written where they
+    overlap, for items whose window starts at offset ``(dr, dc)`` in their patch (all
+    items, or the indices ``items``): window position ``(i, j)`` is patch position
+    ``(i + dr, j + dc)``. Slice copies in place (no padding, gather or select)."""
+    rows, cols = out.shape[2:]
+    ph, pw = patch.shape[2:]
+    r0, r1 = max(0, -dr), min(rows, ph - dr)
+    c0, c1 = max(0, -dc), min(cols, pw - dc)
+    if r0 < r1 and c0 < c1:
+        source = patch[:, :, r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+        if items is None:
+            out[:, :, r0:r1, c0:c1] = source
+        else:
+            out[items, :, r0:r1, c0:c1] = source[items]
+    return out
 
 
 def _windows_at(
@@ -322,13 +387,20 @@ class IncrementalEngine:
 
     Args:
         module: ``forward(image [B,3,H,W], tokens [B,T]) -> logits [B,A]``.
-        threshold: share of a feature map past which a box is computed in full.
+        threshold: share of a feature map past which a box is computed in full (exact
+            mode, and approximate mode at ``tau = 1``).
+        patch_cost: approximate mode (``tau < 1``): a layer runs on patches when
+            ``patch_cost`` times the positions its patches compute is below the whole
+            map's positions, else on the whole map (same values, other rounding).
 
     Raises:
         EngineUnsupported: the module could not be traced or has an unexpected signature.
     """
 
-    def __init__(self, module: nn.Module, *, threshold: float = DEFAULT_THRESHOLD) -> None:
+    def __init__(
+        self, module: nn.Module, *, threshold: float = DEFAULT_THRESHOLD,
+        patch_cost: float = PATCH_COST,
+    ) -> None:
         try:
             traced = fx.symbolic_trace(module)
         except Exception as exc:  # torch.fx raises many kinds of errors
@@ -337,6 +409,7 @@ class IncrementalEngine:
             ) from exc
         self.module = traced
         self.threshold = threshold
+        self.patch_cost = patch_cost
         self.nodes = list(traced.graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 2:
@@ -356,6 +429,11 @@ class IncrementalEngine:
         self.modules = dict(traced.named_modules())
         self.stats: dict[str, int] = {}
         self._tau: float | None = None
+
+    @property
+    def _cuts(self) -> bool:
+        """Approximate mode with ``tau < 1`` (boxes are cut; full vs patch by cost)."""
+        return self._tau is not None and self._tau < 1.0
 
     # -- execution helpers ---------------------------------------------------------------
 
@@ -592,8 +670,9 @@ class IncrementalEngine:
         return (None, None) if aligned is None else (aligned[0], aligned[1])
 
     def _aligned(self, values: list[_Patched], base: torch.Tensor) -> list[_Patched] | None:
-        """``values`` re-cut to one common box per item (the union of theirs), or ``None``
-        when that box passes the threshold."""
+        """``values`` re-cut to one common box per item (the union of theirs, capped when
+        boxes are cut), or ``None`` when that box passes the threshold (never when boxes
+        are cut: the rule must hold whatever the batch's largest box)."""
         height, width = base.shape[2:]
         boxes = [v.boxes() for v in values]
         top = torch.stack([b[0] for b in boxes]).amin(dim=0)
@@ -607,7 +686,7 @@ class IncrementalEngine:
             own = (top, bottom, left, right)
         h = int((bottom - top).max().item())
         w = int((right - left).max().item())
-        if h * w > self.threshold * height * width:
+        if h * w > self.threshold * height * width and not self._cuts:
             return None
         top, left = fit_starts(top, h, height), fit_starts(left, w, width)
         out = []
@@ -639,7 +718,11 @@ class IncrementalEngine:
         # threshold the whole layer runs batched (cheaper than gathering most of the map)
         reads = ((h - 1) * op.rows.stride + op.rows.reach) * ((w - 1) * op.cols.stride
                                                                 + op.cols.reach)
-        if h * w > self.threshold * out_h * out_w or reads > self.threshold * in_h * in_w:
+        if self._cuts:  # the cheaper way by positions computed; both give the same values
+            whole = self.patch_cost * h * w >= out_h * out_w
+        else:
+            whole = h * w > self.threshold * out_h * out_w or reads > self.threshold * in_h * in_w
+        if whole:
             return None if own is None else self._full_kept(op, value, base, own)
         if op.rows.mode == op.cols.mode == "constant":
             window = value.crop(top * op.rows.stride - op.rows.padding,
@@ -661,7 +744,8 @@ class IncrementalEngine:
         self, op: _Windowed, value: _Patched, base: torch.Tensor,
         own: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     ) -> _Patched:
-        """Approximate mode past the threshold: the layer on the whole map, batched, then
+        """Approximate mode where the whole map is cheaper (or, at ``tau = 1``, past the
+        threshold): the layer on the whole map, batched, then
         every position outside each item's kept box ``own`` reset to the original's (the
         same rule as the patched path, as one full-map patch)."""
         out = op.full(value.full())

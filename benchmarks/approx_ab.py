@@ -1,0 +1,75 @@
+"""A/B of one engine change (issue 22): the same explanations with ``_Patched.crop`` from
+another checkout's engine (``--old-src``, e.g. ``git archive`` of the commit before) and
+from this one, swapped on the class in one process, interleaved per round; CPU time of
+this process (``time.process_time``), one torch thread, medians. The maps of both are
+compared (they must be identical).
+
+Run ``python benchmarks/approx_ab.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from approx import _case, _explain  # this folder (run as a script)
+from blackbox_vqa.adapters.torch.incremental import engine
+
+
+def _old_crop(src: Path) -> Any:
+    path = src / "blackbox_vqa" / "adapters" / "torch" / "incremental" / "engine.py"
+    spec = importlib.util.spec_from_file_location("_old_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_old_engine"] = module
+    spec.loader.exec_module(module)
+    return module._Patched.crop
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old-src", type=Path, required=True)
+    parser.add_argument("--models", default="vgg16-gap,resnet18,vgg16")
+    parser.add_argument("--modes", default="approx:0.5,exact")
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    crops = {"old": _old_crop(args.old_src), "new": engine._Patched.crop}
+    print(json.dumps({"load_average_start": os.getloadavg()}), flush=True)
+    for name in args.models.split(","):
+        case = _case(name)
+        for mode in args.modes.split(","):
+            times: dict[str, list[float]] = {"old": [], "new": []}
+            maps: dict[str, Any] = {}
+            for which in ("old", "new"):  # warm-up
+                engine._Patched.crop = crops[which]  # type: ignore[method-assign]
+                maps[which] = _explain(case, args.grid, mode).image_map
+            for _ in range(args.rounds):
+                for which in ("old", "new"):
+                    engine._Patched.crop = crops[which]  # type: ignore[method-assign]
+                    start = time.process_time()
+                    _explain(case, args.grid, mode)
+                    times[which].append(time.process_time() - start)
+            old, new = (statistics.median(times[k]) for k in ("old", "new"))
+            same = bool(np.array_equal(maps["old"], maps["new"]))
+            print(f"{name:10s} {mode:11s} old {old:6.2f} s  new {new:6.2f} s  "
+                  f"new/old {new / old:5.3f}  maps identical {same}  runs {times}",
+                  flush=True)
+    engine._Patched.crop = crops["new"]  # type: ignore[method-assign]
+    print(json.dumps({"load_average_end": os.getloadavg()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

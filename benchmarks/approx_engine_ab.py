@@ -1,0 +1,80 @@
+"""A/B of approximate occlusion's engine (issue 22, approx4): the same explanations with
+the engine of another checkout (``--old-src``, e.g. ``git archive`` of approx3's last
+commit: whole maps past the 0.75 read share) and this one (the cheaper way by positions
+computed), swapped on the adapter in one process, interleaved per round; CPU time of
+this process (``time.process_time``), one torch thread, medians. Also the largest
+difference of the maps.
+
+Run ``python benchmarks/approx_engine_ab.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from approx import _case, _explain  # this folder (run as a script)
+from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
+
+
+def _old_engine_class(src: Path) -> Any:
+    path = src / "blackbox_vqa" / "adapters" / "torch" / "incremental" / "engine.py"
+    spec = importlib.util.spec_from_file_location("_old_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_old_engine"] = module
+    spec.loader.exec_module(module)
+    return module.IncrementalEngine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old-src", type=Path, required=True)
+    parser.add_argument("--models", default="resnet18,vgg16-gap")
+    parser.add_argument("--modes", default="approx:0.5,approx:0.6")
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print(json.dumps({"load_average_start": os.getloadavg()}), flush=True)
+    old_class = _old_engine_class(args.old_src)
+    for name in args.models.split(","):
+        case = _case(name)
+        scorer = case.adapter.incremental  # type: ignore[attr-defined]
+        module = case.adapter.module  # type: ignore[attr-defined]
+        engines = {"old": old_class(module), "new": IncrementalEngine(module)}
+        for mode in args.modes.split(","):
+            times: dict[str, list[float]] = {k: [] for k in engines}
+            maps: dict[str, Any] = {}
+            for which, engine in engines.items():  # warm-up
+                scorer._engine = engine
+                maps[which] = _explain(case, args.grid, mode).image_map
+            for _ in range(args.rounds):
+                for which, engine in engines.items():
+                    scorer._engine = engine
+                    start = time.process_time()
+                    _explain(case, args.grid, mode)
+                    times[which].append(time.process_time() - start)
+            median = {k: statistics.median(v) for k, v in times.items()}
+            diff = float(np.abs(maps["new"] - maps["old"]).max())
+            print(f"{name:10s} {mode:11s} " + "  ".join(
+                f"{k} {v:6.2f} s" for k, v in median.items())
+                + f"  new/old {median['new'] / median['old']:5.3f}"
+                + f"  max|map - old| {diff}  runs {times}", flush=True)
+        scorer._engine = None
+    print(json.dumps({"load_average_end": os.getloadavg()}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
