@@ -17,6 +17,7 @@ Run ``python benchmarks/approx.py --help``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import statistics
@@ -58,6 +59,18 @@ class VGGGapVQA(VGGVQA):
         last = outputs.gather(1, index).squeeze(1)
         question_embedding = torch.tanh(self.question_fc(last))
         return self.classifier(image_embedding * question_embedding)  # type: ignore[no-any-return]
+
+
+def old_engine_module(src: Path) -> Any:
+    """The incremental engine module of another checkout's ``src`` folder (e.g. ``git
+    archive`` of an earlier commit), loaded beside this one for the A/B scripts."""
+    path = src / "blackbox_vqa" / "adapters" / "torch" / "incremental" / "engine.py"
+    spec = importlib.util.spec_from_file_location("_old_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["_old_engine"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _case(name: str) -> BenchModel:

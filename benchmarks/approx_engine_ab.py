@@ -11,7 +11,6 @@ Run ``python benchmarks/approx_engine_ab.py --help``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -23,18 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from approx import _case, _explain  # this folder (run as a script)
+from approx import _case, _explain, old_engine_module  # this folder (run as a script)
 from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
 
 
 def _old_engine_class(src: Path) -> Any:
-    path = src / "blackbox_vqa" / "adapters" / "torch" / "incremental" / "engine.py"
-    spec = importlib.util.spec_from_file_location("_old_engine", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["_old_engine"] = module
-    spec.loader.exec_module(module)
-    return module.IncrementalEngine
+    return old_engine_module(src).IncrementalEngine
 
 
 def main(argv: list[str] | None = None) -> int:
