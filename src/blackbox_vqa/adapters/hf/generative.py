@@ -46,7 +46,7 @@ from numpy.typing import NDArray
 from blackbox_vqa.adapters.base import BaseAdapter, ImageArray, check_pairs, check_scores
 from blackbox_vqa.adapters.hf.calls import quiet_transformers, wrapped
 from blackbox_vqa.adapters.hf.generative_gradients import GenerativeGradients
-from blackbox_vqa.adapters.hf.generative_inputs import image_key, images_once
+from blackbox_vqa.adapters.hf.generative_inputs import image_key, images_once, whole_levels
 from blackbox_vqa.adapters.hf.generative_reuse import Reuse
 from blackbox_vqa.adapters.hf.generative_tokens import GenerativeTokenAblation, answer_logprobs
 from blackbox_vqa.adapters.hf.prompts import PromptBuilder
@@ -325,7 +325,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
     def generate_answer(self, image: ImageInput, question: str) -> str:
         """The model's greedy answer (text) on one input; sets the explained answer."""
         question = self.validate_question(question)
-        encoded = self.encode([_levels(to_rgb_array(image))], [question])
+        encoded = self.encode([whole_levels(to_rgb_array(image))], [question])
         with eval_mode(self.module), torch.inference_mode(), wrapped(self.name, "generate"):
             out = self.module.generate(**encoded, max_new_tokens=self.max_tokens,
                                        do_sample=False, num_beams=1)
@@ -386,7 +386,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
         questions = [self._scored_question(q) for q in questions]
         if not self._fixed and self._prepared is None:  # first input seen: its answer
             self.prepare(images[0], questions[0])
-        levels = [_levels(image) for image in images]
+        levels = [whole_levels(image) for image in images]
         keys = [image_key(im) for im in levels]
         candidates = self._candidates_ids() if self.candidates else []
         rows = [self._scores(encoded, keys[chunk], candidates)
@@ -458,7 +458,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
         questions = [self._scored_question(q) for q in questions]
         if arrays and not self._fixed and self._prepared is None:
             self.prepare(arrays[0], questions[0])
-        levels = [_levels(a) for a in arrays]
+        levels = [whole_levels(a) for a in arrays]
         keys = [image_key(im) for im in levels]
         rows = [np.zeros((0, len(self.answer_ids)))]
         for chunk, encoded in self._encoded(levels, questions, keys):
@@ -479,7 +479,7 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
         question = self.validate_question(question)
         if not self._fixed and self._prepared is None:
             self.prepare(image, question)
-        levels = _levels(to_rgb_array(image))
+        levels = whole_levels(to_rgb_array(image))
         keys = [image_key(levels)]
         encoded = self.encode([levels], [question], keys=keys)
         return float(self.token_logprobs(encoded, self.answer_ids, image_keys=keys).sum())
@@ -532,11 +532,6 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _levels(image: ImageArray) -> NDArray[np.uint8]:
-    """``image`` as whole 0-255 levels (rounded to nearest)."""
-    if image.dtype == np.uint8:
-        return np.asarray(image)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ from torch import nn
 from blackbox_vqa.adapters.gradients import InputGradients
 from blackbox_vqa.adapters.gradients import answer_index as resolve_answer
 from blackbox_vqa.adapters.hf.generative_host import GenerativeHost
+from blackbox_vqa.adapters.hf.generative_inputs import whole_levels
 from blackbox_vqa.adapters.hf.processing import word_positions
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.adapters.torch.hooks import embedding_output_hook, guided_relu
@@ -252,7 +253,7 @@ class GenerativeGradients(GenerativeHost):
         pixels = to_rgb_array(image)
         if own_answer or (not self._fixed and self._prepared is None):
             self.prepare(pixels, question)
-        encoded = self.encode([_levels(pixels)], [question])
+        encoded = self.encode([whole_levels(pixels)], [question])
         reason = self.gradients_unavailable(encoded)
         layout, _ = pixel_layout(encoded, getattr(self.module, "config", None))
         if reason or layout is None:
@@ -448,12 +449,6 @@ _TOKENS = {"input_ids", "attention_mask", "token_type_ids"}
 _KNOWN = _TOKENS | {"pixel_values", "image_grid_thw", "mm_token_type_ids",
                     "pixel_attention_mask"}
 
-
-def _levels(image: NDArray[Any]) -> NDArray[np.uint8]:
-    """``image`` as whole 0-255 levels (rounded to nearest), as the adapter scores it."""
-    if image.dtype == np.uint8:
-        return np.asarray(image)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 class _nothing:

@@ -29,7 +29,15 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-__all__ = ["gathered", "image_key", "images_once"]
+__all__ = ["gathered", "image_key", "images_once", "whole_levels"]
+
+
+def whole_levels(image: NDArray[Any]) -> NDArray[np.uint8]:
+    """``image`` as whole 0-255 levels (rounded to nearest): what the adapter gives the
+    processor, and what :func:`image_key` digests."""
+    if image.dtype == np.uint8:
+        return np.asarray(image)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
 def image_key(image: NDArray[Any]) -> str:

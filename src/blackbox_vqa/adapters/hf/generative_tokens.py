@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 
 from blackbox_vqa.adapters.hf.calls import wrapped
 from blackbox_vqa.adapters.hf.generative_host import GenerativeHost
+from blackbox_vqa.adapters.hf.generative_inputs import whole_levels
 from blackbox_vqa.adapters.hf.generative_reuse import encoder_outputs, expanded
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.errors import InputError, ModelError, NotSupportedError
@@ -172,7 +173,7 @@ class GenerativeTokenAblation(GenerativeHost):
 
     def image_token_grid(self, image: ImageInput) -> tuple[int, int]:
         """``(rows, cols)`` of the image tokens the processor makes of ``image``."""
-        encoded = self.encode([_levels(to_rgb_array(image))], [_GRID_PROMPT])
+        encoded = self.encode([whole_levels(to_rgb_array(image))], [_GRID_PROMPT])
         lattice = self._lattice(encoded)
         return lattice.rows, lattice.cols
 
@@ -184,7 +185,7 @@ class GenerativeTokenAblation(GenerativeHost):
         question = self.validate_question(question)
         pixels = to_rgb_array(image)
         self.prepare(pixels, question)
-        encoded = self.encode([_levels(pixels)], [question])
+        encoded = self.encode([whole_levels(pixels)], [question])
         lattice = self._lattice(encoded)
         ablated = [lattice.cell_positions(cell) for cell in cells]
         sequences = self._candidates_ids() if self.candidates else [self.answer_ids]
@@ -299,9 +300,3 @@ class GenerativeTokenAblation(GenerativeHost):
         first = 1 if self.model_type == "paligemma" else 0
         return torch.arange(first, first + width, device=full.device)[None]
 
-
-def _levels(image: NDArray[Any]) -> NDArray[np.uint8]:
-    """``image`` as whole 0-255 levels (rounded to nearest), as the adapter scores it."""
-    if image.dtype == np.uint8:
-        return np.asarray(image)
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
