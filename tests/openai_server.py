@@ -330,14 +330,10 @@ class ChatServer:
             self.texts.append(text)
         if self._fault(handler, fault):
             return
-        if request.logprob_token_ids is not None:
-            answer = self._next_token(request, image, text)
-            with self.lock:
-                self.answered += 1
-            send_json(handler, 200, json.dumps(answer).encode(), self.limited)
-            return
-        if request.prompt_logprobs is not None:
-            answer = self._score(request, image, text)
+        scoring = (self._next_token if request.logprob_token_ids is not None
+                   else self._score if request.prompt_logprobs is not None else None)
+        if scoring is not None:  # a next-token-by-id or a whole-answer scoring request
+            answer = scoring(request, image, text)
             with self.lock:
                 self.answered += 1
             send_json(handler, 200, json.dumps(answer).encode(), self.limited)

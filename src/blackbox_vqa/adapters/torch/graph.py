@@ -151,5 +151,3 @@ def load_graph(
         if value
     }
     return module, props
-
-
