@@ -389,8 +389,9 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
         levels = [whole_levels(image) for image in images]
         keys = [image_key(im) for im in levels]
         candidates = self._candidates_ids() if self.candidates else []
-        rows = [self._scores(encoded, keys[chunk], candidates)
-                for chunk, encoded in self._encoded(levels, questions, keys)]
+        with quiet_transformers():  # one spell over every batch, prefetched ones too
+            rows = [self._scores(encoded, keys[chunk], candidates)
+                    for chunk, encoded in self._encoded(levels, questions, keys)]
         return np.concatenate(rows, axis=0)
 
     def _encoded(self, images: list[NDArray[np.uint8]], questions: list[str],
@@ -461,8 +462,10 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
         levels = [whole_levels(a) for a in arrays]
         keys = [image_key(im) for im in levels]
         rows = [np.zeros((0, len(self.answer_ids)))]
-        for chunk, encoded in self._encoded(levels, questions, keys):
-            rows.append(self.token_logprobs(encoded, self.answer_ids, image_keys=keys[chunk]))
+        with quiet_transformers():  # one spell over every batch, prefetched ones too
+            for chunk, encoded in self._encoded(levels, questions, keys):
+                rows.append(self.token_logprobs(encoded, self.answer_ids,
+                                                image_keys=keys[chunk]))
         found = np.concatenate(rows, axis=0)
         prob = np.exp(found.sum(axis=1))
         scores = np.stack([prob, np.clip(1.0 - prob, 0.0, 1.0)], axis=1)
@@ -530,8 +533,6 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

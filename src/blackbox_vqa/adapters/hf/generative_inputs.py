@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
+from blackbox_vqa.adapters.hf.pil_batch import processed
+
 __all__ = ["gathered", "image_key", "images_once", "whole_levels"]
 
 
@@ -95,16 +97,24 @@ class _Once:
         found = self._keys.get(id(item))
         return found if found is not None else image_key(np.asarray(item))
 
+    def _run(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        """The inner processor's output, through :func:`~.pil_batch.processed` where it
+        applies (one image each: the prompt expansion's nesting is ``[[image], ...]``)."""
+        flat = [item[0] if isinstance(item, (list, tuple)) and len(item) == 1 else item
+                for item in images]
+        found = None if args else processed(self._inner, flat, kwargs)
+        return found if found is not None else self._inner(images, *args, **kwargs)
+
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(images, (list, tuple)) or len(images) < 2:
             return self._inner(images, *args, **kwargs)
         slots: dict[str, int] = {}
         inverse = [slots.setdefault(self._key(item), len(slots)) for item in images]
         if len(slots) == len(images):
-            return self._inner(images, *args, **kwargs)
+            return self._run(images, *args, **kwargs)
         first = {slot: row for row, slot in reversed(list(enumerate(inverse)))}
         distinct = [images[first[slot]] for slot in range(len(slots))]
-        out = self._inner(distinct, *args, **kwargs)
+        out = self._run(distinct, *args, **kwargs)
         data = gathered(dict(out), inverse, len(slots))
         if data is None:
             return self._inner(images, *args, **kwargs)
