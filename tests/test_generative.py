@@ -153,6 +153,45 @@ def test_explain_through_the_cli(
     assert (out / "report.html").is_file()
 
 
+def test_the_terminal_shows_a_tiny_sequence_probability(
+    folders: dict[str, Path], picture: Path, tmp_path: Path
+) -> None:
+    """An 8-token answer of a random model has p ~ 1e-9: the terminal shows it and its
+    drops in 3 significant digits (not 0.0000), its log, no "next" answers (a sequence
+    score has none but "(other)"), and suggests --score log-probability; with that score
+    the tables say "drop in log p" and the note is gone."""
+    out = tmp_path / "tiny-p"
+    code, stdout, err = run_cli([
+        "explain", "-m", f"hf:{folders['llava']}", "-i", str(picture), "-q", QUESTION,
+        "--grid", "2", "--max-tokens", "8", "--threads", "1", "--out", str(out)])
+    assert code == 0, err
+    doc = json.loads((out / "explanation.json").read_text())
+    p = doc["probability"]
+    assert 0 < p < 1e-3
+    text = " ".join(stdout.split())
+    assert f"(p = {p:.3g}, log p = {np.log(p):.4f})" in text
+    assert "next:" not in text
+    assert "--score log-probability compares log-likelihoods instead" in text
+    words = doc["occlusion"]["words"]
+    assert max(abs(v) for v in words) < 1e-3
+    for value in words:
+        assert f"{value:+.3e}" in text
+    assert "+0.0000" not in text
+    report = (out / "report.html").read_text()
+    assert f">{p:.3g}<" in report  # the report's probability fact
+
+    out = tmp_path / "tiny-logp"
+    code, stdout, err = run_cli([
+        "explain", "-m", f"hf:{folders['llava']}", "-i", str(picture), "-q", QUESTION,
+        "--grid", "2", "--max-tokens", "8", "--score", "log-probability", "--threads", "1",
+        "--out", str(out)])
+    assert code == 0, err
+    text = " ".join(stdout.split())
+    assert "drop in log p" in text and "compares log-likelihoods" not in text
+    for value in json.loads((out / "explanation.json").read_text())["occlusion"]["words"]:
+        assert f"{value:+.4f}" in text
+
+
 def test_given_answer_and_prompt_through_the_cli(
     folders: dict[str, Path], picture: Path, tmp_path: Path
 ) -> None:

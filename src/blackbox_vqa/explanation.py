@@ -33,6 +33,7 @@ __all__ = [
     "Explanation",
     "TokenMaps",
     "Unavailable",
+    "probability_text",
     "set_html_renderer",
     "top_answers",
 ]
@@ -54,6 +55,12 @@ def top_answers(
     """The ``k`` highest-scoring answers as ``{"answer", "score"}``, best first."""
     order = np.argsort(-np.asarray(scores), kind="stable")[:k]
     return [{"answer": answers[i], "score": float(scores[i])} for i in order]
+
+
+def probability_text(value: float) -> str:
+    """A probability as shown to people: 4 decimals, or 3 significant digits below 0.001
+    (an answer sequence's probability is often near 1e-9, which 4 decimals show as 0)."""
+    return f"{value:.4f}" if value == 0 or value >= 1e-3 else f"{value:.3g}"
 
 
 @dataclass(frozen=True)

@@ -488,6 +488,8 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
 def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) -> list[Any]:
     from rich.text import Text
 
+    from blackbox_vqa.explanation import probability_text
+
     found = run.explanation
     if found is None:
         cells = [_text(run.spec), _text(f"failed: {run.error}"), Text(""), Text(""), Text(""),
@@ -496,7 +498,7 @@ def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) 
         occlusion = found.attribution("occlusion")
         flips = None if occlusion is None else occlusion.extras["flips"]
         cells = [
-            _text(run.spec), _text(found.answer), Text(f"{found.probability:.4f}"),
+            _text(run.spec), _text(found.answer), Text(probability_text(found.probability)),
             _text(", ".join(f"{w} {v:+.3f}" for w, v in words)),
             Text("n/a" if flips is None else f"{flips['image']}/{flips['image_total']} cells, "
                  f"{flips['words']}/{flips['words_total']} words"),

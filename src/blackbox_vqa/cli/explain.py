@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -26,8 +27,11 @@ from blackbox_vqa.cli.method_options import (
 )
 from blackbox_vqa.cli.model_options import ModelSettings, with_model_options
 from blackbox_vqa.errors import GradientUnavailableError, ModelError
+from blackbox_vqa.explanation import probability_text
 
 if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
     from blackbox_vqa.explanation import Attribution, Explanation
 
 __all__ = ["ANSWER_ONLY", "explain_command", "metric_lines", "modality_line", "terminal_text"]
@@ -377,9 +381,12 @@ def _save_npy(array: Any, handle: Any) -> None:
 def _print(console: Any, found: Explanation) -> None:
     console.print(f"[bold]Q:[/bold] {terminal_text(found.question)}")
     flips = answer_only(found)
-    score = "answer-only" if flips else f"p = {found.probability:.4f}"
-    console.print(f"[bold]A:[/bold] {terminal_text(found.answer)}  ({score})")
     semantics = found.sections.get("score_semantics") or {}
+    sequence = semantics.get("kind") == "sequence"
+    score = "answer-only" if flips else f"p = {probability_text(found.probability)}"
+    if sequence and not flips and found.probability > 0:
+        score += f", log p = {math.log(found.probability):.4f}"
+    console.print(f"[bold]A:[/bold] {terminal_text(found.answer)}  ({score})")
     if flips:
         console.print(ANSWER_ONLY)
     for note in semantics.get("notes", ()):
@@ -387,7 +394,13 @@ def _print(console: Any, found: Explanation) -> None:
             console.print(f"note: {terminal_text(note)}")
     for warning in found.sections.get("warnings", ()):
         console.print(f"warning: {terminal_text(warning)}")
-    if found.attribution("occlusion") is not None:
+    occlusion = found.attribution("occlusion")
+    if sequence and not flips and found.probability < 1e-3 and occlusion is not None \
+            and occlusion.extras.get("score") != "log-probability":
+        console.print("note: the answer's probability is under 0.001, so every drop in it "
+                      "is too; --score log-probability compares log-likelihoods instead")
+    if found.attribution("occlusion") is not None and not sequence:
+        # (a sequence score has no competing answers: only "(other)", 1 - p)
         others = ", ".join(f"{a} {s:.3f}" for a, s in found.top_answers[1:4])
         console.print(f"   next: {terminal_text(others)}")
     for attribution in found.attributions.values():
@@ -411,13 +424,16 @@ def _print(console: Any, found: Explanation) -> None:
 def _print_occlusion(console: Any, occlusion: Attribution, *, flips: bool = False) -> None:
     from rich.table import Table
 
-    what = "1 where the answer flips" if flips else "drop in p"
+    logs = occlusion.extras.get("score") == "log-probability"
+    what = "1 where the answer flips" if flips else ("drop in log p" if logs else "drop in p")
     words = Table(title="word occlusion", caption=f"importance: {what} without the word")
     words.add_column("#", justify="right")
     words.add_column("word")
     words.add_column("importance", justify="right")
+    shown = _importance(np.concatenate([occlusion.word_map.reshape(-1),
+                                        occlusion.image_map.reshape(-1)]))
     for i, (word, value) in enumerate(zip(occlusion.tokens, occlusion.word_map, strict=True)):
-        words.add_row(str(i), terminal_text(word), f"{value:+.4f}")
+        words.add_row(str(i), terminal_text(word), shown(value))
     console.print(words)
     cells = Table(title="top image patches", caption=f"importance: {what} when occluded")
     cells.add_column("row", justify="right")
@@ -426,13 +442,24 @@ def _print_occlusion(console: Any, occlusion: Attribution, *, flips: bool = Fals
     flat = occlusion.image_map.reshape(-1)
     cols = occlusion.image_map.shape[1] if occlusion.image_map.ndim == 2 else 1
     for index in np.argsort(-flat, kind="stable")[:5]:
-        cells.add_row(str(index // cols), str(index % cols), f"{flat[index]:+.4f}")
+        cells.add_row(str(index // cols), str(index % cols), shown(flat[index]))
     console.print(cells)
     counts = occlusion.extras["flips"]
     console.print(
         f"answer flips: {counts['image']}/{counts['image_total']} patches, "
         f"{counts['words']}/{counts['words_total']} words"
     )
+
+
+def _importance(values: NDArray[np.floating[Any]]) -> Callable[[float], str]:
+    """The importance format of one table: 4 decimals, or 3 significant digits in
+    scientific notation when every value is under 0.001 in size (tiny probabilities'
+    drops would all read ``+0.0000``)."""
+    finite = np.abs(values[np.isfinite(values)])
+    largest = float(finite.max()) if finite.size else 0.0
+    if 0 < largest < 1e-3:
+        return lambda value: f"{value:+.3e}"
+    return lambda value: f"{value:+.4f}"
 
 
 def token_lines(found: Attribution) -> list[str]:

@@ -23,7 +23,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
 from numpy.typing import NDArray
 
-from blackbox_vqa.explanation import Explanation
+from blackbox_vqa.explanation import Explanation, probability_text
 from blackbox_vqa.outputs import atomic_write_text
 from blackbox_vqa.report.overlays import (
     ColourScale,
@@ -284,7 +284,7 @@ def _facts(model: ModelView) -> tuple[tuple[str, str], ...]:
     if model.answer is not None:
         facts.append(("answer", model.answer))
     if model.probability is not None:
-        facts.append(("probability", f"{model.probability:.4f}"))
+        facts.append(("probability", probability_text(model.probability)))
     if model.top_answers:
         facts.append(("top answers", ", ".join(f"{a} {s:.3f}" for a, s in model.top_answers)))
     if model.flips is not None:
