@@ -215,6 +215,46 @@ def test_given_answer_and_prompt_through_the_cli(
     assert list(adapter.answer_ids) == [*ids, tokenizer.eos_token_id]
 
 
+def test_compare_judges_free_text_answers_by_their_text(
+    folders: dict[str, Path], picture: Path, tmp_path: Path
+) -> None:
+    """Two generative models' answer lists are ``[their answer, "(other)"]``: the
+    placeholder is never a shared answer, and 'same answer' compares the answers' texts
+    (a copy of a model agrees with it, another model does not); with ``--answer`` the
+    models' own answers are unknown, so it is not judged."""
+    import shutil
+
+    from blackbox_vqa.text import normalise_answer
+
+    twin = tmp_path / "llava-twin"
+    shutil.copytree(folders["llava"], twin)
+    specs = [f"hf:{folders['llava']}", f"hf:{twin}", f"hf:{folders['qwen2vl']}"]
+    out = tmp_path / "cmp-free"
+    code, stdout, err = run_cli([
+        "compare", *[x for spec in specs for x in ("-m", spec)], "-i", str(picture),
+        "-q", QUESTION, "--grid", "2", "--max-tokens", "3", "--methods", "occlusion",
+        "--threads", "1", "--out", str(out)])
+    assert code == 0, err
+    doc = json.loads((out / "comparison.json").read_text())
+    assert OTHER not in doc["shared_answers"]
+    answers = {m["spec"]: m["answer"] for m in doc["models"]}
+    assert answers[specs[0]] == answers[specs[1]]
+    assert normalise_answer(answers[specs[0]]) != normalise_answer(answers[specs[2]])
+    judged = {(p["a"], p["b"]): p["same_answer"] for p in doc["agreement"]}
+    assert judged == {(specs[0], specs[1]): True, (specs[0], specs[2]): False,
+                      (specs[1], specs[2]): False}
+    assert "free-text answers" in " ".join(stdout.split())
+
+    out = tmp_path / "cmp-given"
+    code, _, err = run_cli([
+        "compare", "-m", specs[0], "-m", specs[2], "-i", str(picture), "-q", QUESTION,
+        "--grid", "2", "--answer", "red", "--methods", "occlusion", "--threads", "1",
+        "--out", str(out)])
+    assert code == 0, err
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [p["same_answer"] for p in doc["agreement"]] == [None]
+
+
 def test_compare_and_evaluate_run_generative_models(
     folders: dict[str, Path], picture: Path, tmp_path: Path
 ) -> None:

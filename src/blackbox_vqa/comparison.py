@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from blackbox_vqa.adapters.capabilities import SupportsAnswerChoice
 from blackbox_vqa.errors import BlackboxVQAError, InputError
 from blackbox_vqa.evaluation.agreement import PairAgreement, pair_agreement
 from blackbox_vqa.explain import Explainer
 from blackbox_vqa.explanation import Explanation
+from blackbox_vqa.text import OTHER_ANSWER, normalise_answer
 
 __all__ = [
     "CompareConfig",
@@ -116,18 +118,31 @@ class PairResult:
 
 
 def shared_answers(vocabularies: Sequence[Sequence[str]]) -> tuple[str, ...]:
-    """Answers every vocabulary holds, in the first one's order."""
+    """Answers every vocabulary holds, in the first one's order; the placeholder
+    ``"(other)"`` (everything a model does not list) is not an answer and never shared."""
     if not vocabularies:
         return ()
     others = [set(v) for v in vocabularies[1:]]
-    return tuple(a for a in vocabularies[0] if all(a in other for other in others))
+    return tuple(a for a in vocabularies[0]
+                 if a != OTHER_ANSWER and all(a in other for other in others))
 
 
-def check_shared_answer(answer: str | None, vocabularies: Mapping[str, Sequence[str]]) -> None:
-    """Raise :class:`InputError` when ``--answer`` is missing from some model's answers."""
+def free_text(run: ModelRun) -> bool:
+    """Whether ``run``'s model lists one answer only beside ``"(other)"``: a generative
+    model scoring its own free-text answer (or one given) by its sequence probability."""
+    return len([a for a in run.answers if a != OTHER_ANSWER]) <= 1
+
+
+def check_shared_answer(answer: str | None, models: Mapping[str, object]) -> None:
+    """Raise :class:`InputError` when ``--answer`` is missing from the answers of a model
+    with a fixed list (label -> model); a model told any answer text
+    (:class:`~blackbox_vqa.adapters.capabilities.SupportsAnswerChoice`, a generative one)
+    checks it itself when it is told."""
     if answer is None:
         return
-    missing = [spec for spec, answers in vocabularies.items() if answer not in answers]
+    missing = [spec for spec, model in models.items()
+               if not isinstance(model, SupportsAnswerChoice)
+               and answer not in getattr(model, "answers", ())]
     if missing:
         raise InputError(
             f"--answer {answer!r} is not among the answers of model(s) {', '.join(missing)}; "
@@ -212,7 +227,12 @@ def explain_model(
                     seconds=time.perf_counter() - started)
 
 
-def _same_answer(a: ModelRun, b: ModelRun) -> bool | None:
+def _same_answer(a: ModelRun, b: ModelRun, *, given: bool = False) -> bool | None:
+    if a.answer is None or b.answer is None:
+        return None
+    if free_text(a) or free_text(b):  # the answers explained, as texts (normalised)
+        # (with an answer given, that is not the free-text model's own: unknown)
+        return None if given else normalise_answer(a.answer) == normalise_answer(b.answer)
     shared = shared_answers([a.answers, b.answers])
     left, right = best_shared_answer(a, shared), best_shared_answer(b, shared)
     if left is None or right is None:
@@ -220,15 +240,19 @@ def _same_answer(a: ModelRun, b: ModelRun) -> bool | None:
     return left[0] == right[0]
 
 
-def pair_results(runs: Sequence[ModelRun], *, k: int = 10) -> list[PairResult]:
+def pair_results(runs: Sequence[ModelRun], *, k: int = 10, answer_given: bool = False
+                 ) -> list[PairResult]:
     """Agreement of every pair of runs (in order), for each method both of them ran.
 
-    ``same_answer`` compares each model's best answer among the answers the two share.
+    ``same_answer`` compares each model's best answer among the answers the two share;
+    where one of them answers in free text (:func:`free_text`), the two answers explained,
+    normalised, and None when ``answer_given`` (the answer explained was given, not the
+    free-text model's own).
     """
     ok = [run for run in runs if run.explanation is not None]
     found: list[PairResult] = []
     for a, b in combinations(ok, 2):
-        same = _same_answer(a, b)
+        same = _same_answer(a, b, given=answer_given)
         for method in compared_methods(ok):
             image_a, words_a = a.maps(method)
             image_b, words_b = b.maps(method)
@@ -291,8 +315,10 @@ def item_result(
     human_maps: Sequence[NDArray[Any]],
     *,
     k: int = 10,
+    answer_given: bool = False,
 ) -> ItemResult:
-    """Score the runs of one item (a :class:`blackbox_vqa.datasets.Item`)."""
+    """Score the runs of one item (a :class:`blackbox_vqa.datasets.Item`);
+    ``answer_given`` as for :func:`pair_results`."""
     return ItemResult(
         key=str(item.key),
         question=str(item.question),
@@ -301,7 +327,7 @@ def item_result(
         runs=tuple(runs),
         correct={run.spec: _correct(run, item.answer) for run in runs},
         human={run.spec: _human(run, human_maps) for run in runs},
-        pairs=tuple(pair_results(runs, k=k)),
+        pairs=tuple(pair_results(runs, k=k, answer_given=answer_given)),
     )
 
 
@@ -423,15 +449,15 @@ class CompareConfig:
             loaded = load_model(model.spec, ModelOptions(extra=model.options))
             explainers[model.label] = Explainer(loaded, methods=self.methods,
                                                 settings=self.settings, label=model.label)
-        check_shared_answer(self.answer, {label: list(e.model.answers)
-                                          for label, e in explainers.items()})
+        check_shared_answer(self.answer, {label: e.model for label, e in explainers.items()})
         return CompareWorker(explainers, self)
 
     def failed(self, item: Any, reason: str, detail: str) -> tuple[str, ItemResult]:
         """Every model's run of an item no worker could finish fails with ``reason``."""
         runs = [ModelRun(model.label, (), np.zeros(0), None, error=reason)
                 for model in self.models]
-        return str(item.key), item_result(item, runs, [], k=self.k)
+        return str(item.key), item_result(item, runs, [], k=self.k,
+                                          answer_given=self.answer is not None)
 
 
 class CompareWorker:
@@ -464,7 +490,8 @@ class CompareWorker:
         if self.config.metrics:
             runs = [self._with_metrics(run, pixels) for run in runs]
         maps = human_maps(item, pixels, files=given)
-        return str(item.key), item_result(item, runs, maps, k=self.config.k)
+        return str(item.key), item_result(item, runs, maps, k=self.config.k,
+                                          answer_given=self.config.answer is not None)
 
     def _with_metrics(self, run: ModelRun, pixels: NDArray[Any]) -> ModelRun:
         options = self.config.settings

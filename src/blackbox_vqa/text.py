@@ -18,6 +18,7 @@ from typing import Any
 from blackbox_vqa.errors import InputError, QuestionError
 
 __all__ = [
+    "OTHER_ANSWER",
     "PAD_ID",
     "UNK_ID",
     "WordTokenizer",
@@ -58,6 +59,12 @@ def terminal_safe(text: str, *, newlines: bool = False) -> str:
     With ``newlines=True``, ``"\\n"`` is kept (for multi-line text).
     """
     return text.translate(_TERMINAL_TABLE_LINES if newlines else _TERMINAL_TABLE)
+
+
+OTHER_ANSWER = "(other)"
+"""The placeholder answer beside the answers a model lists: everything else (an endpoint's
+unlisted answers, a generative model's answers other than the one explained). Never a
+real answer, so never one that two models share."""
 
 
 def normalise_answer(answer: str) -> str:

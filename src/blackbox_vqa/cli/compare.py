@@ -216,8 +216,7 @@ def _load_models(resolved: Sequence[tuple[str, str, Any]], options: _Options) \
         loaded = load(text, model_settings, strict=False)
         explainers[label] = Explainer(loaded.model, methods=options.methods,
                                       settings=settings, label=label)
-    check_shared_answer(options.answer,
-                        {label: list(e.model.answers) for label, e in explainers.items()})
+    check_shared_answer(options.answer, {label: e.model for label, e in explainers.items()})
     return explainers
 
 
@@ -309,7 +308,7 @@ def _compare_image(
     models = _load_models(resolved, settings)
     info = {"path": str(image), "width": int(pixels.shape[1]), "height": int(pixels.shape[0])}
     runs = _run_all(models, pixels, question, str(image), settings)
-    pairs = pair_results(runs, k=settings.k)
+    pairs = pair_results(runs, k=settings.k, answer_given=settings.answer is not None)
     shared = shared_answers([run.answers for run in runs if run.explanation is not None])
     doc = {
         **_header(settings), "mode": "image", "question": question, "image": info,
@@ -370,7 +369,8 @@ def _compare_dataset(
                 continue
             runs = _run_all(models, pixels, item.question, str(item.image), settings,
                             f"{item.key} ")
-            result = item_result(item, runs, human_maps(item, pixels), k=settings.k)
+            result = item_result(item, runs, human_maps(item, pixels), k=settings.k,
+                                 answer_given=settings.answer is not None)
             results.append(result)
             if len(shown) < REPORT_ITEMS:
                 shown.append((result, pixels))
@@ -447,7 +447,13 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
                  folder: Path) -> None:
     from rich.table import Table
 
-    from blackbox_vqa.comparison import best_shared_answer, modality_share, top_words
+    from blackbox_vqa.comparison import (
+        best_shared_answer,
+        free_text,
+        modality_share,
+        shared_answers,
+        top_words,
+    )
 
     console = _console()
     ok = [run for run in runs if run.explanation is not None]
@@ -467,9 +473,16 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
             row.insert(6, _share_cell(modality_share(run)))
         table.add_row(*row)
     console.print(table)
-    if len({frozenset(run.answers) for run in ok}) > 1:
-        sizes = ", ".join(f"{run.spec} {len(run.answers)}" for run in ok)
-        console.print(_text(f"answer vocabularies differ ({sizes}; {len(shared)} shared by "
+    texts = [run.spec for run in ok if free_text(run)]
+    if texts:
+        console.print(_text(f"free-text answers ({', '.join(texts)}): 'same answer' compares "
+                            "the answers explained, normalised, wherever one of the pair "
+                            "answers in free text"))
+    fixed = [run for run in ok if not free_text(run)]
+    if len({frozenset(run.answers) for run in fixed}) > 1:
+        sizes = ", ".join(f"{run.spec} {len(run.answers)}" for run in fixed)
+        common = len(shared_answers([run.answers for run in fixed]))
+        console.print(_text(f"answer vocabularies differ ({sizes}; {common} shared by "
                             "all); 'same answer' compares each pair's best shared answers"))
     for run in runs:
         for method, reason in run.unavailable.items():
@@ -483,6 +496,12 @@ def _print_image(runs: Sequence[Any], pairs: Sequence[Any], shared: Sequence[str
             agreement.add_row(*_pair_row(pair))
         console.print(agreement)
     console.print(_text(f"written to {folder}/ (report.html, {MARKER})"))
+
+
+def _signed(value: float) -> str:
+    """An importance in 3 decimals, or in scientific notation under 0.001 (the drops of a
+    tiny sequence probability would all read +0.000)."""
+    return f"{value:+.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:+.2e}"
 
 
 def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) -> list[Any]:
@@ -499,7 +518,7 @@ def _row(run: Any, differ: bool, best: Any, words: Sequence[tuple[str, float]]) 
         flips = None if occlusion is None else occlusion.extras["flips"]
         cells = [
             _text(run.spec), _text(found.answer), Text(probability_text(found.probability)),
-            _text(", ".join(f"{w} {v:+.3f}" for w, v in words)),
+            _text(", ".join(f"{w} {_signed(v)}" for w, v in words)),
             Text("n/a" if flips is None else f"{flips['image']}/{flips['image_total']} cells, "
                  f"{flips['words']}/{flips['words_total']} words"),
             Text(f"{run.seconds:.2f} s"),

@@ -62,7 +62,7 @@ from blackbox_vqa.errors import (
     first_line,
 )
 from blackbox_vqa.images import ImageInput, to_rgb_array
-from blackbox_vqa.text import split_words, validate_question
+from blackbox_vqa.text import OTHER_ANSWER, split_words, validate_question
 
 __all__ = [
     "OTHER",
@@ -71,7 +71,7 @@ __all__ = [
     "load_generative",
 ]
 
-OTHER = "(other)"
+OTHER = OTHER_ANSWER
 EMPTY = "(empty answer)"
 DEFAULT_MAX_TOKENS = 8
 DEFAULT_BATCH = 16

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from blackbox_vqa.text import terminal_safe
+from blackbox_vqa.text import OTHER_ANSWER, terminal_safe
 from blackbox_vqa.wire import (
     BINARY_CONTENT_TYPE,
     PROTOCOL,
@@ -47,7 +47,6 @@ __all__ = [
     "vocabulary_row",
 ]
 
-OTHER_ANSWER = "(other)"
 _SNIPPET = 120
 JSON_CONTENT_TYPE = "application/json"
 
