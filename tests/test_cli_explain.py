@@ -65,6 +65,28 @@ def test_json_to_stdout_equals_the_file(
     assert np.array(doc["occlusion"]["image"]).shape == (64, 64)
 
 
+def test_method_and_methods_are_one_option_everywhere(
+    square_image: Path, tmp_path: Path
+) -> None:
+    """``explain`` documents ``--method``, ``compare`` and ``evaluate`` ``--methods``: each
+    command takes either spelling for the same option."""
+    for command, spelling in (("explain", "--methods"), ("explain", "--method"),
+                              ("compare", "--method"), ("compare", "--methods")):
+        out = tmp_path / f"{command}{spelling}"
+        models = ["-m", "toys:brightness_model", *(["-m", "easyvqa"] if command == "compare"
+                                                   else [])]
+        code, _, err = run_cli([command, *models, "-i",
+                                str(square_image), "-q", "what shape is it", "--grid", "2",
+                                spelling, "occlusion,rise", "--masks", "8",
+                                "--out", str(out)])
+        assert code == 0, (command, spelling, err)
+        doc = json.loads(next(out.glob("*.json")).read_text())
+        if command == "explain":
+            assert doc["occlusion"] is not None and doc["rise"] is not None
+        else:
+            assert doc["settings"]["methods"] == ["occlusion", "rise"]
+
+
 def test_default_folder_is_new_and_never_overwritten(
     square_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

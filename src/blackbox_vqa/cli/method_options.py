@@ -140,9 +140,14 @@ def with_method_choice(
     name: str, default: str | None, what: str
 ) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Decorate a command whose ``name`` parameter (``method``, ``methods``) selects methods:
-    its option's help lists the methods registered when the command runs."""
+    its option's help lists the methods registered when the command runs. Both spellings,
+    ``--method`` and ``--methods``, are accepted by every command (``explain`` says one,
+    ``compare`` and ``evaluate`` the other)."""
+    other = "methods" if name == "method" else "method"
+
     def parameters() -> list[Parameter]:
         kind = str if default is not None else str | None
-        return [(name, Annotated[kind, typer.Option(help=method_help(what))], default)]
+        option = typer.Option(f"--{name}", f"--{other}", help=method_help(what))
+        return [(name, Annotated[kind, option], default)]
 
     return option_group(parameters, name, lambda values: values[name])
