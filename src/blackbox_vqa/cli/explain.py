@@ -399,7 +399,7 @@ def _print(console: Any, found: Explanation) -> None:
             and occlusion.extras.get("score") != "log-probability":
         console.print("note: the answer's probability is under 0.001, so every drop in it "
                       "is too; --score log-probability compares log-likelihoods instead")
-    if found.attribution("occlusion") is not None and not sequence:
+    if occlusion is not None and not sequence:
         # (a sequence score has no competing answers: only "(other)", 1 - p)
         others = ", ".join(f"{a} {s:.3f}" for a, s in found.top_answers[1:4])
         console.print(f"   next: {terminal_text(others)}")
