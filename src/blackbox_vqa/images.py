@@ -142,7 +142,10 @@ def load_image(source: str | os.PathLike[str], *,
     try:
         with (path.open("rb") if content is None else io.BytesIO(content)) as file:
             array = _decode(file, max_pixels=max_pixels, name=f"image {path}", formats=None)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:  # (its text names a file object, not the file)
+        raise ImageError(f"cannot read image {path}: not an image file Pillow can "
+                         "decode (PNG, JPEG, ...)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, ImageError):
             raise
         raise ImageError(f"cannot read image {path}: {exc}") from exc
