@@ -255,6 +255,27 @@ def test_compare_judges_free_text_answers_by_their_text(
     assert [p["same_answer"] for p in doc["agreement"]] == [None]
 
 
+def test_serve_refuses_a_generative_model_unless_its_answer_is_fixed(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    """A generative model's answer list is its own answer on the input it was prepared
+    for: ``bbvqa serve`` (one list for every input) refuses it with one line and exit 2;
+    with a chosen answer the list is fixed and the app is built."""
+    pytest.importorskip("fastapi")
+    from blackbox_vqa.errors import NotSupportedError
+    from blackbox_vqa.server.app import create_app
+
+    code, _, err = run_cli(["serve", "--model", f"hf:{folders['llava']}", "--port", "0"])
+    assert code == 2
+    assert err.count("\n") == 1 and "cannot be served: its answer list follows" in err
+    adapter = GenerativeAdapter.from_pretrained(folders["llava"], max_tokens=2, device="cpu")
+    with pytest.raises(NotSupportedError):
+        create_app(adapter)
+    adapter.choose_answer("red")
+    assert not adapter.answers_follow_input
+    create_app(adapter)
+
+
 def test_compare_and_evaluate_run_generative_models(
     folders: dict[str, Path], picture: Path, tmp_path: Path
 ) -> None:

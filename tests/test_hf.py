@@ -323,6 +323,20 @@ def test_blip_scores_candidates_and_adds_its_own_answer(blip: HfAdapter) -> None
     np.testing.assert_allclose(scores, _blip_direct(blip, image, QUESTION), rtol=0, atol=1e-5)
 
 
+def test_only_a_fixed_answer_list_is_served(vilt: HfAdapter, blip: HfAdapter) -> None:
+    """The HTTP protocol publishes one answer list: ViLT's is fixed and is served; BLIP's
+    generated answer joins its candidates per input, so it is refused (served, it would
+    keep the first input's answer for every later one)."""
+    pytest.importorskip("fastapi")
+    from blackbox_vqa.errors import NotSupportedError
+    from blackbox_vqa.server.app import create_app
+
+    assert not vilt.answers_follow_input and blip.answers_follow_input
+    create_app(vilt)
+    with pytest.raises(NotSupportedError, match="cannot be served: its answer list follows"):
+        create_app(blip)
+
+
 def test_blip_occlusion_equals_direct_transformers_calls(blip64: HfAdapter) -> None:
     blip = blip64
     image = _image(32, 32)

@@ -186,6 +186,24 @@ def test_requests_in_flight_are_bounded_and_connections_kept_alive() -> None:
     assert len(state["clients"]) <= 3  # 18 requests over at most 3 kept-alive connections
 
 
+def test_an_endpoint_is_served_again_only_with_its_list_fixed() -> None:
+    """A server of ours publishes its answers, so an adapter of it can itself be served
+    (a proxy); the other formats learn answers from each input, so they are refused."""
+    from blackbox_vqa.errors import NotSupportedError
+
+    torch_model = TorchAdapter(LinearVQANet(seed=3), ["yes", "no", "red"], toy_tokenizer(),
+                               image_size=16)
+    with uvicorn_server(create_app(torch_model)) as url, HttpAdapter(url) as remote:
+        assert not remote.answers_follow_input
+        create_app(remote)
+        for wire, extra in (("hf", {"answers": ["cat"]}), ("answer-only", {})):
+            learning = HttpAdapter(url, wire_format=wire, **extra)
+            assert learning.answers_follow_input
+            with pytest.raises(NotSupportedError, match="cannot be served"):
+                create_app(learning)
+            learning.close()
+
+
 # ------------------------------------------------------------------ hf: top-k lists
 
 

@@ -12,6 +12,9 @@ A model that lacks a capability gets the default behaviour.
   answer list is complete (HTTP endpoints that return top-k lists or only an answer learn
   their vocabulary from it). Explainers call :func:`prepare_model` before reading
   ``answers``, so the answer list is fixed once an explanation starts.
+- :class:`SupportsInputAnswers`: whether preparing the model for an input changes its
+  answer list (a generative model's own answer joins it), so that no fixed list, such as
+  the one ``bbvqa serve`` publishes, can stand for it.
 - :class:`SupportsAnswerChoice`: the model explains any answer text it is given
   (generative models); the answer list then holds it.
 - :class:`SupportsOwnAnswer`: the answer to explain by default is the model's own (its
@@ -44,6 +47,7 @@ __all__ = [
     "AnswerTokens",
     "SupportsAnswerChoice",
     "SupportsAnswerTokenScores",
+    "SupportsInputAnswers",
     "SupportsOwnAnswer",
     "SupportsPreferredBatchSize",
     "SupportsPreparation",
@@ -52,6 +56,7 @@ __all__ = [
     "SupportsTokenAblation",
     "SupportsTokenAblationCheck",
     "answer_tokens",
+    "answers_follow_input",
     "check_question",
     "choose_answer",
     "own_answer",
@@ -100,6 +105,21 @@ class SupportsAnswerChoice(Protocol):
     not only one from a fixed list)."""
 
     def choose_answer(self, answer: str) -> None: ...
+
+
+@runtime_checkable
+class SupportsInputAnswers(Protocol):
+    """Whether the model's answer list follows the input it is prepared for (its own
+    generated answer joins the list), rather than staying the same for every input."""
+
+    @property
+    def answers_follow_input(self) -> bool: ...
+
+
+def answers_follow_input(model: object) -> bool:
+    """Whether ``model``'s answer list changes with the input it is prepared for (False
+    for a model that does not say)."""
+    return isinstance(model, SupportsInputAnswers) and bool(model.answers_follow_input)
 
 
 @runtime_checkable

@@ -26,11 +26,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blackbox_vqa.adapters.base import check_model, check_scores, model_name
+from blackbox_vqa.adapters.capabilities import answers_follow_input
 from blackbox_vqa.errors import (
     BlackboxVQAError,
     ImageError,
     InputError,
     ModelOutputError,
+    NotSupportedError,
 )
 from blackbox_vqa.server.body_limit import BodyLimitMiddleware, error_json
 from blackbox_vqa.server.schemas import (
@@ -305,6 +307,13 @@ def create_app(
         name: the name ``/v1/info`` reports (default: the model's ``name`` or class).
     """
     vqa = check_model(model, source="served model")
+    if answers_follow_input(vqa):  # the protocol has one answer list for every input
+        raise NotSupportedError(
+            f"{model_name(vqa)} cannot be served: its answer list follows the input (a "
+            "generated answer joins it), while a served model publishes one list for every "
+            "input; explain it directly, or serve a generative model with an "
+            "OpenAI-compatible server (vLLM, transformers serve) and explain it with "
+            "--http-format openai")
     if token is not None and (not isinstance(token, str) or not token):
         raise InputError("token must be a non-empty string")
     limits = Limits(

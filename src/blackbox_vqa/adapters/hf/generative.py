@@ -303,6 +303,12 @@ class GenerativeAdapter(BaseAdapter, GenerativeGradients, GenerativeTokenAblatio
         self._set_answer(text, ids, eos_included=eos is not None, eos=eos)
         self._fixed = True
 
+    @property
+    def answers_follow_input(self) -> bool:
+        """Whether preparing for an input changes the answer list: its generated answer
+        is the explained one, or joins the candidates (False once an answer was chosen)."""
+        return not self._fixed
+
     def prepare(self, image: ImageInput, question: str) -> None:
         """Generate the model's answer on this input (once per input) unless an answer was
         chosen; the answer list is then ``(answer, "(other)")``. A new input clears the

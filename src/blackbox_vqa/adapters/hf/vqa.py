@@ -432,6 +432,12 @@ class HfAdapter(BaseAdapter):
             self._answers = (*self._answers, answer)
         return answer
 
+    @property
+    def answers_follow_input(self) -> bool:
+        """Whether preparing for an input changes the answer list (a generative model's
+        generated answer joins its candidates)."""
+        return self.include_generated
+
     def prepare(self, image: ImageInput, question: str) -> None:
         """Get ready to explain this input (the preparation capability): a generative
         model adds the answer it generates here to its candidates, so that it can be

@@ -340,6 +340,12 @@ class HttpAdapter:
             raise ModelOutputError(f"HTTP endpoint {url} {exc}") from exc
         return check_scores(np.stack(rows), len(raws), width, source=f"HTTP endpoint {self.name}")
 
+    @property
+    def answers_follow_input(self) -> bool:
+        """Whether preparing for an input changes the answer list: every format but
+        ``ours`` (whose server publishes its list) learns answers from the input."""
+        return self.info is None
+
     def prepare(self, image: ImageInput, question: str) -> None:
         """Get ready to explain this input (``bbvqa explain`` calls it first).
 
