@@ -276,6 +276,15 @@ def test_serve_refuses_a_generative_model_unless_its_answer_is_fixed(
     create_app(adapter)
 
 
+def test_export_refuses_a_generative_model_in_one_line(folders: dict[str, Path],
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    code, _, err = run_cli(["export", "--model", f"hf:{folders['llava']}", "--out", str(out)])
+    assert code == 2
+    assert err.count("\n") == 1 and "is a generative model" in err
+    assert not out.exists()
+
+
 def test_compare_and_evaluate_run_generative_models(
     folders: dict[str, Path], picture: Path, tmp_path: Path
 ) -> None:

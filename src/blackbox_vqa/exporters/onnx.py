@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from blackbox_vqa.adapters.base import ImageArray, model_name
+from blackbox_vqa.adapters.capabilities import SupportsOwnAnswer
 from blackbox_vqa.adapters.onnx.runtime import drop_sessions
 from blackbox_vqa.adapters.torch.forward import eval_mode
 from blackbox_vqa.adapters.torch.hooks import find_embedding
@@ -263,6 +264,12 @@ def export_model(
 
 
 def _check_exportable(adapter: object) -> TorchAdapter:
+    if isinstance(adapter, SupportsOwnAnswer):
+        raise NotSupportedError(
+            f"{model_name(adapter)} is a generative model (it answers in free text), and "
+            "export covers classifiers only (easyvqa, a TorchAdapter factory, a ViLT-style "
+            "hf: folder); explain it as it is (its batches and caches are on PyTorch)"
+        )
     if not isinstance(adapter, TorchAdapter):
         raise NotSupportedError(
             f"only PyTorch models can be exported; {model_name(adapter)} is a "
