@@ -305,13 +305,18 @@ def create_app(
             Requests decode one at a time, inside the model's lock, so the server holds
             at most one request's decoded images.
         name: the name ``/v1/info`` reports (default: the model's ``name`` or class).
+
+    Raises :class:`~blackbox_vqa.errors.NotSupportedError` for a model whose answer list
+    follows the input it is prepared for
+    (:func:`~blackbox_vqa.adapters.capabilities.answers_follow_input`): the protocol
+    publishes one list for every input.
     """
     vqa = check_model(model, source="served model")
     if answers_follow_input(vqa):  # the protocol has one answer list for every input
         raise NotSupportedError(
-            f"{model_name(vqa)} cannot be served: its answer list follows the input (a "
-            "generated answer joins it), while a served model publishes one list for every "
-            "input; explain it directly, or serve a generative model with an "
+            f"{model_name(vqa)} cannot be served: its answer list follows the input (the "
+            "answer it gives for an input joins it), while a served model publishes one list "
+            "for every input; explain it directly, or serve a generative model with an "
             "OpenAI-compatible server (vLLM, transformers serve) and explain it with "
             "--http-format openai")
     if token is not None and (not isinstance(token, str) or not token):
