@@ -158,8 +158,9 @@ def test_the_terminal_shows_a_tiny_sequence_probability(
 ) -> None:
     """An 8-token answer of a random model has p ~ 1e-9: the terminal shows it and its
     drops in 3 significant digits (not 0.0000), its log, no "next" answers (a sequence
-    score has none but "(other)"), and suggests --score log-probability; with that score
-    the tables say "drop in log p" and the note is gone."""
+    score has none but "(other)"), and suggests --score log-probability; the report
+    likewise (no "top answers"); with that score the tables say "drop in log p" and the
+    note is gone."""
     out = tmp_path / "tiny-p"
     code, stdout, err = run_cli([
         "explain", "-m", f"hf:{folders['llava']}", "-i", str(picture), "-q", QUESTION,
@@ -177,8 +178,9 @@ def test_the_terminal_shows_a_tiny_sequence_probability(
     for value in words:
         assert f"{value:+.3e}" in text
     assert "+0.0000" not in text
-    report = (out / "report.html").read_text()
-    assert f">{p:.3g}<" in report  # the report's probability fact
+    report = (out / "report.html").read_text()  # its facts: p with its log, no ranking
+    assert f"<dd>{p:.3g} (log {np.log(p):.4f})</dd>" in report
+    assert "<dt>top answers</dt>" not in report
 
     out = tmp_path / "tiny-logp"
     code, stdout, err = run_cli([

@@ -284,7 +284,8 @@ def _facts(model: ModelView) -> tuple[tuple[str, str], ...]:
     if model.answer is not None:
         facts.append(("answer", model.answer))
     if model.probability is not None:
-        facts.append(("probability", probability_text(model.probability)))
+        logs = "" if model.log_probability is None else f" (log {model.log_probability:.4f})"
+        facts.append(("probability", probability_text(model.probability) + logs))
     if model.top_answers:
         facts.append(("top answers", ", ".join(f"{a} {s:.3f}" for a, s in model.top_answers)))
     if model.flips is not None:

@@ -71,6 +71,7 @@ class ModelView:
     answer: str | None = None
     probability: float | None = None
     top_answers: tuple[tuple[str, float], ...] = ()
+    log_probability: float | None = None
     words: tuple[str, ...] = ()
     methods: tuple[MethodView, ...] = ()
     flips: str | None = None
@@ -214,11 +215,15 @@ def model_view(
 ) -> ModelView:
     """A model's view of an :class:`Explanation` (or its ``explanation.json`` document)."""
     explanation = _as_explanation(found)
+    semantics = explanation.sections.get("score_semantics") or {}
+    sequence = semantics.get("kind") == "sequence"  # one answer beside "(other)": no ranking
     return ModelView(
         name=str(name if name is not None else explanation.model),
         answer=explanation.answer,
         probability=explanation.probability,
-        top_answers=tuple(explanation.top_answers),
+        top_answers=() if sequence else tuple(explanation.top_answers),
+        log_probability=(float(np.log(explanation.probability))
+                         if sequence and explanation.probability > 0 else None),
         words=explanation.tokens,
         methods=method_views(explanation, unavailable),
         flips=_flips(explanation),
