@@ -101,6 +101,11 @@ def test_left_to_the_processor_where_it_does_not_apply() -> None:
 
     assert pil_batch.processed(Brighter(), images, PT) is None
 
+    class Unhashable(tf.CLIPImageProcessorPil):  # type: ignore[misc]
+        __hash__ = None  # type: ignore[assignment]
+
+    assert pil_batch.processed(Unhashable(), images, PT) is None  # no place for its check
+
 
 def test_a_difference_at_the_first_check_hands_the_processor_back_for_good(
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -116,7 +116,10 @@ def processed(processor: Any, images: Sequence[Any], kwargs: dict[str, Any]) -> 
             and im.shape[-1] == 3 and im.shape == images[0].shape for im in images):
         return None
     key = (tuple(images[0].shape), repr(sorted(kwargs.items())))
-    checked = _CHECKED.setdefault(processor, {})
+    try:
+        checked = _CHECKED.setdefault(processor, {})
+    except TypeError:  # a processor that cannot be weakly referenced or hashed
+        return None
     if checked.get(key) is False:
         return None
     from transformers.feature_extraction_utils import BatchFeature
