@@ -73,6 +73,37 @@ def old_engine_module(src: Path) -> Any:
     return module
 
 
+def ab_parser(description: str, *, models: str, modes: str) -> argparse.ArgumentParser:
+    """The A/B scripts' options: the other checkout's ``src``, the models and modes to run
+    (comma-separated), the grid and the rounds."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--old-src", type=Path, required=True)
+    parser.add_argument("--models", default=models)
+    parser.add_argument("--modes", default=modes)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+def ab_runs(use: dict[str, Callable[[], None]], case: BenchModel, grid: int, mode: str,
+            rounds: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """One explanation per variant (``use[name]()`` switches to it) as a warm-up, whose
+    maps are returned, then ``rounds`` interleaved rounds of one each: this process's CPU
+    seconds per variant and round."""
+    times: dict[str, list[float]] = {which: [] for which in use}
+    maps: dict[str, Any] = {}
+    for which, switch in use.items():
+        switch()
+        maps[which] = _explain(case, grid, mode).image_map
+    for _ in range(rounds):
+        for which, switch in use.items():
+            switch()
+            start = time.process_time()
+            _explain(case, grid, mode)
+            times[which].append(time.process_time() - start)
+    return times, maps
+
+
 def _case(name: str) -> BenchModel:
     if name == "vgg16":
         return vgg_bench_model()

@@ -9,19 +9,18 @@ Run ``python benchmarks/approx_ab.py --help``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from approx import _case, _explain, old_engine_module  # this folder (run as a script)
+from approx import _case, ab_parser, ab_runs, old_engine_module  # this folder (run as a script)
 from blackbox_vqa.adapters.torch.incremental import engine
 
 
@@ -30,30 +29,17 @@ def _old_crop(src: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old-src", type=Path, required=True)
-    parser.add_argument("--models", default="vgg16-gap,resnet18,vgg16")
-    parser.add_argument("--modes", default="approx:0.5,exact")
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = ab_parser(__doc__.splitlines()[0], models="vgg16-gap,resnet18,vgg16",
+                       modes="approx:0.5,exact")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     crops = {"old": _old_crop(args.old_src), "new": engine._Patched.crop}
+    use = {k: partial(setattr, engine._Patched, "crop", c) for k, c in crops.items()}
     print(json.dumps({"load_average_start": os.getloadavg()}), flush=True)
     for name in args.models.split(","):
         case = _case(name)
         for mode in args.modes.split(","):
-            times: dict[str, list[float]] = {"old": [], "new": []}
-            maps: dict[str, Any] = {}
-            for which in ("old", "new"):  # warm-up
-                engine._Patched.crop = crops[which]  # type: ignore[method-assign]
-                maps[which] = _explain(case, args.grid, mode).image_map
-            for _ in range(args.rounds):
-                for which in ("old", "new"):
-                    engine._Patched.crop = crops[which]  # type: ignore[method-assign]
-                    start = time.process_time()
-                    _explain(case, args.grid, mode)
-                    times[which].append(time.process_time() - start)
+            times, maps = ab_runs(use, case, args.grid, mode, args.rounds)
             old, new = (statistics.median(times[k]) for k in ("old", "new"))
             same = bool(np.array_equal(maps["old"], maps["new"]))
             print(f"{name:10s} {mode:11s} old {old:6.2f} s  new {new:6.2f} s  "

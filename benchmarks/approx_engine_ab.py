@@ -10,19 +10,18 @@ Run ``python benchmarks/approx_engine_ab.py --help``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from approx import _case, _explain, old_engine_module  # this folder (run as a script)
+from approx import _case, ab_parser, ab_runs, old_engine_module  # this folder (run as a script)
 from blackbox_vqa.adapters.torch.incremental.engine import IncrementalEngine
 
 
@@ -31,12 +30,8 @@ def _old_engine_class(src: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old-src", type=Path, required=True)
-    parser.add_argument("--models", default="resnet18,vgg16-gap")
-    parser.add_argument("--modes", default="approx:0.5,approx:0.6")
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = ab_parser(__doc__.splitlines()[0], models="resnet18,vgg16-gap",
+                       modes="approx:0.5,approx:0.6")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(json.dumps({"load_average_start": os.getloadavg()}), flush=True)
@@ -46,18 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         scorer = case.adapter.incremental  # type: ignore[attr-defined]
         module = case.adapter.module  # type: ignore[attr-defined]
         engines = {"old": old_class(module), "new": IncrementalEngine(module)}
+        use = {k: partial(setattr, scorer, "_engine", e) for k, e in engines.items()}
         for mode in args.modes.split(","):
-            times: dict[str, list[float]] = {k: [] for k in engines}
-            maps: dict[str, Any] = {}
-            for which, engine in engines.items():  # warm-up
-                scorer._engine = engine
-                maps[which] = _explain(case, args.grid, mode).image_map
-            for _ in range(args.rounds):
-                for which, engine in engines.items():
-                    scorer._engine = engine
-                    start = time.process_time()
-                    _explain(case, args.grid, mode)
-                    times[which].append(time.process_time() - start)
+            times, maps = ab_runs(use, case, args.grid, mode, args.rounds)
             median = {k: statistics.median(v) for k, v in times.items()}
             diff = float(np.abs(maps["new"] - maps["old"]).max())
             print(f"{name:10s} {mode:11s} " + "  ".join(
